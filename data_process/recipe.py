@@ -1,0 +1,222 @@
+"""The recipe: one TOML file that says which corpora to read, how, and how to process them.
+
+`load_recipe(path)` parses `config/recipe.toml` (or any recipe) into plain dataclasses. Unknown keys
+are an error, so a typo such as `min_char = 5` fails loudly instead of being silently ignored.
+The tables and their meaning are documented in CONTRACTS.md ("Recipe") and in config/recipe.toml.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RunConfig:
+    data_dir: str = "data"
+    workers: int = 2
+
+
+@dataclass
+class CleanConfig:
+    min_chars: int = 10
+    max_chars: int = 1_000_000
+    min_zh_ratio: float = 0.3       # only applied when the corpus lang is "zh"
+    max_punct_repeat: int = 3       # runs of the same punctuation mark longer than this are shortened
+    nfkc: bool = True               # NFKC-normalize, keeping Chinese full-width punctuation (see clean.py)
+    boilerplate: bool = True        # drop lines that are obvious web boilerplate (pretrain docs only)
+
+
+@dataclass
+class CorpusSpec:
+    name: str
+    reader: str
+    paths: list[str]
+    lang: str = "zh"                # "zh" | "en" | "mixed"
+    role: str = "pretrain"          # "pretrain" | "sft" | "dpo"
+    stage: str = ""
+    priority: int = 50
+    clean: CleanConfig = field(default_factory=CleanConfig)   # [clean] defaults merged with [corpus.clean]
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    threshold: float = 0.8
+    num_perm: int = 128
+    ngram: int = 5
+    decontam_ngram: int = 13
+
+
+@dataclass
+class EvalSetSpec:
+    name: str
+    format: str                     # "ceval" | "cmmlu"
+    paths: list[str]
+
+
+@dataclass
+class TokenizerConfig:
+    model: str = ""
+    vocab_size: int = 8000
+    sample_chars: int = 20_000_000
+
+
+@dataclass
+class TokenizeConfig:
+    val_fraction: float = 0.01
+    shard_tokens: int = 100_000_000
+    sft_as_pretrain: list[str] = field(default_factory=lambda: ["medical"])
+
+
+@dataclass
+class SftConfig:
+    max_tokens: int = 1024
+    val_fraction: float = 0.02
+    stages: list[str] = field(default_factory=lambda: ["general", "medical", "medical_dialogue", "reasoning"])
+
+
+@dataclass
+class Recipe:
+    run: RunConfig
+    clean: CleanConfig
+    corpora: list[CorpusSpec]
+    dedup: DedupConfig
+    eval_sets: list[EvalSetSpec]
+    tokenizer: TokenizerConfig
+    tokenize: TokenizeConfig
+    sft: SftConfig
+    root: Path                      # project root: corpus globs and data_dir are relative to it
+    data_dir: Path                  # absolute
+    raw: dict                       # the parsed TOML, as is
+    path: Path | None = None        # the recipe file
+
+    def corpus(self, name: str) -> CorpusSpec:
+        for c in self.corpora:
+            if c.name == name:
+                return c
+        raise KeyError(f"no corpus named {name!r} in the recipe")
+
+
+ROLES = ("pretrain", "sft", "dpo")
+LANGS = ("zh", "en", "mixed")
+EVAL_FORMATS = ("ceval", "cmmlu")
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def _build(cls, table, where: str, base=None):
+    """Instantiate dataclass `cls` from a TOML table; unknown keys and wrong types are errors."""
+    if not isinstance(table, dict):
+        raise RecipeError(f"{where}: expected a table, got {type(table).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    values = dataclasses.asdict(base) if base is not None else {}
+    for key, value in table.items():
+        default = fields[key].default
+        if default is dataclasses.MISSING and fields[key].default_factory is not dataclasses.MISSING:
+            default = fields[key].default_factory()
+        if default is not dataclasses.MISSING and default is not None:
+            ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, bool):
+                ok = False
+            if not ok:
+                raise RecipeError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
+            if isinstance(default, float):
+                value = float(value)
+        values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required key is missing
+        raise RecipeError(f"{where}: {e}") from None
+
+
+def _string_list(value, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RecipeError(f"{where}: expected a list of strings, got {value!r}")
+    return value
+
+
+TOP_LEVEL = ("run", "clean", "corpus", "dedup", "eval_set", "tokenizer", "tokenize", "sft")
+
+
+def parse_recipe(raw: dict, root: Path, path: Path | None = None) -> Recipe:
+    unknown = sorted(set(raw) - set(TOP_LEVEL))
+    if unknown:
+        raise RecipeError(f"recipe: unknown table(s) {unknown}; allowed: {list(TOP_LEVEL)}")
+    run = _build(RunConfig, raw.get("run", {}), "[run]")
+    clean = _build(CleanConfig, raw.get("clean", {}), "[clean]")
+    corpora = []
+    for i, table in enumerate(raw.get("corpus", [])):
+        where = f"[[corpus]] #{i + 1} ({table.get('name', '?') if isinstance(table, dict) else '?'})"
+        if not isinstance(table, dict):
+            raise RecipeError(f"{where}: expected a table")
+        table = dict(table)
+        corpus_clean = _build(CleanConfig, table.pop("clean", {}), f"{where}.clean", base=clean)
+        if "paths" in table:
+            table["paths"] = _string_list(table["paths"], f"{where}.paths")
+        spec = _build(CorpusSpec, {**table, "clean": corpus_clean}, where)
+        if spec.role not in ROLES:
+            raise RecipeError(f"{where}.role: {spec.role!r} is not one of {ROLES}")
+        if spec.lang not in LANGS:
+            raise RecipeError(f"{where}.lang: {spec.lang!r} is not one of {LANGS}")
+        if not spec.name or "/" in spec.name:
+            raise RecipeError(f"{where}.name: must be a non-empty name without '/'")
+        corpora.append(spec)
+    names = [c.name for c in corpora]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise RecipeError(f"recipe: corpus names must be unique, repeated: {dupes}")
+    eval_sets = []
+    for i, table in enumerate(raw.get("eval_set", [])):
+        where = f"[[eval_set]] #{i + 1}"
+        table = dict(table)
+        if "paths" in table:
+            table["paths"] = _string_list(table["paths"], f"{where}.paths")
+        spec = _build(EvalSetSpec, table, where)
+        if spec.format not in EVAL_FORMATS:
+            raise RecipeError(f"{where}.format: {spec.format!r} is not one of {EVAL_FORMATS}")
+        eval_sets.append(spec)
+    data_dir = Path(run.data_dir)
+    return Recipe(
+        run=run, clean=clean, corpora=corpora,
+        dedup=_build(DedupConfig, raw.get("dedup", {}), "[dedup]"),
+        eval_sets=eval_sets,
+        tokenizer=_build(TokenizerConfig, raw.get("tokenizer", {}), "[tokenizer]"),
+        tokenize=_build(TokenizeConfig, raw.get("tokenize", {}), "[tokenize]"),
+        sft=_build(SftConfig, raw.get("sft", {}), "[sft]"),
+        root=root, data_dir=data_dir if data_dir.is_absolute() else root / data_dir,
+        raw=raw, path=path,
+    )
+
+
+def load_recipe(path, root=None) -> Recipe:
+    """Parse a recipe TOML file. `root` (default: the current directory) anchors relative paths."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise RecipeError(f"{path}: {e}") from None
+    return parse_recipe(raw, Path(root).resolve() if root is not None else Path.cwd(), path)
+
+
+def resolve_paths(recipe: Recipe, patterns: list[str]) -> list[Path]:
+    """Expand globs (relative to recipe.root) into a sorted, de-duplicated list of files."""
+    files = set()
+    for pattern in patterns:
+        p = Path(pattern)
+        if p.is_absolute():
+            anchor, rel = Path(p.anchor), str(p.relative_to(p.anchor))
+        else:
+            anchor, rel = recipe.root, pattern
+        files.update(f for f in anchor.glob(rel) if f.is_file())
+    return sorted(files)
