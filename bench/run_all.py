@@ -1,0 +1,124 @@
+"""Run every benchmark and write bench/results.json + bench/results.md.
+
+    python bench/run_all.py            # full benchmarks (tens of minutes on a 2-core CPU)
+    python bench/run_all.py --quick    # smoke-sized (about a minute each)
+    python bench/run_all.py --only read,dedup
+
+Each bench/bench_<area>.py has `run(quick) -> dict` of named figures and prints its own details; this script
+collects them, records the machine they were measured on, and renders the Markdown table the README shows.
+A benchmark that fails is recorded with its error and the others still run.
+"""
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for p in (str(ROOT), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+# (module, what it measures) in pipeline order
+BENCHES = [
+    ("read", "corpus read + clean"),
+    ("dedup", "exact + MinHash dedup"),
+    ("tokenizer", "tokenizer compression"),
+    ("tokenize", "tokenize to .bin/.idx"),
+    ("model", "model fwd+bwd, decode"),
+    ("pretrain", "pretrain step"),
+    ("sft", "SFT and DPO"),
+    ("eval", "evaluation"),
+    ("serve", "decode vs transformers, server"),
+]
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines()
+                          if l.startswith("MemTotal")).split()[1])
+        info["ram_gb"] = round(mem_kb / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return info
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def to_markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"Measured {results['date']} on {m.get('cpu', '?')} ({m.get('cpus')} cores, {m.get('ram_gb')} GB RAM), "
+             f"torch {m.get('torch')}, {'GPU ' + m['cuda'] if m.get('cuda') else 'no GPU'}"
+             f"{' — quick mode' if results['quick'] else ''}.", "",
+             "| step | figure | value |", "|---|---|---|"]
+    for name, title in BENCHES:
+        r = results["benches"].get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {title} | error | {r['error'].splitlines()[-1][:120]} |")
+            continue
+        for key, value in r.items():
+            if key.startswith("_"):
+                continue
+            lines.append(f"| {title} | {key} | {fmt(value)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    p.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(n for n, _ in BENCHES))
+    p.add_argument("--out", type=Path, default=HERE, help="where results.json and results.md go")
+    args = p.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    unknown = set(only) - {n for n, _ in BENCHES}
+    if unknown:
+        p.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    results = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "machine": machine(), "benches": {}}
+    for name, title in BENCHES:
+        if only and name not in only:
+            continue
+        print(f"\n=== {title} (bench/bench_{name}.py) ===", flush=True)
+        t0 = time.perf_counter()
+        try:
+            module = importlib.import_module(f"bench_{name}")
+            figures = module.run(quick=args.quick)
+            figures["_seconds"] = round(time.perf_counter() - t0, 1)
+        except Exception:  # one failing benchmark must not hide the others' figures
+            traceback.print_exc()
+            figures = {"error": traceback.format_exc()}
+        results["benches"][name] = figures
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str))
+    md = to_markdown(results)
+    (args.out / "results.md").write_text(md)
+    print("\n" + md)
+    failed = [n for n, r in results["benches"].items() if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
