@@ -1,0 +1,455 @@
+"""The model: a LLaMA-style decoder-only transformer with an optional mixture-of-experts feed-forward.
+
+RMSNorm (in fp32, as Hugging Face does), rotary position embeddings (HF's rotate_half convention),
+grouped-query attention through F.scaled_dot_product_attention, SwiGLU, no biases, optional tied
+embeddings. Parameter names are Hugging Face LlamaForCausalLM's (MoE layers: Mixtral's
+`block_sparse_moe.gate` / `block_sparse_moe.experts.{j}.w1,w2,w3`), so export is a copy of the state dict.
+
+Used by pretrain/sft/dpo (forward -> ModelOutput(logits, loss, aux_loss)), chat/serve (generate streams
+token ids through a preallocated KV cache) and export (save_pretrained: model.safetensors + config.json).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int                 # SwiGLU hidden size (per expert for MoE)
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    n_experts: int = 0           # 0 = dense feed-forward; >0 = routed experts per layer
+    n_experts_per_tok: int = 2   # top-k; k>1 renormalizes the k weights (Mixtral), k=1 keeps p (Switch)
+    n_shared_experts: int = 0    # always-on experts (DeepSeekMoE), one SwiGLU of n_shared * ffn_dim
+    aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss weight
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("head_dim must be even for rotary embeddings")
+        if self.n_experts and not 1 <= self.n_experts_per_tok <= self.n_experts:
+            raise ValueError(f"n_experts_per_tok {self.n_experts_per_tok} not in 1..{self.n_experts}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}")
+        return cls(**d)
+
+
+# SwiGLU hidden sizes are ~8/3 * dim rounded to a multiple of 64 (LLaMA). "26m" and "100m" are MiniMind2's
+# small and base geometries (parameter counts quoted for a 6400 vocabulary); "wide" and "deep" are the
+# shallow-wide / deep-narrow pair (same width, 8 vs 24 layers; MobileLLM argues deep-narrow wins at this size).
+# "moe": 8 fine-grained experts, top-2, each half the 26m FFN -> the same active FLOPs as 26m, ~3x its params.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=256),
+    "26m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1408, max_seq_len=1024),
+    "100m": dict(dim=768, n_layers=16, n_heads=8, n_kv_heads=2, ffn_dim=2048, max_seq_len=2048),
+    "wide": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1408, max_seq_len=1024),
+    "deep": dict(dim=512, n_layers=24, n_heads=8, n_kv_heads=2, ffn_dim=1408, max_seq_len=1024),
+    "moe": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=704, max_seq_len=1024,
+                n_experts=8, n_experts_per_tok=2),
+}
+
+
+def make_config(preset: str, vocab_size: int, **overrides) -> ModelConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[preset], "vocab_size": vocab_size, **overrides})
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor            # [B, T, V]
+    loss: torch.Tensor | None       # LM loss (see lm_loss)
+    aux_loss: torch.Tensor          # MoE load-balancing loss, already times aux_loss_coef; 0 for dense
+
+
+def lm_loss(logits, targets, loss_weights=None) -> torch.Tensor:
+    """Cross-entropy in fp32. Unweighted: mean over targets != -100. Weighted: sum(w * nll) / sum(w) over
+    targets != -100 (those contribute nothing, whatever their weight). No counted target -> 0, not NaN."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    valid = (targets.flatten() != -100).to(nll.dtype)
+    w = valid if loss_weights is None else loss_weights.flatten().to(nll.dtype) * valid
+    return (nll * w).sum() / w.sum().clamp_min(1e-8)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # fp32 statistics, cast back before the weight: exactly HF LlamaRMSNorm
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_seq_len, head_dim] in HF's layout (frequencies repeated, not interleaved)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, H, T, D]; cos/sin [T, D] (RoFormer, in HF LLaMA's rotate_half convention)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: [B, n_kv_heads, max_len, head_dim], written in place.
+    Allocated on first write with the dtype the keys come in (fp32, or bf16 under autocast)."""
+
+    def __init__(self, n_layers: int, batch_size: int, max_len: int):
+        self.batch_size, self.max_len = batch_size, max_len
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    def update(self, layer: int, k, v, start_pos: int):
+        B, H, T, D = k.shape
+        if start_pos + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {start_pos + T} positions > {self.max_len}")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(B, H, self.max_len, D)
+            self.v[layer] = v.new_zeros(B, H, self.max_len, D)
+        self.k[layer][:, :, start_pos:start_pos + T] = k
+        self.v[layer][:, :, start_pos:start_pos + T] = v
+        return self.k[layer][:, :, :start_pos + T], self.v[layer][:, :, :start_pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start_pos)
+            if T == 1:          # one new query sees every cached position
+                causal = False
+            elif start_pos > 0:  # a chunk after a prefix: is_causal would align top-left, so build the mask
+                S = start_pos + T
+                mask = torch.arange(S, device=x.device)[None, :] <= (start_pos + torch.arange(T, device=x.device))[:, None]
+                causal = False
+        if self.n_kv_heads != self.n_heads:  # GQA: kv head j serves query heads j*rep..(j+1)*rep-1 (HF repeat_kv)
+            rep = self.n_heads // self.n_kv_heads
+            k = k[:, :, None].expand(B, self.n_kv_heads, rep, k.shape[2], self.head_dim).reshape(B, self.n_heads, -1, self.head_dim)
+            v = v[:, :, None].expand(B, self.n_kv_heads, rep, v.shape[2], self.head_dim).reshape(B, self.n_heads, -1, self.head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Expert(nn.Module):
+    """One routed expert, SwiGLU with Mixtral's names: w1 = gate, w3 = up, w2 = down."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Top-k mixture of experts (Mixtral layout) + optional shared expert + Switch/GShard balance loss.
+
+    Routing: softmax over all experts, then top-k. For k>1 the k weights are renormalized to sum to 1
+    (exactly Mixtral, so export keeps logits). For k=1 the weight stays p (Switch Transformer): renormalizing
+    a single weight makes it the constant 1.0 and the router gets no gradient from the LM loss (MiniMind).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.n_experts_per_tok
+        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(cfg.dim, cfg.ffn_dim) for _ in range(cfg.n_experts))
+        self.shared_expert = FeedForward(cfg.dim, cfg.ffn_dim * cfg.n_shared_experts) if cfg.n_shared_experts else None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.reshape(-1, C)                                    # [N, C]
+        probs = F.softmax(self.gate(x).float(), dim=-1)         # [N, E]
+        top_w, top_idx = probs.topk(self.top_k, dim=-1)         # [N, k]
+        if self.top_k > 1:
+            top_w = top_w / top_w.sum(-1, keepdim=True)
+        # group the N*k (token, expert) assignments by expert: one gather + matmuls + scatter-add per expert
+        flat_expert = top_idx.flatten()
+        order = flat_expert.argsort(stable=True)
+        token_of = order // self.top_k
+        weight_of = top_w.flatten()[order]
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)
+        out = torch.zeros_like(x)
+        start = 0
+        for j, n in enumerate(counts.tolist()):
+            if n:
+                tokens = token_of[start:start + n]
+                y = self.experts[j](x.index_select(0, tokens)) * weight_of[start:start + n, None]
+                out.index_add_(0, tokens, y.to(out.dtype))
+                start += n
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+        # Switch (Fedus et al. 2021, eq. 4) / GShard: E * sum_j f_j * P_j, f_j = share of assignments to j
+        # (not differentiable), P_j = mean router probability of j; equals 1 when perfectly balanced.
+        frac = counts.to(probs.dtype) / flat_expert.numel()
+        aux = self.n_experts * (frac * probs.mean(0)).sum()
+        return out.view(B, T, C), aux
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if cfg.n_experts:
+            self.block_sparse_moe = MoE(cfg)
+        else:
+            self.mlp = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, start_pos=0):
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start_pos))
+        h = self.post_attention_layernorm(x)
+        if hasattr(self, "mlp"):
+            return x + self.resid_dropout(self.mlp(h)), None
+        y, aux = self.block_sparse_moe(h)
+        return x + self.resid_dropout(y), aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
+            norm=RMSNorm(cfg.dim, cfg.norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 / nanoGPT: projections that write into the residual stream get std 0.02/sqrt(2*n_layers), so the
+        # residual's variance does not grow with depth (keeps the 24-layer "deep" preset stable).
+        resid_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ---- training / scoring -------------------------------------------------------------------------------
+    def _hidden(self, input_ids, cache=None, start_pos=0):
+        B, T = input_ids.shape
+        if start_pos + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        x = self.embed_dropout(self.model.embed_tokens(input_ids))
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        aux_losses = []
+        for i, layer in enumerate(self.model.layers):
+            x, aux = layer(x, cos, sin, cache, i, start_pos)
+            if aux is not None:
+                aux_losses.append(aux)
+        aux_loss = (torch.stack(aux_losses).mean() * self.config.aux_loss_coef if aux_losses
+                    else x.new_zeros((), dtype=torch.float32))
+        return self.model.norm(x), aux_loss
+
+    def forward(self, input_ids, targets=None, loss_weights=None) -> ModelOutput:
+        """input_ids/targets [B, T] (targets -100 = ignored), loss_weights [B, T] float (see lm_loss).
+        Train on out.loss + out.aux_loss."""
+        h, aux_loss = self._hidden(input_ids)
+        logits = self.lm_head(h)
+        loss = lm_loss(logits, targets, loss_weights) if targets is not None else None
+        return ModelOutput(logits, loss, aux_loss)
+
+    # ---- inference -----------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        return KVCache(self.config.n_layers, batch_size, min(max_len or self.config.max_seq_len, self.config.max_seq_len))
+
+    def forward_with_cache(self, input_ids, cache: KVCache, start_pos: int, last_only: bool = False):
+        """Run input_ids [B, T] at positions start_pos.. against `cache` (which it extends); returns logits
+        [B, T, V] ([B, 1, V] with last_only). All rows share positions (no padding): batch same-length prompts."""
+        h, _ = self._hidden(input_ids, cache, start_pos)
+        return self.lm_head(h[:, -1:] if last_only else h)
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.8, top_k: int = 0,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, stop_ids=(),
+                 generator: torch.Generator | None = None) -> Iterator[int]:
+        """Stream sampled token ids. prompt + generated never exceeds max_seq_len: generation stops cleanly
+        there (no sliding window). A stop id ends generation and is not yielded. temperature 0 = greedy."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("generate needs a non-empty prompt")
+        if len(prompt_ids) >= self.config.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in max_seq_len "
+                             f"{self.config.max_seq_len}; truncate it first")
+        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0:
+            raise ValueError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0")
+        device = self.lm_head.weight.device
+        n_new = min(max_new_tokens, self.config.max_seq_len - len(prompt_ids))
+        if n_new <= 0:
+            return
+        cache = self.new_cache(1, len(prompt_ids) + n_new - 1)   # the last new token is never fed back
+        stop = set(int(s) for s in stop_ids)
+        seen = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=device)
+        seen[torch.tensor(prompt_ids, device=device)] = True
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        pos = 0
+        for step in range(n_new):
+            logits = self.forward_with_cache(ids, cache, pos, last_only=True)[0, -1].float()
+            pos += ids.shape[1]
+            token = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
+            if token in stop:
+                return
+            yield token
+            seen[token] = True
+            if step + 1 < n_new:
+                ids = torch.tensor([[token]], dtype=torch.long, device=device)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------------
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (tied weights once). exclude_embeddings drops the token embedding and an untied
+        lm_head (Kaplan et al.'s non-embedding N)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def active_params(self) -> int:
+        """Parameters one token multiplies through: non-embedding, only top-k routed experts, plus lm_head."""
+        cfg = self.config
+        n = self.num_params(exclude_embeddings=True) + self.lm_head.weight.numel()
+        if cfg.n_experts:
+            per_expert = 3 * cfg.dim * cfg.ffn_dim
+            n -= cfg.n_layers * (cfg.n_experts - cfg.n_experts_per_tok) * per_expert
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (fwd + bwd): PaLM appendix B, as nanoGPT's estimate_mfu:
+        6 * N_active + 12 * n_layers * n_heads * head_dim * seq_len (attention scores counted non-causal)."""
+        cfg = self.config
+        return 6.0 * self.active_params() + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+    def save_pretrained(self, out_dir) -> None:
+        """model.safetensors (a tied lm_head saved once, as embed_tokens) + config.json; atomic per file."""
+        from safetensors.torch import save_file
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            state.pop("lm_head.weight")
+        tmp = out_dir / "model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out_dir / "model.safetensors")
+        tmp = out_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        os.replace(tmp, out_dir / "config.json")
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, device="cpu") -> "Transformer":
+        from safetensors.torch import load_file   # safetensors only: loading never unpickles
+        ckpt_dir = Path(ckpt_dir)
+        config = ModelConfig.from_dict(json.loads((ckpt_dir / "config.json").read_text()))
+        state = load_file(str(ckpt_dir / "model.safetensors"), device=str(device))
+        if config.tie_embeddings:
+            if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
+                raise ValueError("config says tie_embeddings but lm_head.weight differs from embed_tokens")
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model = cls(config).to(device)
+        model.load_state_dict(state, strict=True)
+        return model
+
+
+def sample_next(logits, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+                seen: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One token from fp32 logits [V]. Repetition penalty as CTRL (Keskar et al. 2019): logits of tokens already
+    seen are divided by the penalty if positive, multiplied if negative."""
+    if repetition_penalty != 1.0:
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k > 0 and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p < 1.0:   # nucleus (Holtzman et al. 2019): smallest set whose probability reaches top_p
+        sorted_probs, sorted_idx = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(0) - sorted_probs >= top_p   # the top token is always kept
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, sorted_idx, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
