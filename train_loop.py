@@ -1,0 +1,723 @@
+"""The one training loop, shared by pretrain.py, sft.py and dpo.py.
+
+It owns everything a run needs besides its data and its loss: the Warmup-Stable-Decay learning rate
+(MiniCPM, arXiv 2404.06395), AdamW, mixed precision, gradient accumulation and clipping, DDP under torchrun,
+atomic checkpoints with exact resume, a NaN stop, and what the user watches (tqdm bar, metrics.jsonl,
+metrics.png). It also owns the checkpoint format and `load_checkpoint`, the one loader everybody uses.
+
+    cfg = TrainConfig(out_dir="out/pretrain/stable", total_steps=1000, lr=1e-3, warmup_steps=10, ...)
+    train(cfg, model, tokenizer, batches, val_fn=val_fn, meta={"kind": "base", "phase": "stable"})
+
+`batches` is any object with `next_batch(step, micro_step) -> dict[str, Tensor]` (deterministic in
+(seed, step, micro_step, rank), which is what makes resume exact), `state_dict()` and `load_state_dict()`.
+Steps are global: a run that continues another (`init_from`) starts at that checkpoint's step and ends at
+`total_steps`, so the schedule is one curve across runs (pretrain phases use this).
+
+Checkpoint directory (`<out_dir>/step-000123/`, `<out_dir>/final/`): model.safetensors + config.json (the model's
+save_pretrained), tokenizer.model + tokenizer_meta.json (a copy), meta.json (tokenizer hash, step, tokens, kind,
+phase/stage, chat, the sizes and sha256 of every file), and train_state.pt (optimizer, grad scaler, loader,
+RNG states; plain tensors and Python values only, so it loads with `torch.load(weights_only=True)`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupted or does not belong to this run."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the run stopped without applying that step."""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    total_steps: int                 # the global step at which this run ends
+    batch_size: int = 8              # sequences per micro-batch per rank
+    grad_accum: int = 1              # micro-batches per optimizer step
+    seq_len: int = 512
+    # Warmup-Stable-Decay schedule over global steps (see wsd_lr)
+    lr: float = 1e-3                 # peak learning rate
+    min_lr: float = 1e-4
+    warmup_steps: int = 0
+    stable_steps: int = 0
+    decay_steps: int = 0
+    decay: str = "exp"               # "exp" | "linear" | "cosine"
+    weight_decay: float = 0.1        # on >= 2-D parameters only (matrices, embeddings)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0           # max global grad norm; 0 = no clipping
+    dtype: str = "bf16"              # "bf16" (autocast) | "fp16" (autocast + GradScaler) | "fp32"
+    compile: bool = False            # torch.compile the model
+    device: str = "auto"             # "auto" | "cpu" | "cuda"
+    eval_interval: int = 100         # steps between val_fn calls (also at the end); 0 = only at the end
+    save_interval: int = 500         # steps between checkpoints (also at the end); 0 = only at the end
+    keep_last: int = 3               # step-* checkpoints kept (final/ is kept apart)
+    seed: int = 1337
+    resume: bool = True              # continue from the latest checkpoint in out_dir if there is one
+    init_from: str = ""              # continue another run: weights, optimizer, step, tokens (not data position)
+    peak_flops: float = 0.0          # per device, for MFU; 0 = a table for GPUs, a measured matmul peak on CPU
+    progress: bool = True            # tqdm bar (rank 0)
+    wandb_project: str = ""          # log to wandb too, if it is installed
+    tensorboard: bool = False        # log to TensorBoard too (<out_dir>/tb), if it is installed
+    extra: dict = field(default_factory=dict)   # caller's own settings, recorded in meta.json
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def wsd_lr(step: int, *, peak_lr: float, warmup_steps: int, stable_steps: int, decay_steps: int,
+           min_lr: float, decay: str = "exp") -> float:
+    """Warmup-Stable-Decay (MiniCPM, arXiv 2404.06395 sec. 4): linear warmup to peak_lr, constant, then a decay
+    over decay_steps that ends exactly at min_lr, and min_lr after that. "exp" is MiniCPM's exponential decay
+    (peak * (min/peak)^(t/decay_steps), i.e. a half-life of decay_steps * ln2 / ln(peak/min))."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    t = step - warmup_steps - stable_steps
+    if t < 0:
+        return peak_lr
+    if t >= decay_steps:
+        return min_lr
+    frac = (t + 1) / decay_steps
+    if decay == "linear":
+        return peak_lr + (min_lr - peak_lr) * frac
+    if decay == "cosine":
+        return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if decay == "exp":
+        if min_lr <= 0:
+            raise ValueError("exponential decay needs min_lr > 0")
+        return peak_lr * (min_lr / peak_lr) ** frac
+    raise ValueError(f"unknown decay {decay!r} (exp, linear, cosine)")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    return wsd_lr(step, peak_lr=cfg.lr, warmup_steps=cfg.warmup_steps, stable_steps=cfg.stable_steps,
+                  decay_steps=cfg.decay_steps, min_lr=cfg.min_lr, decay=cfg.decay)
+
+
+# ----------------------------------------------------------------------------- devices, DDP
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group if there is one (WORLD_SIZE > 1): NCCL on GPU, gloo on CPU.
+    Multi-node is torchrun's business (--nnodes, --node_rank, --rdzv_endpoint); nothing changes here."""
+    device = resolve_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda") and world_size > 1:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        if device == "cpu":   # share the cores between the local ranks instead of oversubscribing them
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def _all_reduce_mean(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x = x / world_size
+    return x
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- optimizer, precision
+
+def make_optimizer(cfg: TrainConfig, params, device: str) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (>= 2-D); norms and biases are not decayed."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.startswith("cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused or None)
+
+
+def autocast_context(dtype: str, device: str):
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if dtype == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if dtype == "fp16":
+        return torch.autocast(device_type, dtype=torch.float16)
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"unknown dtype {dtype!r} (bf16, fp16, fp32)")
+
+
+# Dense bf16 peak per GPU (vendor datasheets, without sparsity).
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                  "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+_measured_peak: dict[str, float] = {}
+
+
+def peak_flops(device: str, dtype: str) -> float:
+    """Peak FLOP/s of one device for MFU. GPUs: the datasheet. CPUs have no datasheet figure we can trust, so
+    we measure a large matmul in the training dtype once and call that the peak (MFU on CPU is therefore
+    relative to what this machine's matmul achieves)."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+        return 100e12
+    key = f"{device}:{dtype}"
+    if key not in _measured_peak:
+        n = 1024
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+        a = torch.randn(n, n, dtype=torch_dtype)
+        b = torch.randn(n, n, dtype=torch_dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        _measured_peak[key] = 2 * n**3 / best
+    return _measured_peak[key]
+
+
+def model_flops_per_token(model, seq_len: int) -> float:
+    if hasattr(model, "flops_per_token"):
+        return float(model.flops_per_token(seq_len))
+    return 6.0 * sum(p.numel() for p in model.parameters())
+
+
+def default_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """LM loss on batch["input_ids"] -> batch["targets"] (optional batch["loss_weights"]), plus the MoE aux loss."""
+    out = model(batch["input_ids"], targets=batch["targets"], loss_weights=batch.get("loss_weights"))
+    aux = out.aux_loss if out.aux_loss is not None else 0.0
+    metrics = {"aux_loss": aux.detach()} if torch.is_tensor(aux) and aux.requires_grad else {}
+    return out.loss + aux, metrics
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(ckpt_dir, model, tokenizer, meta: dict, train_state: dict | None = None) -> Path:
+    """Write a self-contained checkpoint atomically: everything goes to a temp dir beside it, is fsynced, and
+    the dir is renamed into place, so a kill at any moment leaves either the old checkpoint or the new one."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_dir.parent / f".tmp-{ckpt_dir.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp)
+    tokenizer.save(tmp)
+    if train_state is not None:
+        torch.save(train_state, tmp / "train_state.pt")
+    files = {}
+    for p in sorted(tmp.iterdir()):
+        if p.is_file():
+            files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256_file(p)}
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+    meta = {**meta, "format": CHECKPOINT_FORMAT, "tokenizer_sha256": tokenizer.sha256, "files": files}
+    with open(tmp / "meta.json", "w", encoding="utf-8") as f:
+        json.dump(meta, f, ensure_ascii=False, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    old = ckpt_dir.parent / f".old-{ckpt_dir.name}"
+    if ckpt_dir.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(ckpt_dir, old)
+    os.rename(tmp, ckpt_dir)
+    _fsync_dir(ckpt_dir.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return ckpt_dir
+
+
+def verify_checkpoint(ckpt_dir) -> dict:
+    """Check that a checkpoint is complete and intact (every file present with the size and sha256 recorded
+    in meta.json, and the tokenizer copy is the one the model was trained with); return its meta."""
+    ckpt_dir = Path(ckpt_dir)
+    meta_path = ckpt_dir / "meta.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a checkpoint: meta.json is missing")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path} is corrupted: {e}") from None
+    for name in ("model.safetensors", "config.json", "tokenizer.model"):
+        if name not in meta.get("files", {}):
+            raise CheckpointError(f"{ckpt_dir}: meta.json lists no {name}; not a checkpoint written by train_loop")
+    for name, info in meta["files"].items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt_dir}: {name} is missing")
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"{ckpt_dir}: {name} is {size} bytes, expected {info['bytes']} "
+                                  f"(truncated or overwritten); refusing to load it")
+        if _sha256_file(path) != info["sha256"]:
+            raise CheckpointError(f"{ckpt_dir}: {name} does not match its recorded sha256 (corrupted); "
+                                  f"refusing to load it")
+    tok_sha = _sha256_file(ckpt_dir / "tokenizer.model")
+    if tok_sha != meta.get("tokenizer_sha256"):
+        raise CheckpointError(f"{ckpt_dir}: the tokenizer copy (sha256 {tok_sha[:12]}) is not the tokenizer the "
+                              f"model was trained with ({str(meta.get('tokenizer_sha256'))[:12]})")
+    return meta
+
+
+def load_checkpoint(ckpt_dir, device: str = "cpu"):
+    """The one checkpoint loader: -> (model, tokenizer, meta). Verifies the checkpoint first (see
+    verify_checkpoint) and refuses a corrupted or mismatched one with a CheckpointError."""
+    from model import Transformer
+    from tokenizer import Tokenizer
+    meta = verify_checkpoint(ckpt_dir)
+    tokenizer = Tokenizer.load(ckpt_dir)
+    if tokenizer.sha256 != meta["tokenizer_sha256"]:
+        raise CheckpointError(f"{ckpt_dir}: tokenizer hash {tokenizer.sha256[:12]} != meta.json's "
+                              f"{meta['tokenizer_sha256'][:12]}")
+    try:
+        model = Transformer.from_pretrained(ckpt_dir, device=device)
+    except Exception as e:   # safetensors/config errors: say which checkpoint
+        raise CheckpointError(f"{ckpt_dir}: cannot load the model: {e}") from e
+    return model, tokenizer, meta
+
+
+def load_train_state(ckpt_dir) -> dict:
+    path = Path(ckpt_dir) / "train_state.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir} has no train_state.pt (a weights-only checkpoint cannot be resumed)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be read: {e}") from e
+
+
+def list_checkpoints(out_dir) -> list[tuple[int, Path]]:
+    """(step, dir) of the checkpoints in out_dir, oldest first (final/ after step-* of the same step)."""
+    found = []
+    for d in Path(out_dir).glob("step-*"):
+        if d.is_dir() and d.name[5:].isdigit():
+            found.append((int(d.name[5:]), 0, d))
+    final = Path(out_dir) / "final"
+    if (final / "meta.json").is_file():
+        with contextlib.suppress(Exception):
+            found.append((int(json.loads((final / "meta.json").read_text())["step"]), 1, final))
+    return [(s, d) for s, _, d in sorted(found)]
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def _clean_stale_tmp(out_dir: Path) -> None:
+    """Remove what a killed save left behind; put back a checkpoint caught between its two renames."""
+    for old in out_dir.glob(".old-*"):
+        target = out_dir / old.name[len(".old-"):]
+        if target.exists():
+            shutil.rmtree(old)
+        else:
+            os.rename(old, target)
+    for tmp in out_dir.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prune(out_dir: Path, keep_last: int) -> None:
+    steps = [d for s, d in list_checkpoints(out_dir) if d.name.startswith("step-")]
+    for d in steps[:-keep_last] if keep_last > 0 else steps:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": list(random.getstate()[1]),
+             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gather_rng(world_size: int) -> list:
+    mine = _rng_state()
+    if world_size == 1:
+        return [mine]
+    every = [None] * world_size
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def param_digest(model) -> str:
+    """sha256 of all parameters, to check that DDP replicas are identical."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            with contextlib.suppress(json.JSONDecodeError):   # a line cut by kill -9
+                out.append(json.loads(line))
+    return out
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """On resume, drop what the killed run logged after the checkpoint it resumes from, so that
+    metrics.jsonl reads as one uninterrupted run."""
+    if path.is_file():
+        kept = [r for r in read_jsonl(path) if r.get("step", -1) < after_step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def plot_metrics(jsonl_path: Path, png_path: Path) -> None:
+    """Loss (train and per-corpus val) and LR against step, written atomically to a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = read_jsonl(jsonl_path)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if r.get("kind") == "val"]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, label="train")
+    for key in sorted({k for r in val for k in r if k.endswith("/loss")}):
+        pts = [(r["step"], r[key]) for r in val if key in r]
+        ax_loss.plot(*zip(*pts), marker="o", ms=3, label=key)
+    ax_loss.set_ylabel("loss (nats/token)")
+    ax_loss.legend(fontsize=7)
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:orange")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path.with_name(png_path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+class _ExternalLoggers:
+    """wandb / TensorBoard when asked for and installed; a warning otherwise. Never required."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.wandb = self.tb = None
+        if cfg.wandb_project:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.out_dir,
+                                        config=dataclasses.asdict(cfg), resume="allow")
+            except ImportError:
+                print("warning: wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(Path(cfg.out_dir) / "tb"))
+            except ImportError:
+                print("warning: tensorboard is not installed; logging to metrics.jsonl only", file=sys.stderr)
+
+    def log(self, record: dict) -> None:
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _to_device(batch: dict, device: str) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _float(v) -> float:
+    return float(v.item()) if torch.is_tensor(v) else float(v)
+
+
+def train(cfg: TrainConfig, model, tokenizer, batches, *, loss_fn=None, val_fn=None, trainable_params=None,
+          meta: dict | None = None) -> dict:
+    """Train `model` from its current step to cfg.total_steps; returns a summary dict (final loss, tokens/s,
+    MFU, last val metrics, final checkpoint dir). Resumes automatically from the latest checkpoint in
+    cfg.out_dir (cfg.resume), or continues the run in cfg.init_from. Raises TrainingDiverged on a NaN/inf loss."""
+    loss_fn = loss_fn or default_loss
+    meta = dict(meta or {})
+    meta.setdefault("kind", "base")
+    meta.setdefault("chat", meta["kind"] != "base")
+    info = init_distributed(cfg.device)
+    device = info.device
+    out_dir = Path(cfg.out_dir)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _clean_stale_tmp(out_dir)
+    _barrier(info.world_size)
+    metrics_path = out_dir / "metrics.jsonl"
+
+    raw_model = model.to(device)
+    params = list(trainable_params) if trainable_params is not None else \
+        [p for p in raw_model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params, device)
+    scaler = torch.amp.GradScaler("cuda" if device.startswith("cuda") else "cpu", enabled=cfg.dtype == "fp16")
+    torch.manual_seed(cfg.seed + info.rank)
+
+    # where to start: our own latest checkpoint (resume), another run's (init_from), or step 0
+    step, tokens_seen = 0, 0
+    resume_dir = latest_checkpoint(out_dir) if cfg.resume else None
+    start_dir = resume_dir or (Path(cfg.init_from) if cfg.init_from else None)
+    if start_dir is not None:
+        ckpt_meta = verify_checkpoint(start_dir)
+        if ckpt_meta["tokenizer_sha256"] != tokenizer.sha256:
+            raise CheckpointError(f"{start_dir} was trained with tokenizer {ckpt_meta['tokenizer_sha256'][:12]}, "
+                                  f"this run uses {tokenizer.sha256[:12]}; refusing to mix them")
+        state = load_train_state(start_dir)
+        from safetensors.torch import load_file
+        try:
+            weights = load_file(str(start_dir / "model.safetensors"), device="cpu")
+            missing, unexpected = raw_model.load_state_dict(weights, strict=False)
+        except Exception as e:
+            raise CheckpointError(f"{start_dir}: model.safetensors does not fit this model: {e}") from e
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]   # tied embeddings are saved once
+        if missing or unexpected:
+            raise CheckpointError(f"{start_dir}: model.safetensors does not fit this model "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{start_dir}: optimizer state does not fit this model: {e}") from e
+        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        if resume_dir is not None:   # our own run: the data position, scaler and RNG continue too
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            batches.load_state_dict(state["loader"])
+            rng = state["rng"]
+            _set_rng_state(rng[info.rank] if info.rank < len(rng) else rng[0])
+            if info.is_main:
+                truncate_metrics(metrics_path, step)
+                print(f"resuming {out_dir} from {resume_dir.name} (step {step}, {tokens_seen:,} tokens)")
+        elif info.is_main:
+            print(f"continuing from {start_dir} (step {step}, {tokens_seen:,} tokens)")
+    elif info.is_main:
+        truncate_metrics(metrics_path, 0)
+    if step > cfg.total_steps:
+        raise ValueError(f"the starting checkpoint is at step {step}, past this run's total_steps {cfg.total_steps}")
+
+    fwd_model = raw_model
+    if cfg.compile:
+        fwd_model = torch.compile(fwd_model)
+    if info.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        n_experts = getattr(getattr(raw_model, "config", None), "n_experts", 0)
+        fwd_model = DDP(fwd_model, device_ids=[info.local_rank] if device.startswith("cuda") else None,
+                        find_unused_parameters=n_experts > 0)
+
+    flops_per_token = model_flops_per_token(raw_model, cfg.seq_len)
+    device_peak = cfg.peak_flops or peak_flops(device, cfg.dtype)
+    loggers = _ExternalLoggers(cfg) if info.is_main else None
+    bar = None
+    if info.is_main and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.total_steps, initial=step, desc=out_dir.name, dynamic_ncols=True, file=sys.stdout)
+
+    def checkpoint(name: str) -> Path:
+        rngs = _gather_rng(info.world_size)
+        digests = [param_digest(raw_model)]
+        if info.world_size > 1:   # DDP replicas must be identical; a mismatch is a bug, not something to save
+            every = [None] * info.world_size
+            dist.all_gather_object(every, digests[0])
+            if len(set(every)) != 1:
+                raise RuntimeError(f"DDP replicas diverged at step {step}: parameter digests {every}")
+        path = out_dir / name
+        if info.is_main:
+            state = {"step": step, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                     "loader": batches.state_dict(), "rng": rngs, "world_size": info.world_size}
+            ckpt_meta = {**meta, "step": step, "tokens_seen": tokens_seen, "param_sha256": digests[0],
+                         "world_size": info.world_size, "train_config": dataclasses.asdict(cfg)}
+            save_checkpoint(path, raw_model, tokenizer, ckpt_meta, state)
+            _prune(out_dir, cfg.keep_last)
+        _barrier(info.world_size)
+        return path
+
+    def validate() -> dict:
+        if val_fn is None or not info.is_main:
+            return {}
+        raw_model.eval()
+        with torch.no_grad(), autocast_context(cfg.dtype, device):
+            result = {k: _float(v) for k, v in val_fn(raw_model).items()}
+        raw_model.train()
+        record = {"kind": "val", "step": step, "tokens": tokens_seen, **result}
+        append_jsonl(metrics_path, record)
+        loggers.log(record)
+        plot_metrics(metrics_path, out_dir / "metrics.png")
+        if bar is not None:
+            bar.write(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        return result
+
+    raw_model.train()
+    last = {"loss": float("nan"), "tokens_per_s": 0.0, "mfu": 0.0, "val": {}}
+    timings = {"data_s": 0.0, "step_s": 0.0, "steps": 0}
+    start_step = step
+    while step < cfg.total_steps:
+        t_step = time.perf_counter()
+        lr = lr_at(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        extra: dict[str, float] = {}
+        step_tokens = 0
+        data_s = 0.0
+        for micro_step in range(cfg.grad_accum):
+            t_data = time.perf_counter()
+            batch = _to_device(batches.next_batch(step, micro_step), device)
+            data_s += time.perf_counter() - t_data
+            step_tokens += batch["input_ids"].numel()
+            sync = micro_step == cfg.grad_accum - 1
+            no_sync = fwd_model.no_sync() if info.world_size > 1 and not sync else contextlib.nullcontext()
+            with no_sync:
+                with autocast_context(cfg.dtype, device):
+                    loss, metrics = loss_fn(fwd_model, batch)
+                scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+            for k, v in (metrics or {}).items():
+                extra[k] = extra.get(k, 0.0) + _float(v) / cfg.grad_accum
+        loss_val = _all_reduce_mean(loss_sum / cfg.grad_accum, info.world_size).item()
+        if not math.isfinite(loss_val):
+            if bar is not None:
+                bar.close()
+            good = latest_checkpoint(out_dir)
+            raise TrainingDiverged(
+                f"loss is {loss_val} at step {step} (lr {lr:.3g}); stopped before applying this step. "
+                f"The last good checkpoint is {good or 'none (no checkpoint was written yet)'}. "
+                f"Lower the learning rate, raise warmup, or use bf16 instead of fp16, then resume.")
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        step += 1
+        tokens_seen += step_tokens * info.world_size
+        dt = time.perf_counter() - t_step
+        if step > start_step + 1:   # the first step pays for warm-up (allocation, compile)
+            timings["data_s"] += data_s
+            timings["step_s"] += dt
+            timings["steps"] += 1
+        tokens_per_s = step_tokens * info.world_size / dt
+        mfu = flops_per_token * step_tokens / dt / device_peak
+        last.update(loss=loss_val, tokens_per_s=tokens_per_s, mfu=mfu)
+        if info.is_main:
+            record = {"step": step - 1, "loss": loss_val, "lr": lr, "grad_norm": _float(grad_norm),
+                      "tokens": tokens_seen, "tokens_per_s": round(tokens_per_s, 1), "mfu": round(mfu, 5),
+                      "step_s": round(dt, 4), "data_s": round(data_s, 5), **extra}
+            append_jsonl(metrics_path, record)
+            loggers.log(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                                mfu=f"{mfu:.1%}", refresh=False)
+                bar.update(1)
+        done = step == cfg.total_steps
+        if (cfg.eval_interval and step % cfg.eval_interval == 0) or done:
+            last["val"] = validate()
+        if cfg.save_interval and step % cfg.save_interval == 0 and not done:
+            checkpoint(f"step-{step:06d}")
+    if bar is not None:
+        bar.close()
+    if step == start_step and resume_dir is not None and resume_dir.name == "final":
+        final = resume_dir
+        if info.is_main:
+            print(f"{out_dir} is already at step {step} of {cfg.total_steps}; nothing to train")
+    else:
+        final = checkpoint("final")
+    if loggers is not None:
+        loggers.close()
+    n = max(timings["steps"], 1)
+    return {"step": step, "tokens_seen": tokens_seen, "loss": last["loss"], "tokens_per_s": last["tokens_per_s"],
+            "mfu": last["mfu"], "val": last["val"], "final_dir": str(final),
+            "mean_step_s": timings["step_s"] / n, "data_fraction": timings["data_s"] / max(timings["step_s"], 1e-12),
+            "param_sha256": param_digest(raw_model)}
