@@ -1,0 +1,289 @@
+"""The tokenize step on real samples with the real ChatGLM2 SentencePiece model: shards decode back to
+the documents (checked with raw sentencepiece), hash split, sharding, byte-identical output for any worker
+count or mode, reuse, resume after kill -9, bad records counted, manifest checks."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import xxhash
+
+from conftest import ROOT, SAMPLES
+from data_process import tokenize
+from data_process.recipe import parse_recipe
+from data_process.records import write_parts
+from data_process.shards import IndexedDataset, is_complete
+
+MODEL = SAMPLES / "chatglm2-tokenizer" / "tokenizer.model"
+
+
+def raw_sentencepiece():
+    """Plain sentencepiece on the model as the project prepares it (no dummy prefix, chat pieces added)."""
+    from tokenizer import Tokenizer
+    return spm.SentencePieceProcessor(model_proto=Tokenizer.load(MODEL).model_bytes)
+
+
+def web_texts():
+    with open(SAMPLES / "skywork-zh-web" / "zh_general.jsonl", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f][:120]
+
+
+def medical_texts():
+    lines = (SAMPLES / "medicalgpt" / "pretrain" / "fever.txt").read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if line.strip()][:300]
+
+
+def sft_conversations():
+    out = []
+    with open(SAMPLES / "medicalgpt" / "sft" / "medical_sft_1K_format.jsonl", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i >= 80:
+                break
+            turns = json.loads(line)["conversations"]
+            msgs = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
+            out.append({"id": f"sft.jsonl:{i}", "corpus": "med_sft", "kind": "conv", "messages": msgs})
+    return out
+
+
+def docs(corpus, texts):
+    return [{"id": f"{corpus}.jsonl:{i}", "corpus": corpus, "kind": "doc", "text": t} for i, t in enumerate(texts)]
+
+
+def make_recipe(root, val_fraction=0.1, shard_tokens=20_000):
+    raw = {"tokenize": {"val_fraction": val_fraction, "shard_tokens": shard_tokens, "sft_as_pretrain": ["medical", "general"]},
+           "corpus": [{"name": "web", "reader": "jsonl", "paths": ["x"]},
+                      {"name": "med", "reader": "text", "paths": ["x"]},
+                      {"name": "med_sft", "reader": "sharegpt", "paths": ["x"], "role": "sft", "stage": "medical"},
+                      {"name": "chat", "reader": "sharegpt", "paths": ["x"], "role": "sft", "stage": "general"}]}
+    return parse_recipe(raw, root)
+
+
+@pytest.fixture(scope="module")
+def docs_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("docs")
+    write_parts(docs("web", web_texts()), root / "web", part_records=50)
+    write_parts(docs("med", medical_texts()), root / "med", part_records=100)
+    write_parts(sft_conversations(), root / "med_sft", part_records=30)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(docs_root, tmp_path_factory):
+    """One uninterrupted run with the default settings, compared against by other tests."""
+    out = tmp_path_factory.mktemp("ref")
+    report = tokenize.run(make_recipe(docs_root), docs_root, MODEL, out, workers=2, progress=False)
+    return out, report
+
+
+def all_output_bytes(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def read_split(corpus_dir, split):
+    manifest = tokenize.check_manifest(corpus_dir)
+    return [doc for name in manifest["splits"][split]["shards"] for doc in IndexedDataset(corpus_dir / name)]
+
+
+def test_shards_hold_each_document_encoded_by_sentencepiece_then_eos(reference):
+    out, report = reference
+    sp = raw_sentencepiece()
+    eos = sp.eos_id()
+    for corpus, texts in (("web", web_texts()), ("med", medical_texts())):
+        val = [t for t in texts if xxhash.xxh3_64_intdigest(t.encode()) < 0.1 * 2 ** 64]
+        train = [t for t in texts if t not in val]
+        for split, expected in (("train", train), ("val", val)):
+            got = read_split(out / corpus, split)
+            assert len(got) == len(expected)
+            for ids, text in zip(got, expected):
+                assert ids.dtype == np.uint16 and ids[-1] == eos
+                assert ids[:-1].tolist() == sp.encode(text)
+        manifest = tokenize.check_manifest(out / corpus)
+        assert manifest["splits"]["train"]["chars"] == sum(map(len, train))
+        assert manifest["splits"]["val"]["chars"] == sum(map(len, val))
+        assert report["corpora"][corpus]["documents"] == len(texts)
+    assert 0 < report["corpora"]["med"]["val_documents"] < 0.25 * len(medical_texts())
+
+
+def test_manifest_records_tokenizer_sources_and_settings(reference):
+    out, _ = reference
+    m = tokenize.check_manifest(out / "web")
+    from tokenizer import Tokenizer
+    assert m["tokenizer_sha256"] == Tokenizer.load(MODEL).sha256
+    assert m["dtype"] == "uint16" and m["eos_id"] == 2 and m["vocab_size"] >= 64789
+    assert [s["file"] for s in m["sources"]] == ["web/part-00000.jsonl.zst", "web/part-00001.jsonl.zst",
+                                                 "web/part-00002.jsonl.zst"]
+    assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in m["sources"])
+    assert m["settings"]["val_fraction"] == 0.1 and m["settings"]["shard_tokens"] == 20_000
+    for split in ("train", "val"):
+        s = m["splits"][split]
+        assert s["tokens"] == sum(m["shard_info"][n]["tokens"] for n in s["shards"])
+        assert s["documents"] == sum(len(IndexedDataset(out / "web" / n)) for n in s["shards"])
+    assert not (out / "web" / "progress.json").exists()
+
+
+def test_large_corpus_is_split_into_shards_at_document_boundaries(reference):
+    out, _ = reference
+    m = tokenize.check_manifest(out / "web")
+    shards = m["splits"]["train"]["shards"]
+    assert len(shards) >= 3 and shards[0] == "train-00000"
+    for name in shards[:-1]:
+        ds = IndexedDataset(out / "web" / name)
+        assert ds.num_tokens >= 20_000 > ds.num_tokens - int(ds.doc_lengths[-1])
+    assert m["splits"]["val"]["shards"][0] == "val-00000"
+
+
+def test_sft_stage_is_written_as_pretrain_corpus_with_chat_template(reference):
+    from tokenizer import Tokenizer
+    out, report = reference
+    tok = Tokenizer.load(MODEL)
+    convs = sft_conversations()
+    got = read_split(out / "sft_medical", "train") + read_split(out / "sft_medical", "val")
+    assert len(got) == len(convs) == report["corpora"]["sft_medical"]["documents"]
+    expected = {tuple(tok.render_chat(c["messages"]).ids + [tok.eos_id]) for c in convs}
+    assert {tuple(ids.tolist()) for ids in got} == expected
+    assert "sft_general" in report["corpora"] and report["corpora"]["sft_general"]["status"] == "no input"
+
+
+def test_output_is_byte_identical_whatever_workers_mode_or_batch(docs_root, reference, tmp_path):
+    ref_out, _ = reference
+    expected = all_output_bytes(ref_out / "web")
+    recipe = make_recipe(docs_root)
+    from tokenizer import Tokenizer
+    tok = Tokenizer.load(MODEL)
+    settings = tokenize.Settings(0.1, 20_000)
+    parts = sorted((docs_root / "web").glob("part-*"))
+    for i, (workers, mode, batch_chars) in enumerate([(1, "threads", 10**6), (2, "threads", 7_777),
+                                                        (2, "processes", 30_000)]):
+        out = tmp_path / f"o{i}"
+        tokenize.tokenize_corpus("web", parts, docs_root, tok, MODEL, out, settings, workers=workers,
+                                 mode=mode, batch_chars=batch_chars, progress=False)
+        assert all_output_bytes(out) == expected, (workers, mode, batch_chars)
+    assert recipe.tokenize.shard_tokens == 20_000
+
+
+def test_split_does_not_depend_on_document_order(docs_root, tmp_path):
+    texts = medical_texts()
+    write_parts(docs("med", texts[::-1]), tmp_path / "docs" / "med")
+    recipe = make_recipe(tmp_path / "docs")
+    tokenize.run(recipe, tmp_path / "docs", MODEL, tmp_path / "out", progress=False)
+    sp = raw_sentencepiece()
+    val = {sp.decode(ids[:-1].tolist()) for ids in read_split(tmp_path / "out" / "med", "val")}
+    ref = {t for t in texts if xxhash.xxh3_64_intdigest(t.encode()) < 0.1 * 2 ** 64}
+    assert len(val) == len(ref) > 0
+
+
+def test_rerun_keeps_finished_output(docs_root, tmp_path):
+    recipe = make_recipe(docs_root)
+    first = tokenize.run(recipe, docs_root, MODEL, tmp_path, progress=False)
+    stamp = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")}
+    again = tokenize.run(recipe, docs_root, MODEL, tmp_path, progress=False)
+    assert {r["status"] for r in again["corpora"].values() if r["status"] != "no input"} == {"kept"}
+    assert again["corpora"]["web"]["tokens"] == first["corpora"]["web"]["tokens"]
+    assert stamp == {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")}
+
+
+def test_changed_settings_retokenize_and_drop_old_shards(docs_root, tmp_path):
+    tokenize.run(make_recipe(docs_root, shard_tokens=10_000), docs_root, MODEL, tmp_path, progress=False)
+    many = len(list((tmp_path / "web").glob("train-*.bin")))
+    report = tokenize.run(make_recipe(docs_root, shard_tokens=10**9), docs_root, MODEL, tmp_path, progress=False)
+    assert report["corpora"]["web"]["status"] == "done"
+    assert many > 1 and sorted(p.name for p in (tmp_path / "web").glob("train-*")) == ["train-00000.bin",
+                                                                                        "train-00000.idx"]
+    assert tokenize.check_manifest(tmp_path / "web")["settings"]["shard_tokens"] == 10**9
+
+
+def test_bad_records_are_counted_and_skipped(tmp_path):
+    good = docs("web", web_texts()[:5])
+    bad = [{"id": "a", "corpus": "web", "kind": "doc", "text": ""},
+           {"id": "b", "corpus": "web", "kind": "doc"},
+           {"id": "c", "corpus": "web", "kind": "conv", "messages": []},
+           {"id": "d", "corpus": "web", "kind": "doc", "text": 42}]
+    write_parts(good[:2] + bad + good[2:], tmp_path / "docs" / "web")
+    report = tokenize.run(make_recipe(tmp_path / "docs"), tmp_path / "docs", MODEL, tmp_path / "out",
+                          progress=False)
+    assert report["corpora"]["web"]["documents"] == 5 and report["corpora"]["web"]["rejects"] == 4
+    m = tokenize.check_manifest(tmp_path / "out" / "web")
+    assert m["rejects"] == {"empty text": 1, "text missing or not a string": 2,
+                            "kind 'conv' in a pretrain corpus": 1}
+    assert {e["id"] for e in m["reject_examples"]} == {"a", "b", "c", "d"}
+
+
+def test_check_manifest_refuses_other_tokenizer_and_broken_shards(reference, tmp_path):
+    out, _ = reference
+    m = tokenize.check_manifest(out / "med", tokenize.load_manifest(out / "med")["tokenizer_sha256"])
+    assert tokenize.shard_prefixes(out / "med", "val") == [out / "med" / n for n in m["splits"]["val"]["shards"]]
+    with pytest.raises(tokenize.ManifestError, match="made with tokenizer"):
+        tokenize.check_manifest(out / "med", "0" * 64)
+    with pytest.raises(tokenize.ManifestError, match="missing"):
+        tokenize.check_manifest(tmp_path)
+    import shutil
+    shutil.copytree(out / "med", tmp_path / "med")
+    bin_file = tmp_path / "med" / "train-00000.bin"
+    bin_file.write_bytes(bin_file.read_bytes()[:-2])
+    with pytest.raises(tokenize.ManifestError, match="inconsistent"):
+        tokenize.check_manifest(tmp_path / "med")
+
+
+def test_int32_is_an_explicit_choice(docs_root, tmp_path):
+    tokenize.run(make_recipe(docs_root), docs_root, MODEL, tmp_path, dtype="int32", progress=False)
+    m = tokenize.check_manifest(tmp_path / "med")
+    assert m["dtype"] == "int32"
+    assert IndexedDataset(tmp_path / "med" / "train-00000").tokens.dtype == np.int32
+
+
+KILL_SCRIPT = """
+import sys, time
+sys.path.insert(0, {root!r})
+from pathlib import Path
+import data_process.shards as shards
+from data_process import tokenize
+from data_process.recipe import parse_recipe
+closed = [0]
+original = shards.ShardWriter.close
+def close(self):
+    info = original(self)
+    closed[0] += 1
+    if closed[0] == {stop_after}:   # the train shard and val shard of a checkpoint are closed...
+        shards.ShardWriter.add_batch = slow_add   # ...and the next shard is half-written when we die
+    return info
+def slow_add(self, flat, lengths):
+    shards.ShardWriter._write(self, shards._as_tokens(flat, self.dtype))
+    print("half-written", flush=True)
+    time.sleep(60)
+shards.ShardWriter.close = close
+raw = {{"tokenize": {{"val_fraction": 0.1, "shard_tokens": 20000, "sft_as_pretrain": []}},
+       "corpus": [{{"name": "web", "reader": "jsonl", "paths": ["x"]}}]}}
+recipe = parse_recipe(raw, Path({docs!r}))
+tokenize.run(recipe, Path({docs!r}), Path({model!r}), Path({out!r}), workers=2, progress=False)
+"""
+
+
+def test_killed_run_resumes_without_redoing_finished_shards(docs_root, reference, tmp_path):
+    out = tmp_path / "out"
+    script = KILL_SCRIPT.format(root=str(ROOT), docs=str(docs_root), model=str(MODEL), out=str(out), stop_after=4)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "half-written"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    web = out / "web"
+    assert not (web / "manifest.json").exists()
+    progress = json.loads((web / "progress.json").read_text())
+    finished = progress["splits"]["train"]["shards"] + progress["splits"]["val"]["shards"]
+    assert finished == ["train-00000", "train-00001", "val-00000", "val-00001"]
+    assert list(web.glob(".train-*.tmp-*")), "the shard being written when killed exists only as a temp file"
+    assert not (web / "train-00002.idx").exists() and not is_complete(web / "train-00002")
+    stamp = {n: (web / f"{n}.bin").stat().st_mtime_ns for n in finished}
+
+    report = tokenize.run(make_recipe(docs_root), docs_root, MODEL, out, progress=False)
+    assert report["corpora"]["web"]["status"] == "resumed"
+    assert stamp == {n: (web / f"{n}.bin").stat().st_mtime_ns for n in finished}
+    assert not list(web.glob(".*tmp*"))
+    ref_out, _ = reference
+    assert all_output_bytes(web) == all_output_bytes(ref_out / "web")
