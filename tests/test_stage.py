@@ -1,0 +1,229 @@
+"""SFT/DPO staging on real samples with the real ChatGLM2 tokenizer: one CSV pair per curriculum stage, loss weights
+on exactly the assistant spans, exact CSV round trip of Chinese text and newlines, counted rejects, deterministic
+validation split, re-runnable and atomic outputs, one DPO schema for four real preference formats."""
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import SAMPLES
+from data_process.recipe import parse_recipe
+from data_process.records import write_parts
+from data_process.stage import SFT_COLUMNS, is_val, read_dpo_jsonl, read_sft_csv, row_messages, run
+from tokenizer import TAGS, Tokenizer
+
+CHATGLM2 = SAMPLES / "chatglm2-tokenizer" / "tokenizer.model"
+ROLE = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+def jsonl(path):
+    return [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
+
+
+def messages_of(turns):
+    """ShareGPT {from, value} or MiniMind {role, content} turns -> CONTRACTS.md messages."""
+    return [{"role": ROLE[t.get("from", t.get("role"))], "content": t.get("value", t.get("content"))} for t in turns]
+
+
+def conv(i, messages):
+    return {"id": f"f.jsonl:{i}", "corpus": "", "kind": "conv", "messages": messages}
+
+
+def medical_sft():
+    return [conv(i, messages_of(o["conversations"]))
+            for i, o in enumerate(jsonl(SAMPLES / "medicalgpt/sft/medical_sft_1K_format.jsonl"))]
+
+
+def general_sft():
+    records = [conv(i, messages_of(o["conversations"]))
+               for i, o in enumerate(jsonl(SAMPLES / "minimind-format-tiny/tiny_sft.jsonl"))]
+    tricky = [  # CSV-hostile content: quotes, commas, CRLF, blank lines, NA-like strings, leading/trailing spaces
+        [{"role": "system", "content": "NA"}, {"role": "user", "content": 'He said "hi", then\r\nleft,'},
+         {"role": "assistant", "content": "  null  \n\n\n第二段，\"引号\"\t制表符 "}],
+        [{"role": "user", "content": "多轮一"}, {"role": "assistant", "content": "答一"},
+         {"role": "user", "content": "多轮二\n换行"}, {"role": "assistant", "content": "答二\n"}],
+    ]
+    return records + [conv(100 + i, m) for i, m in enumerate(tricky)]
+
+
+def reasoning_sft():
+    return [conv(0, [{"role": "user", "content": "发烧38.5度该吃什么药？"},
+                     {"role": "assistant", "content": "<think>\n体温38.5℃属于中度发热。\n</think>\n<answer>\n可服用对乙酰氨基酚，"
+                                                      "多喝水；持续不退请就医。\n</answer>"}])]
+
+
+def bad_sft():
+    return [
+        conv(0, [{"role": "user", "content": "只有问题"}]),                                         # no answer
+        conv(1, [{"role": "assistant", "content": "先回答"}, {"role": "user", "content": "后问"}]),  # wrong order
+        conv(2, [{"role": "user", "content": "问"}, {"role": "assistant", "content": "   "}]),      # blank answer
+        conv(3, [{"role": "user", "content": "长" * 3000}, {"role": "assistant", "content": "答"}]),  # too long
+        {"id": "f.jsonl:4", "corpus": "", "kind": "doc", "text": "not a conversation"},
+        conv(5, "not a list"),
+    ]
+
+
+def prefs():
+    out = {"medical_reward": [], "dpo_zh": [], "minimind_dpo": [], "firefly_dpo": []}
+    for i, o in enumerate(jsonl(SAMPLES / "medicalgpt/reward/medical_reward_pairs.jsonl")):
+        out["medical_reward"].append({"prompt": [{"role": "user", "content": o["question"]}],
+                                      "chosen": o["response_chosen"], "rejected": o["response_rejected"]})
+    for o in jsonl(SAMPLES / "medicalgpt/reward/dpo_zh_500.jsonl"):
+        out["dpo_zh"].append({"prompt": messages_of(o["conversations"]), "chosen": o["chosen"],
+                              "rejected": o["rejected"]})
+    for name, path in (("minimind_dpo", "minimind-format-tiny/tiny_dpo.jsonl"), ("firefly_dpo", "firefly/dummy_dpo.jsonl")):
+        for o in jsonl(SAMPLES / path):
+            out[name].append({"prompt": messages_of(o["chosen"][:-1]), "chosen": o["chosen"][-1]["content"],
+                              "rejected": o["rejected"][-1]["content"]})
+    out["minimind_dpo"].append({"prompt": [{"role": "user", "content": "同"}], "chosen": "一样", "rejected": "一样"})
+    out["minimind_dpo"].append({"prompt": [{"role": "assistant", "content": "错"}], "chosen": "a", "rejected": "b"})
+    return {name: [{"id": f"p.jsonl:{i}", "corpus": name, "kind": "pref", **r} for i, r in enumerate(rs)]
+            for name, rs in out.items()}
+
+
+SFT_CORPORA = {"medical_finetune": ("medical", medical_sft), "minimind_sft": ("general", general_sft),
+               "minimind_r1": ("reasoning", reasoning_sft), "broken": ("general", bad_sft)}
+DPO_STAGES = {"medical_reward": "medical", "dpo_zh": "general", "minimind_dpo": "general", "firefly_dpo": ""}
+
+
+def make_recipe(root, **sft):
+    corpora = [{"name": n, "reader": "jsonl", "paths": ["x"], "role": "sft", "stage": s} for n, (s, _) in SFT_CORPORA.items()]
+    corpora += [{"name": n, "reader": "jsonl", "paths": ["x"], "role": "dpo", "stage": s} for n, s in DPO_STAGES.items()]
+    corpora += [{"name": "medical_dialogue", "reader": "toyhom_csv", "paths": ["x"], "role": "sft",
+                 "stage": "medical_dialogue"}]   # not on disk: counted as missing, stage still written
+    return parse_recipe({"corpus": corpora, "sft": {"max_tokens": 1024, "val_fraction": 0.1, **sft}}, root)
+
+
+@pytest.fixture(scope="module")
+def glm():
+    return Tokenizer.load(CHATGLM2)
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory, glm):
+    root = tmp_path_factory.mktemp("stage")
+    for name, (_, make) in SFT_CORPORA.items():
+        write_parts([{**r, "corpus": name} for r in make()], root / "dedup" / name)
+    for name, records in prefs().items():
+        write_parts(records, root / "dedup" / name)
+    glm.save(root / "tokenizer")
+    summary = run(make_recipe(root), root / "dedup", root / "tokenizer", root / "data")
+    return root, summary
+
+
+def test_real_medical_sft_weights_cover_exactly_the_assistant_spans(glm):
+    for record in medical_sft()[:200] + general_sft() + reasoning_sft():
+        chat = glm.render_chat(record["messages"], tag_weight=0.3)
+        weighted = [i for i, w in zip(chat.ids, chat.weights) if w > 0]
+        expected = "".join(m["content"] + "<|im_end|>" for m in record["messages"] if m["role"] == "assistant")
+        assert glm.decode(weighted) == expected
+        assert glm.decode(chat.ids) == glm.render_text(record["messages"])
+    chat = glm.render_chat(reasoning_sft()[0]["messages"], tag_weight=0.3)
+    tags = [w for i, w in zip(chat.ids, chat.weights) if i in {glm.special[t] for t in TAGS}]
+    assert tags == [0.3] * 4
+
+
+def test_one_csv_pair_per_stage_in_curriculum_order(staged):
+    root, summary = staged
+    assert list(summary["sft"]) == ["general", "medical", "medical_dialogue", "reasoning"]
+    for stage in summary["sft"]:
+        for suffix in (".csv", ".val.csv"):
+            df = read_sft_csv(root / "data" / "sft" / f"{stage}{suffix}")
+            assert list(df.columns) == SFT_COLUMNS
+    med = summary["sft"]["medical"]
+    assert med["train"] + med["val"] + sum(med["rejected"].values()) == 1000
+    assert 50 <= med["val"] <= 160                      # ~10 % held out
+    assert summary["sft"]["medical_dialogue"]["missing_corpora"] == ["medical_dialogue"]
+    assert summary["sft"]["medical_dialogue"]["train"] == 0
+    assert summary["sft"]["reasoning"]["train"] + summary["sft"]["reasoning"]["val"] == 1
+    assert not list((root / "data").rglob(".*tmp*"))    # no temporary files left
+
+
+def test_rejects_are_counted_by_reason_and_logged(staged):
+    root, summary = staged
+    general = summary["sft"]["general"]
+    assert general["rejected"] == {"malformed": 3, "empty_turn": 1, "too_long": 1, "not_a_conversation": 1}
+    assert general["sources"] == {"minimind_sft": 5}
+    logged = jsonl(root / "data" / "sft" / "general.rejects.jsonl")
+    assert sorted(r["reason"] for r in logged) == sorted(
+        ["malformed"] * 3 + ["empty_turn", "too_long", "not_a_conversation"])
+    dpo = summary["dpo"]["general"]["rejected"]
+    assert dpo["chosen_equals_rejected"] == 1 and dpo["malformed"] == 1 and set(dpo) <= {
+        "chosen_equals_rejected", "malformed", "too_long"}
+
+
+def test_csv_round_trip_keeps_text_and_turns_exactly(staged, glm):
+    root, summary = staged
+    originals = {}
+    for name, (_, make) in SFT_CORPORA.items():
+        for r in make():
+            originals[f"{name}:{r['id']}"] = r.get("messages")
+    rows = 0
+    for stage in ("general", "medical", "reasoning"):
+        for suffix in (".csv", ".val.csv"):
+            df = read_sft_csv(root / "data" / "sft" / f"{stage}{suffix}")
+            for _, row in df.iterrows():
+                messages = row_messages(row)
+                assert messages == originals[row["id"]]
+                assert row["answer"] == messages[-1]["content"]
+                assert row["system"] == (messages[0]["content"] if messages[0]["role"] == "system" else "")
+                assert row["n_tokens"] == len(glm.render_chat(messages).ids) <= 1024
+                assert row["source"] == row["id"].split(":")[0]
+                assert is_val(row["id"], 0.1) == (suffix == ".val.csv")
+                rows += 1
+    assert rows == sum(summary["sft"][s]["train"] + summary["sft"][s]["val"] for s in ("general", "medical", "reasoning"))
+    assert rows > 900
+    tricky = read_sft_csv(root / "data" / "sft" / "general.csv")
+    tricky = pd.concat([tricky, read_sft_csv(root / "data" / "sft" / "general.val.csv")])
+    assert "NA" in set(tricky["system"]) and "" in set(tricky["system"])
+
+
+def test_dpo_pairs_share_one_schema(staged):
+    root, summary = staged
+    assert set(summary["dpo"]) == {"medical", "general", "firefly_dpo"}   # a corpus without a stage uses its name
+    medical = summary["dpo"]["medical"]
+    assert medical["train"] + medical["val"] + sum(medical["rejected"].values()) == 100
+    for stage in summary["dpo"]:
+        for suffix in (".jsonl", ".val.jsonl"):
+            for r in read_dpo_jsonl(root / "data" / "dpo" / f"{stage}{suffix}"):
+                assert list(r) == ["id", "source", "prompt", "chosen", "rejected"]
+                assert r["prompt"][-1]["role"] == "user" and r["chosen"] != r["rejected"]
+                assert isinstance(r["chosen"], str) and isinstance(r["rejected"], str)
+    firefly = read_dpo_jsonl(root / "data" / "dpo" / "firefly_dpo.jsonl")
+    assert firefly[0]["prompt"] == [{"role": "user", "content": "how can i develop a habit of drawing daily"}]
+
+
+def test_rerun_keeps_finished_stages_and_redoes_changed_ones(staged):
+    root, summary = staged
+    csv = root / "data" / "sft" / "medical.csv"
+    mtime = csv.stat().st_mtime_ns
+    again = run(make_recipe(root), root / "dedup", root / "tokenizer", root / "data")
+    assert csv.stat().st_mtime_ns == mtime
+    assert again["sft"]["medical"]["train"] == summary["sft"]["medical"]["train"]
+    stricter = run(make_recipe(root, max_tokens=200), root / "dedup", root / "tokenizer", root / "data")
+    assert stricter["sft"]["medical"]["rejected"]["too_long"] > summary["sft"]["medical"]["rejected"].get("too_long", 0)
+    run(make_recipe(root), root / "dedup", root / "tokenizer", root / "data")   # restore for other tests
+
+
+def test_failure_mid_stage_leaves_no_partial_output(tmp_path, glm):
+    write_parts([{**r, "corpus": "minimind_sft"} for r in general_sft()], tmp_path / "dedup" / "minimind_sft")
+    (tmp_path / "dedup" / "medical_finetune").mkdir()
+    (tmp_path / "dedup" / "medical_finetune" / "part-00000.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd garbage")
+    glm.save(tmp_path / "tokenizer")
+    recipe = parse_recipe({"corpus": [
+        {"name": "minimind_sft", "reader": "jsonl", "paths": ["x"], "role": "sft", "stage": "medical"},
+        {"name": "medical_finetune", "reader": "jsonl", "paths": ["x"], "role": "sft", "stage": "medical"}]},
+        tmp_path)
+    with pytest.raises(Exception):
+        run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")
+    left = sorted(p.name for p in (tmp_path / "data" / "sft").iterdir())
+    assert "medical.csv" not in left and "medical.manifest.json" not in left
+    assert not [n for n in left if "tmp" in n]
+
+
+def test_sft_corpus_with_unknown_stage_is_an_error(tmp_path, glm):
+    glm.save(tmp_path / "tokenizer")
+    recipe = parse_recipe({"corpus": [{"name": "x", "reader": "jsonl", "paths": ["x"], "role": "sft",
+                                       "stage": "medicla"}]}, tmp_path)
+    with pytest.raises(ValueError, match="medicla"):
+        run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")
