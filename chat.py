@@ -63,10 +63,9 @@ def chat_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tupl
 
 
 def base_prompt(tokenizer, text: str, max_prompt_tokens: int) -> list[int]:
-    """A base model continues the text; a long text keeps its end."""
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    ids = tokenizer.encode(text)
-    return bos + ids[-(max_prompt_tokens - len(bos)):]
+    """A base model continues the text. Pretraining shards put end-of-text between documents (no BOS), so a
+    document start is what follows it; a long text keeps its end."""
+    return [tokenizer.eos_id] + tokenizer.encode(text)[-(max_prompt_tokens - 1):]
 
 
 def stream_reply(model, tokenizer, prompt_ids: list[int], sampling: Sampling, out) -> str:

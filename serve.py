@@ -478,7 +478,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         text = req.prompt_text()
         if not text:
             raise ApiError(400, "prompt must not be empty", param="prompt")
-        prompt_ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
+        prompt_ids = [tokenizer.eos_id] + tokenizer.encode(text)   # as chat.base_prompt: a document start
         job = make_job(req, prompt_ids, req.max_tokens)
         return await respond(request, req, job, chat=False)
 

@@ -1,0 +1,173 @@
+"""Export a checkpoint to a Hugging Face folder: `LlamaForCausalLM` (dense) or `MixtralForCausalLM` (MoE).
+
+    python export.py out/sft/medical/final hf/medical-26m
+    python export.py out/sft/medical_dialogue/final hf/dialogue --lora out/sft/medical_dialogue/adapter
+
+Then, anywhere `transformers` is installed:
+    tok = AutoTokenizer.from_pretrained("hf/medical-26m"); model = AutoModelForCausalLM.from_pretrained("hf/medical-26m")
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+
+Our parameter names already are LlamaForCausalLM's (and Mixtral's `block_sparse_moe.{gate,experts.j.w1/w2/w3}`),
+and RoPE uses HF's rotate_half layout, so the weights are copied as they are; a tied lm_head is stored once.
+The folder holds config.json, model.safetensors, generation_config.json, tokenizer.json (the SentencePiece model
+converted by transformers' own converter, then set to SentencePiece's exact behaviour: no dummy-prefix "▁", no
+BOS added) + tokenizer_config.json with the special tokens and the project's Jinja chat template, and the original
+tokenizer.model (for SentencePiece-based tools such as llama.cpp's converter).
+Differences from our Tokenizer: the HF tokenizer turns a literal "<|im_end|>" in text into the special token
+(that is how chat templates work there); ours keeps it text. tests/test_export.py checks logits (fp32, max abs
+difference < 1e-4), greedy generation, token ids on real Chinese text and the rendered chat template.
+The folder is written beside its destination and renamed into place, so it is complete or absent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from chat import load_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_CONFIG_NOISE = {"id2label", "label2id", "output_hidden_states", "output_attentions", "return_dict",
+                 "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "_name_or_path"}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def hf_config(cfg, tokenizer, chat: bool, dtype: torch.dtype) -> dict:
+    """config.json for LlamaForCausalLM (dense) or MixtralForCausalLM (MoE), from our ModelConfig."""
+    from transformers import LlamaConfig, MixtralConfig
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu",
+        attention_dropout=0.0, bos_token_id=tokenizer.bos_id, eos_token_id=eos_ids(tokenizer, chat),
+        pad_token_id=tokenizer.pad_id)
+    if cfg.n_experts:
+        if cfg.n_shared_experts:
+            raise ValueError("Mixtral has no shared experts: a model with n_shared_experts > 0 cannot be exported "
+                             "to the Mixtral layout without changing its outputs")
+        if cfg.n_experts_per_tok < 2:
+            raise ValueError("Mixtral renormalizes the top-k router weights, which for k=1 is the constant 1.0 "
+                             "while our k=1 keeps p (Switch): export would change the outputs")
+        config = MixtralConfig(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.n_experts_per_tok,
+                               router_aux_loss_coef=cfg.aux_loss_coef, sliding_window=None, **common)
+        config.architectures = ["MixtralForCausalLM"]
+    else:
+        config = LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+        config.architectures = ["LlamaForCausalLM"]
+    d = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_NOISE}
+    # older transformers read these two top-level keys (newer ones read rope_parameters / dtype)
+    d["rope_theta"] = cfg.rope_theta
+    d["torch_dtype"] = d["dtype"] = HF_DTYPE_NAMES[dtype]
+    return d
+
+
+def eos_ids(tokenizer, chat: bool) -> list[int] | int:
+    """A chat model's turn ends at <|im_end|> (and a document at end-of-text); a base model's at end-of-text."""
+    return tokenizer.stop_ids() if chat else tokenizer.eos_id
+
+
+def hf_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Our state dict under HF names (identical by construction); a tied lm_head is stored once, as HF does."""
+    state = {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    return state
+
+
+def export_tokenizer(tokenizer, out_dir: Path, chat: bool) -> None:
+    """tokenizer.json + tokenizer_config.json (+ chat_template.jinja, tokenizer.model) that AutoTokenizer loads
+    and that give our ids."""
+    from tokenizers import decoders, pre_tokenizers, processors
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        converted = LlamaTokenizer.from_pretrained(tmp, legacy=False)   # transformers' SentencePiece converter
+    backend = converted.backend_tokenizer
+    # our model has add_dummy_prefix off (tokenizer.prepare_model): no "▁" in front, none stripped on decode
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")   # no BOS: we train without
+    pieces = {name: tokenizer.id_to_piece(i) for name, i in tokenizer.special.items()}
+    eos = pieces["im_end"] if chat else pieces["eot"]
+    extra = [p for p in dict.fromkeys(pieces.values()) if p not in (eos, pieces["pad"])]
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=eos, pad_token=pieces["pad"], unk_token=tokenizer.id_to_piece(0),
+        bos_token=tokenizer.id_to_piece(tokenizer.bos_id) if tokenizer.bos_id is not None else None,
+        additional_special_tokens=extra, chat_template=tokenizer.meta_dict()["chat_template"],
+        clean_up_tokenization_spaces=False, model_max_length=None)
+    hf.save_pretrained(out_dir)
+    # tokenizer_config.json readable by transformers 4.x too: a class name both know, the list-valued field name
+    # 4.x expects, and the chat template inline (newer versions also read chat_template.jinja)
+    path = out_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.pop("extra_special_tokens", None)
+    config.pop("backend", None)
+    config.update(tokenizer_class="PreTrainedTokenizerFast", additional_special_tokens=extra,
+                  chat_template=tokenizer.meta_dict()["chat_template"], add_bos_token=False, add_eos_token=False)
+    path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "tokenizer.model").write_bytes(tokenizer.model_bytes)
+
+
+def generation_config(tokenizer, chat: bool) -> dict:
+    """The sampling defaults chat.py and serve.py use, so `model.generate(**inputs)` behaves alike."""
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos_ids(tokenizer, chat),
+            "pad_token_id": tokenizer.pad_id, "do_sample": True, "temperature": 0.7, "top_p": 0.9,
+            "repetition_penalty": 1.1}
+
+
+def export(ckpt_dir, out_dir, lora_dir=None, dtype: str = "fp32", overwrite: bool = False) -> Path:
+    """Write the HF folder for a checkpoint (LoRA merged in if given); -> out_dir."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
+    model, tokenizer, meta = load_model(ckpt_dir, lora_dir=lora_dir)
+    chat = bool(meta.get("chat", False))
+    torch_dtype = DTYPES[dtype]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        config = hf_config(model.config, tokenizer, chat, torch_dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(hf_state_dict(model, torch_dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(tokenizer, chat), indent=2) + "\n")
+        export_tokenizer(tokenizer, tmp, chat)
+        source = {"checkpoint": str(Path(ckpt_dir).resolve()), "lora": str(lora_dir) if lora_dir else None,
+                  "meta": {k: v for k, v in meta.items() if k != "files"}}
+        (tmp / "export_source.json").write_text(json.dumps(source, ensure_ascii=False, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Export a checkpoint to a Hugging Face transformers folder "
+                                            "(LlamaForCausalLM, or MixtralForCausalLM for MoE) with its tokenizer.")
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory (model.safetensors, config.json, tokenizer)")
+    p.add_argument("out_dir", type=Path, help="the folder to write (written beside and renamed into place)")
+    p.add_argument("--lora", type=Path, default=None, help="LoRA adapter directory to merge into the weights")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the exported weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty out_dir")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out_dir, lora_dir=args.lora, dtype=args.dtype, overwrite=args.overwrite)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"export.py: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
