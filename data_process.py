@@ -1,0 +1,95 @@
+"""Run the data pipeline from a recipe: corpora/ -> data/clean -> data/dedup -> data/tokenizer -> data/pretrain, data/sft, data/dpo.
+
+    python data_process.py                      # the default recipe on the embedded sample corpora, offline
+    python data_process.py --steps read         # only read + clean
+    python data_process.py --recipe my.toml --workers 8 --data-dir /big/data
+    python data_process.py inspect --help       # look inside token shards (data_process/inspect.py)
+
+The code lives in the package data_process/ beside this script (Python imports the package, not this file);
+this script only parses arguments. See README.md ("Data pipeline") and config/recipe.toml.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_RECIPE = ROOT / "config" / "recipe.toml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data_process.pipeline import STEPS
+
+    p = argparse.ArgumentParser(
+        prog="python data_process.py",
+        description="Turn raw corpora into cleaned, deduplicated, tokenized training data, as a recipe says. "
+                    "Steps: read (stream every corpus through its reader and the cleaner into "
+                    "data/clean/<corpus>/, rejects into data/rejects/<corpus>.jsonl), dedup (exact + MinHash "
+                    "near-duplicates across corpora, eval-set decontamination -> data/dedup/), tokenizer "
+                    "(train or load SentencePiece -> data/tokenizer/), tokenize (uint16 .bin + .idx shards -> "
+                    "data/pretrain/<corpus>/), stage (SFT CSVs -> data/sft/, DPO JSONL -> data/dpo/). "
+                    "Finished work is kept: re-running skips it. A summary goes to data/summary.json.",
+        epilog="Sub-command: `python data_process.py inspect ...` looks inside token shards "
+               "(see `python data_process.py inspect --help`). Exit status: 0 on success, 1 when nothing at all "
+               "could be read, 2 on a bad recipe or arguments.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--recipe", type=Path, default=None,
+                   help=f"recipe TOML (default: {DEFAULT_RECIPE.relative_to(ROOT)}, whose globs point at the "
+                        "embedded samples under corpora/). Paths in a recipe are relative to the current directory; "
+                        "the default recipe's are relative to the project root.")
+    p.add_argument("--steps", default=",".join(STEPS),
+                   help=f"comma-separated steps to run, in pipeline order (default: all: {','.join(STEPS)})")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for the read step (default: the recipe's [run] workers)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="output folder (default: the recipe's [run] data_dir, normally data/)")
+    p.add_argument("--force", action="store_true",
+                   help="redo the read step even for corpora whose manifest says they are done")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--list-readers", action="store_true", help="list the corpus readers a recipe can name, and exit")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "inspect":
+        from data_process import inspect
+        return inspect.main(argv[1:])
+
+    args = build_parser().parse_args(argv)
+    from data_process.pipeline import NothingReadError, run
+    from data_process.readers import READERS
+    from data_process.recipe import RecipeError, load_recipe
+
+    if args.list_readers:
+        for name, fn in READERS.items():
+            print(f"{name:24s} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+        return 0
+    try:
+        if args.recipe is None:
+            recipe = load_recipe(DEFAULT_RECIPE, root=ROOT)
+        else:
+            recipe = load_recipe(args.recipe, root=Path.cwd())
+    except (RecipeError, OSError) as e:
+        print(f"error: bad recipe: {e}", file=sys.stderr)
+        return 2
+    if args.data_dir is not None:
+        recipe.data_dir = args.data_dir.resolve()
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    try:
+        summary = run(recipe, steps=steps, workers=args.workers, force=args.force, progress=not args.no_progress)
+    except NothingReadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    timings = ", ".join(f"{step} {result.get('seconds', 0):.1f}s" for step, result in summary.items())
+    print(f"summary: {recipe.data_dir / 'summary.json'} ({timings})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

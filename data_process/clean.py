@@ -1,0 +1,252 @@
+"""Cleaning and filtering, per record kind. Fast (regexes and str methods only), and it never rewrites words.
+
+`clean_record(record, settings, lang, stats) -> reason | None` cleans a record in place and returns None when
+it is kept, or the reason it is dropped ("too_short", "too_long", "low_zh_ratio", "empty_message",
+"chosen_equals_rejected"). `stats` (a Counter) counts what every filter changed or dropped.
+
+What it does, and why:
+- Unicode NFKC, except the characters where NFKC loses meaning in Chinese medical text: full-width Chinese
+  punctuation (，。：；！？（） would become ASCII, changing how Chinese text reads and tokenizes), the
+  ellipsis …, superscripts/subscripts (10⁹/L must not become 109/L, m² not m2) and circled numbers ①②.
+  Full-width letters and digits (ＣＴ１２) do become ASCII, and compatibility ideographs their unified form.
+- Control characters, zero-width characters and the BOM are removed; \\r\\n and \\r become \\n.
+- Documents: runs of spaces/tabs inside a line become one space, lines are stripped, 3+ newlines become 2,
+  runs of one punctuation mark longer than `max_punct_repeat` are shortened ("！！！！！" -> "！！！"),
+  and obvious web boilerplate lines (copyright, "点击阅读全文", "扫一扫关注") are dropped.
+  Conversations and preference pairs keep their inner spacing and punctuation runs (code, markdown tables).
+- Filters: min/max characters, and for lang="zh" the share of Han characters among Han + Latin letters.
+Unlike baby-llama2-chinese's punctuation cleaner (which turned "blood pressure" into "blood，presure"),
+nothing here touches letters or the spaces between English words.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import unicodedata
+from collections import Counter
+
+from data_process.recipe import CleanConfig
+
+# ---------------------------------------------------------------- NFKC, minus what it would corrupt
+
+
+def _keep_as_is(ch: str) -> bool:
+    cp = ord(ch)
+    if 0xFF01 <= cp <= 0xFF65:  # full-width forms: keep punctuation, convert letters and digits
+        return not ch.isalnum()
+    if 0x2070 <= cp <= 0x209F or ch in "\u00b2\u00b3\u00b9":  # superscripts and subscripts
+        return True
+    if 0x2460 <= cp <= 0x24FF or 0x3251 <= cp <= 0x32BF:  # circled numbers and letters
+        return True
+    return ch in "\u2026\u2025\u3000"  # … ‥ and the ideographic space (handled as whitespace below)
+
+
+def _build_nfkc_table() -> dict[str, str]:
+    table = {}
+    for cp in range(sys.maxunicode + 1):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        ch = chr(cp)
+        norm = unicodedata.normalize("NFKC", ch)
+        if norm != ch and not _keep_as_is(ch) and unicodedata.combining(ch) == 0:
+            table[ch] = norm
+    return table
+
+
+def _char_class(chars) -> str:
+    """A regex character class for a set of characters, written as ranges."""
+    cps = sorted(ord(c) for c in chars)
+    ranges, start, prev = [], cps[0], cps[0]
+    for cp in cps[1:]:
+        if cp != prev + 1:
+            ranges.append((start, prev))
+            start = cp
+        prev = cp
+    ranges.append((start, prev))
+    return "[" + "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges) + "]"
+
+
+NFKC_TABLE = _build_nfkc_table()
+# Two classes: sre matches a BMP-only class through a bitmap (~350 MB/s) but a class with astral ranges through
+# a range list (~8 MB/s), so astral characters are looked for only when the text has any.
+NFKC_BMP = re.compile(_char_class(c for c in NFKC_TABLE if ord(c) < 0x10000))
+NFKC_ASTRAL = re.compile(_char_class(c for c in NFKC_TABLE if ord(c) >= 0x10000))
+ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+
+
+def _nfkc_char(m: re.Match) -> str:
+    return NFKC_TABLE[m.group()]
+
+
+def nfkc_safe(text: str) -> str:
+    """NFKC per character except the kept set above, then NFC so combining sequences compose."""
+    text = NFKC_BMP.sub(_nfkc_char, text)
+    if ASTRAL.search(text) is not None:
+        text = NFKC_ASTRAL.sub(_nfkc_char, text)
+    if not text.isascii() and not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    return text
+
+
+# ---------------------------------------------------------------- characters and whitespace
+
+# C0 (except \t \n \r), DEL, C1, zero-width space/joiners, word joiner, BOM, interlinear annotation, specials
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff\ufff9-\ufffb]")
+H_SPACE = re.compile("[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
+ODD_SPACE = re.compile("[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+MANY_NEWLINES = re.compile(r"\n{3,}")
+TRAILING_SPACE = re.compile(r"[ \t]+\n")
+PUNCT = "!?,.;:~\\-=*#_·。，！？、；：～—…．"
+
+
+def punct_run_regex(max_repeat: int) -> re.Pattern:
+    return re.compile(f"([{re.escape(PUNCT)}])\\1{{{max_repeat},}}")
+
+
+# Whole lines that are web-page furniture, not content. Deliberately narrow: a line is dropped only when it is
+# short and matches, so a sentence that merely mentions 版权 stays.
+BOILERPLATE = re.compile(
+    r"版权所有|版权声明|免责声明|转载请注明|未经授权|点击(查看|阅读|进入|这里|下载)|阅读全文|阅读原文|扫一扫|扫码关注|"
+    r"关注(我们|公众号|微信)|上一篇|下一篇|返回(首页|顶部)|责任编辑|分享到|相关阅读|热门推荐|ICP备|Copyright|"
+    r"All rights reserved|Powered by",
+    re.I,
+)
+BOILERPLATE_MAX_LINE = 50
+# A cheap pre-test: this alternation of literals scans at ~900 MB/s, the full pattern at ~40 MB/s.
+BOILERPLATE_WORDS = re.compile("|".join(map(re.escape, ("版权", "声明", "转载", "未经授权", "点击", "阅读", "扫一扫", "扫码", "关注", "上一篇", "下一篇", "返回",
+                     "责任编辑", "分享到", "热门推荐", "ICP备", "opyright", "OPYRIGHT", "ights reserved",
+                     "IGHTS RESERVED", "owered by", "OWERED BY"))))
+
+
+def drop_boilerplate_lines(text: str, stats: Counter) -> str:
+    """Drop whole lines that are web-page furniture: short (<= 50 chars) and naming copyright, "read more",
+    "follow us", next/previous article... Deliberately narrow: a long sentence that mentions 版权 stays."""
+    if BOILERPLATE_WORDS.search(text) is None:
+        return text
+    lines = text.split("\n")
+    kept = [line for line in lines if len(line) > BOILERPLATE_MAX_LINE or BOILERPLATE.search(line) is None]
+    if len(kept) == len(lines):
+        return text
+    stats["boilerplate_lines_dropped"] += len(lines) - len(kept)
+    return "\n".join(kept)
+
+
+LATIN_BYTES = bytes(range(65, 91)) + bytes(range(97, 123))
+HAN_LEAD_BYTES = bytes(range(0xE4, 0xEA))
+
+
+def zh_ratio(text: str) -> float:
+    """Han characters / (Han characters + Latin letters); 0 when there are neither.
+    Counted on the UTF-8 bytes: U+4000..U+9FFF (CJK Unified Ideographs and most of Extension A) are exactly the
+    3-byte sequences led by 0xE4..0xE9, which bytes.translate counts at memory speed (a regex runs at ~25 MB/s)."""
+    data = text.encode("utf-8", "surrogatepass")
+    han = len(data) - len(data.translate(None, HAN_LEAD_BYTES))
+    if han == 0:
+        return 0.0
+    latin = len(data) - len(data.translate(None, LATIN_BYTES))
+    return han / (han + latin)
+
+
+def clean_text(text: str, settings: CleanConfig, stats: Counter, punct_run: re.Pattern | None = None) -> str:
+    """Full cleaning for pretraining documents."""
+    if settings.nfkc:
+        text = nfkc_safe(text)
+    if CONTROL.search(text):
+        stats["control_chars_removed"] += 1
+        text = CONTROL.sub("", text)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = H_SPACE.sub(" ", text) if ("  " in text or ODD_SPACE.search(text)) else text
+    if " \n" in text or "\n " in text:
+        text = "\n".join(line.strip() for line in text.split("\n"))
+    if "\n\n\n" in text:
+        text = MANY_NEWLINES.sub("\n\n", text)
+    if punct_run is not None and punct_run.search(text) is not None:
+        text, n = punct_run.subn(lambda m: m.group(1) * settings.max_punct_repeat, text)
+        if n:
+            stats["punct_runs_shortened"] += n
+    if settings.boilerplate:
+        text = drop_boilerplate_lines(text, stats)
+    return text.strip()
+
+
+def clean_message(text: str, settings: CleanConfig, stats: Counter) -> str:
+    """Light cleaning for conversation turns and answers: keeps inner spacing (code, tables) and punctuation."""
+    if settings.nfkc:
+        text = nfkc_safe(text)
+    if CONTROL.search(text):
+        stats["control_chars_removed"] += 1
+        text = CONTROL.sub("", text)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if ODD_SPACE.search(text):
+        text = ODD_SPACE.sub(lambda m: "    " if m.group() == "\t" else " ", text)
+    if " \n" in text:
+        text = TRAILING_SPACE.sub("\n", text)
+    return text.strip()
+
+
+def _length_and_lang(text: str, settings: CleanConfig, lang: str) -> str | None:
+    n = len(text)
+    if n < settings.min_chars:
+        return "too_short"
+    if n > settings.max_chars:
+        return "too_long"
+    if lang == "zh" and settings.min_zh_ratio > 0 and zh_ratio(text) < settings.min_zh_ratio:
+        return "low_zh_ratio"
+    return None
+
+
+class Cleaner:
+    """Cleans records of one corpus (its settings and language fixed); `clean(record) -> drop reason | None`."""
+
+    def __init__(self, settings: CleanConfig, lang: str):
+        self.settings, self.lang = settings, lang
+        self.stats: Counter = Counter()
+        self.punct_run = punct_run_regex(settings.max_punct_repeat) if settings.max_punct_repeat > 0 else None
+
+    def clean(self, record: dict) -> str | None:
+        # Absurdly long input is rejected before any regex runs over it.
+        kind = record["kind"]
+        s = self.settings
+        if kind == "doc":
+            if len(record["text"]) > s.max_chars * 2:
+                return "too_long"
+            record["text"] = clean_text(record["text"], s, self.stats, self.punct_run)
+            if "title" in record:
+                record["title"] = clean_message(record["title"], s, self.stats)
+            return _length_and_lang(record["text"], s, self.lang)
+        if kind == "conv":
+            for m in record["messages"]:
+                if len(m["content"]) > s.max_chars * 2:
+                    return "too_long"
+                m["content"] = clean_message(m["content"], s, self.stats)
+                if not m["content"] and m["role"] != "system":
+                    return "empty_message"
+            record["messages"] = [m for m in record["messages"] if m["content"]]
+            return _length_and_lang("\n".join(m["content"] for m in record["messages"]), s, self.lang)
+        if kind == "pref":
+            if len(record["chosen"]) + len(record["rejected"]) > s.max_chars * 2:
+                return "too_long"
+            for m in record["prompt"]:
+                m["content"] = clean_message(m["content"], s, self.stats)
+                if not m["content"] and m["role"] != "system":
+                    return "empty_message"
+            record["prompt"] = [m for m in record["prompt"] if m["content"]]
+            record["chosen"] = clean_message(record["chosen"], s, self.stats)
+            record["rejected"] = clean_message(record["rejected"], s, self.stats)
+            if not record["chosen"] or not record["rejected"]:
+                return "empty_message"
+            if record["chosen"] == record["rejected"]:
+                return "chosen_equals_rejected"
+            prompt_text = "\n".join(m["content"] for m in record["prompt"])
+            return _length_and_lang(prompt_text + "\n" + record["chosen"], s, self.lang)
+        raise ValueError(f"unknown record kind {kind!r}")
+
+
+def clean_record(record: dict, settings: CleanConfig, lang: str, stats: Counter) -> str | None:
+    """One-off form of Cleaner.clean (the pipeline keeps a Cleaner per corpus)."""
+    cleaner = Cleaner(settings, lang)
+    reason = cleaner.clean(record)
+    stats.update(cleaner.stats)
+    return reason

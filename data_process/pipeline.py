@@ -1,0 +1,474 @@
+"""The pipeline runner: read -> dedup -> tokenizer -> tokenize -> stage, driven by a recipe.
+
+`run(recipe, steps, workers, force)` runs the named steps in order and writes `data/summary.json` (one section per
+step). This module implements the `read` step; the later steps are the contract functions of CONTRACTS.md
+("Pipeline steps"), imported lazily so `--steps read` works on its own.
+
+The read step, per corpus:
+- plans work units: one per file, and big uncompressed line-based files cut into `chunk_bytes` byte ranges at
+  line boundaries (so one 5 GB JSONL uses every worker). Units depend only on the inputs and `chunk_bytes`,
+  never on the worker count, which makes the output identical whatever `--workers` is;
+- runs the units in a process pool: each streams its records through the reader and the cleaner and writes
+  `unit-NNNNN.jsonl.zst`, its rejects and its counts into a staging folder (each file atomically, counts last);
+- when all units of a corpus are done, moves them into `data/clean/<corpus>/part-NNNNN.jsonl.zst`, writes
+  `data/rejects/<corpus>.jsonl`, and writes `manifest.json` last, with a fingerprint of the inputs (name,
+  size, mtime), the settings and the reader/cleaner code. A manifest with a matching fingerprint means the
+  corpus is done and is skipped; a killed run resumes from the units it finished.
+Accounting: every upstream record read becomes exactly one of kept or rejected (by reason), per corpus.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import zstandard
+
+from data_process import clean as clean_mod
+from data_process import readers as readers_mod
+from data_process.readers import READERS, Reject
+from data_process.recipe import CleanConfig, CorpusSpec, Recipe, resolve_paths
+
+STEPS = ("read", "dedup", "tokenizer", "tokenize", "stage")
+CHUNK_BYTES = 32 << 20        # byte range per work unit for big line-based files
+REJECT_DETAIL_CHARS = 200
+
+
+class NothingReadError(RuntimeError):
+    """No record at all could be read from any corpus of the recipe."""
+
+
+@dataclass
+class Unit:
+    corpus: str
+    index: int                 # position of the unit in the corpus: part order
+    path: str                  # absolute input path
+    src: str                   # input path relative to the project root (record ids, rejects)
+    span: tuple | None         # (start, end, first_line) or None for the whole file
+    size: int                  # bytes of input this unit covers
+
+
+# ---------------------------------------------------------------- planning
+
+
+def source_name(recipe: Recipe, path: Path) -> str:
+    try:
+        return path.resolve().relative_to(recipe.root.resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
+
+
+def line_spans(path: Path, chunk_bytes: int) -> list[tuple[int, int, int]]:
+    """Cut a file into byte ranges of about chunk_bytes that end at a newline: (start, end, first line number)."""
+    spans, start, first_line = [], 0, 1
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            if not block:
+                break
+            rest = f.readline() if len(block) == chunk_bytes and not block.endswith(b"\n") else b""
+            end = start + len(block) + len(rest)
+            spans.append((start, end, first_line))
+            first_line += block.count(b"\n") + rest.count(b"\n")
+            start = end
+    return spans
+
+
+def plan_units(recipe: Recipe, spec: CorpusSpec, files: list[Path], chunk_bytes: int) -> list[Unit]:
+    units = []
+    for path in files:
+        size = path.stat().st_size
+        src = source_name(recipe, path)
+        if size > chunk_bytes and readers_mod.splittable(spec.reader, path):
+            for span in line_spans(path, chunk_bytes):
+                units.append(Unit(spec.name, len(units), str(path), src, span, span[1] - span[0]))
+        else:
+            units.append(Unit(spec.name, len(units), str(path), src, None, size))
+    return units
+
+
+def code_version() -> str:
+    """Hash of the reader and cleaner source: changing either invalidates finished corpora."""
+    h = hashlib.sha256()
+    for mod in (readers_mod, clean_mod):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(recipe: Recipe, spec: CorpusSpec, files: list[Path], chunk_bytes: int) -> str:
+    inputs = [(source_name(recipe, p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    settings = {"reader": spec.reader, "lang": spec.lang, "clean": dataclasses.asdict(spec.clean),
+                "chunk_bytes": chunk_bytes, "code": code_version(), "inputs": inputs}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- one work unit (runs in a worker process)
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def reject_entry(src: str, where: dict, reason: str, detail: str) -> dict:
+    return {"file": src, **where, "reason": reason, "detail": detail[:REJECT_DETAIL_CHARS]}
+
+
+def _record_preview(record: dict) -> str:
+    if record["kind"] == "doc":
+        return record["text"][:REJECT_DETAIL_CHARS]
+    if record["kind"] == "conv":
+        return " | ".join(m["content"][:80] for m in record["messages"])[:REJECT_DETAIL_CHARS]
+    return (record["prompt"][-1]["content"][:100] if record["prompt"] else "") + " | " + record["chosen"][:90]
+
+
+def run_unit(unit: Unit, reader: str, lang: str, settings: CleanConfig, staging: str) -> dict:
+    """Read + clean one unit into staging/unit-NNNNN.{jsonl.zst, rejects.jsonl, json}; returns the counts."""
+    t0 = time.time()
+    staging = Path(staging)
+    stem = f"unit-{unit.index:05d}"
+    out_path, rej_path = staging / f"{stem}.jsonl.zst", staging / f"{stem}.rejects.jsonl"
+    tmp_out = staging / f".{stem}.jsonl.zst.tmp-{os.getpid()}"
+    cleaner = clean_mod.Cleaner(settings, lang)
+    read_fn = READERS[reader]
+    counts = {"read": 0, "kept": 0, "rejected": Counter(), "kinds": Counter(), "chars": 0}
+    rejects = []
+    span = tuple(unit.span) if unit.span else None
+    with open(tmp_out, "wb") as raw:
+        writer = zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
+        buf = []
+        for item in read_fn(Path(unit.path), unit.src, span):
+            counts["read"] += 1
+            if isinstance(item, Reject):
+                counts["rejected"][item.reason] += 1
+                rejects.append(reject_entry(unit.src, item.where, item.reason, item.detail))
+                continue
+            reason = cleaner.clean(item)
+            if reason is not None:
+                counts["rejected"][reason] += 1
+                rejects.append(reject_entry(unit.src, {"id": item["id"]}, reason, _record_preview(item)))
+                continue
+            item["corpus"] = unit.corpus
+            counts["kept"] += 1
+            counts["kinds"][item["kind"]] += 1
+            if item["kind"] == "doc":
+                counts["chars"] += len(item["text"])
+            buf.append(orjson.dumps(item))
+            if len(buf) >= 256:
+                writer.write(b"\n".join(buf) + b"\n")
+                buf.clear()
+        if buf:
+            writer.write(b"\n".join(buf) + b"\n")
+        writer.flush(zstandard.FLUSH_FRAME)
+        writer.close()
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp_out, out_path)
+    _atomic_bytes(rej_path, b"".join(orjson.dumps(r) + b"\n" for r in rejects))
+    result = {"corpus": unit.corpus, "index": unit.index, "src": unit.src, "size": unit.size, "read": counts["read"],
+              "kept": counts["kept"], "rejected": dict(counts["rejected"]), "kinds": dict(counts["kinds"]),
+              "chars": counts["chars"], "clean": dict(cleaner.stats), "seconds": round(time.time() - t0, 3)}
+    _atomic_bytes(staging / f"{stem}.json", orjson.dumps(result))  # written last: the unit is done
+    return result
+
+
+def _run_unit_task(task) -> dict:
+    return run_unit(*task)
+
+
+def load_done_unit(staging: Path, index: int) -> dict | None:
+    stem = f"unit-{index:05d}"
+    counts = staging / f"{stem}.json"
+    if counts.exists() and (staging / f"{stem}.jsonl.zst").exists() and (staging / f"{stem}.rejects.jsonl").exists():
+        try:
+            return orjson.loads(counts.read_bytes())
+        except orjson.JSONDecodeError:
+            return None
+    return None
+
+
+# ---------------------------------------------------------------- per corpus
+
+
+@dataclass
+class CorpusJob:
+    spec: CorpusSpec
+    files: list[Path]
+    units: list[Unit]
+    fingerprint: str
+    out_dir: Path
+    staging: Path
+    results: dict              # unit index -> counts
+    t0: float
+    chunk_bytes: int
+
+
+def manifest_path(out_dir: Path) -> Path:
+    return out_dir / "manifest.json"
+
+
+def finished_manifest(out_dir: Path, fp: str) -> dict | None:
+    path = manifest_path(out_dir)
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if manifest.get("fingerprint") != fp:
+        return None
+    if not all((out_dir / p).exists() for p in manifest.get("parts", [])):
+        return None
+    return manifest
+
+
+def corpus_counts(spec: CorpusSpec, files: list[Path], results: list[dict]) -> dict:
+    rejected = Counter()
+    kinds, clean_stats = Counter(), Counter()
+    for r in results:
+        rejected.update(r["rejected"])
+        kinds.update(r["kinds"])
+        clean_stats.update(r["clean"])
+    counts = {
+        "files": len(files),
+        "bytes": sum(r["size"] for r in results),
+        "read": sum(r["read"] for r in results),
+        "kept": sum(r["kept"] for r in results),
+        "rejected": sum(rejected.values()),
+        "rejected_by_reason": dict(sorted(rejected.items())),
+        "kinds": dict(sorted(kinds.items())),
+        "chars": sum(r["chars"] for r in results),
+        "clean": dict(sorted(clean_stats.items())),
+    }
+    assert counts["kept"] + counts["rejected"] == counts["read"], f"accounting broken for {spec.name}"
+    return counts
+
+
+def source_name_abs(path: Path, units: list[Unit]) -> str:
+    return next((u.src for u in units if u.path == str(path)), str(path))
+
+
+def finalize_corpus(job: CorpusJob, rejects_dir: Path) -> dict:
+    """Move the finished units into place as parts, write rejects, then the manifest (last)."""
+    out_dir, staging = job.out_dir, job.staging
+    results = [job.results[u.index] for u in job.units]
+    manifest_path(out_dir).unlink(missing_ok=True)
+    for old in out_dir.glob("part-*.jsonl.zst"):
+        old.unlink()
+    parts = []
+    for r in results:
+        src = staging / f"unit-{r['index']:05d}.jsonl.zst"
+        if r["kept"] == 0:
+            continue
+        name = f"part-{len(parts):05d}.jsonl.zst"
+        os.replace(src, out_dir / name)
+        parts.append(name)
+    rejects_dir.mkdir(parents=True, exist_ok=True)
+    rej_path = rejects_dir / f"{job.spec.name}.jsonl"
+    tmp = rej_path.with_name(f".{rej_path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as out:
+        for r in results:
+            with open(staging / f"unit-{r['index']:05d}.rejects.jsonl", "rb") as f:
+                shutil.copyfileobj(f, out)
+    os.replace(tmp, rej_path)
+    counts = corpus_counts(job.spec, job.files, results)
+    spec = job.spec
+    manifest = {
+        "corpus": spec.name, "reader": spec.reader, "lang": spec.lang, "role": spec.role, "stage": spec.stage,
+        "priority": spec.priority, "fingerprint": job.fingerprint, "parts": parts,
+        "inputs": [{"path": source_name_abs(p, job.units), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+                   for p in job.files],
+        "settings": {"clean": dataclasses.asdict(spec.clean), "chunk_bytes": job.chunk_bytes, "code": code_version()},
+        "counts": counts,
+    }
+    _atomic_bytes(manifest_path(out_dir), json.dumps(manifest, ensure_ascii=False, indent=1).encode())
+    shutil.rmtree(staging, ignore_errors=True)
+    return counts
+
+
+# ---------------------------------------------------------------- the read step
+
+
+def read_step(recipe: Recipe, workers: int | None = None, force: bool = False, chunk_bytes: int = CHUNK_BYTES,
+              progress: bool = True) -> dict:
+    """Read and clean every corpus of the recipe into data/clean/<corpus>/; returns the per-corpus counts."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    workers = max(1, workers or recipe.run.workers)
+    clean_root, rejects_dir = recipe.data_dir / "clean", recipe.data_dir / "rejects"
+    report: dict[str, dict] = {}
+    jobs: list[CorpusJob] = []
+    for spec in recipe.corpora:
+        if spec.reader not in READERS:
+            raise ValueError(f"corpus {spec.name}: unknown reader {spec.reader!r}; known: {sorted(READERS)}")
+        files = resolve_paths(recipe, spec.paths)
+        out_dir = clean_root / spec.name
+        fp = fingerprint(recipe, spec, files, chunk_bytes)
+        if force:
+            manifest_path(out_dir).unlink(missing_ok=True)
+        done = finished_manifest(out_dir, fp)
+        if done is not None:
+            report[spec.name] = {**done["counts"], "skipped": True}
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = out_dir / f".staging-{fp[:16]}"
+        for stale in out_dir.glob(".staging-*"):
+            if stale != staging or force:
+                shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir(exist_ok=True)
+        for tmp in staging.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+        units = plan_units(recipe, spec, files, chunk_bytes)
+        results = {u.index: r for u in units if (r := load_done_unit(staging, u.index)) is not None}
+        jobs.append(CorpusJob(spec, files, units, fp, out_dir, staging, results, time.time(), chunk_bytes))
+
+    tasks = [(u, job.spec.reader, job.spec.lang, job.spec.clean, str(job.staging))
+             for job in jobs for u in job.units if u.index not in job.results]
+    by_name = {job.spec.name: job for job in jobs}
+    total_bytes = sum(t[0].size for t in tasks)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="read+clean", disable=not progress or not tasks,
+               file=sys.stderr)
+
+    def finish_ready():
+        for job in jobs:
+            if job.spec.name not in report and len(job.results) == len(job.units):
+                report[job.spec.name] = {**finalize_corpus(job, rejects_dir), "skipped": False}
+
+    finish_ready()  # corpora whose units were all done by a killed run, and empty corpora
+    if tasks:
+        if workers == 1 or len(tasks) == 1:
+            results_iter = map(_run_unit_task, tasks)
+            pool = None
+        else:
+            # Biggest units first so one large file does not start last and leave a core idle.
+            order = sorted(tasks, key=lambda t: -t[0].size)
+            pool = mp.get_context("fork").Pool(min(workers, len(tasks)))
+            results_iter = pool.imap_unordered(_run_unit_task, order, chunksize=1)
+        try:
+            for result in results_iter:
+                job = by_name[result["corpus"]]
+                job.results[result["index"]] = result
+                bar.update(result["size"])
+                finish_ready()
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+    bar.close()
+    ordered = {spec.name: report[spec.name] for spec in recipe.corpora}
+    totals = {k: sum(c[k] for c in ordered.values()) for k in ("files", "bytes", "read", "kept", "rejected")}
+    seconds = time.time() - t0
+    return {"corpora": ordered, "totals": totals, "seconds": round(seconds, 3), "workers": workers}
+
+
+# ---------------------------------------------------------------- summary
+
+
+def format_read_table(read: dict) -> str:
+    rows = [("corpus", "files", "MB", "read", "kept", "rejected", "rejected by reason")]
+    for name, c in read["corpora"].items():
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(c["rejected_by_reason"].items(), key=lambda kv: -kv[1]))
+        rows.append((name + (" (done)" if c.get("skipped") else ""), str(c["files"]), f"{c['bytes'] / 1e6:.2f}",
+                     str(c["read"]), str(c["kept"]), str(c["rejected"]), reasons or "-"))
+    t = read["totals"]
+    rows.append(("TOTAL", str(t["files"]), f"{t['bytes'] / 1e6:.2f}", str(t["read"]), str(t["kept"]),
+                 str(t["rejected"]), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append("  ".join(r[j].ljust(widths[j]) if j == 0 else r[j].rjust(widths[j]) for j in range(6))
+                     + "  " + r[6])
+        if i == 0 or i == len(rows) - 2:
+            lines.append("-" * (sum(widths) + 2 * 6 + 18))
+    return "\n".join(lines)
+
+
+def write_summary(data_dir: Path, section: str, value: dict) -> Path:
+    """Merge one step's section into data/summary.json (atomic)."""
+    path = data_dir / "summary.json"
+    summary = {}
+    if path.exists():
+        try:
+            summary = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            summary = {}
+    summary[section] = value
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_bytes(path, json.dumps(summary, ensure_ascii=False, indent=1, default=str).encode())
+    return path
+
+
+# ---------------------------------------------------------------- all steps
+
+
+def docs_root_for(recipe: Recipe, steps: list[str]) -> Path:
+    """data/dedup when dedup runs now or ran before, else data/clean (CONTRACTS.md)."""
+    dedup_dir = recipe.data_dir / "dedup"
+    if "dedup" in steps or (dedup_dir / "report.json").exists():
+        return dedup_dir
+    return recipe.data_dir / "clean"
+
+
+def run(recipe: Recipe, steps=STEPS, workers: int | None = None, force: bool = False, progress: bool = True,
+        chunk_bytes: int = CHUNK_BYTES) -> dict:
+    """Run the named steps in pipeline order; returns the summary (also in data/summary.json)."""
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise ValueError(f"unknown step(s) {unknown}; steps are {list(STEPS)}")
+    steps = [s for s in STEPS if s in steps]
+    data_dir = recipe.data_dir
+    tokenizer_dir = data_dir / "tokenizer"
+    docs_root = docs_root_for(recipe, steps)
+    summary = {}
+    for step in steps:
+        t0 = time.time()
+        if step == "read":
+            result = read_step(recipe, workers=workers, force=force, chunk_bytes=chunk_bytes, progress=progress)
+            print(format_read_table(result))
+            if result["totals"]["kept"] == 0:
+                write_summary(data_dir, "read", result)
+                raise NothingReadError(_nothing_read_message(recipe, result))
+        elif step == "dedup":
+            from data_process import dedup
+            result = dedup.run(recipe, data_dir / "clean", data_dir / "dedup")
+        elif step == "tokenizer":
+            import tokenizer
+            result = {"tokenizer": str(tokenizer.train_tokenizer(recipe, docs_root, tokenizer_dir))}
+        elif step == "tokenize":
+            from data_process import tokenize
+            result = tokenize.run(recipe, docs_root, tokenizer_dir, data_dir / "pretrain")
+        else:
+            from data_process import stage
+            result = stage.run(recipe, docs_root, tokenizer_dir, data_dir)
+        if not isinstance(result, dict):
+            result = {"result": result}
+        result.setdefault("seconds", round(time.time() - t0, 3))
+        summary[step] = result
+        write_summary(data_dir, step, result)
+    return summary
+
+
+def _nothing_read_message(recipe: Recipe, result: dict) -> str:
+    lines = ["nothing at all could be read: no corpus yielded a single usable record."]
+    for spec in recipe.corpora:
+        c = result["corpora"][spec.name]
+        if c["files"] == 0:
+            lines.append(f"  {spec.name}: no file matches {spec.paths} under {recipe.root}")
+        else:
+            lines.append(f"  {spec.name}: {c['files']} file(s), {c['read']} read, all rejected "
+                         f"({c['rejected_by_reason']}); see {recipe.data_dir / 'rejects' / (spec.name + '.jsonl')}")
+    return "\n".join(lines)

@@ -1,0 +1,621 @@
+"""One streaming reader per upstream corpus format (the table in DESIGN.md), plus the odd variants real files have.
+
+A reader is `read(path, src, span=None) -> Iterator[dict | Reject]`: it streams one file (never loading it
+whole: JSON arrays are parsed incrementally with ijson's C backend) and yields, per upstream record, either
+records in the CONTRACTS.md format without "corpus" (the pipeline stamps it) or a `Reject` naming the file,
+line/item/offset and reason. `src` is the file's name relative to the project root and prefixes the record ids.
+`span=(start, end, first_line)` restricts a line-based, uncompressed file to a byte range that starts at a line
+boundary, so one big JSONL file is read by several processes (`LINE_READERS` says which readers allow this).
+
+Compression is by file name: `.gz` (gzip) and `.zst` (zstandard); a truncated compressed file yields the records
+before the cut and one "truncated" reject. The registry `READERS` maps the recipe's `reader` names to functions.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import ijson
+import orjson
+import zstandard
+
+try:  # the C backend is ~10x faster than pure Python; fall back where the wheel lacks it
+    IJSON = ijson.get_backend("yajl2_c")
+except ImportError:  # pragma: no cover
+    IJSON = ijson
+
+READ_BLOCK = 1 << 20
+
+
+@dataclass
+class Reject:
+    reason: str                       # bad_json, bad_utf8, bad_encoding, missing_field, wrong_type, empty, truncated, ...
+    where: dict = field(default_factory=dict)   # {"line": n} | {"item": i} | {"offset": byte} | {"row": i}
+    detail: str = ""
+
+
+class BadRecord(Exception):
+    """Raised by a converter for one malformed upstream record; becomes a Reject."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+# ---------------------------------------------------------------- opening files
+
+
+class _ZstdRaw(io.RawIOBase):
+    """zstd decompression that notices truncation (zstandard's stream_reader returns short data silently)."""
+
+    def __init__(self, f):
+        self._f = f
+        self._dctx = zstandard.ZstdDecompressor()
+        self._d = self._dctx.decompressobj()
+        self._buf = b""
+        self._in_frame = False
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        while not self._buf:
+            chunk = self._f.read(READ_BLOCK)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("zstd stream ended before the end of its frame (truncated file)")
+                return 0
+            self._buf = self._decompress(chunk)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            self._in_frame = True
+            out.append(self._d.decompress(chunk))
+            if self._d.eof:  # a frame ended; concatenated frames continue in unused_data
+                self._in_frame = False
+                chunk = self._d.unused_data
+                self._d = self._dctx.decompressobj()
+            else:
+                chunk = b""
+        return b"".join(out)
+
+    def tell(self):  # compressed offset, for reject locations
+        return self._f.tell()
+
+    def close(self):
+        self._f.close()
+        super().close()
+
+
+def open_binary(path: Path):
+    """A buffered binary stream of the file's decompressed bytes (by extension: .gz, .zst, else raw)."""
+    name = path.name
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst") or name.endswith(".zstd"):
+        return io.BufferedReader(_ZstdRaw(open(path, "rb")), READ_BLOCK)
+    return open(path, "rb", buffering=READ_BLOCK)
+
+
+def is_compressed(path: Path) -> bool:
+    return path.name.endswith((".gz", ".zst", ".zstd"))
+
+
+DECOMPRESS_ERRORS = (EOFError, zstandard.ZstdError, gzip.BadGzipFile, OSError)
+
+
+def iter_lines(path: Path, span=None) -> Iterator[tuple[int, bytes] | Reject]:
+    """(line number, raw line bytes) for each line; a last line without a newline is still a line."""
+    lineno = 0
+    try:
+        with open_binary(path) as f:
+            if span is None:
+                for lineno, line in enumerate(f, 1):
+                    yield lineno, line
+            else:
+                start, end, first_line = span
+                f.seek(start)
+                pos, lineno = start, first_line - 1
+                for line in f:
+                    if pos >= end:
+                        break
+                    lineno += 1
+                    pos += len(line)
+                    yield lineno, line
+    except DECOMPRESS_ERRORS as e:
+        yield Reject("truncated", {"line": lineno + 1}, f"{type(e).__name__}: {e}")
+
+
+def sniff_json_array(path: Path) -> bool:
+    """True when the (decompressed) file's first non-blank byte is '[' (one JSON array), else JSONL."""
+    try:
+        with open_binary(path) as f:
+            head = f.read(4096)
+    except DECOMPRESS_ERRORS:
+        return False
+    head = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1] == b"["
+
+
+def _loads_line(line: bytes, lineno: int):
+    """Parse one JSONL line -> object, None for a blank line, or a Reject."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        if not line.strip():
+            return None
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as u:
+            return Reject("bad_utf8", {"line": lineno}, f"{u}")
+        return Reject("bad_json", {"line": lineno}, f"{e}; {line[:120].decode('utf-8', 'replace')}")
+
+
+def iter_json_objects(path: Path, span=None) -> Iterator[tuple[dict, object] | Reject]:
+    """(where, parsed value) for each item of a JSON array file or each line of a JSONL file."""
+    if span is None and sniff_json_array(path):
+        yield from _iter_json_array(path)
+        return
+    for item in iter_lines(path, span):
+        if isinstance(item, Reject):
+            yield item
+            continue
+        lineno, line = item
+        value = _loads_line(line, lineno)
+        if value is None:
+            continue  # blank lines are not records
+        if isinstance(value, Reject):
+            yield value
+        else:
+            yield {"line": lineno}, value
+
+
+def _iter_json_array(path: Path):
+    index = 0
+    raw = open(path, "rb")
+    try:
+        with open_binary(path) as f:
+            for index, value in enumerate(IJSON.items(f, "item", use_float=True)):
+                yield {"item": index}, value
+    except DECOMPRESS_ERRORS as e:
+        yield Reject("truncated", {"offset": raw.tell()}, f"after item {index}: {type(e).__name__}: {e}")
+    except ijson.JSONError as e:
+        # A syntax error inside a JSON array cannot be skipped: everything after it is lost, counted once.
+        reason = "truncated" if "premature EOF" in str(e) else "bad_json"
+        if "UTF8" in str(e):
+            reason = "bad_utf8"
+        yield Reject(reason, {"item": index + 1}, f"rest of the array unreadable: {str(e)[:200]}")
+    finally:
+        raw.close()
+
+
+# ---------------------------------------------------------------- field helpers
+
+
+def _obj(value) -> dict:
+    if not isinstance(value, dict):
+        raise BadRecord("wrong_type", f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _str(obj: dict, key: str, required: bool = True) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise BadRecord("missing_field", f"no {key!r}")
+        return ""
+    if not isinstance(value, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise BadRecord("wrong_type", f"{key!r} is {type(value).__name__}, not a string")
+    return value
+
+
+def _first_key(obj: dict, keys: tuple[str, ...]) -> str:
+    for key in keys:
+        if key in obj:
+            return key
+    raise BadRecord("missing_field", f"none of {keys}")
+
+
+ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system",
+              "bot": "assistant", "model": "assistant"}
+
+
+def _messages(value, where: str) -> list[dict]:
+    """Normalize a message list ({role, content} or ShareGPT {from, value}) to [{role, content}]."""
+    if not isinstance(value, list):
+        raise BadRecord("wrong_type" if value is not None else "missing_field", f"{where} is not a list")
+    out = []
+    for m in value:
+        if not isinstance(m, dict):
+            raise BadRecord("wrong_type", f"{where}: a message is {type(m).__name__}")
+        role_key = "role" if "role" in m else "from"
+        text_key = "content" if "content" in m else "value"
+        role = ROLE_NAMES.get(str(m.get(role_key, "")).lower())
+        if role is None:
+            raise BadRecord("bad_roles", f"{where}: unknown role {m.get(role_key)!r}")
+        out.append({"role": role, "content": _str(m, text_key)})
+    return out
+
+
+def check_conversation(messages: list[dict]) -> list[dict]:
+    """Optional system, then user/assistant alternating, ending with assistant (a trailing user turn is dropped)."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(system):]
+    while body and body[-1]["role"] == "user":
+        body = body[:-1]
+    if not body:
+        raise BadRecord("no_answer", "no assistant turn")
+    for i, m in enumerate(body):
+        if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+            raise BadRecord("bad_roles", f"turn {i} is {m['role']}")
+    return system + body
+
+
+def _prompt(messages: list[dict]) -> list[dict]:
+    """A preference prompt: optional system, alternating turns, ending with a user turn."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not body or body[-1]["role"] != "user":
+        raise BadRecord("bad_roles", "prompt does not end with a user turn")
+    for i, m in enumerate(body):
+        if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+            raise BadRecord("bad_roles", f"prompt turn {i} is {m['role']}")
+    return messages
+
+
+def doc(text: str, title: str | None = None) -> dict:
+    record = {"kind": "doc", "text": text}
+    if title:
+        record["title"] = title
+    return record
+
+
+def conv(messages: list[dict]) -> dict:
+    return {"kind": "conv", "messages": check_conversation(messages)}
+
+
+def pref(prompt: list[dict], chosen: str, rejected: str) -> dict:
+    return {"kind": "pref", "prompt": _prompt(prompt), "chosen": chosen, "rejected": rejected}
+
+
+def pref_from_message_lists(chosen_msgs, rejected_msgs) -> dict:
+    """UltraFeedback / MagpieLM / MiniMind: chosen and rejected are whole conversations sharing a prompt."""
+    chosen = _messages(chosen_msgs, "chosen")
+    rejected = _messages(rejected_msgs, "rejected")
+    if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
+        raise BadRecord("bad_roles", "chosen/rejected must end with an assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise BadRecord("prompt_mismatch", "chosen and rejected do not share the same prompt turns")
+    return pref(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
+
+
+# ---------------------------------------------------------------- converters: one upstream record -> record(s)
+
+
+def convert_text(o) -> dict:
+    """C4_zh, SkyPile, shibing624/medical pretrain, Firefly pretrain: {"text", ...}."""
+    return doc(_str(_obj(o), "text"))
+
+
+def convert_wiki(o) -> dict:
+    """pleisto/wikipedia-cn: {"completion", "source"}."""
+    return doc(_str(_obj(o), "completion"))
+
+
+def convert_baidubaike(o) -> dict:
+    """563w_baidubaike: title + summary (may be missing/null) + every section's title and content."""
+    o = _obj(o)
+    title = _str(o, "title", required=False).strip()
+    parts = [title] if title else []
+    summary = _str(o, "summary", required=False).strip()
+    if summary:
+        parts.append(summary)
+    sections = o.get("sections") or []
+    if not isinstance(sections, list):
+        raise BadRecord("wrong_type", "sections is not a list")
+    for s in sections:
+        if not isinstance(s, dict):
+            raise BadRecord("wrong_type", "a section is not an object")
+        s_title = _str(s, "title", required=False).strip()
+        s_content = _str(s, "content", required=False).strip()
+        if s_title and s_title != title:
+            parts.append(s_title)
+        if s_content:
+            parts.append(s_content)
+    if not title and not summary and not sections:
+        raise BadRecord("missing_field", "no title, summary or sections")
+    return doc("\n".join(parts), title)
+
+
+def convert_wudao(o) -> dict:
+    """WuDaoCorpora: {"id", "uniqueKey", "titleUkey", "dataType", "title", "content"}."""
+    o = _obj(o)
+    title = _str(o, "title", required=False).strip()
+    content = _str(o, "content")
+    return doc(f"{title}\n{content}" if title and not content.startswith(title) else content, title)
+
+
+def convert_guidelines(o) -> dict:
+    """epfl-llm/guidelines: clean_text (raw_text as fallback), title kept."""
+    o = _obj(o)
+    text = _str(o, "clean_text", required=False) or _str(o, "raw_text", required=False)
+    if not text:
+        raise BadRecord("missing_field", "no clean_text or raw_text")
+    return doc(text, _str(o, "title", required=False))
+
+
+SEGMENT = re.compile(r"<s>(.*?)</s>", re.S)
+
+
+def convert_minimind_pretrain(o) -> list[dict]:
+    """MiniMind pretrain_hq: each <s>...</s> segment is a document (no markers: the whole text is one)."""
+    text = _str(_obj(o), "text")
+    segments = SEGMENT.findall(text) if "<s>" in text else [text]
+    return [doc(s) for s in segments]
+
+
+def _instruction_user(o: dict) -> str:
+    instruction = _str(o, "instruction")
+    extra = _str(o, "input", required=False).strip()
+    return f"{instruction}\n{extra}" if extra else instruction
+
+
+def convert_instruction(o) -> dict:
+    """alpaca / Belle / shibing624/medical finetune: {"instruction", "input", "output"} (+ optional "system")."""
+    o = _obj(o)
+    messages = [{"role": "user", "content": _instruction_user(o)},
+                {"role": "assistant", "content": _str(o, "output")}]
+    system = _str(o, "system", required=False)
+    return conv(([{"role": "system", "content": system}] if system else []) + messages)
+
+
+def convert_conversations(o) -> dict:
+    """MiniMind SFT/r1 ({role, content}) and ShareGPT ({from, value}): {"conversations": [...]}.
+    r1 answers keep their literal <think>...</think><answer>...</answer>."""
+    return conv(_messages(_obj(o).get("conversations"), "conversations"))
+
+
+QUESTION_KEYS = ("问", "question", "prompt", "query", "instruction")
+ANSWER_KEYS = ("答", "answer", "response", "output")
+
+
+def convert_qa(o) -> dict:
+    """MedicalGPT rag {"问","答"}, ChatLM parquet {prompt, response}, and the like."""
+    o = _obj(o)
+    q, a = _first_key(o, QUESTION_KEYS), _first_key(o, ANSWER_KEYS)
+    return conv([{"role": "user", "content": _str(o, q)}, {"role": "assistant", "content": _str(o, a)}])
+
+
+def convert_medical_reward(o) -> dict:
+    """shibing624/medical reward: {"question", "response_chosen", "response_rejected"}."""
+    o = _obj(o)
+    return pref([{"role": "user", "content": _str(o, "question")}],
+                _str(o, "response_chosen"), _str(o, "response_rejected"))
+
+
+def convert_pref_messages(o) -> dict:
+    """MiniMind dpo {"chosen":[msgs],"rejected":[msgs]}; Firefly/UltraFeedback also carry "prompt" (redundant)."""
+    o = _obj(o)
+    if "chosen" not in o or "rejected" not in o:
+        raise BadRecord("missing_field", "chosen/rejected")
+    return pref_from_message_lists(o["chosen"], o["rejected"])
+
+
+def convert_sharegpt_pref(o) -> dict:
+    """MedicalGPT dpo_zh_500: {"conversations": [{from, value}] ending with human, "chosen": str, "rejected": str}."""
+    o = _obj(o)
+    prompt = _messages(o.get("conversations"), "conversations")
+    return pref(prompt, _str(o, "chosen"), _str(o, "rejected"))
+
+
+def convert_magpie(o) -> dict:
+    """MagpieLM-DPO parquet row: uuid, instruction, chosen/rejected lists of {content, role}."""
+    o = _obj(o)
+    if o.get("chosen") is None or o.get("rejected") is None:
+        raise BadRecord("missing_field", "chosen/rejected")
+    return pref_from_message_lists(o["chosen"], o["rejected"])
+
+
+# ---------------------------------------------------------------- readers: file -> records
+
+
+def _emit(src: str, where: dict, converted) -> Iterator[dict]:
+    key = next(iter(where.values()))
+    if isinstance(converted, list):
+        for k, record in enumerate(converted):
+            yield {"id": f"{src}:{key}.{k}" if len(converted) > 1 else f"{src}:{key}", **record}
+    else:
+        yield {"id": f"{src}:{key}", **converted}
+
+
+def json_reader(convert: Callable) -> Callable:
+    """A reader for JSONL or JSON-array files whose items `convert` turns into record(s)."""
+
+    def read(path: Path, src: str, span=None) -> Iterator[dict | Reject]:
+        for item in iter_json_objects(path, span):
+            if isinstance(item, Reject):
+                yield item
+                continue
+            where, value = item
+            try:
+                converted = convert(value)
+            except BadRecord as e:
+                yield Reject(e.reason, where, e.detail)
+                continue
+            if isinstance(converted, list) and not converted:
+                yield Reject("empty", where, "no segments")
+                continue
+            yield from _emit(src, where, converted)
+
+    read.__doc__ = convert.__doc__
+    return read
+
+
+def read_plain_text(path: Path, src: str, span=None, max_doc_chars: int = 2000) -> Iterator[dict | Reject]:
+    """Books: one paragraph per line. Consecutive lines are grouped into documents of about `max_doc_chars`
+    (a blank line also ends a document), so headings stay with their paragraphs; id = first line number."""
+    buf: list[str] = []
+    size, first = 0, 0
+    for item in iter_lines(path, span):
+        if isinstance(item, Reject):
+            yield item
+            continue
+        lineno, raw = item
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            yield Reject("bad_utf8", {"line": lineno}, str(e))
+            continue
+        if not line:
+            if buf:
+                yield {"id": f"{src}:{first}", **doc("\n".join(buf))}
+                buf, size = [], 0
+            continue
+        if not buf:
+            first = lineno
+        buf.append(line)
+        size += len(line)
+        if size >= max_doc_chars:
+            yield {"id": f"{src}:{first}", **doc("\n".join(buf))}
+            buf, size = [], 0
+    if buf:
+        yield {"id": f"{src}:{first}", **doc("\n".join(buf))}
+
+
+class _GbLines:
+    """Feeds csv.reader decoded lines, remembering which physical lines held undecodable bytes."""
+
+    def __init__(self, f, encoding: str):
+        self.f, self.encoding, self.lineno, self.bad = f, encoding, 0, []
+
+    def __iter__(self):
+        for raw in self.f:
+            self.lineno += 1
+            try:
+                yield raw.decode(self.encoding)
+            except UnicodeDecodeError:
+                self.bad.append(self.lineno)
+                yield raw.decode(self.encoding, "replace")
+
+
+def read_medical_dialogue_csv(path: Path, src: str, span=None, encoding: str = "gb18030") -> Iterator[dict | Reject]:
+    """Toyhom Chinese-medical-dialogue-data: GB18030 (not gb2312: real files use GBK-only characters),
+    header department,title,ask,answer; quoted fields may span lines. id = first physical line of the row."""
+    lines = _GbLines(None, encoding)
+    try:
+        with open_binary(path) as f:
+            lines.f = f
+            rows = csv.reader(iter(lines))
+            header = next(rows, None)
+            if header is None:
+                return
+            header = [h.strip().lstrip("\ufeff") for h in header]
+            missing = [k for k in ("title", "ask", "answer") if k not in header]
+            if missing:
+                yield Reject("missing_field", {"line": 1}, f"header lacks {missing}: {header}")
+                return
+            col = {k: header.index(k) for k in ("title", "ask", "answer")}
+            row_start = lines.lineno + 1
+            while True:
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    break
+                except csv.Error as e:
+                    yield Reject("bad_csv", {"line": row_start}, str(e))
+                    row_start = lines.lineno + 1
+                    continue
+                where = {"line": row_start}
+                bad = [n for n in lines.bad if n >= row_start]
+                row_start = lines.lineno + 1
+                if bad:
+                    lines.bad.clear()
+                    yield Reject("bad_encoding", where, f"undecodable {encoding} bytes on line(s) {bad}")
+                    continue
+                if not row or all(not c.strip() for c in row):
+                    continue
+                if len(row) != len(header):
+                    yield Reject("bad_row", where, f"{len(row)} fields, header has {len(header)}")
+                    continue
+                title, ask, answer = (row[col[k]].strip() for k in ("title", "ask", "answer"))
+                user = ask if not title or ask.startswith(title) else f"{title}\n{ask}"
+                try:
+                    record = conv([{"role": "user", "content": user}, {"role": "assistant", "content": answer}])
+                except BadRecord as e:
+                    yield Reject(e.reason, where, e.detail)
+                    continue
+                yield {"id": f"{src}:{where['line']}", **record}
+    except DECOMPRESS_ERRORS as e:
+        yield Reject("truncated", {"line": lines.lineno + 1}, f"{type(e).__name__}: {e}")
+
+
+def parquet_reader(convert: Callable, batch_rows: int = 1024) -> Callable:
+    """A reader for parquet files, streamed one record batch at a time; id = row index."""
+
+    def read(path: Path, src: str, span=None) -> Iterator[dict | Reject]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        row = 0
+        try:
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(batch_size=batch_rows):
+                for value in batch.to_pylist():
+                    where = {"row": row}
+                    row += 1
+                    try:
+                        converted = convert(value)
+                    except BadRecord as e:
+                        yield Reject(e.reason, where, e.detail)
+                        continue
+                    yield from _emit(src, where, converted)
+        except (pa.ArrowException, OSError) as e:
+            yield Reject("bad_parquet", {"row": row}, f"{type(e).__name__}: {str(e)[:200]}")
+
+    read.__doc__ = convert.__doc__
+    return read
+
+
+READERS: dict[str, Callable] = {
+    "text_jsonl": json_reader(convert_text),
+    "wiki_json_array": json_reader(convert_wiki),
+    "baidubaike_jsonl": json_reader(convert_baidubaike),
+    "wudao_json_array": json_reader(convert_wudao),
+    "guidelines_jsonl": json_reader(convert_guidelines),
+    "minimind_pretrain_jsonl": json_reader(convert_minimind_pretrain),
+    "plain_text": read_plain_text,
+    "instruction_json": json_reader(convert_instruction),
+    "sharegpt_jsonl": json_reader(convert_conversations),
+    "minimind_sft_jsonl": json_reader(convert_conversations),
+    "qa_jsonl": json_reader(convert_qa),
+    "qa_parquet": parquet_reader(convert_qa),
+    "medical_dialogue_csv": read_medical_dialogue_csv,
+    "medical_reward_jsonl": json_reader(convert_medical_reward),
+    "pref_messages_jsonl": json_reader(convert_pref_messages),
+    "sharegpt_pref_jsonl": json_reader(convert_sharegpt_pref),
+    "magpie_parquet": parquet_reader(convert_magpie),
+}
+
+# Readers that may split one uncompressed file into byte ranges at line boundaries (JSONL and plain text).
+# JSON arrays, CSV (quoted fields span lines), parquet and compressed files are read whole by one process.
+LINE_READERS = {"text_jsonl", "baidubaike_jsonl", "guidelines_jsonl", "minimind_pretrain_jsonl", "plain_text",
+                "instruction_json", "sharegpt_jsonl", "minimind_sft_jsonl", "qa_jsonl", "medical_reward_jsonl",
+                "pref_messages_jsonl", "sharegpt_pref_jsonl", "wiki_json_array", "wudao_json_array"}
+
+
+def splittable(reader: str, path: Path) -> bool:
+    """Whether `path` may be read in byte ranges (a line-based reader, uncompressed, and not a JSON array)."""
+    if reader not in LINE_READERS or is_compressed(path):
+        return False
+    return reader == "plain_text" or not sniff_json_array(path)
