@@ -1,0 +1,483 @@
+"""Supervised fine-tuning: the staged SFT curriculum, LoRA stages and reasoning distillation.
+
+    python sft.py general                       # one stage, from config/sft/general.toml
+    python sft.py medical_dialogue --lora       # any stage as a LoRA stage (adapters only, base frozen)
+    python sft.py merge --base CKPT --adapter DIR --out DIR      # fold a LoRA adapter into a full checkpoint
+    sh script/sft.sh                            # every stage in curriculum order
+
+Each stage reads `data/sft/<stage>.csv` (written by data_process/stage.py: columns id, source, system,
+conversation = JSON list of turns ending with the assistant), renders every conversation with the one chat
+template (`Tokenizer.render_chat`), and trains with loss only on assistant tokens, including the <|im_end|>
+that teaches the model to stop; the reasoning stage gives the <think></think><answer></answer> tag tokens
+extra weight (`tag_weight`). Batches are bucketed by length (no cross-example packing, so no example
+attends to another) to keep padding small. Training goes through the one loop, `train_loop.train`
+(resume after kill -9, metrics, plots, DDP, bf16); each stage starts from the previous stage's final
+checkpoint and writes `out/sft/<stage>/final`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from data_process.stage import SFT_COLUMNS, row_messages
+
+log = logging.getLogger("sft")
+
+IGNORE = -100   # target id that the loss skips (torch cross_entropy's ignore_index)
+
+
+# ------------------------------------------------------------------------------------------------ data: CSV rows
+
+def read_sft_csv(path) -> tuple[list[list[dict]], dict[str, int]]:
+    """All conversations of a staged SFT CSV (data_process/stage.py), plus reject counts by reason: a bad row
+    (say, edited by hand) is counted and logged, never fatal."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SFT data {path} not found (run `python data_process.py` to stage it)")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("id", "system", "conversation") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing} (a staged SFT CSV has {SFT_COLUMNS})")
+    conversations, rejects = [], {}
+    for row in frame.to_dict("records"):
+        try:
+            messages = row_messages(row)
+            if not messages or messages[-1].get("role") != "assistant":
+                raise ValueError("conversation does not end with an assistant turn")
+            conversations.append(messages)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:   # JSONDecodeError is a ValueError
+            reason = "bad_json" if isinstance(e, json.JSONDecodeError) else "malformed"
+            rejects[reason] = rejects.get(reason, 0) + 1
+            if rejects[reason] <= 3:
+                log.warning("%s: row id %s rejected: %s", path, row.get("id"), e)
+    return conversations, rejects
+
+
+# -------------------------------------------------------------------------------------------- data: tokenized set
+
+@dataclass
+class TokenizedSet:
+    """Conversations as one flat id array + per-token loss weights, with offsets (no Python list per example)."""
+    ids: np.ndarray        # int32 [total]
+    weights: np.ndarray    # float32 [total]
+    offsets: np.ndarray    # int64 [n + 1]
+    rejects: dict
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.ids[a:b], self.weights[a:b]
+
+
+def tokenize_conversations(tokenizer, conversations, max_tokens: int, tag_weight: float = 1.0,
+                           rejects: dict | None = None) -> TokenizedSet:
+    """render_chat every conversation; drop (and count) those longer than max_tokens + 1 ids or with no
+    assistant token. Over-long examples are dropped, not truncated: a cut answer loses its <|im_end|> and
+    would teach the model not to stop."""
+    rejects = dict(rejects or {})
+    ids, weights, offsets = [], [], [0]
+    for messages in conversations:
+        try:
+            chat = tokenizer.render_chat(messages, tag_weight=tag_weight)
+        except (ValueError, TypeError) as e:
+            rejects["bad_messages"] = rejects.get("bad_messages", 0) + 1
+            log.warning("conversation rejected: %s", e)
+            continue
+        if len(chat.ids) > max_tokens + 1:
+            rejects["too_long"] = rejects.get("too_long", 0) + 1
+            continue
+        if not any(w > 0 for w in chat.weights[1:]):
+            rejects["no_assistant_tokens"] = rejects.get("no_assistant_tokens", 0) + 1
+            continue
+        ids.append(np.asarray(chat.ids, dtype=np.int32))
+        weights.append(np.asarray(chat.weights, dtype=np.float32))
+        offsets.append(offsets[-1] + len(chat.ids))
+    if not ids:
+        raise ValueError(f"no usable SFT example (rejects: {rejects})")
+    return TokenizedSet(np.concatenate(ids), np.concatenate(weights), np.asarray(offsets, dtype=np.int64), rejects)
+
+
+def load_sft_set(tokenizer, csv_path, max_tokens: int, tag_weight: float = 1.0, cache_dir=None) -> TokenizedSet:
+    """read_sft_csv + tokenize_conversations, cached as .npz in cache_dir (keyed by the CSV's bytes, the
+    tokenizer and the settings) so a resumed or repeated run does not re-tokenize."""
+    cache = None
+    if cache_dir is not None:
+        key = hashlib.sha256()
+        key.update(Path(csv_path).read_bytes())
+        key.update(f"{tokenizer.sha256}|{max_tokens}|{tag_weight}|sft-v1".encode())
+        cache = Path(cache_dir) / f"tokens-{Path(csv_path).stem}-{key.hexdigest()[:16]}.npz"
+        if cache.is_file():
+            z = np.load(cache, allow_pickle=False)
+            return TokenizedSet(z["ids"], z["weights"], z["offsets"], json.loads(str(z["rejects"])))
+    conversations, rejects = read_sft_csv(csv_path)
+    data = tokenize_conversations(tokenizer, conversations, max_tokens, tag_weight, rejects)
+    log.info("%s: %d examples, %d tokens, rejected %s", csv_path, len(data), len(data.ids), data.rejects or "none")
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez(tmp, ids=data.ids, weights=data.weights, offsets=data.offsets,
+                 rejects=np.asarray(json.dumps(data.rejects)))
+        tmp.replace(cache)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- data: batching
+
+def bucket_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket_batches: int = 64
+                   ) -> list[np.ndarray]:
+    """One epoch's batches of example indices: shuffle, cut into chunks of `bucket_batches` batches, sort each
+    chunk by length, cut into batches, shuffle the batch order. Neighbours in a sorted chunk have similar
+    lengths, so padding stays small, while each epoch still mixes examples differently (as in fairseq/ESPnet
+    bucketing). The remainder (< batch_size examples) waits for the next epoch's permutation."""
+    n = len(lengths)
+    perm = rng.permutation(n)
+    if n >= batch_size:
+        perm = perm[: n - n % batch_size]
+    chunk = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(perm), chunk):
+        part = perm[start:start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def pad_length(longest: int, multiple: int) -> int:
+    return -(-longest // multiple) * multiple
+
+
+class SFTBatches:
+    """The `batches` object for train_loop.train: next_batch(step, micro_step) -> {input_ids, targets,
+    loss_weights}, a pure function of (seed, step, micro_step, rank), so resume needs no loader state.
+
+    Targets are the ids shifted by one; a target's weight is the weight of the token it predicts, and
+    targets with weight 0 (system/user turns, role markers, padding) are IGNORE.
+    """
+
+    def __init__(self, data: TokenizedSet, batch_size: int, pad_id: int, *, seed: int = 0, grad_accum: int = 1,
+                 rank: int = 0, world_size: int = 1, pad_multiple: int = 8, bucket_batches: int = 64):
+        self.data, self.batch_size, self.pad_id = data, batch_size, pad_id
+        self.seed, self.grad_accum, self.rank, self.world_size = seed, grad_accum, rank, world_size
+        self.pad_multiple, self.bucket_batches = pad_multiple, bucket_batches
+        self.lengths = data.lengths - 1          # input length of each example (ids minus the last)
+        self.batches_per_epoch = max(1, len(data) // batch_size)
+        self._plans: dict[int, list[np.ndarray]] = {}
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        if epoch not in self._plans:
+            self._plans = {epoch: bucket_batches(self.lengths, self.batch_size,
+                                                 np.random.default_rng([self.seed, epoch]), self.bucket_batches)}
+        return self._plans[epoch]
+
+    def steps_per_epoch(self) -> int:
+        return max(1, self.batches_per_epoch // (self.grad_accum * self.world_size))
+
+    def indices(self, step: int, micro_step: int) -> np.ndarray:
+        g = (step * self.grad_accum + micro_step) * self.world_size + self.rank
+        return self.plan(g // self.batches_per_epoch)[g % self.batches_per_epoch]
+
+    def collate(self, indices) -> dict[str, torch.Tensor]:
+        T = pad_length(int(self.lengths[indices].max()), self.pad_multiple)
+        B = len(indices)
+        input_ids = np.full((B, T), self.pad_id, dtype=np.int64)
+        targets = np.full((B, T), IGNORE, dtype=np.int64)
+        weights = np.zeros((B, T), dtype=np.float32)
+        for row, i in enumerate(indices):
+            ids, w = self.data.example(int(i))
+            n = len(ids) - 1
+            input_ids[row, :n] = ids[:-1]
+            targets[row, :n] = np.where(w[1:] > 0, ids[1:], IGNORE)
+            weights[row, :n] = w[1:]
+        return {"input_ids": torch.from_numpy(input_ids), "targets": torch.from_numpy(targets),
+                "loss_weights": torch.from_numpy(weights)}
+
+    def next_batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
+        return self.collate(self.indices(step, micro_step))
+
+    def padding_fraction(self, n_batches: int | None = None) -> float:
+        """Share of batch positions that are padding, over the first n_batches of epoch 0 (all by default)."""
+        plan = self.plan(0)[:n_batches]
+        real = sum(int(self.lengths[b].sum()) for b in plan)
+        total = sum(len(b) * pad_length(int(self.lengths[b].max()), self.pad_multiple) for b in plan)
+        return 1.0 - real / total
+
+    # nothing to restore: batches are a function of the step; the fingerprint guards against a changed data set
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "examples": len(self.data), "tokens": int(len(self.data.ids))}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and state != self.state_dict():
+            raise ValueError(f"resuming on different SFT data or seed: checkpoint {state}, now {self.state_dict()}")
+
+
+# ------------------------------------------------------------------------------------------------- stage config
+
+@dataclass
+class StageConfig:
+    """One SFT stage, from config/sft/<stage>.toml. [train] holds train_loop.TrainConfig fields; the schedule
+    steps are derived from epochs and the fractions below unless [train] sets them."""
+    stage: str
+    data: str                                  # staged CSV
+    init_from: str                             # checkpoint dir to start from (previous stage's final)
+    out_dir: str = ""                          # default out/sft/<stage>
+    val_data: str = ""                         # optional; a missing file only skips validation
+    epochs: float = 1.0                        # used when [train] total_steps is not given
+    warmup_fraction: float = 0.03
+    decay_fraction: float = 0.2                # WSD: the last part of the stage decays to min_lr
+    tag_weight: float = 1.0                    # loss weight of <think></think><answer></answer> tokens
+    max_val_examples: int = 512
+    pad_multiple: int = 8
+    lora: dict | None = None                   # lora.LoraSettings fields; present = a LoRA stage
+    train: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.out_dir = self.out_dir or f"out/sft/{self.stage}"
+
+
+def _from_table(cls, table: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
+    return cls(**table)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`key=value` with a TOML value (`lr=3e-4`, `dtype="fp32"`, `dtype=fp32`: bare words are strings)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set expects key=value, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def apply_overrides(table: dict, overrides: list[str]) -> dict:
+    """Apply `--set` overrides: `key=value` sets a top-level key, `train.key=value` / `lora.key=value` a table key."""
+    table = json.loads(json.dumps(table))   # deep copy
+    for text in overrides or []:
+        key, value = parse_override(text)
+        section, _, name = key.rpartition(".")
+        target = table.setdefault(section, {}) if section else table
+        if not isinstance(target, dict):
+            raise ValueError(f"--set {key}: {section} is not a table")
+        target[name] = value
+    return table
+
+
+def schedule(total_steps: int, warmup_fraction: float, decay_fraction: float) -> dict:
+    warmup = int(round(total_steps * warmup_fraction))
+    decay = int(round(total_steps * decay_fraction))
+    return {"warmup_steps": warmup, "decay_steps": decay, "stable_steps": max(0, total_steps - warmup - decay)}
+
+
+def make_train_config(train: dict, out_dir: str, total_steps: int, warmup_fraction: float, decay_fraction: float,
+                      extra: dict):
+    """TrainConfig from a [train] table; total/warmup/stable/decay steps filled in unless the table sets them."""
+    from train_loop import TrainConfig
+    table = {**schedule(total_steps, warmup_fraction, decay_fraction), **train}
+    table.setdefault("total_steps", total_steps)
+    table["out_dir"] = out_dir
+    table["extra"] = {**table.get("extra", {}), **extra}
+    return _from_table(TrainConfig, table, "[train]")
+
+
+# ------------------------------------------------------------------------------------------------- running a stage
+
+def make_val_fn(data: TokenizedSet | None, pad_id: int, name: str, batch_size: int, max_examples: int):
+    """val_fn(model) -> {"<name>/loss": weighted assistant-token loss over the (first max_examples) val set}."""
+    if data is None:
+        return None
+    n = min(len(data), max_examples)
+    batcher = SFTBatches(data, batch_size, pad_id, pad_multiple=1)
+    order = np.argsort(batcher.lengths[:n], kind="stable")
+
+    def val_fn(model) -> dict:
+        device = next(model.parameters()).device
+        total, weight = 0.0, 0.0
+        for start in range(0, n, batch_size):
+            batch = {k: v.to(device) for k, v in batcher.collate(order[start:start + batch_size]).items()}
+            out = model(batch["input_ids"], targets=batch["targets"], loss_weights=batch["loss_weights"])
+            w = float(batch["loss_weights"].sum())
+            total += float(out.loss) * w
+            weight += w
+        return {f"{name}/loss": total / max(weight, 1e-8)}
+
+    return val_fn
+
+
+def stage_done(out_dir) -> bool:
+    """A LoRA stage whose final checkpoint already holds the merged model (the loop cannot resume from it)."""
+    meta = Path(out_dir) / "final" / "meta.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("lora_merged", False)
+
+
+def run_stage(cfg: StageConfig) -> dict:
+    """Train one SFT stage through train_loop.train; returns the loop's summary (+ data and padding figures)."""
+    from train_loop import load_checkpoint, save_checkpoint, train, verify_checkpoint
+    import lora as lora_lib
+    out_dir = Path(cfg.out_dir)
+    if stage_done(out_dir):
+        print(f"{out_dir}/final already holds the merged LoRA model; nothing to train")
+        return {"final_dir": str(out_dir / "final"), "skipped": True}
+    model, tokenizer, base_meta = load_checkpoint(cfg.init_from)
+    train_table = dict(cfg.train)
+    max_tokens = int(train_table.setdefault("seq_len", model.config.max_seq_len))
+    if max_tokens > model.config.max_seq_len:
+        raise ValueError(f"seq_len {max_tokens} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    data = load_sft_set(tokenizer, cfg.data, max_tokens, cfg.tag_weight, cache_dir=out_dir / "data")
+    val = None
+    if cfg.val_data and Path(cfg.val_data).is_file():
+        val = load_sft_set(tokenizer, cfg.val_data, max_tokens, cfg.tag_weight, cache_dir=out_dir / "data")
+    batch_size = int(train_table.get("batch_size", 8))
+    grad_accum = int(train_table.get("grad_accum", 1))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))   # as train_loop.init_distributed reads them
+    rank = int(os.environ.get("RANK", "0"))
+    batches = SFTBatches(data, batch_size, tokenizer.pad_id, seed=int(train_table.get("seed", 1337)),
+                         grad_accum=grad_accum, rank=rank, world_size=world_size, pad_multiple=cfg.pad_multiple)
+    total_steps = int(train_table.get("total_steps") or max(1, math.ceil(cfg.epochs * batches.steps_per_epoch())))
+    padding = batches.padding_fraction()
+    settings = lora_lib.LoraSettings(**cfg.lora) if cfg.lora is not None else None
+    extra = {"stage": cfg.stage, "data": str(cfg.data), "examples": len(data), "rejects": data.rejects,
+             "padding_fraction": round(padding, 4), "tag_weight": cfg.tag_weight, "init_from": str(cfg.init_from),
+             "lora": asdict(settings) if settings else None}
+    train_cfg = make_train_config(train_table, str(out_dir), total_steps, cfg.warmup_fraction, cfg.decay_fraction,
+                                  extra)
+    print(f"sft {cfg.stage}: {len(data):,} examples ({data.rejects or 'no rejects'}), {total_steps} steps, "
+          f"padding {padding:.1%} of batch positions, from {cfg.init_from}"
+          + (f", LoRA r={settings.rank} on {settings.targets}" if settings else ""))
+    if settings is not None:
+        lora_lib.add_lora(model, settings)
+        n_train = sum(p.numel() for p in lora_lib.lora_parameters(model))
+        print(f"LoRA: {n_train:,} trainable parameters ({n_train / model.num_params():.2%} of the base)")
+    meta = {"kind": "sft", "stage": cfg.stage, "chat": True, "init_from": str(cfg.init_from)}
+    val_fn = make_val_fn(val, tokenizer.pad_id, cfg.stage, batch_size, cfg.max_val_examples)
+    summary = train(train_cfg, model, tokenizer, batches, val_fn=val_fn, meta=meta,
+                    trainable_params=lora_lib.lora_parameters(model) if settings else None)
+    if settings is not None:
+        # the loop's final holds LoRA-named weights (what it resumes from); replace it by the adapter alone
+        # (peft format, out/sft/<stage>/adapter) and the merged full model as a normal checkpoint
+        final = Path(summary["final_dir"])
+        loop_meta = verify_checkpoint(final)
+        adapter_dir = lora_lib.save_adapter(model.cpu(), settings, out_dir / "adapter", base=str(cfg.init_from))
+        lora_lib.merge_lora(model)
+        keep = {k: v for k, v in loop_meta.items() if k not in ("files", "format", "tokenizer_sha256")}
+        save_checkpoint(final, model, tokenizer, {**keep, "lora_merged": True, "adapter": str(adapter_dir)})
+        print(f"LoRA adapter saved to {adapter_dir}; merged model in {final}")
+    summary.update(examples=len(data), padding_fraction=padding, rejects=data.rejects)
+    return summary
+
+
+def load_stage_config(stage_or_path: str, config_dir="config/sft", overrides: list[str] | None = None
+                      ) -> StageConfig:
+    path = Path(stage_or_path)
+    if not path.suffix:
+        path = Path(config_dir) / f"{stage_or_path}.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no SFT stage config {path}")
+    with open(path, "rb") as f:
+        table = tomllib.load(f)
+    table.setdefault("stage", path.stem)
+    return _from_table(StageConfig, apply_overrides(table, overrides), str(path))
+
+
+# ------------------------------------------------------------------------------------------------------- merge
+
+def merge_adapter(base_dir, adapter_dir, out_dir) -> Path:
+    """Fold a saved LoRA adapter into its base checkpoint and write a full checkpoint (kind "sft", chat)."""
+    from train_loop import load_checkpoint, save_checkpoint
+    import lora as lora_lib
+    model, tokenizer, meta = load_checkpoint(base_dir)
+    lora_lib.load_adapter(model, adapter_dir)
+    lora_lib.merge_lora(model)
+    keep = {k: v for k, v in meta.items() if k not in ("files", "format", "tokenizer_sha256", "train_config")}
+    keep.update(kind="sft", chat=True, lora_merged=True, adapter=str(adapter_dir), base=str(base_dir))
+    return save_checkpoint(out_dir, model, tokenizer, keep)
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Supervised fine-tuning, one curriculum stage per call (config/sft/<stage>.toml), "
+                    "or `merge` to fold a LoRA adapter into a full checkpoint.",
+        epilog="examples:\n  python sft.py general\n  python sft.py medical_dialogue --lora --lora-rank 8\n"
+               "  python sft.py reasoning --set tag_weight=3 --set train.lr=1e-4\n"
+               "  python sft.py merge --base out/sft/medical/final --adapter out/sft/medical_dialogue/adapter "
+               "--out out/sft/merged",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", help="stage name (config/sft/<stage>.toml), a .toml path, or `merge`")
+    p.add_argument("--config-dir", default="config/sft", help="where stage configs live (default config/sft)")
+    p.add_argument("--data", help="staged SFT CSV (default: the config's)")
+    p.add_argument("--init-from", help="checkpoint dir to start from (default: the config's)")
+    p.add_argument("--out-dir", help="output dir (default out/sft/<stage>)")
+    p.add_argument("--steps", type=int, help="total optimizer steps (default: from epochs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key: tag_weight=3, train.lr=1e-4, train.dtype=fp32, lora.rank=8")
+    lo = p.add_argument_group("LoRA (Hu et al. 2021)")
+    lo.add_argument("--lora", action="store_true", help="train LoRA adapters only (base frozen)")
+    lo.add_argument("--no-lora", action="store_true", help="full fine-tuning even if the config has [lora]")
+    lo.add_argument("--lora-rank", type=int)
+    lo.add_argument("--lora-alpha", type=float)
+    lo.add_argument("--lora-dropout", type=float)
+    lo.add_argument("--lora-targets", help="comma list of q,k,v,o,gate,up,down")
+    mg = p.add_argument_group("merge")
+    mg.add_argument("--base", help="merge: base checkpoint dir")
+    mg.add_argument("--adapter", help="merge: adapter dir (adapter_model.safetensors + adapter_config.json)")
+    mg.add_argument("--out", help="merge: output checkpoint dir")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.stage == "merge":
+        if not (args.base and args.adapter and args.out):
+            print("merge needs --base, --adapter and --out", file=sys.stderr)
+            return 2
+        print(f"merged checkpoint written to {merge_adapter(args.base, args.adapter, args.out)}")
+        return 0
+    overrides = list(args.set)
+    for key, value in (("data", args.data), ("init_from", args.init_from), ("out_dir", args.out_dir)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    if args.steps is not None:
+        overrides.append(f"train.total_steps={args.steps}")
+    cfg = load_stage_config(args.stage, args.config_dir, overrides)
+    if args.no_lora:
+        cfg.lora = None
+    elif args.lora or cfg.lora is not None:
+        lora = dict(cfg.lora or {})
+        for key, value in (("rank", args.lora_rank), ("alpha", args.lora_alpha), ("dropout", args.lora_dropout),
+                           ("targets", args.lora_targets)):
+            if value is not None:
+                lora[key] = value
+        cfg.lora = lora
+    summary = run_stage(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "param_sha256"}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
