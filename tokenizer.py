@@ -416,8 +416,12 @@ def sample_lines(corpus_dirs: list[Path], sample_chars: int, counts: dict | None
                 return
 
 
-def train_sentencepiece(lines: Iterable[str], vocab_size: int, num_threads: int = 2) -> bytes:
-    """Train a BPE model on `lines` with TRAINER_SETTINGS; returns the model bytes (deterministic)."""
+def train_sentencepiece(lines: Iterable[str], vocab_size: int, num_threads: int = 1) -> bytes:
+    """Train a BPE model on `lines` with TRAINER_SETTINGS; returns the model bytes.
+
+    Deterministic for a given num_threads, but SentencePiece's BPE gives a (slightly) different model for a
+    different thread count, so the pipeline always trains with one thread: the same recipe then makes the same
+    tokenizer on every machine (it takes about a minute for the default 20M-character sample)."""
     if not 300 <= vocab_size <= MAX_VOCAB:
         raise ValueError(f"vocab_size {vocab_size} must be in [300, {MAX_VOCAB}] (256 byte pieces + specials, uint16)")
     spm.set_random_generator_seed(0)
@@ -484,8 +488,7 @@ def train_tokenizer(recipe, docs_root, out_dir) -> Path:
               flush=True)
     else:
         counts: dict = {}
-        model = train_sentencepiece(sample_lines(dirs, cfg.sample_chars, counts), cfg.vocab_size,
-                                    recipe.run.workers)
+        model = train_sentencepiece(sample_lines(dirs, cfg.sample_chars, counts), cfg.vocab_size)
         seconds = time.time() - t0
         tok = Tokenizer(model, {"fingerprint": fingerprint, "source": "trained",
                                 "sample": counts, "train_seconds": round(seconds, 1)})

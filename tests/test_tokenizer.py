@@ -156,6 +156,16 @@ def test_jinja_template_gives_the_same_ids_as_render_chat(glm, k, gen):
     assert glm.encode(text, allow_special=True) == glm.render_chat(msgs, add_generation_prompt=gen).ids
 
 
+@pytest.mark.parametrize("k", [0, 1, 2, 4])
+def test_prompt_with_generation_prompt_is_a_prefix_of_the_full_conversation(glm, k):
+    """What chat/DPO feed the model as a prompt is exactly the start of what SFT trained on."""
+    msgs = conversations()[k]
+    prompt = glm.render_chat(msgs[:-1], add_generation_prompt=True).ids
+    full = glm.render_chat(msgs).ids
+    assert full[:len(prompt)] == prompt
+    assert glm.decode(full[len(prompt):]) == msgs[-1]["content"] + "<|im_end|>"
+
+
 def test_generation_prompt_ends_with_assistant_header(glm):
     msgs = [{"role": "user", "content": "你好"}]
     chat = glm.render_chat(msgs, add_generation_prompt=True)
