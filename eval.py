@@ -181,10 +181,24 @@ def expected_accuracy(letter_scores: list, answers: list) -> float:
     return credit / max(1, len(answers))
 
 
+def hidden_states(model, input_ids, dtype):
+    """Final-layer hidden states [B, T, C]; the vocabulary projection is applied only where it is needed
+    (with a 65K vocabulary the full [B, T, V] logits would dominate time and memory)."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        h, _ = model._hidden(input_ids.to(device))
+    return h
+
+
+def head_logprobs(model, h, dtype):
+    with torch.autocast(h.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        logits = model.lm_head(h)
+    return F.log_softmax(logits.float(), dim=-1)
+
+
 @torch.no_grad()
 def continuation_logprobs(model, contexts: list, continuations: list, dtype=torch.float32, batch_size=8) -> list:
     """log P(continuation | context) for each pair, batched with right padding."""
-    device = next(model.parameters()).device
     out = [0.0] * len(contexts)
     seqs = [list(c) + list(x) for c, x in zip(contexts, continuations)]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # length-sorted batches waste little padding
@@ -196,13 +210,11 @@ def continuation_logprobs(model, contexts: list, continuations: list, dtype=torc
         inp = torch.zeros(len(rows), T, dtype=torch.long)
         for j, r in enumerate(rows):
             inp[j, : len(r) - 1] = torch.tensor(r[:-1])
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(inp.to(device)).logits
-        logp = F.log_softmax(logits.float(), dim=-1)
+        h = hidden_states(model, inp, dtype)
         for j, i in enumerate(idx):
             r, k = rows[j], len(continuations[i])
-            pos = torch.arange(len(r) - 1 - k, len(r) - 1)
-            out[i] = logp[j, pos, torch.tensor(r[-k:])].sum().item()
+            logp = head_logprobs(model, h[j, len(r) - 1 - k: len(r) - 1], dtype)
+            out[i] = logp[torch.arange(k), torch.tensor(r[-k:])].sum().item()
     return out
 
 
@@ -243,7 +255,6 @@ def sequence_nll(model, tokens: np.ndarray, seq_len: int, dtype=torch.float32, b
     Consecutive windows overlap by one token, so every token but the first is predicted exactly once.
     Returns (total_nats, predicted_tokens).
     """
-    device = next(model.parameters()).device
     n = len(tokens)
     starts = list(range(0, max(n - 1, 0), seq_len))
     total, count = 0.0, 0
@@ -251,16 +262,15 @@ def sequence_nll(model, tokens: np.ndarray, seq_len: int, dtype=torch.float32, b
         chunk = [tokens[s: s + seq_len + 1].astype(np.int64) for s in starts[b: b + batch_size]]
         T = max(len(c) for c in chunk) - 1
         inp = torch.zeros(len(chunk), T, dtype=torch.long)
-        tgt = torch.full((len(chunk), T), -100, dtype=torch.long)
+        tgt = torch.zeros((len(chunk), T), dtype=torch.long)
         for j, c in enumerate(chunk):
             inp[j, : len(c) - 1] = torch.from_numpy(c[:-1])
             tgt[j, : len(c) - 1] = torch.from_numpy(c[1:])
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(inp.to(device)).logits
-        nll = F.cross_entropy(logits.float().flatten(0, 1), tgt.to(device).flatten(), ignore_index=-100,
-                              reduction="sum")
-        total += nll.item()
-        count += int((tgt != -100).sum())
+        h = hidden_states(model, inp, dtype)
+        for j in range(len(chunk)):  # one row at a time: never the whole [B, T, V] logits at once
+            logp = head_logprobs(model, h[j], dtype)
+            total -= logp[torch.arange(len(chunk[j]) - 1), tgt[j, : len(chunk[j]) - 1]].sum().item()
+            count += len(chunk[j]) - 1
     return total, count
 
 

@@ -94,18 +94,17 @@ def test_letter_ids_are_the_ones_the_letters_get_in_context(glm, chat):
     assert len({tuple(c) for c in cont.values()}) == 4
 
 
-class AlwaysToken(torch.nn.Module):
-    """The real model with a large bonus on one token's logit: it always 'answers' that token."""
+class BiasedHead(torch.nn.Module):
+    """An output layer with a large bonus on one token's logit: the model always 'answers' that token."""
 
-    def __init__(self, inner, token_id):
+    def __init__(self, head, token_id):
         super().__init__()
-        self.inner, self.token_id, self.config = inner, token_id, inner.config
+        self.head, self.token_id = head, token_id
 
-    def forward(self, input_ids):
-        out = self.inner(input_ids)
-        logits = out.logits.clone()
+    def forward(self, h):
+        logits = self.head(h)
         logits[..., self.token_id] += 50.0
-        return out._replace(logits=logits)
+        return logits
 
 
 def test_model_that_prefers_the_right_letter_scores_it(glm, tiny):
@@ -117,7 +116,9 @@ def test_model_that_prefers_the_right_letter_scores_it(glm, tiny):
     assert base["overall"]["n"] == 6 and 0 <= base["overall"]["accuracy"] <= 1
     # a model that always says "B" is right exactly on the questions whose answer is B
     _, cont = ev.letter_candidates(glm, questions[0], [], False)
-    always_b = AlwaysToken(tiny, cont["B"][0])
+    always_b = Transformer(tiny.config).eval()
+    always_b.load_state_dict(tiny.state_dict())
+    always_b.lm_head = BiasedHead(always_b.lm_head, cont["B"][0])
     r = ev.run_mc(always_b, glm, subjects, shots=0, chat=False, dtype=torch.float32)
     expected = sum(q.answer == "B" for q in questions) / len(questions)
     assert r["overall"]["accuracy"] == pytest.approx(expected)
@@ -202,3 +203,30 @@ def test_parse_scores_rejects_out_of_range_and_garbage():
     assert ev.parse_scores('{"language": 11, "knowledge": 2}') is None
     assert ev.parse_scores("no json") is None
     assert ev.parse_scores('x {"language": "5", "knowledge": 0} y') == {"language": 5.0, "knowledge": 0.0}
+
+
+@pytest.mark.slow
+def test_eval_main_writes_json_and_markdown_reports_and_compares_checkpoints(tmp_path, glm, tiny, capsys):
+    from train_loop import save_checkpoint
+    base = save_checkpoint(tmp_path / "base", tiny, glm, {"kind": "base", "step": 0, "tokens_seen": 0,
+                                                           "chat": False})
+    chat = save_checkpoint(tmp_path / "chat", tiny, glm, {"kind": "sft", "step": 0, "tokens_seen": 0,
+                                                           "chat": True})
+    args = ["--data-dir", str(tmp_path / "nodata"), "--ceval", str(CEVAL), "--cmmlu", str(CMMLU),
+            "--shots", "0,1", "--max-questions", "1", "--max-new-tokens", "2", "--dtype", "fp32"]
+    assert ev.main([str(base), *args, "--out", str(tmp_path / "one")]) == 0
+    report = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert set(report["mc"]) == {"ceval 0-shot", "ceval 1-shot", "cmmlu 0-shot", "cmmlu 1-shot"}
+    assert report["mc"]["ceval 0-shot"]["overall"]["n"] == 4  # 4 subjects x 1 question
+    assert report["chat"] is False and len(report["generation"]["samples"]) == len(ev.BASE_PROMPTS)
+    assert "chance 25%" in (tmp_path / "one" / "report.md").read_text()
+    assert ev.main([str(base), str(chat), *args, "--shots", "1", "--no-gen", "--out", str(tmp_path / "two")]) == 0
+    md = (tmp_path / "two" / "compare.md").read_text()
+    assert str(base) in md and str(chat) in md and "cmmlu 1-shot" in md
+    both = json.loads((tmp_path / "two" / "compare.json").read_text())
+    assert [r["chat"] for r in both] == [False, True]
+
+
+def test_eval_main_refuses_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
+    assert ev.main([str(tmp_path)]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
