@@ -96,6 +96,24 @@ def embedding_share(vocab_size: int) -> dict:
     return out
 
 
+def template_overhead(tok: Tokenizer) -> dict:
+    """render_chat (what SFT staging and training run per conversation) vs raw encode of the same contents."""
+    role = {"human": "user", "gpt": "assistant"}
+    convs = [[{"role": role[t["from"]], "content": t["value"]} for t in o["conversations"]]
+             for o in _jsonl(SAMPLES / "medicalgpt/sft/medical_sft_1K_format.jsonl")]
+    texts = ["\n".join(m["content"] for m in c) for c in convs]
+    t0 = time.perf_counter()
+    n_raw = sum(len(tok.sp.encode(t)) for t in texts)
+    raw_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_chat = sum(len(tok.render_chat(c).ids) for c in convs)
+    chat_s = time.perf_counter() - t0
+    print(f"\nchat template: render_chat {len(convs) / chat_s:,.0f} conversations/s, {n_chat / chat_s / 1e6:.2f} M tokens/s;"
+          f" raw encode of the same contents {n_raw / raw_s / 1e6:.2f} M tokens/s (time ratio raw/render {raw_s / chat_s:.2f})")
+    return {"render_chat_convs_per_s": round(len(convs) / chat_s), "render_chat_mtokens_per_s": round(n_chat / chat_s / 1e6, 3),
+            "raw_encode_mtokens_per_s": round(n_raw / raw_s / 1e6, 3), "render_chat_vs_raw_encode": round(raw_s / chat_s, 3)}
+
+
 def run(quick: bool = False) -> dict:
     text = load_text()
     if quick:   # a third of each set keeps --quick well under a minute
@@ -160,6 +178,7 @@ def run(quick: bool = False) -> dict:
                 best = (row, per_tflop)
         results[f"best_vocab_{preset}"] = best[0]["vocab"]
         print(f"  {preset:>5}: " + "  ".join(cells) + f"   -> best {best[0]['vocab']}")
+    results.update(template_overhead(glm))
     glm_emb = embedding_share(glm.vocab_size)
     print(f"(chatglm2's {glm.vocab_size} vocab would take "
           + " / ".join(f"{glm_emb[p]['share']:.0%} ({glm_emb[p]['embedding_m']:.1f}M)" for p in PRESETS)
