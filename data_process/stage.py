@@ -17,7 +17,8 @@ DPO JSONL lines: {"id", "source", "prompt": [messages, optional system first, en
 Records come from `docs_root/<corpus>/part-*.jsonl.zst` (CONTRACTS.md record format). A record that is malformed,
 has an empty turn or renders longer than recipe.sft.max_tokens is dropped, counted by reason and logged to
 `<stage>.rejects.jsonl` beside the outputs. The validation split is by a hash of the id (deterministic, stable
-when other records come or go). Every file is written under a temporary name and renamed; a `<stage>.manifest.json`
+when other records come or go; a small stage that drew no validation row gets its smallest-hash row moved there,
+so every stage of two or more rows can report a validation loss). Every file is written under a temporary name and renamed; a `<stage>.manifest.json`
 written last records the inputs and settings, so a re-run with the same ones keeps the finished stage.
 """
 from __future__ import annotations
@@ -38,10 +39,13 @@ SFT_COLUMNS = ["id", "source", "system", "conversation", "answer", "n_tokens"]
 CSV_CHUNK_ROWS = 10_000     # rows per pandas write: memory stays bounded whatever the corpus size
 
 
+def id_hash(record_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(record_id.encode("utf-8"), digest_size=8).digest(), "big")
+
+
 def is_val(record_id: str, val_fraction: float) -> bool:
     """Deterministic held-out split: the first 8 bytes of blake2b(id) as a fraction of 2**64."""
-    h = int.from_bytes(hashlib.blake2b(record_id.encode("utf-8"), digest_size=8).digest(), "big")
-    return h < val_fraction * 2.0 ** 64
+    return id_hash(record_id) < val_fraction * 2.0 ** 64
 
 
 def check_conversation(messages) -> str | None:
@@ -139,12 +143,35 @@ class _CsvWriter:
 class _JsonlWriter:
     def __init__(self, path: Path):
         self.file = _AtomicFile(path)
+        self.rows: list[dict] = []
+        self.header = True   # nothing written yet (as _CsvWriter)
 
     def add(self, obj: dict) -> None:
-        self.file.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.rows.append(obj)
+        if len(self.rows) >= CSV_CHUNK_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.file.f.writelines(json.dumps(obj, ensure_ascii=False) + "\n" for obj in self.rows)
+        self.header = False
+        self.rows = []
 
     def commit(self) -> None:
+        self._flush()
         self.file.commit()
+
+
+def _ensure_one_val(train, val, counts: dict, val_fraction: float):
+    """A small stage (a few hundred rows or less) often draws no validation row at all, which leaves training
+    without a validation loss; then the train row with the smallest id hash moves to validation. Returns it."""
+    if val_fraction > 0 and counts["val"] == 0 and counts["train"] >= 2 and train.header:   # all rows still buffered
+        row = min(train.rows, key=lambda r: id_hash(r["id"]))
+        train.rows.remove(row)
+        val.add(row)
+        counts["train"] -= 1
+        counts["val"] += 1
+        return row
+    return None
 
 
 def _write_all(writers: list, produce) -> None:
@@ -227,6 +254,10 @@ def stage_sft(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path
             counts[split] += 1
             counts[f"{split}_tokens"] += n_tokens
             counts["sources"][corpus] += 1
+        moved = _ensure_one_val(train, val, counts, val_fraction)
+        if moved is not None:
+            counts["train_tokens"] -= moved["n_tokens"]
+            counts["val_tokens"] += moved["n_tokens"]
 
     _write_all([train, val, rejects], produce)
     return {**counts, "rejected": dict(counts["rejected"]), "sources": dict(counts["sources"])}
@@ -271,6 +302,7 @@ def stage_dpo(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path
                 {"id": rid, "source": corpus, "prompt": prompt, "chosen": chosen, "rejected": rejected})
             counts[split] += 1
             counts["sources"][corpus] += 1
+        _ensure_one_val(train, val, counts, val_fraction)
 
     _write_all([train, val, rejects], produce)
     return {**counts, "rejected": dict(counts["rejected"]), "sources": dict(counts["sources"])}

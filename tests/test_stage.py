@@ -169,13 +169,29 @@ def test_csv_round_trip_keeps_text_and_turns_exactly(staged, glm):
                 assert row["system"] == (messages[0]["content"] if messages[0]["role"] == "system" else "")
                 assert row["n_tokens"] == len(glm.render_chat(messages).ids) <= 1024
                 assert row["source"] == row["id"].split(":")[0]
-                assert is_val(row["id"], 0.1) == (suffix == ".val.csv")
+                if suffix == ".csv":
+                    assert not is_val(row["id"], 0.1)
+                elif stage == "medical":                 # big enough: the hash split alone
+                    assert is_val(row["id"], 0.1)
                 rows += 1
     assert rows == sum(summary["sft"][s]["train"] + summary["sft"][s]["val"] for s in ("general", "medical", "reasoning"))
     assert rows > 900
     tricky = read_sft_csv(root / "data" / "sft" / "general.csv")
     tricky = pd.concat([tricky, read_sft_csv(root / "data" / "sft" / "general.val.csv")])
     assert "NA" in set(tricky["system"]) and "" in set(tricky["system"])
+
+
+def test_small_stage_still_gets_one_validation_row(tmp_path, glm):
+    write_parts([{**r, "corpus": "minimind_sft"} for r in general_sft()], tmp_path / "dedup" / "minimind_sft")
+    glm.save(tmp_path / "tokenizer")
+    recipe = parse_recipe({"corpus": [{"name": "minimind_sft", "reader": "jsonl", "paths": ["x"], "role": "sft",
+                                       "stage": "general"}], "sft": {"val_fraction": 0.001}}, tmp_path)
+    summary = run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")["sft"]["general"]
+    assert (summary["train"], summary["val"]) == (4, 1)
+    val = read_sft_csv(tmp_path / "data" / "sft" / "general.val.csv")
+    train = read_sft_csv(tmp_path / "data" / "sft" / "general.csv")
+    assert len(val) == 1 and len(train) == 4 and val["id"][0] not in set(train["id"])
+    assert summary["val_tokens"] == val["n_tokens"].sum() and summary["train_tokens"] == train["n_tokens"].sum()
 
 
 def test_dpo_pairs_share_one_schema(staged):
