@@ -13,7 +13,7 @@ so the training loop, `generate` and `save_pretrained` keep seeing our own `Tran
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -91,7 +91,6 @@ def save_adapter(model: torch.nn.Module, settings: LoraSettings, out_dir, base: 
     tmp.replace(out_dir / ADAPTER_WEIGHTS)
     config = settings.peft_config(base).to_dict()
     config["target_modules"] = sorted(config["target_modules"])
-    config["our_settings"] = asdict(settings)
     tmp = out_dir / (ADAPTER_CONFIG + ".tmp")
     tmp.write_text(json.dumps(config, indent=2, default=str, ensure_ascii=False))
     tmp.replace(out_dir / ADAPTER_CONFIG)

@@ -76,4 +76,5 @@ def write_toml(path: Path, top: dict, train: dict, lora: dict | None = None) -> 
 
 
 FAST_TRAIN = {"batch_size": 4, "seq_len": 96, "lr": 3e-3, "min_lr": 3e-4, "dtype": "fp32", "device": "cpu",
+              "peak_flops": 1e12,
               "eval_interval": 0, "save_interval": 0, "progress": False, "seed": 7}
