@@ -445,6 +445,24 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def corpus_fingerprint(corpus_dir: Path) -> str:
+    """What a record directory holds: its manifest.json without the volatile timing fields (a re-run of the read
+    step that produced the same parts must not force the tokenizer and staging to be redone), else its part files'
+    names, sizes and mtimes."""
+    manifest = corpus_dir / "manifest.json"
+    if manifest.is_file():
+        try:
+            m = json.loads(manifest.read_text(encoding="utf-8"))
+            if isinstance(m, dict):
+                m = {k: v for k, v in m.items() if k not in ("seconds", "elapsed", "created", "time")}
+            return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
+        except ValueError:
+            return _file_sha256(manifest)
+    parts = sorted(corpus_dir.glob("part-*.jsonl.zst")) if corpus_dir.is_dir() else []
+    listing = "".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in parts)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def train_tokenizer(recipe, docs_root, out_dir) -> Path:
     """The pipeline's tokenizer step: train on the pretraining corpora under `docs_root`, or prepare the existing
     model named by `recipe.tokenizer.model`; writes out_dir/tokenizer.model + tokenizer_meta.json, returns out_dir.
@@ -465,11 +483,7 @@ def train_tokenizer(recipe, docs_root, out_dir) -> Path:
         if not dirs:
             raise FileNotFoundError(f"no pretraining corpus under {docs_root} to train a tokenizer on "
                                     f"(expected one of {corpora}); run the read/dedup steps first")
-        inputs = {}
-        for d in dirs:
-            manifest = d / "manifest.json"
-            inputs[d.name] = _file_sha256(manifest) if manifest.is_file() else \
-                hashlib.sha256("".join(f"{p.name}:{p.stat().st_size}" for p in sorted(d.glob("part-*"))).encode()).hexdigest()
+        inputs = {d.name: corpus_fingerprint(d) for d in dirs}
         fingerprint = {"vocab_size": cfg.vocab_size, "sample_chars": cfg.sample_chars, "inputs": inputs,
                        "trainer": {k: v for k, v in TRAINER_SETTINGS.items()}, "line_chars": SAMPLE_LINE_CHARS}
     meta_path = out_dir / META_FILE

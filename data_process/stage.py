@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from data_process.records import iter_records
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, corpus_fingerprint
 
 SFT_COLUMNS = ["id", "source", "system", "conversation", "answer", "n_tokens"]
 CSV_CHUNK_ROWS = 10_000     # rows per pandas write: memory stays bounded whatever the corpus size
@@ -189,16 +189,7 @@ def _write_all(writers: list, produce) -> None:
 # ------------------------------------------------------------------------------------------------------- stages
 
 def _inputs_fingerprint(docs_root: Path, corpora: list[str]) -> dict:
-    out = {}
-    for name in corpora:
-        d = docs_root / name
-        manifest = d / "manifest.json"
-        if manifest.is_file():
-            out[name] = hashlib.sha256(manifest.read_bytes()).hexdigest()
-        else:
-            parts = sorted(d.glob("part-*.jsonl.zst")) if d.is_dir() else []
-            out[name] = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in parts]
-    return out
+    return {name: corpus_fingerprint(docs_root / name) for name in corpora}
 
 
 def _up_to_date(manifest_path: Path, fingerprint: dict, outputs: list[Path]) -> dict | None:

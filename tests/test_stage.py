@@ -219,6 +219,19 @@ def test_rerun_keeps_finished_stages_and_redoes_changed_ones(staged):
     stricter = run(make_recipe(root, max_tokens=200), root / "dedup", root / "tokenizer", root / "data")
     assert stricter["sft"]["medical"]["rejected"]["too_long"] > summary["sft"]["medical"]["rejected"].get("too_long", 0)
     run(make_recipe(root), root / "dedup", root / "tokenizer", root / "data")   # restore for other tests
+    assert csv.stat().st_mtime_ns != mtime
+
+
+def test_changed_input_corpus_redoes_its_stage(tmp_path, glm):
+    glm.save(tmp_path / "tokenizer")
+    recipe = parse_recipe({"corpus": [{"name": "minimind_sft", "reader": "jsonl", "paths": ["x"], "role": "sft",
+                                       "stage": "general"}]}, tmp_path)
+    records = [{**r, "corpus": "minimind_sft"} for r in general_sft()]
+    write_parts(records[:3], tmp_path / "dedup" / "minimind_sft")
+    first = run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")["sft"]["general"]
+    write_parts(records, tmp_path / "dedup" / "minimind_sft")
+    second = run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")["sft"]["general"]
+    assert first["train"] + first["val"] == 3 and second["train"] + second["val"] == 5
 
 
 def test_failure_mid_stage_leaves_no_partial_output(tmp_path, glm):

@@ -106,6 +106,22 @@ def test_training_is_deterministic_and_rerun_keeps_result(trained, tmp_path):
     assert Tokenizer.load(other).vocab_size == 3500                          # settings changed -> retrained
 
 
+def test_input_change_retrains_but_a_new_timing_in_the_manifest_does_not(trained, tmp_path):
+    root = trained[0]
+    docs = tmp_path / "dedup"
+    make_docs(docs)
+    manifest = {"corpus": "web", "parts": ["part-00000.jsonl.zst"], "counts": {"kept": 240}, "seconds": 1.5}
+    (docs / "web" / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    out = train_tokenizer(recipe_for(root), docs, tmp_path / "tok")
+    mtime = (out / "tokenizer.model").stat().st_mtime_ns
+    (docs / "web" / "manifest.json").write_text(json.dumps({**manifest, "seconds": 9.9}), encoding="utf-8")
+    train_tokenizer(recipe_for(root), docs, out)
+    assert (out / "tokenizer.model").stat().st_mtime_ns == mtime
+    (docs / "web" / "manifest.json").write_text(json.dumps({**manifest, "counts": {"kept": 239}}), encoding="utf-8")
+    train_tokenizer(recipe_for(root), docs, out)
+    assert (out / "tokenizer.model").stat().st_mtime_ns != mtime
+
+
 def test_existing_model_in_recipe_is_prepared_not_trained(tmp_path):
     recipe = recipe_for(tmp_path, model=os.path.relpath(CHATGLM2, tmp_path))
     out = train_tokenizer(recipe, tmp_path / "nothing-here", tmp_path / "tokenizer")
