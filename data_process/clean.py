@@ -78,12 +78,14 @@ def _nfkc_char(m: re.Match) -> str:
     return NFKC_TABLE[m.group()]
 
 
-def nfkc_safe(text: str) -> str:
+def nfkc_safe(text: str, check_astral: bool = True) -> str:
     """NFKC per character except the kept set above, then NFC so combining sequences compose."""
+    if text.isascii():  # ASCII is NFKC-invariant (and most English text is ASCII)
+        return text
     text = NFKC_BMP.sub(_nfkc_char, text)
-    if ASTRAL.search(text) is not None:
+    if check_astral and ASTRAL.search(text) is not None:
         text = NFKC_ASTRAL.sub(_nfkc_char, text)
-    if not text.isascii() and not unicodedata.is_normalized("NFC", text):
+    if not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
     return text
 
@@ -94,6 +96,10 @@ def nfkc_safe(text: str) -> str:
 CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff\ufff9-\ufffb]")
 H_SPACE = re.compile("[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
 ODD_SPACE = re.compile("[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+# Everything the three classes above and \r and astral characters match, in one class: most text has none of
+# them, and one scan (~900 MB/s) then replaces four.
+RARE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u00a0\u1680\u2000-\u200d\u202f\u205f\u2060\u3000\ufeff\ufff9-\ufffb"
+                  "\U00010000-\U0010ffff]")
 MANY_NEWLINES = re.compile(r"\n{3,}")
 TRAILING_SPACE = re.compile(r"[ \t]+\n")
 PUNCT = "!?,.;:~\\-=*#_·。，！？、；：～—…．"
@@ -149,14 +155,17 @@ def zh_ratio(text: str) -> float:
 
 def clean_text(text: str, settings: CleanConfig, stats: Counter, punct_run: re.Pattern | None = None) -> str:
     """Full cleaning for pretraining documents."""
+    rare = RARE.search(text) is not None
     if settings.nfkc:
-        text = nfkc_safe(text)
-    if CONTROL.search(text):
-        stats["control_chars_removed"] += 1
-        text = CONTROL.sub("", text)
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = H_SPACE.sub(" ", text) if ("  " in text or ODD_SPACE.search(text)) else text
+        text = nfkc_safe(text, check_astral=rare)
+    if rare:
+        if CONTROL.search(text):
+            stats["control_chars_removed"] += 1
+            text = CONTROL.sub("", text)
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "  " in text or (rare and ODD_SPACE.search(text)):
+        text = H_SPACE.sub(" ", text)
     if " \n" in text or "\n " in text:
         text = "\n".join(line.strip() for line in text.split("\n"))
     if "\n\n\n" in text:
@@ -172,15 +181,17 @@ def clean_text(text: str, settings: CleanConfig, stats: Counter, punct_run: re.P
 
 def clean_message(text: str, settings: CleanConfig, stats: Counter) -> str:
     """Light cleaning for conversation turns and answers: keeps inner spacing (code, tables) and punctuation."""
+    rare = RARE.search(text) is not None
     if settings.nfkc:
-        text = nfkc_safe(text)
-    if CONTROL.search(text):
-        stats["control_chars_removed"] += 1
-        text = CONTROL.sub("", text)
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if ODD_SPACE.search(text):
-        text = ODD_SPACE.sub(lambda m: "    " if m.group() == "\t" else " ", text)
+        text = nfkc_safe(text, check_astral=rare)
+    if rare:
+        if CONTROL.search(text):
+            stats["control_chars_removed"] += 1
+            text = CONTROL.sub("", text)
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if ODD_SPACE.search(text):
+            text = ODD_SPACE.sub(lambda m: "    " if m.group() == "\t" else " ", text)
     if " \n" in text:
         text = TRAILING_SPACE.sub("\n", text)
     return text.strip()

@@ -19,6 +19,7 @@ Accounting: every upstream record read becomes exactly one of kept or rejected (
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -96,6 +97,7 @@ def plan_units(recipe: Recipe, spec: CorpusSpec, files: list[Path], chunk_bytes:
     return units
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """Hash of the reader and cleaner source: changing either invalidates finished corpora."""
     h = hashlib.sha256()
