@@ -140,3 +140,23 @@ def test_vocab_smaller_than_the_character_set_is_a_clear_error(trained, tmp_path
 def test_no_pretraining_docs_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no pretraining corpus"):
         train_tokenizer(recipe_for(tmp_path), tmp_path / "empty", tmp_path / "tokenizer")
+
+
+def test_chat_template_and_stream_decoder_hold_for_a_trained_model(trained):
+    import jinja2
+
+    from tokenizer import CHAT_TEMPLATE_JINJA, TAGS, StreamDecoder
+    _, _, tok = trained
+    msgs = [{"role": "system", "content": "你是医生。"}, {"role": "user", "content": "发烧怎么办？\n38.5度"},
+            {"role": "assistant", "content": "<think>\n中度发热。\n</think>\n<answer>\n多喝水，必要时就医。\n</answer>"}]
+    chat = tok.render_chat(msgs, tag_weight=0.2)
+    text = jinja2.Environment().from_string(CHAT_TEMPLATE_JINJA).render(messages=msgs, add_generation_prompt=False)
+    assert tok.encode(text, allow_special=True) == chat.ids
+    weighted = [i for i, w in zip(chat.ids, chat.weights) if w > 0]
+    assert tok.decode(weighted) == msgs[-1]["content"] + "<|im_end|>"
+    assert [w for i, w in zip(chat.ids, chat.weights) if i in {tok.special[t] for t in TAGS}] == [0.2] * 4
+    for text in held_out_texts():
+        ids = tok.encode(text)
+        dec = StreamDecoder(tok)
+        pieces = [dec.push(i) for i in ids]
+        assert "\ufffd" not in "".join(pieces) and "".join(pieces) + dec.flush() == text
