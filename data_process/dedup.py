@@ -1,0 +1,473 @@
+"""The `dedup` pipeline step: decontamination, exact and near-duplicate removal across all corpora of a run.
+
+    data/clean/<corpus>/part-*.jsonl.zst  ->  data/dedup/<corpus>/part-*.jsonl.zst + manifest.json
+                                              data/dedup/report.json, data/dedup/examples.jsonl
+
+`run(recipe, clean_root, out_root)` makes two passes over the cleaned records. Pass 1 (parallel over
+`recipe.run.workers` processes, results consumed in order, so the outcome never depends on the worker count)
+computes per record: an exact-dedup hash of the normalized text, the LSH band hashes and b-bit sketch of its
+MinHash signature (minhash.py), and whether it shares a long character n-gram with an eval question.
+Then, on those compact arrays only, in this order:
+  1. decontamination: a record that overlaps an eval set is dropped (and never acts as the kept copy);
+  2. exact duplicates: of records with equal normalized text the first in keep order survives;
+  3. near duplicates: LSH candidate pairs whose sketch Jaccard >= recipe.dedup.threshold are joined into
+     clusters (connected components, as in the BigCode/text-dedup pipelines) and each cluster keeps its
+     first record in keep order.
+Keep order: corpora sorted by `priority` (higher first), ties by recipe order; within a corpus, the order
+records were read. Pass 2 rereads the records and writes the survivors, then examples and the report.
+
+Shingling: character 5-grams of the normalized text. bench/bench_dedup.py measured it against jieba word
+n-grams on Chinese near-duplicates built from the real samples with controlled edit rates: char 5-grams had
+the best F1 (see the comment at CHAR_NGRAM_VS_JIEBA) and need no segmenter, which alone runs at ~0.4 M chars/s.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from data_process import minhash
+from data_process.records import iter_records, write_parts
+
+log = logging.getLogger(__name__)
+
+# Measured by bench/bench_dedup.py (shingling section) on 240 SkyPile-style pages, Toyhom dialogues, the
+# fever textbook and Firefly pretrain text with 2-50% character/sentence edits: see the module docstring.
+CHAR_NGRAM_VS_JIEBA = "char 5-gram vs jieba word n-grams: see bench/bench_dedup.py shingling table"
+
+BATCH_CHARS = 2_000_000      # characters per work item sent to a worker
+EXAMPLES_PER_KIND = 30       # example pairs written to examples.jsonl per kind (exact, near, decontam)
+# fork: workers start in milliseconds and need no `if __name__ == "__main__"` guard in the caller; the
+# parent holds no locks worth worrying about here (no torch, no threads of ours). spawn elsewhere.
+_START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+VERSION = 1                  # bump when the algorithm changes, so finished outputs are recomputed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What text of a record is compared
+def dedup_text(record: dict) -> str:
+    """The text two records must share to be duplicates.
+
+    doc: its text. conv: user and assistant turns concatenated; the system prompt is left out because a few
+    stock system prompts are shared by thousands of unrelated conversations and would make short ones look
+    alike. pref: prompt + chosen answer; the rejected answer is left out because it is what varies between
+    otherwise identical pairs (several sampled rejects for one prompt), and training on the same prompt and
+    chosen answer twice is the duplication that matters.
+    """
+    kind = record.get("kind")
+    if kind == "doc":
+        return record.get("text") or ""
+    if kind == "conv":
+        return "\n".join(m.get("content") or "" for m in record.get("messages") or []
+                         if m.get("role") in ("user", "assistant"))
+    if kind == "pref":
+        prompt = "\n".join(m.get("content") or "" for m in record.get("prompt") or [] if m.get("role") == "user")
+        return prompt + "\n" + (record.get("chosen") or "")
+    raise ValueError(f"record {record.get('id')!r}: unknown kind {kind!r}")
+
+
+def decontam_text(record: dict) -> str:
+    """The text checked against the eval sets: whole documents and conversations, only the prompt of a
+    preference pair (its answers are the model's own style, the prompt is what could be an exam question)."""
+    if record.get("kind") == "pref":
+        return "\n".join(m.get("content") or "" for m in record.get("prompt") or [] if m.get("role") == "user")
+    return dedup_text(record)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Eval sets (C-Eval: CRLF, id,question,A,B,C,D,answer[,explanation]; CMMLU: LF, ,Question,A,B,C,D,Answer)
+EVAL_COLUMNS = {"ceval": ("question", "A", "B", "C", "D", "answer"),
+                "cmmlu": ("Question", "A", "B", "C", "D", "Answer")}
+BLANK = re.compile(r"_{2,}|（\s*）|\(\s*\)")
+
+
+def read_eval_questions(path: Path, fmt: str) -> tuple[list[dict], int]:
+    """Questions of one C-Eval/CMMLU CSV as dicts {question, options: [A..D], answer}; plus the number of
+    malformed rows (logged and counted, not fatal)."""
+    q_col, *opt_cols, ans_col = EVAL_COLUMNS[fmt]
+    questions, bad = [], 0
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in (q_col, *opt_cols, ans_col) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: not a {fmt} CSV, missing column(s) {missing} in header {reader.fieldnames}")
+        for row in reader:
+            question = (row.get(q_col) or "").strip()
+            answer = (row.get(ans_col) or "").strip()
+            if not question or None in row or answer not in ("A", "B", "C", "D"):
+                bad += 1
+                log.warning("%s:%d: malformed %s row skipped", path, reader.line_num, fmt)
+                continue
+            questions.append({"question": question, "options": [row[c] or "" for c in opt_cols],
+                              "answer": answer, "file": str(path), "row": reader.line_num})
+    return questions, bad
+
+
+def question_variants(q: dict) -> list[tuple[str, int]]:
+    """Alnum-normalized forms in which a question shows up in training text, each with the index below which
+    the stem's length (options variants: windows must overlap the question, so 'a是b否c...' alone never matches):
+    the question; the question with its blank filled by (or followed by) the right answer; the question
+    followed by its options, with and without their letters (how exam dumps on the web print them)."""
+    question = q["question"]
+    options = q["options"]
+    answer = options["ABCD".index(q["answer"])]
+    stem = minhash.normalize_alnum(BLANK.sub("", question))
+    filled = (BLANK.sub(answer, question, count=1) if BLANK.search(question) else question + answer)
+    labeled = stem + "".join(minhash.normalize_alnum(letter + opt) for letter, opt in zip("ABCD", options))
+    bare = stem + "".join(minhash.normalize_alnum(opt) for opt in options)
+    every = 1 << 30
+    return [(stem, every), (minhash.normalize_alnum(filled), every), (labeled, len(stem)), (bare, len(stem))]
+
+
+def eval_index(question_sets: list[list[dict]], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Sorted 64-bit hashes of every n-gram of every question variant, with the eval-set and question each
+    came from (first set in recipe order wins a shared n-gram); plus how many questions have no n-gram."""
+    hashes, set_ids, q_ids, too_short = [], [], [], 0
+    for s, questions in enumerate(question_sets):
+        for qi, q in enumerate(questions):
+            got = 0
+            for text, stem_len in question_variants(q):
+                # an options variant only counts windows with at least half a window (or the whole stem,
+                # if shorter) of question text in them
+                windows = stem_len - min(stem_len, (n + 1) // 2) + 1 if stem_len > 0 else 0
+                h = minhash.ngram_hashes64(minhash.codepoints(text), n)[:windows]
+                got += len(h)
+                hashes.append(h)
+                set_ids.append(np.full(len(h), s, np.int32))
+                q_ids.append(np.full(len(h), qi, np.int32))
+            too_short += got == 0
+    if not hashes:
+        return np.empty(0, np.uint64), np.empty(0, np.int32), np.empty(0, np.int32), too_short
+    h, s, q = np.concatenate(hashes), np.concatenate(set_ids), np.concatenate(q_ids)
+    order = np.lexsort((q, s, h))
+    h, s, q = h[order], s[order], q[order]
+    first = np.r_[True, h[1:] != h[:-1]]
+    return h[first], s[first], q[first], too_short
+
+
+def find_contamination(cps: np.ndarray, lengths: np.ndarray, index_hashes: np.ndarray, n: int) -> np.ndarray:
+    """For every text of a batch (alnum-normalized code points, per-text lengths) the position in the eval
+    index of its first n-gram found there, or -1. One vectorized pass over the whole batch."""
+    found = np.full(len(lengths), -1, np.int64)
+    h = minhash.ngram_hashes64(cps, n)
+    if len(index_hashes) == 0 or len(h) == 0:
+        return found
+    doc_of_char = np.repeat(np.arange(len(lengths)), lengths)
+    pos = np.searchsorted(index_hashes, h)
+    pos[pos == len(index_hashes)] = 0
+    hit = np.flatnonzero((index_hashes[pos] == h) & (doc_of_char[:len(h)] == doc_of_char[n - 1:n - 1 + len(h)]))
+    docs, first = np.unique(doc_of_char[hit], return_index=True)
+    found[docs] = pos[hit[first]]
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pass 1 worker: one batch of texts -> compact per-record arrays
+_W: dict = {}
+
+
+def _init_worker(num_perm, ngram, bands, rows, decontam_ngram, index_hashes):
+    _W.update(hasher=minhash.MinHasher(num_perm=num_perm, ngram=ngram), bands=bands, rows=rows,
+              decontam_ngram=decontam_ngram, index_hashes=index_hashes)
+
+
+def process_batch(batch: tuple[list[str], list[str]]) -> dict:
+    """Exact hashes, band hashes, sketches and eval hits of one batch of (dedup texts, decontam texts)."""
+    texts, dtexts = batch
+    cps, lengths = minhash.fold_batch(*minhash.encode_batch(texts))
+    starts = np.cumsum(lengths) - lengths
+    buf = cps.tobytes()
+    exact = np.fromiter((xxhash.xxh3_64_intdigest(buf[4 * s:4 * (s + k)]) for s, k in zip(starts, lengths)),
+                        np.uint64, len(texts))
+    sigs = _W["hasher"].signatures_cps(cps, lengths)
+    dcps, dlengths = minhash.fold_batch(*minhash.encode_batch(dtexts), alnum=True)
+    contam = find_contamination(dcps, dlengths, _W["index_hashes"], _W["decontam_ngram"])
+    return {"exact": exact, "bands": minhash.band_hashes(sigs, _W["bands"], _W["rows"]),
+            "sketch": minhash.sketch(sigs), "contam": contam, "has_shingles": lengths > 0,
+            "chars": sum(len(t) for t in texts)}
+
+
+def _batches(corpora_dirs: list[Path], stats: list[dict]):
+    """(dedup texts, decontam texts) batches over all corpora in keep order; counts records per corpus."""
+    texts, dtexts, chars = [], [], 0
+    for ci, d in enumerate(corpora_dirs):
+        for record in iter_records(d):
+            text = dedup_text(record)
+            texts.append(text)
+            dtexts.append(decontam_text(record))
+            stats[ci]["in"] += 1
+            chars += len(text)
+            if chars >= BATCH_CHARS:
+                yield texts, dtexts
+                texts, dtexts, chars = [], [], 0
+    if texts:
+        yield texts, dtexts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decisions over the compact arrays (pure functions, tested directly)
+def exact_duplicates(exact: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    """For every record the index of the first alive record with the same hash (itself if it is the first);
+    -1 for records that are not alive."""
+    first_of = np.full(len(exact), -1, np.int64)
+    idx = np.flatnonzero(alive)
+    if len(idx):
+        _, first, inverse = np.unique(exact[idx], return_index=True, return_inverse=True)
+        first_of[idx] = idx[first[inverse]]
+    return first_of
+
+
+def near_duplicates(bands: np.ndarray, sketches: np.ndarray, valid: np.ndarray, threshold: float):
+    """Cluster root (smallest index, i.e. first in keep order) of every record over verified LSH pairs;
+    also the verified pairs (u, v, estimated Jaccard) for examples."""
+    u, v = minhash.candidate_pairs(bands, valid)
+    est = minhash.sketch_jaccard(sketches[u], sketches[v]) if len(u) else np.empty(0)
+    ok = est >= threshold
+    root = minhash.components_min(len(bands), u[ok], v[ok])
+    return root, (u[ok], v[ok], est[ok]), int(len(u))
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _fingerprint(recipe, corpora, clean_root: Path, eval_files: list[list[Path]]) -> str:
+    h = hashlib.sha256()
+    settings = {"version": VERSION, "dedup": asdict(recipe.dedup),
+                "corpora": [(c.name, c.priority) for c in corpora],
+                "eval_sets": [(e.name, e.format) for e in recipe.eval_sets]}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for c in corpora:
+        manifest = clean_root / c.name / "manifest.json"
+        h.update(c.name.encode() + b"\0" + (manifest.read_bytes() if manifest.exists() else b"-"))
+    for files in eval_files:
+        for f in files:
+            h.update(str(f).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _done(out_root: Path, fingerprint: str, corpora) -> dict | None:
+    try:
+        report = json.loads((out_root / "report.json").read_text())
+        if report.get("fingerprint") != fingerprint:
+            return None
+        for c in corpora:
+            if json.loads((out_root / c.name / "manifest.json").read_text()).get("fingerprint") != fingerprint:
+                return None
+        return report
+    except (OSError, ValueError):
+        return None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) -> dict:
+    """Run the dedup step; returns the report (also written to out_root/report.json). Re-running with the
+    same inputs and settings returns the saved report without recomputing."""
+    from data_process.recipe import resolve_paths
+    from tqdm import tqdm
+
+    t0 = time.time()
+    clean_root, out_root = Path(clean_root), Path(out_root)
+    cfg = recipe.dedup
+    workers = max(1, workers if workers is not None else recipe.run.workers)
+    # keep order: higher priority first, ties by recipe order (sorted() is stable)
+    order = sorted(range(len(recipe.corpora)), key=lambda i: -recipe.corpora[i].priority)
+    corpora, skipped = [], {}
+    for i in order:
+        c = recipe.corpora[i]
+        d = clean_root / c.name
+        if not d.is_dir():
+            skipped[c.name] = "no cleaned records (corpus not read)"
+            log.warning("dedup: %s has no directory under %s, skipped", c.name, clean_root)
+            continue
+        if not (d / "manifest.json").exists():
+            raise RuntimeError(f"dedup: {d} has no manifest.json: the read step did not finish for {c.name}")
+        corpora.append(c)
+    eval_files = [resolve_paths(recipe, e.paths) for e in recipe.eval_sets]
+    fingerprint = _fingerprint(recipe, corpora, clean_root, eval_files)
+    done = _done(out_root, fingerprint, corpora)
+    if done is not None:
+        log.info("dedup: outputs up to date (%s), skipped", out_root)
+        return done
+
+    # eval sets
+    question_sets, eval_report = [], {}
+    for spec, files in zip(recipe.eval_sets, eval_files):
+        if not files:
+            log.warning("dedup: eval set %s: no file matches %s", spec.name, spec.paths)
+        questions, bad = [], 0
+        for f in files:
+            q, b = read_eval_questions(f, spec.format)
+            questions += q
+            bad += b
+        question_sets.append(questions)
+        eval_report[spec.name] = {"files": len(files), "questions": len(questions), "malformed_rows": bad,
+                                  "removed": 0}
+    index_hashes, index_sets, index_qs, too_short = eval_index(question_sets, cfg.decontam_ngram)
+    bands_n, rows_n = minhash.lsh_params(cfg.threshold, cfg.num_perm)
+
+    # pass 1
+    stats = [{"in": 0} for _ in corpora]
+    init = (cfg.num_perm, cfg.ngram, bands_n, rows_n, cfg.decontam_ngram, index_hashes)
+    parts = {k: [] for k in ("exact", "bands", "sketch", "contam", "has_shingles")}
+    chars = 0
+    batches = _batches([clean_root / c.name for c in corpora], stats)
+    progress = tqdm(desc="dedup: hashing", unit=" chars", unit_scale=True, disable=None)
+    if workers == 1:
+        _init_worker(*init)
+        results = map(process_batch, batches)
+        pool = None
+    else:
+        pool = multiprocessing.get_context(_START_METHOD).Pool(workers, initializer=_init_worker, initargs=init)
+        results = pool.imap(process_batch, batches)   # imap keeps batch order: same result, any worker count
+    try:
+        for r in results:
+            for k in parts:
+                parts[k].append(r[k])
+            chars += r["chars"]
+            progress.update(r["chars"])
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    n = sum(s["in"] for s in stats)
+    exact = np.concatenate(parts["exact"]) if n else np.empty(0, np.uint64)
+    bands = np.concatenate(parts["bands"]) if n else np.empty((0, bands_n), np.uint64)
+    sketches = np.concatenate(parts["sketch"]) if n else np.empty((0, cfg.num_perm), np.uint8)
+    contam = np.concatenate(parts["contam"]) if n else np.empty(0, np.int64)
+    has_shingles = np.concatenate(parts["has_shingles"]) if n else np.empty(0, bool)
+    del parts
+    hash_seconds = time.time() - t0
+    corpus_of = np.repeat(np.arange(len(corpora)), [s["in"] for s in stats])
+
+    # decisions
+    contaminated = contam >= 0
+    alive = ~contaminated
+    first_of = exact_duplicates(exact, alive) if cfg.exact else np.where(alive, np.arange(n), -1)
+    exact_dup = alive & (first_of != np.arange(n))
+    valid = alive & ~exact_dup & has_shingles
+    n_candidates = 0
+    if cfg.near and n:
+        root, (eu, ev, eest), n_candidates = near_duplicates(bands, sketches, valid, cfg.threshold)
+    else:
+        root, (eu, ev, eest) = np.arange(n), (np.empty(0, np.int64),) * 3
+    near_dup = valid & (root != np.arange(n))
+    keep = alive & ~exact_dup & ~near_dup
+
+    # per-corpus report
+    names = [c.name for c in corpora]
+    report_corpora = {}
+    for ci, c in enumerate(corpora):
+        mine = corpus_of == ci
+
+        def against(mask, target):
+            got = np.bincount(corpus_of[target[mask & mine]], minlength=len(corpora)) if n else []
+            return {names[j]: int(k) for j, k in enumerate(got) if k}
+        report_corpora[c.name] = {
+            "priority": c.priority, "role": c.role, "in": int(mine.sum()),
+            "decontaminated": int((contaminated & mine).sum()),
+            "exact_dups": int((exact_dup & mine).sum()), "exact_dups_of": against(exact_dup, first_of),
+            "near_dups": int((near_dup & mine).sum()), "near_dups_of": against(near_dup, root),
+            "kept": int((keep & mine).sum()),
+        }
+    for s, spec in enumerate(recipe.eval_sets):
+        eval_report[spec.name]["removed"] = int((index_sets[contam[contaminated]] == s).sum()) if n else 0
+
+    # examples: deterministic picks, evenly spaced over the found pairs
+    def spaced(m):
+        return np.unique(np.linspace(0, m - 1, min(m, EXAMPLES_PER_KIND)).astype(np.int64)) if m else []
+    ex_exact = np.flatnonzero(exact_dup)
+    picks = [("exact", int(first_of[i]), int(i), 1.0) for i in ex_exact[spaced(len(ex_exact))]]
+    picks += [("near", int(eu[k]), int(ev[k]), float(eest[k])) for k in spaced(len(eu))]
+    ex_contam = np.flatnonzero(contaminated)
+    picks += [("decontam", -1, int(i), None) for i in ex_contam[spaced(len(ex_contam))]]
+    wanted = {i for p in picks for i in p[1:3] if i >= 0}
+
+    # pass 2: write survivors
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "report.json").unlink(missing_ok=True)   # the done-marker goes last
+    seen, offset = {}, 0
+    for ci, c in enumerate(corpora):
+        keep_c = keep[offset:offset + stats[ci]["in"]]
+
+        def survivors(ci=ci, keep_c=keep_c, base=offset):
+            for j, record in enumerate(iter_records(clean_root / c.name)):
+                if j >= len(keep_c):
+                    raise RuntimeError(f"dedup: {c.name} changed between passes (more records than counted)")
+                if base + j in wanted:
+                    seen[base + j] = record
+                if keep_c[j]:
+                    yield record
+        paths = write_parts(survivors(), out_root / c.name)
+        manifest = {"fingerprint": fingerprint, "corpus": c.name, "kind": "dedup",
+                    "records": report_corpora[c.name]["kept"], "parts": [p.name for p in paths],
+                    "dedup": report_corpora[c.name]}
+        _atomic_write(out_root / c.name / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode())
+        offset += stats[ci]["in"]
+
+    lines = []
+    for kind, u, v, est in picks:
+        rv = seen[v]
+        ex = {"kind": kind, "dropped": {"id": rv.get("id"), "corpus": rv.get("corpus"), "text": dedup_text(rv)}}
+        if kind == "decontam":
+            pos = contam[v]
+            q = question_sets[index_sets[pos]][index_qs[pos]]
+            ex["eval_set"] = recipe.eval_sets[index_sets[pos]].name
+            ex["question"] = {k: q[k] for k in ("question", "options", "answer", "file", "row")}
+        else:
+            ru = seen[u]
+            a, b = (set(minhash.shingles(minhash.normalize(dedup_text(r)), cfg.ngram)) for r in (ru, rv))
+            ex["kept"] = {"id": ru.get("id"), "corpus": ru.get("corpus"), "text": dedup_text(ru)}
+            ex["estimated_jaccard"] = round(est, 4)
+            ex["true_jaccard"] = round(minhash.jaccard(a, b), 4)
+        lines.append(json.dumps(ex, ensure_ascii=False))
+    _atomic_write(out_root / "examples.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
+
+    seconds = time.time() - t0
+    report = {
+        "fingerprint": fingerprint,
+        "settings": {**asdict(cfg), "bands": bands_n, "rows": rows_n, "workers": workers,
+                     "index_bytes_per_doc": minhash.index_bytes_per_doc(bands_n, cfg.num_perm),
+                     "keep_order": names},
+        "corpora": report_corpora, "skipped": skipped, "eval_sets": eval_report,
+        "eval_questions_without_ngram": too_short,
+        "totals": {"in": int(n), "kept": int(keep.sum()), "decontaminated": int(contaminated.sum()),
+                   "exact_dups": int(exact_dup.sum()), "near_dups": int(near_dup.sum()),
+                   "lsh_candidate_pairs": n_candidates, "verified_pairs": int(len(eu)),
+                   "chars": int(chars), "hash_seconds": round(hash_seconds, 2), "seconds": round(seconds, 2),
+                   "mchars_per_s": round(chars / max(hash_seconds, 1e-9) / 1e6, 2)},
+    }
+    _atomic_write(out_root / "report.json", json.dumps(report, ensure_ascii=False, indent=1).encode())
+    print(format_report(report))
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The compact table printed at the end of the step."""
+    rows = [f"{'corpus':<20} {'in':>9} {'decont':>7} {'exact':>8} {'near':>8} {'kept':>9}  dups of"]
+    for name, r in report["corpora"].items():
+        of = {**r["exact_dups_of"]}
+        for k, v in r["near_dups_of"].items():
+            of[k] = of.get(k, 0) + v
+        of_s = ", ".join(f"{k}:{v}" for k, v in sorted(of.items(), key=lambda kv: -kv[1])[:3])
+        rows.append(f"{name:<20} {r['in']:>9} {r['decontaminated']:>7} {r['exact_dups']:>8} {r['near_dups']:>8} "
+                    f"{r['kept']:>9}  {of_s}")
+    t = report["totals"]
+    rows.append(f"{'total':<20} {t['in']:>9} {t['decontaminated']:>7} {t['exact_dups']:>8} {t['near_dups']:>8} "
+                f"{t['kept']:>9}  ({t['mchars_per_s']} M chars/s, {t['seconds']} s)")
+    rows.append("decontamination: " + ", ".join(f"{k}: {v['removed']} removed ({v['questions']} questions)"
+                                                for k, v in report["eval_sets"].items()))
+    return "\n".join(rows)
