@@ -124,6 +124,7 @@ def prepare_model(model_bytes: bytes) -> tuple[bytes, dict[str, int], int | None
             changes.append(f"added {piece} as id {special[name]}")
         if piece not in spec.control_symbols:  # so Hugging Face's SentencePiece converter makes it a special token
             spec.control_symbols.append(piece)
+            changes.append(f"{piece} listed in trainer_spec.control_symbols")
     norm = proto.normalizer_spec
     for flag in ("add_dummy_prefix", "remove_extra_whitespaces"):
         if getattr(norm, flag):
@@ -169,7 +170,10 @@ class Tokenizer:
         meta = None
         meta_path = model_path.with_name(META_FILE)
         if meta_path.is_file():
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ValueError(f"{meta_path} is damaged ({e}); re-run the tokenizer step") from None
         tok = cls(model_path.read_bytes(), meta)
         if meta is not None:
             if meta.get("sha256") != tok.sha256:

@@ -61,6 +61,13 @@ def test_meta_of_another_model_is_rejected(glm, tmp_path):
         Tokenizer.load(tmp_path)
 
 
+def test_damaged_meta_is_a_clear_error(glm, tmp_path):
+    glm.save(tmp_path)
+    (tmp_path / "tokenizer_meta.json").write_text('{"sha256": "trunc', encoding="utf-8")
+    with pytest.raises(ValueError, match="damaged"):
+        Tokenizer.load(tmp_path)
+
+
 def test_bad_model_files_give_clear_errors(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"this is not a protobuf \xff\xfe")
     with pytest.raises(ValueError, match="SentencePiece"):
