@@ -7,7 +7,8 @@ with the ChatGLM2 SentencePiece model as the project prepares it:
               write .bin/.idx, checkpoint, manifest), in both parallel modes (SentencePiece's C++
               threads, process pool); ratio to the ceiling (target >= 0.8)
   - baseline: baby-llama2-chinese's method (per-document encode appended to one Python list, then
-              np.array; one core), with plain sentencepiece instead of its slower HF wrapper
+              np.array; one core), with plain sentencepiece, and through the piece -> id path its
+              Hugging Face-style ChatGLMTokenizer takes
   - peak RSS of the tokenize run incl. child processes, sampled from /proc (target < 1 GB with 1 GB input)
 
     python bench/bench_tokenize.py            # 1 GB of input text
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -77,9 +79,11 @@ def write_input(docs_dir: Path, texts: list[str], total_bytes: int) -> int:
     return count[0]
 
 
-def ceiling(sp, texts: list[str], total_bytes: int, threads: int) -> tuple[float, int]:
-    """Raw SentencePiece batch encode, texts in memory, batches like the tokenize step's; M tokens/s."""
+def ceiling(sp, texts: list[str], total_bytes: int, threads: int) -> tuple[float, float]:
+    """Raw SentencePiece batch encode, texts in memory, batches like the tokenize step's:
+    (M tokens/s, M tokens per CPU-second)."""
     batch, size, seconds, tokens = [], 0, 0.0, 0
+    cpu0 = time.process_time()
     for t in repeated(texts, total_bytes):
         batch.append(t)
         size += len(t)
@@ -89,15 +93,17 @@ def ceiling(sp, texts: list[str], total_bytes: int, threads: int) -> tuple[float
             seconds += time.perf_counter() - t0
             tokens += sum(map(len, ids))
             batch, size = [], 0
-    return tokens / seconds / 1e6, tokens
+    return tokens / seconds / 1e6, tokens / (time.process_time() - cpu0) / 1e6
 
 
-def baby_llama2_baseline(sp, texts: list[str], total_bytes: int, eos: int) -> float:
-    """baby-llama2-chinese data_process.py: per-document encode, `doc_ids += text_id`, then np.array."""
+def baby_llama2_baseline(sp, texts: list[str], total_bytes: int, eos: int, via_pieces: bool = False) -> float:
+    """baby-llama2-chinese data_process.py: per-document encode, `doc_ids += text_id`, then np.array.
+    via_pieces: encode the way its ChatGLMTokenizer (a Hugging Face slow tokenizer) does underneath,
+    EncodeAsPieces then PieceToId per piece (still without the PreTrainedTokenizer overhead on top)."""
     t0 = time.perf_counter()
     doc_ids = []
     for text in repeated(texts, total_bytes):
-        text_id = sp.encode(text)
+        text_id = [sp.PieceToId(p) for p in sp.EncodeAsPieces(text)] if via_pieces else sp.encode(text)
         text_id.append(eos)
         doc_ids += text_id
     arr = np.array(doc_ids, dtype=np.uint16)
@@ -148,7 +154,7 @@ class TreeRSS:
 
 
 E2E_SCRIPT = """
-import json, sys, time
+import json, resource, sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
 from tokenizer import Tokenizer
@@ -156,18 +162,23 @@ from data_process import tokenize
 docs = Path({docs!r})
 tok = Tokenizer.load({tok!r})
 settings = tokenize.Settings(val_fraction=0.01, shard_tokens=100_000_000)
-t0 = time.perf_counter()
-report = tokenize.tokenize_corpus("bench", sorted((docs / "bench").glob("part-*")), docs, tok, {tok!r},
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+t0, cpu0, kids0 = time.perf_counter(), time.process_time(), children_cpu()
+report = tokenize.tokenize_corpus("bench", sorted((docs / "bench").glob("part-*"))[:{max_parts}], docs, tok, {tok!r},
                                   Path({out!r}), settings, workers={workers}, mode={mode!r}, progress=False)
 report["wall_seconds"] = time.perf_counter() - t0
+report["cpu_seconds"] = time.process_time() - cpu0 + children_cpu() - kids0   # pool workers included
 print(json.dumps(report))
 """
 
 
-def end_to_end(docs: Path, tok_dir: Path, out: Path, mode: str, workers: int) -> dict:
-    """One tokenize run in a fresh process (so its memory is its own), with its RSS tree sampled."""
+def end_to_end(docs: Path, tok_dir: Path, out: Path, mode: str, workers: int, max_parts: int | None = None) -> dict:
+    """One tokenize run in a fresh process (so its memory is its own), with its RSS tree sampled and its
+    CPU time counted (of the tokenize call, pool workers included, interpreter start-up excluded)."""
     script = E2E_SCRIPT.format(root=str(ROOT), docs=str(docs), tok=str(tok_dir), out=str(out),
-                               workers=workers, mode=mode)
+                               workers=workers, mode=mode, max_parts=max_parts)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     rss = TreeRSS(proc.pid)
     stdout, _ = proc.communicate()
@@ -177,6 +188,7 @@ def end_to_end(docs: Path, tok_dir: Path, out: Path, mode: str, workers: int) ->
     report = json.loads(stdout.strip().splitlines()[-1])
     report["peak_rss_mb"] = peak / 2**20
     report["m_tokens_per_s"] = report["tokens"] / report["wall_seconds"] / 1e6
+    report["m_tokens_per_cpu_s"] = report["tokens"] / report["cpu_seconds"] / 1e6
     return report
 
 
@@ -185,6 +197,8 @@ def run(quick: bool = False) -> dict:
     from tokenizer import Tokenizer
     workers = os.cpu_count() or 1
     input_bytes = 12 * 2**20 if quick else 2**30
+    part_bytes = 50_000 * 900          # ~ what write_input puts in one part (50K documents)
+    process_parts = None if quick else max(1, (256 << 20) // part_bytes)   # the slower mode: 1/4 of the input
     probe_bytes = 6 * 2**20 if quick else 48 * 2**20     # text for the ceiling and the baseline
     texts = sample_texts()
     tok = Tokenizer.load(MODEL)
@@ -198,24 +212,28 @@ def run(quick: bool = False) -> dict:
         print(f"input: {n_docs:,} documents, {input_bytes / 2**20:,.0f} MB of UTF-8 text "
               f"({input_mb:,.0f} MB as zstd JSONL), written in {time.perf_counter() - t0:.1f}s; {workers} cores")
 
-        ceil_before, _ = ceiling(sp, texts, probe_bytes, workers)
-        print(f"ceiling (raw SentencePiece, {workers} threads): {ceil_before:.2f} M tokens/s")
+        ceil_before, ceil_cpu_before = ceiling(sp, texts, probe_bytes, workers)
+        print(f"ceiling (raw SentencePiece, {workers} threads): {ceil_before:.2f} M tokens/s, "
+              f"{ceil_cpu_before:.2f} M tokens per CPU-second")
         e2e = {}
-        for mode in ("threads", "processes"):
-            out = tmp / f"out-{mode}"
-            e2e[mode] = end_to_end(tmp / "docs", tmp / "tokenizer", out, mode, workers)
-            r = e2e[mode]
+        for mode, max_parts in (("threads", None), ("processes", process_parts)):
+            e2e[mode] = r = end_to_end(tmp / "docs", tmp / "tokenizer", tmp / f"out-{mode}", mode, workers, max_parts)
             print(f"tokenize step, {mode:9s}: {r['m_tokens_per_s']:.2f} M tokens/s end to end "
                   f"({r['tokens']:,} tokens, {r['shards']} shards, {r['wall_seconds']:.1f}s), "
+                  f"{r['m_tokens_per_cpu_s']:.2f} M tokens per CPU-second, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB incl. children")
-        same = all((tmp / "out-threads" / p.name).read_bytes() == p.read_bytes()
-                   for p in (tmp / "out-processes").iterdir() if p.suffix in (".bin", ".idx"))
-        ceil_after, _ = ceiling(sp, texts, probe_bytes, workers)
-        ceil = (ceil_before + ceil_after) / 2
+        same = None   # both modes wrote the same input in quick mode: their shards must be byte-identical
+        if process_parts is None:
+            same = all((tmp / "out-threads" / p.name).read_bytes() == p.read_bytes()
+                       for p in (tmp / "out-processes").iterdir() if p.suffix in (".bin", ".idx"))
+        ceil_after, ceil_cpu_after = ceiling(sp, texts, probe_bytes, workers)
+        ceil, ceil_cpu = (ceil_before + ceil_after) / 2, (ceil_cpu_before + ceil_cpu_after) / 2
         print(f"ceiling again: {ceil_after:.2f} M tokens/s; mean {ceil:.2f} (the machine is shared: "
               f"the ratio uses the mean of before and after)")
         baseline = baby_llama2_baseline(sp, texts, probe_bytes // 4, tok.eos_id)
-        print(f"baseline (baby-llama2-chinese method, 1 core): {baseline:.2f} M tokens/s")
+        baseline_pieces = baby_llama2_baseline(sp, texts, probe_bytes // 8, tok.eos_id, via_pieces=True)
+        print(f"baseline (baby-llama2-chinese method, 1 core): {baseline:.2f} M tokens/s with plain "
+              f"sentencepiece, {baseline_pieces:.2f} M tokens/s through its tokenizer's piece -> id path")
     best = max(e2e, key=lambda m: e2e[m]["m_tokens_per_s"])
     result = {
         "input_mb": round(input_bytes / 2**20),
@@ -224,15 +242,24 @@ def run(quick: bool = False) -> dict:
         "e2e_processes_m_tokens_per_s": round(e2e["processes"]["m_tokens_per_s"], 3),
         "best_mode": best,
         "e2e_vs_ceiling": round(e2e[best]["m_tokens_per_s"] / ceil, 3),
+        "cpu_efficiency_threads": round(e2e["threads"]["m_tokens_per_cpu_s"] / ceil_cpu, 3),
+        "cpu_efficiency_processes": round(e2e["processes"]["m_tokens_per_cpu_s"] / ceil_cpu, 3),
         "baseline_baby_llama2_m_tokens_per_s": round(baseline, 3),
         "e2e_vs_baseline": round(e2e[best]["m_tokens_per_s"] / baseline, 2),
+        "baseline_baby_llama2_pieces_m_tokens_per_s": round(baseline_pieces, 3),
+        "e2e_vs_baseline_pieces": round(e2e[best]["m_tokens_per_s"] / baseline_pieces, 2),
         "peak_rss_mb_threads": round(e2e["threads"]["peak_rss_mb"]),
         "peak_rss_mb_processes": round(e2e["processes"]["peak_rss_mb"]),
-        "outputs_identical_across_modes": same,
+        "processes_input_mb": round(input_bytes / 2**20) if process_parts is None else
+        round(min(input_bytes, process_parts * part_bytes) / 2**20),
     }
+    if same is not None:
+        result["outputs_identical_across_modes"] = same
     print(f"end to end / ceiling = {result['e2e_vs_ceiling']:.2f} (target >= 0.8, best mode: {best}); "
-          f"end to end / baby-llama2 = {result['e2e_vs_baseline']:.1f}x; "
-          f"outputs identical across modes: {same}")
+          f"tokens per CPU-second vs the ceiling's: threads {result['cpu_efficiency_threads']:.2f}, "
+          f"processes {result['cpu_efficiency_processes']:.2f}; "
+          f"end to end / baby-llama2 = {result['e2e_vs_baseline']:.1f}x "
+          f"({result['e2e_vs_baseline_pieces']:.1f}x against its tokenizer's path)")
     return result
 
 

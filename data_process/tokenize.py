@@ -89,15 +89,12 @@ def encode_documents(tok, kind: str, payloads: list, dtype: str, num_threads: in
         ids = tok.encode_batch(payloads, num_threads=num_threads)
     else:
         ids = [tok.render_chat(messages).ids for messages in payloads]
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    total = int(lengths.sum())
-    eos_at = np.cumsum(lengths) - 1
-    flat = np.empty(total, dtype=dtype)
-    body = np.ones(total, dtype=bool)
-    body[eos_at] = False
+    eos = tok.eos_id
+    for x in ids:   # the lists are ours: appending eos in place is cheaper than inserting it in the array
+        x.append(eos)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     # fromiter over the chained lists is the fastest list -> array path (~40 M ids/s, no temporary list)
-    flat[body] = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=total - len(ids))
-    flat[eos_at] = tok.eos_id
+    flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
     return flat, lengths
 
 
@@ -116,9 +113,11 @@ class Encoder:
             self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                                             initializer=_init_worker, initargs=(str(tokenizer_dir),))
             self.depth = 2 * workers
-        else:   # one Python thread, so reading the next batch overlaps SentencePiece's C++ threads
-            self.pool = ThreadPoolExecutor(1)
-            self.depth = 2
+        else:
+            # Two Python threads, each handing a batch to SentencePiece's C++ threads (GIL released): while
+            # one turns its ids into an array (GIL held), the other batch keeps the cores encoding.
+            self.pool = ThreadPoolExecutor(2)
+            self.depth = 3
 
     def _submit(self, kind, batch, dtype):
         if isinstance(self.pool, ProcessPoolExecutor):
