@@ -123,9 +123,6 @@ def baidubaike():
     modes = ["full", "null", "missing", "full"]
     for i, d in enumerate(DISEASES):
         lines.append(jl(baike_entry(d, modes[i % 4])))
-    for title, paras in TOPICS[5:]:
-        lines.append(jl({"title": title, "summary": paras[0],
-                         "sections": [{"title": "简介", "content": p} for p in paras[1:]]}))
     lines.append(jl({"title": "空词条", "summary": None, "sections": []}))  # only a title: rejected as too short
     write("baidubaike/563w_baidubaike.json", "\n".join(lines) + "\n")
 
@@ -175,11 +172,10 @@ def medical_pretrain():
 
 def minimind_pretrain():
     lines = []
-    for title, paras in TOPICS:
-        lines.append(jl({"text": "".join(f"<s>{p}</s> " for p in paras[:2]).strip()}))
-    for d in DISEASES[:6]:
-        lines.append(jl({"text": f"<s>问：{d['name']}有哪些症状？答：常见{join(d['symptoms'][:3])}。</s> "
-                                 f"<s>{d['name']}患者日常应{d['advice'][0]}，并{d['advice'][-1]}。</s>"}))
+    for i, d in enumerate(DISEASES):
+        lines.append(jl({"text": f"<s>{d['name']}的高危人群主要是有{d['causes'][0]}或{d['causes'][1]}的人，"
+                                 f"这类人群应定期体检。</s> <s>想要确诊{d['name']}，{d['exams'][0]}是最基本的一步，"
+                                 f"结果要请{d['dept']}医生解读。</s>"}))
     write("minimind_pretrain/pretrain_hq.jsonl", "\n".join(lines))  # no final newline
 
 
@@ -242,10 +238,15 @@ def medical_finetune():
 
 
 def general_tasks():
-    for title, paras in TOPICS:
-        yield f"请介绍一下{title}。", "\n\n".join(paras)
-        yield f"用一句话概括下面这段话。", paras[1], paras[1].split("。")[0] + "。"
-        yield f"关于{title}，请列出三个要点。", "\n".join(f"{k + 1}. {p.split('。')[0]}。" for k, p in enumerate(paras))
+    for i, d in enumerate(DISEASES):
+        yield f"将下面的疾病名称翻译成英文。", d["name"], f"{d['name']}的英文是“{d['en']}”。"
+        celsius = round(35.9 + i * 0.2, 1)
+        yield (f"把体温{celsius}℃换算成华氏温度，并说明是否发热。",
+               f"华氏温度 = 摄氏温度 × 9/5 + 32 = {celsius} × 1.8 + 32 = {celsius * 1.8 + 32:.1f}°F。"
+               + ("腋下体温超过37.3℃一般认为是发热。" if celsius > 37.3 else "这个体温在正常范围内。"))
+    for dept in sorted({d["dept"] for d in DISEASES}):
+        names = [d["name"] for d in DISEASES if d["dept"] == dept]
+        yield f"{dept}主要诊治哪些疾病？请举例。", f"{dept}诊治的常见疾病包括{join(names)}等，具体以医院的科室设置为准。"
 
 
 def alpaca_zh():
@@ -255,14 +256,20 @@ def alpaca_zh():
             items.append({"instruction": task[0], "input": "", "output": task[1]})
         else:
             items.append({"instruction": task[0], "input": task[1], "output": task[2]})
-    write("alpaca_zh/alpaca_gpt4_data_zh.json", json.dumps(items[::2], ensure_ascii=False, indent=4))
+    write("alpaca_zh/alpaca_gpt4_data_zh.json", json.dumps(items, ensure_ascii=False, indent=4))
 
 
 def belle():
     lines = []
-    for task in list(general_tasks())[1::2]:
-        inst = task[0] if len(task) == 2 else task[0] + "\n" + task[1]
-        lines.append(jl({"instruction": inst, "input": "", "output": task[-1]}))
+    for i, d in enumerate(DISEASES):
+        height, weight = 1.55 + (i % 5) * 0.05, 50 + (i * 7) % 40
+        bmi = weight / height ** 2
+        lines.append(jl({"instruction": f"身高{height:.2f}米、体重{weight}公斤的人，BMI是多少？属于什么范围？", "input": "",
+                         "output": f"BMI = 体重 ÷ 身高² = {weight} ÷ {height:.2f}² ≈ {bmi:.1f}。按中国成人标准，"
+                                   + ("BMI≥28属于肥胖。" if bmi >= 28 else "24≤BMI<28属于超重。" if bmi >= 24
+                                      else "18.5≤BMI<24属于正常范围。" if bmi >= 18.5 else "BMI<18.5属于体重过低。")}))
+        lines.append(jl({"instruction": f"{d['name']}应该挂哪个科？", "input": "",
+                         "output": f"{d['name']}一般挂{d['dept']}。如果症状很重或出现急症，请直接去急诊。"}))
     for i, city in enumerate(CITIES):
         lines.append(jl({"instruction": f"为去{city}旅游的游客写一条健康提示。", "input": "",
                          "output": f"去{city}旅游时，请根据天气增减衣物，注意饮食卫生，随身携带常用药品；"
@@ -348,8 +355,8 @@ def magpie_dpo():
 def minimind_dpo():
     lines = []
     for title, paras in TOPICS:
-        q = [{"role": "user", "content": f"简单介绍一下{title}。"}]
-        lines.append(jl({"chosen": q + [{"role": "assistant", "content": paras[0]}],
+        q = [{"role": "user", "content": f"关于{title}，还有什么值得一提的？"}]
+        lines.append(jl({"chosen": q + [{"role": "assistant", "content": paras[2]}],
                          "rejected": q + [{"role": "assistant", "content": f"{title}没什么好介绍的。"}]}))
     write("minimind_dpo/dpo.jsonl", "\n".join(lines) + "\n")
 
@@ -363,12 +370,17 @@ def main() -> None:
 
 
 def wudao():
-    for part, chunk in enumerate((TOPICS[:5], TOPICS[5:])):
+    relations = ["父亲", "母亲", "外婆", "舅舅", "同事", "邻居", "大学室友", "表姐"]
+    for part, chunk in enumerate((DISEASES[:8], DISEASES[8:])):
         items = []
-        for k, (title, paras) in enumerate(chunk):
+        for k, d in enumerate(chunk):
+            who = relations[k % len(relations)]
+            content = (f"去年冬天，我{who}总说自己{d['symptoms'][0]}，一开始全家人都没当回事。后来{d['symptoms'][1]}越来越明显，"
+                       f"我们才陪着去了医院，挂的是{d['dept']}。医生问得很仔细，又安排了{d['exams'][0]}，最后确诊是{d['name']}。"
+                       f"回家路上{who}一直念叨，说早知道就该早点来。现在按医生的要求，{d['advice'][0]}，{d['advice'][1]}，"
+                       f"复查的结果一次比一次好。写下这些，是想提醒大家：身体发出的信号别硬扛。")
             items.append({"id": part * 100 + k, "uniqueKey": f"{part:02d}{k:04d}{'ab' * 8}", "titleUkey": f"{k:08d}",
-                          "dataType": "百科" if k % 2 else "博客", "title": f"{title}漫谈",
-                          "content": "".join(reversed(paras))})
+                          "dataType": "博客" if k % 2 else "社区", "title": f"陪{who}看病的那些事", "content": content})
         items.append({"id": part * 100 + 99, "uniqueKey": "x", "titleUkey": "x", "dataType": "博客",
                       "title": "无正文"})  # no content field
         write(f"wudao/part-202127864{part}.json", json.dumps(items, ensure_ascii=False))
