@@ -1,0 +1,279 @@
+"""The dedup step (data_process/dedup.py): cross-corpus exact/near dedup with the keep policy, decontamination
+against the real C-Eval/CMMLU samples, determinism across worker counts, re-runs, bad input."""
+import csv
+import json
+import random
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLES
+from data_process import dedup, minhash
+from data_process.recipe import parse_recipe
+from data_process.records import iter_records, write_parts
+
+
+def skywork(k=None):
+    with open(SAMPLES / "skywork-zh-web" / "zh_general.jsonl", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    return texts[:k]
+
+
+def toyhom(k):
+    with open(SAMPLES / "toyhom-medical-dialogue" / "样例_内科5000-6000.csv", encoding="gb18030", newline="") as f:
+        rows = list(csv.DictReader(f))[:k]
+    return [r["ask"] + "\n" + r["answer"] for r in rows]
+
+
+def fever(k):
+    lines = (SAMPLES / "medicalgpt" / "pretrain" / "fever.txt").read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if len(line) >= 200][:k]
+
+
+def firefly(k):
+    with open(SAMPLES / "firefly" / "dummy_pretrain.jsonl", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f][:k]
+
+
+def edit(text: str, rate: float, rng: random.Random) -> str:
+    chars = list(text)
+    for i in rng.sample(range(len(chars)), int(len(chars) * rate)):
+        chars[i] = rng.choice(text)
+    return "".join(chars)
+
+
+def docs(corpus, texts, start=0):
+    return [{"id": f"{corpus}.jsonl:{start + i}", "corpus": corpus, "kind": "doc", "text": t}
+            for i, t in enumerate(texts)]
+
+
+def make_run(tmp_path, corpora: dict, priorities: dict, eval_sets=(), dedup_cfg=None):
+    """Write cleaned corpora (in the given recipe order) and return (recipe, clean_root, out_root)."""
+    clean = tmp_path / "clean"
+    for name, records in corpora.items():
+        write_parts(records, clean / name)
+        (clean / name / "manifest.json").write_text(json.dumps({"records": len(records)}))
+    raw = {"corpus": [{"name": n, "reader": "jsonl", "paths": [], "priority": priorities[n]} for n in corpora],
+           "eval_set": list(eval_sets), "dedup": dedup_cfg or {}}
+    return parse_recipe(raw, tmp_path), clean, tmp_path / "dedup"
+
+
+def kept_ids(out_root, name):
+    return [r["id"] for r in iter_records(out_root / name)]
+
+
+def test_planted_exact_and_near_duplicates_across_corpora_keep_the_higher_priority_copy(tmp_path):
+    rng = random.Random(0)
+    texts = skywork(60)
+    web = docs("web", texts[:40])
+    books = docs("books", texts[40:60])
+    # exact copies hidden by full-width punctuation, whitespace and case; near copies with 1% edits
+    web.append({**docs("web", [texts[45].replace("，", ",").replace("。", ". ").upper()], 100)[0]})
+    web.append({**docs("web", [edit(texts[50], 0.01, rng)], 101)[0]})
+    books.append({**docs("books", [edit(texts[3], 0.01, rng)], 200)[0]})
+    # web is listed first in the recipe but books has the higher priority
+    recipe, clean, out = make_run(tmp_path, {"web": web, "books": books}, {"web": 30, "books": 90})
+    report = dedup.run(recipe, clean, out, workers=1)
+
+    assert "web.jsonl:100" not in kept_ids(out, "web") and "web.jsonl:101" not in kept_ids(out, "web")
+    assert "books.jsonl:5" in kept_ids(out, "books") and "books.jsonl:10" in kept_ids(out, "books")
+    # the near copy in the higher-priority corpus wins over the web original
+    assert "books.jsonl:200" in kept_ids(out, "books") and "web.jsonl:3" not in kept_ids(out, "web")
+    r = report["corpora"]
+    assert r["web"]["exact_dups"] == 1 and r["web"]["exact_dups_of"] == {"books": 1}
+    assert r["web"]["near_dups"] == 2 and r["web"]["near_dups_of"] == {"books": 2}
+    assert r["books"]["exact_dups"] == r["books"]["near_dups"] == 0
+    assert r["web"]["kept"] == 39 and r["books"]["kept"] == 21
+    assert report["settings"]["keep_order"] == ["books", "web"]
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["corpora"] == r
+    manifest = json.loads((out / "web" / "manifest.json").read_text())
+    assert manifest["records"] == 39 and manifest["dedup"]["near_dups"] == 2
+    examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    kinds = {e["kind"] for e in examples}
+    assert kinds == {"exact", "near"}
+    for e in examples:
+        assert e["kept"]["corpus"] == "books" and e["dropped"]["corpus"] == "web"
+        if e["kind"] == "near":
+            assert e["true_jaccard"] > 0.8 and abs(e["estimated_jaccard"] - e["true_jaccard"]) < 0.1
+
+
+def test_equal_priority_keeps_recipe_order_then_first_seen(tmp_path):
+    texts = skywork(6)
+    a = docs("a", [texts[0], texts[1], texts[1]])
+    b = docs("b", [texts[0], texts[2]])
+    recipe, clean, out = make_run(tmp_path, {"a": a, "b": b}, {"a": 50, "b": 50})
+    report = dedup.run(recipe, clean, out, workers=1)
+    assert kept_ids(out, "a") == ["a.jsonl:0", "a.jsonl:1"]
+    assert kept_ids(out, "b") == ["b.jsonl:1"]
+    assert report["corpora"]["a"]["exact_dups_of"] == {"a": 1}
+    assert report["corpora"]["b"]["exact_dups_of"] == {"a": 1}
+
+
+def test_near_duplicates_from_real_samples_are_found_by_edit_rate():
+    """Real Chinese web pages, medical dialogues, a textbook and Firefly pretrain text, each with variants at
+    controlled character edit rates: light edits (true Jaccard >= 0.85) are found, heavy ones (<= 0.5) not."""
+    rng = random.Random(3)
+    base = skywork(40) + toyhom(300) + fever(30) + firefly(20)
+    base = [t for t in base if len(t) >= 150][:200]
+    texts, pairs = list(base), []
+    for i, t in enumerate(base):
+        for rate in (0.005, 0.01, 0.15, 0.3):
+            pairs.append((i, len(texts)))
+            texts.append(edit(t, rate, rng))
+    norm = [minhash.normalize(t) for t in texts]
+    bands_n, rows_n = minhash.lsh_params(0.8, 128)
+    sigs = minhash.MinHasher().signatures(norm)
+    bands, sk = minhash.band_hashes(sigs, bands_n, rows_n), minhash.sketch(sigs)
+    _, (u, v, _), _ = dedup.near_duplicates(bands, sk, np.ones(len(texts), bool), 0.8)
+    found = set(zip(u.tolist(), v.tolist()))
+    high, low = [], []
+    for a, b in pairs:
+        j = minhash.jaccard(set(minhash.shingles(norm[a], 5)), set(minhash.shingles(norm[b], 5)))
+        (high if j >= 0.85 else low if j <= 0.5 else []).append((a, b) in found)
+    assert len(high) >= 300 and len(low) >= 300
+    assert np.mean(high) >= 0.95
+    assert np.mean(low) <= 0.01
+
+
+def test_same_kept_set_with_one_and_two_workers(tmp_path, monkeypatch):
+    rng = random.Random(5)
+    texts = skywork(80)
+    a = docs("a", texts[:50] + [edit(t, 0.01, rng) for t in texts[60:70]])
+    b = docs("b", texts[40:80] + [edit(t, 0.01, rng) for t in texts[:10]])
+    monkeypatch.setattr(dedup, "BATCH_CHARS", 20_000)     # many batches, so both workers get some
+    results = []
+    for workers in (1, 2):
+        recipe, clean, out = make_run(tmp_path / str(workers), {"a": a, "b": b}, {"a": 50, "b": 60})
+        report = dedup.run(recipe, clean, out, workers=workers)
+        results.append((kept_ids(out, "a"), kept_ids(out, "b"), report["corpora"],
+                        (out / "examples.jsonl").read_text()))
+    assert results[0] == results[1]
+    assert results[0][2]["a"]["exact_dups"] == 10 and results[0][2]["a"]["near_dups"] == 20
+
+
+def test_rerun_with_same_inputs_is_skipped_and_a_changed_setting_recomputes(tmp_path):
+    texts = skywork(10)
+    recipe, clean, out = make_run(tmp_path, {"a": docs("a", texts + texts[:3])}, {"a": 50})
+    first = dedup.run(recipe, clean, out, workers=1)
+    part = out / "a" / "part-00000.jsonl.zst"
+    mtime = part.stat().st_mtime_ns
+    assert dedup.run(recipe, clean, out, workers=1) == first
+    assert part.stat().st_mtime_ns == mtime
+    recipe.dedup.exact = False
+    recipe.dedup.near = False
+    second = dedup.run(recipe, clean, out, workers=1)
+    assert second["corpora"]["a"]["kept"] == 13 and first["corpora"]["a"]["kept"] == 10
+
+
+def test_conversations_and_preference_pairs_are_compared_on_their_own_text(tmp_path):
+    conv = lambda i, sys_prompt, q, a: {"id": f"c:{i}", "corpus": "sft", "kind": "conv", "messages": [
+        {"role": "system", "content": sys_prompt}, {"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    pref = lambda i, q, c, r: {"id": f"p:{i}", "corpus": "dpo", "kind": "pref",
+                               "prompt": [{"role": "user", "content": q}], "chosen": c, "rejected": r}
+    (q, a), (_, other) = (t.split("\n", 1) for t in toyhom(2))
+    sft = [conv(0, "你是医生。", q, a), conv(1, "You are a helpful assistant.", q, a),   # same turns: duplicate
+           conv(2, "你是医生。", q, other)]
+    dpo = [pref(0, q, a, "不知道"), pref(1, q, a, "去医院吧"),                       # same prompt+chosen
+           pref(2, q, "建议先做血常规检查。", "不知道")]
+    recipe, clean, out = make_run(tmp_path, {"sft": sft, "dpo": dpo}, {"sft": 60, "dpo": 40})
+    report = dedup.run(recipe, clean, out, workers=1)
+    assert kept_ids(out, "sft") == ["c:0", "c:2"]
+    assert kept_ids(out, "dpo") == ["p:2"]     # p:0 has the same prompt + chosen text as c:0: a copy of it
+    assert report["corpora"]["dpo"]["exact_dups_of"] == {"sft": 2}
+
+
+def ceval_questions():
+    rows = []
+    for f in sorted((SAMPLES / "ceval-medical" / "val").glob("*.csv")):
+        rows += dedup.read_eval_questions(f, "ceval")[0]
+    return rows
+
+
+def cmmlu_questions():
+    rows = []
+    for f in sorted((SAMPLES / "cmmlu-medical" / "test").glob("*.csv")):
+        rows += dedup.read_eval_questions(f, "cmmlu")[0]
+    return rows
+
+
+def test_decontamination_on_real_ceval_and_cmmlu_samples_removes_planted_questions_only(tmp_path):
+    ceval, cmmlu = ceval_questions(), cmmlu_questions()
+    long_ceval = [q for q in ceval if len(minhash.normalize_alnum(q["question"])) >= 20]
+    cq, mq = long_ceval[3], cmmlu[7]
+    clean_texts = skywork(120) + toyhom(200)
+    web = docs("web", clean_texts)
+    # a C-Eval question pasted into a page; a CMMLU question with its options as exam dumps print them;
+    # a C-Eval question stated with its blank filled in by the answer
+    page = clean_texts[0][:300]
+    web.append(docs("web", [page + cq["question"] + page[:50]], 1000)[0])
+    opts = " ".join(f"{letter}. {o}" for letter, o in zip("ABCD", mq["options"]))
+    web.append(docs("web", [f"第{7}题：{mq['question']}（ ）\n{opts}\n答案：{mq['answer']}"], 1001)[0])
+    filled = long_ceval[5]
+    answer = filled["options"]["ABCD".index(filled["answer"])]
+    statement = dedup.BLANK.sub(answer, filled["question"], count=1)
+    web.append(docs("web", ["复习要点：" + statement + "。" + clean_texts[1][:200]], 1002)[0])
+    sft = [{"id": "s:0", "corpus": "sft", "kind": "conv", "messages": [
+        {"role": "user", "content": "请回答：" + cq["question"]}, {"role": "assistant", "content": "选B。"}]}]
+    eval_sets = [{"name": "ceval", "format": "ceval", "paths": [str(SAMPLES / "ceval-medical/val/*.csv")]},
+                 {"name": "cmmlu", "format": "cmmlu", "paths": [str(SAMPLES / "cmmlu-medical/test/*.csv")]}]
+    recipe, clean, out = make_run(tmp_path, {"web": web, "sft": sft}, {"web": 30, "sft": 60}, eval_sets)
+    report = dedup.run(recipe, clean, out, workers=1)
+
+    kept = set(kept_ids(out, "web"))
+    assert not kept & {"web.jsonl:1000", "web.jsonl:1001", "web.jsonl:1002"}
+    assert kept == {f"web.jsonl:{i}" for i in range(len(clean_texts))} - {"web.jsonl:%d" % i for i in
+                                                                          _dup_positions(clean_texts)}
+    assert kept_ids(out, "sft") == []
+    assert report["eval_sets"]["ceval"]["removed"] == 3 and report["eval_sets"]["cmmlu"]["removed"] == 1
+    assert report["eval_sets"]["ceval"]["questions"] == len(ceval)
+    assert report["corpora"]["web"]["decontaminated"] == 3
+    examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    hits = {e["dropped"]["id"]: e for e in examples if e["kind"] == "decontam"}
+    assert hits["web.jsonl:1001"]["question"]["question"] == mq["question"]
+
+
+def _dup_positions(texts):
+    """Positions of texts whose normalized form already appeared (the real samples repeat some dialogues)."""
+    seen, dups = set(), []
+    for i, t in enumerate(texts):
+        key = minhash.normalize(t)
+        if key in seen:
+            dups.append(i)
+        seen.add(key)
+    return dups
+
+
+def test_eval_reader_handles_real_crlf_ceval_and_lf_cmmlu_and_the_project_files():
+    q, bad = dedup.read_eval_questions(SAMPLES / "ceval-medical/dev/physician_dev.csv", "ceval")
+    assert bad == 0 and len(q) == 5 and q[0]["answer"] in "ABCD" and not q[0]["question"].endswith("\r")
+    q, bad = dedup.read_eval_questions(SAMPLES / "cmmlu-medical/test/anatomy.csv", "cmmlu")
+    assert bad == 0 and len(q) > 100 and q[0]["question"] == "女性生殖腺是"
+    root = dedup.Path(__file__).resolve().parents[1] / "corpora" / "eval"
+    for f in sorted(root.glob("ceval/*/*.csv")):
+        assert f.read_bytes().count(b"\r\n") == f.read_bytes().count(b"\n")    # CRLF like the real C-Eval
+        q, bad = dedup.read_eval_questions(f, "ceval")
+        assert bad == 0 and len(q) >= 5
+    for f in sorted(root.glob("cmmlu/*/*.csv")):
+        assert b"\r" not in f.read_bytes() and f.read_text(encoding="utf-8").startswith(",Question,A,B,C,D,Answer\n")
+        q, bad = dedup.read_eval_questions(f, "cmmlu")
+        assert bad == 0 and len(q) >= 5
+
+
+def test_bad_eval_files_give_a_clear_error_or_a_counted_reject(tmp_path):
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("id,question,A,B,C,D,answer\n0,q,a,b,c,d,A\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="not a cmmlu CSV"):
+        dedup.read_eval_questions(wrong, "cmmlu")
+    broken = tmp_path / "broken.csv"
+    broken.write_text(",Question,A,B,C,D,Answer\n0,好的问题是什么呢,a,b,c,d,A\n1,缺答案的问题,a,b,c,d,\n"
+                      "2,多了一列,a,b,c,d,A,extra\n", encoding="utf-8")
+    q, bad = dedup.read_eval_questions(broken, "cmmlu")
+    assert len(q) == 1 and bad == 2
+
+
+def test_a_corpus_whose_read_step_did_not_finish_is_an_error(tmp_path):
+    recipe, clean, out = make_run(tmp_path, {"a": docs("a", skywork(3))}, {"a": 50})
+    (clean / "a" / "manifest.json").unlink()
+    with pytest.raises(RuntimeError, match="read step did not finish"):
+        dedup.run(recipe, clean, out, workers=1)
