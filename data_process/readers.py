@@ -181,22 +181,19 @@ def iter_json_objects(path: Path, span=None) -> Iterator[tuple[dict, object] | R
 
 
 def _iter_json_array(path: Path):
-    index = 0
-    raw = open(path, "rb")
+    index = -1
     try:
         with open_binary(path) as f:
             for index, value in enumerate(IJSON.items(f, "item", use_float=True)):
                 yield {"item": index}, value
     except DECOMPRESS_ERRORS as e:
-        yield Reject("truncated", {"offset": raw.tell()}, f"after item {index}: {type(e).__name__}: {e}")
+        yield Reject("truncated", {"item": index + 1}, f"{type(e).__name__}: {e}")
     except ijson.JSONError as e:
         # A syntax error inside a JSON array cannot be skipped: everything after it is lost, counted once.
         reason = "truncated" if "premature EOF" in str(e) else "bad_json"
         if "UTF8" in str(e):
             reason = "bad_utf8"
         yield Reject(reason, {"item": index + 1}, f"rest of the array unreadable: {str(e)[:200]}")
-    finally:
-        raw.close()
 
 
 # ---------------------------------------------------------------- field helpers

@@ -140,6 +140,25 @@ def test_bad_recipe_or_step_exits_2(tmp_path, capsys):
     assert cli.main(["--steps", "read,frobnicate", "--data-dir", str(tmp_path)]) == 2
 
 
+def test_empty_and_absurdly_long_records_are_counted_rejects(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    lines = [{"text": ""}, {"text": "   \u200b  "}, {"text": "长" * 3_000_000}, {"text": "正常长度的一篇中文文档。"}]
+    path.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines))
+    corpora = f'[[corpus]]\nname = "odd"\nreader = "text_jsonl"\npaths = ["{path}"]\n'
+    recipe = load_recipe(write_recipe(tmp_path, corpora))
+    read = pipeline.run(recipe, steps=["read"], progress=False)["read"]
+    c = read["corpora"]["odd"]
+    assert (c["read"], c["kept"]) == (4, 1)
+    assert c["rejected_by_reason"] == {"too_long": 1, "too_short": 2}
+    check_accounting(recipe.data_dir, read)
+
+
+def test_inspect_subcommand_is_delegated(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["inspect", "--help"])
+    assert e.value.code == 0 and "usage" in capsys.readouterr().out.lower()
+
+
 KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
