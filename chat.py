@@ -132,14 +132,14 @@ def main(argv=None) -> int:
         p.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, "
                 "--repetition-penalty > 0")
 
-    # UTF-8 whatever the locale; undecodable input bytes become U+FFFD instead of an exception
-    sys.stdout.reconfigure(encoding="utf-8", errors="replace")
-    sys.stdin.reconfigure(encoding="utf-8", errors="replace")
     try:
         model, tokenizer, meta = load_model(args.checkpoint, lora_dir=args.lora, dtype=args.dtype)
     except (OSError, ValueError, RuntimeError) as e:   # missing, corrupted or mismatched checkpoint
         print(f"chat.py: cannot load {args.checkpoint}: {e}", file=sys.stderr)
         return 2
+    # UTF-8 whatever the locale; undecodable input bytes become U+FFFD instead of an exception
+    sys.stdout.reconfigure(encoding="utf-8", errors="replace")
+    sys.stdin.reconfigure(encoding="utf-8", errors="replace")
     chat = meta.get("chat", False) if args.mode == "auto" else args.mode == "chat"
     sampling = Sampling(max_new_tokens=min(args.max_new_tokens, model.config.max_seq_len - 1),
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

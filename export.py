@@ -21,6 +21,7 @@ The folder is written beside its destination and renamed into place, so it is co
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -82,19 +83,28 @@ def hf_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_tokenizer(tokenizer, out_dir: Path, chat: bool) -> None:
-    """tokenizer.json + tokenizer_config.json (+ chat_template.jinja, tokenizer.model) that AutoTokenizer loads
-    and that give our ids."""
+@functools.lru_cache(maxsize=4)
+def _converted_backend(model_bytes: bytes) -> str:
+    """tokenizer.json text of a SentencePiece model via transformers' own converter, set to SentencePiece's exact
+    behaviour. Cached: converting a 64k-piece BPE model takes seconds (it rebuilds the merges)."""
     from tokenizers import decoders, pre_tokenizers, processors
-    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+    from transformers import LlamaTokenizer
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save(tmp)
-        converted = LlamaTokenizer.from_pretrained(tmp, legacy=False)   # transformers' SentencePiece converter
-    backend = converted.backend_tokenizer
+        (Path(tmp) / "tokenizer.model").write_bytes(model_bytes)
+        backend = LlamaTokenizer.from_pretrained(tmp, legacy=False).backend_tokenizer
     # our model has add_dummy_prefix off (tokenizer.prepare_model): no "▁" in front, none stripped on decode
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=False)
     backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")   # no BOS: we train without
+    return backend.to_str()
+
+
+def export_tokenizer(tokenizer, out_dir: Path, chat: bool) -> None:
+    """tokenizer.json + tokenizer_config.json (+ chat_template.jinja, tokenizer.model) that AutoTokenizer loads
+    and that give our ids."""
+    from tokenizers import Tokenizer as BackendTokenizer
+    from transformers import PreTrainedTokenizerFast
+    backend = BackendTokenizer.from_str(_converted_backend(tokenizer.model_bytes))
     pieces = {name: tokenizer.id_to_piece(i) for name, i in tokenizer.special.items()}
     eos = pieces["im_end"] if chat else pieces["eot"]
     extra = [p for p in dict.fromkeys(pieces.values()) if p not in (eos, pieces["pad"])]

@@ -1,0 +1,178 @@
+"""export.py: the Hugging Face folder is checked against transformers itself (logits, greedy tokens, tokenizer
+ids on real Chinese text, the chat template), never assumed."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, SAMPLES
+from test_chat import make_checkpoint
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from chat import load_model  # noqa: E402
+from export import export, main as export_main  # noqa: E402
+
+
+def real_chinese_texts() -> list[str]:
+    """Real text of several kinds: a medical textbook, medical dialogues (GB18030 CSV), SFT answers, web pages."""
+    texts = [line.strip() for line in (SAMPLES / "medicalgpt/pretrain/fever.txt").read_text(encoding="utf-8")
+             .splitlines() if line.strip()][:40]
+    with open(SAMPLES / "toyhom-medical-dialogue/样例_内科5000-6000.csv", encoding="gb18030", newline="") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            texts.append(f"{row['title']}\n{row['ask']}\n{row['answer']}")
+            if i == 30:
+                break
+    with open(SAMPLES / "medicalgpt/sft/medical_sft_1K_format.jsonl", encoding="utf-8") as f:
+        for i, line in zip(range(20), f):
+            texts.extend(turn["value"] for turn in json.loads(line)["conversations"])
+    with open(SAMPLES / "skywork-zh-web/zh_general.jsonl", encoding="utf-8") as f:
+        texts.extend(json.loads(line)["text"][:2000] for _, line in zip(range(10), f))
+    texts += ["  两个空格开头", "tab\there", "结尾换行\n\n", "English and 中文 mixed, 3.14 ℃ 😀 \u00a0nbsp"]
+    return texts
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(our model, our tokenizer, HF model, HF tokenizer) for an untied chat checkpoint, exported once."""
+    tmp = tmp_path_factory.mktemp("export")
+    ckpt = make_checkpoint(tmp / "ckpt", chat=True, seed=3, tie_embeddings=False)
+    out = export(ckpt, tmp / "hf")
+    model, tok, _ = load_model(ckpt)
+    hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    return model, tok, hf_model, hf_tok, out
+
+
+def max_logit_diff(model, hf_model, ids: list[int]) -> float:
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        return (model(x).logits - hf_model(x).logits).abs().max().item()
+
+
+def test_exported_folder_loads_as_llama_with_our_config(exported):
+    model, tok, hf_model, hf_tok, out = exported
+    assert type(hf_model).__name__ == "LlamaForCausalLM"
+    cfg, hf_cfg = model.config, hf_model.config
+    assert (hf_cfg.hidden_size, hf_cfg.num_hidden_layers, hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads,
+            hf_cfg.intermediate_size, hf_cfg.vocab_size, hf_cfg.rms_norm_eps, hf_cfg.max_position_embeddings) == \
+           (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size, cfg.norm_eps,
+            cfg.max_seq_len)
+    assert json.loads((out / "config.json").read_text())["rope_theta"] == cfg.rope_theta
+    assert hf_cfg.tie_word_embeddings is False
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tok.stop_ids()      # a chat model stops at <|im_end|> and end-of-text
+    assert hf_tok.eos_token == "<|im_end|>" and hf_tok.pad_token_id == tok.pad_id
+
+
+def test_transformers_logits_match_ours_in_fp32(exported):
+    model, tok, hf_model, _, _ = exported
+    for text in real_chinese_texts()[:5]:
+        ids = tok.encode(text)[: model.config.max_seq_len]
+        assert max_logit_diff(model, hf_model, ids) < 1e-4
+
+
+def test_tied_embeddings_export_matches_too(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", chat=False, seed=5)   # tie_embeddings=True (the presets' default)
+    out = export(ckpt, tmp_path / "hf")
+    model, tok, _ = load_model(ckpt)
+    hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf_model.config.tie_word_embeddings
+    ids = tok.encode(real_chinese_texts()[0])[:200]
+    assert max_logit_diff(model, hf_model, ids) < 1e-4
+    assert AutoTokenizer.from_pretrained(out).eos_token_id == tok.eos_id   # a base model ends at end-of-text
+
+
+def test_greedy_generation_gives_the_same_tokens(exported):
+    model, tok, hf_model, hf_tok, _ = exported
+    messages = [{"role": "user", "content": "发烧三天，咳嗽，应该怎么办？"}]
+    prompt = tok.render_chat(messages, add_generation_prompt=True).ids
+    ours = list(model.generate(prompt, max_new_tokens=40, temperature=0, stop_ids=tok.stop_ids()))
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
+                                eos_token_id=tok.stop_ids(), pad_token_id=tok.pad_id, repetition_penalty=1.0)
+    theirs = out[0, len(prompt):].tolist()
+    theirs = theirs[:-1] if theirs and theirs[-1] in tok.stop_ids() else theirs   # we never yield the stop id
+    assert len(ours) > 5
+    assert ours == theirs
+
+
+def test_hf_tokenizer_gives_our_ids_on_real_chinese_text(exported):
+    _, tok, _, hf_tok, _ = exported
+    texts = real_chinese_texts()
+    assert len(texts) > 100
+    for text in texts:
+        ids = tok.encode(text)
+        assert hf_tok.encode(text) == ids, text[:80]
+        assert hf_tok.decode(ids) == tok.decode(ids)
+
+
+def test_chat_template_renders_identically(exported):
+    _, tok, _, hf_tok, _ = exported
+    messages = [{"role": "system", "content": "你是一名经验丰富的全科医生。"},
+                {"role": "user", "content": "我最近总是头疼，晚上睡不好。"},
+                {"role": "assistant", "content": "<think>可能与睡眠不足和压力有关。</think><answer>建议规律作息，"
+                                                 "必要时就医检查血压。</answer>"},
+                {"role": "user", "content": "需要吃药吗？"}]
+    for gen in (True, False):
+        text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        assert text == tok.render_text(messages, add_generation_prompt=gen)
+        ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=True)
+        assert ids["input_ids"] == tok.render_chat(messages, add_generation_prompt=gen).ids
+
+
+def test_moe_checkpoint_exports_to_mixtral_with_matching_logits(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", preset="moe", chat=False, seed=1, dim=64, n_layers=2, n_heads=4,
+                           n_kv_heads=2, ffn_dim=32, n_experts=4, n_experts_per_tok=2, max_seq_len=128)
+    out = export(ckpt, tmp_path / "hf")
+    model, tok, _ = load_model(ckpt)
+    hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf_model).__name__ == "MixtralForCausalLM"
+    assert max_logit_diff(model, hf_model, tok.encode(real_chinese_texts()[1])[:100]) < 1e-4
+
+
+def test_lora_adapter_is_merged_into_the_export(tmp_path):
+    from lora import LoraSettings, add_lora, load_adapter, save_adapter
+    ckpt = make_checkpoint(tmp_path / "ckpt", chat=True, seed=2)
+    model, tok, _ = load_model(ckpt)
+    settings = LoraSettings(rank=4, alpha=8, targets=["q", "v", "down"])
+    add_lora(model, settings)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:       # peft starts B at zero (a no-op adapter); make it change the outputs
+            torch.nn.init.normal_(p, std=0.5)
+    save_adapter(model, settings, tmp_path / "adapter")
+    out = export(ckpt, tmp_path / "hf", lora_dir=tmp_path / "adapter")
+    base, _, _ = load_model(ckpt)
+    with_adapter = load_adapter(load_model(ckpt)[0], tmp_path / "adapter").eval()   # peft layers, unmerged
+    hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = tok.encode(real_chinese_texts()[2])[:100]
+    assert max_logit_diff(with_adapter, hf_model, ids) < 1e-4
+    assert max_logit_diff(base, hf_model, ids) > 1e-2
+
+
+def test_export_refuses_a_non_empty_destination_and_a_missing_checkpoint(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    assert export_main([str(ckpt), str(tmp_path / "busy")]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    assert export_main([str(tmp_path / "nothing"), str(tmp_path / "out")]) == 1
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]   # no half-written folder left
+
+
+@pytest.mark.slow
+def test_export_cli_writes_bf16_weights(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    run = subprocess.run([sys.executable, "export.py", str(ckpt), str(tmp_path / "hf"), "--dtype", "bf16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf_model.model.embed_tokens.weight.dtype == torch.bfloat16
