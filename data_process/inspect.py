@@ -200,7 +200,10 @@ def describe_token(tokenizer, token_id: int) -> str:
         return str(token_id)
     if not 0 <= token_id < tokenizer.vocab_size:
         return "(outside the vocabulary)"
-    return repr(tokenizer.decode([token_id]))
+    text = tokenizer.decode([token_id])
+    if "\ufffd" in text:   # a byte-fallback piece: part of a character; show the piece (<0xE7>) instead
+        return tokenizer.id_to_piece(token_id)
+    return repr(text)
 
 
 def format_report(stats: CorpusStats, tokenizer=None, top: int = 15, samples: int = 3, seed: int = 0,

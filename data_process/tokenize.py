@@ -6,7 +6,9 @@ conversations of the SFT corpora of that stage, rendered with the chat template,
 (MiniCPM: SFT-style data in the decay phase beats adding it only at SFT).
 
 - Split: a document goes to val when the hash of its text falls under `val_fraction` (stable across runs
-  and machines, and independent of the order of documents).
+  and machines, and independent of the order of documents). A small corpus (under 20 expected val
+  documents) that has at least two documents always gets its smallest-hash document into val, so every
+  corpus has a validation loss.
 - Shards: a train shard is closed at the first document boundary at or past `shard_tokens`; the val
   documents seen meanwhile are closed with it as the next val shard. Each closed pair is a checkpoint
   (`progress.json`: input position + counts), so a killed run resumes after the last one and never redoes
@@ -42,7 +44,8 @@ from data_process.shards import (ShardWriter, check_vocab_fits, is_complete, rem
 
 log = logging.getLogger(__name__)
 
-SPLIT_SCHEME = "xxh3_64(utf-8 text) / 2**64 < val_fraction"   # part of the fingerprint: changing it re-tokenizes
+SPLIT_SCHEME = "xxh3_64(utf-8 text) < max(val_fraction * 2**64, smallest hash + 1 if < 20 expected val docs)"
+SMALL_VAL_DOCS = 20   # below this many expected val documents, make sure there is at least one
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 BATCH_CHARS = 1_000_000   # ~650K tokens a batch: big enough to keep both cores busy, small enough for RAM
@@ -142,8 +145,27 @@ class Encoder:
 # ---------------------------------------------------------------------------------------------------
 # Reading records into batches
 
-def is_val(key: bytes, val_fraction: float) -> bool:
-    return xxhash.xxh3_64_intdigest(key) < val_fraction * 2.0 ** 64
+def split_hash(key: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(key)
+
+
+def val_threshold(sources: list, kind: str, val_fraction: float) -> int:
+    """Documents whose split_hash is below this go to val. Normally val_fraction of the hash range; for a
+    small corpus, raised to just above its smallest hash so that val is never empty. Deciding "small"
+    reads at most SMALL_VAL_DOCS / val_fraction records, so it costs nothing on a big corpus."""
+    base = int(val_fraction * 2 ** 64)
+    if val_fraction <= 0:
+        return 0
+    enough = int(np.ceil(SMALL_VAL_DOCS / val_fraction))
+    hashes = []
+    for part in sources:
+        for record in iter_records(part):
+            doc = _document(record, kind) if isinstance(record, dict) else None
+            if isinstance(doc, tuple):
+                hashes.append(split_hash(doc[1]))
+                if len(hashes) >= enough:
+                    return base
+    return max(base, min(hashes) + 1) if len(hashes) >= 2 else base
 
 
 def _document(record: dict, kind: str):
@@ -167,9 +189,9 @@ def _document(record: dict, kind: str):
     return messages, orjson.dumps(messages), sum(len(m["content"]) for m in messages)
 
 
-def iter_batches(sources: list, kind: str, val_fraction: float, start=(0, 0), batch_chars=BATCH_CHARS):
-    """Batches of documents from `sources` (part files in order), from position `start` on.
-    A position is (index into sources, records to skip in that part)."""
+def iter_batches(sources: list, kind: str, threshold: int, start=(0, 0), batch_chars=BATCH_CHARS):
+    """Batches of documents from `sources` (part files in order), from position `start` on; a document
+    is val when its split_hash < threshold. A position is (index into sources, records to skip in that part)."""
     batch = Batch([], [], [], [])
     size = 0
     for part_i in range(start[0], len(sources)):
@@ -184,7 +206,7 @@ def iter_batches(sources: list, kind: str, val_fraction: float, start=(0, 0), ba
                 continue
             payload, key, chars = doc
             batch.payloads.append(payload)
-            batch.is_val.append(is_val(key, val_fraction))
+            batch.is_val.append(split_hash(key) < threshold)
             batch.chars.append(chars)
             batch.positions.append(position)
             size += chars
@@ -375,11 +397,12 @@ def tokenize_corpus(name: str, parts: list[Path], docs_root: Path, tok, tokenize
                  "shard_info": {}, "rejects": {}, "reject_examples": []}
     start_tokens = state["splits"]["train"]["tokens"] + state["splits"]["val"]["tokens"]
 
+    threshold = val_threshold(parts, settings.kind, settings.val_fraction)
     writer = CorpusWriter(out_dir, settings, state)
     encoder = Encoder(tok, tokenizer_dir, workers, mode)
     bar = _progress_bar(name, progress)
     try:
-        batches = iter_batches(parts, settings.kind, settings.val_fraction, tuple(state["position"]), batch_chars)
+        batches = iter_batches(parts, settings.kind, threshold, tuple(state["position"]), batch_chars)
         for batch, flat, lengths in encoder.map(settings.kind, batches, settings.dtype):
             writer.add(batch, flat, lengths)
             if bar is not None:
@@ -396,7 +419,7 @@ def tokenize_corpus(name: str, parts: list[Path], docs_root: Path, tok, tokenize
     manifest = {
         "corpus": name, "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
         "dtype": settings.dtype, "eos_id": tok.eos_id, "splits": state["splits"],
-        "sources": sources, "settings": asdict(settings), "fingerprint": fp,
+        "sources": sources, "settings": asdict(settings), "fingerprint": fp, "val_hash_below": threshold,
         "shard_info": state["shard_info"], "rejects": state["rejects"],
         "reject_examples": state["reject_examples"],
     }
@@ -429,7 +452,7 @@ def _progress_bar(name: str, enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm
-    return tqdm(desc=f"tokenize {name}", unit="tok", unit_scale=True, leave=False)
+    return tqdm(desc=f"tokenize {name}", unit="tok", unit_scale=True, leave=False, disable=None)  # None: tty only
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -465,9 +488,20 @@ def run(recipe, docs_root, tokenizer_dir, out_root, *, workers: int | None = Non
             continue
         reports[name] = tokenize_corpus(name, parts, docs_root, tok, tokenizer_dir, out_root / name, settings,
                                         workers=workers, mode=mode, progress=progress)
+    if progress:
+        print_summary(reports)
     return {"corpora": reports, "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
             "tokens": sum(r.get("tokens", 0) for r in reports.values()),
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def print_summary(reports: dict) -> None:
+    print(f"{'corpus':22s} {'status':9s} {'documents':>10s} {'val docs':>9s} {'tokens':>13s} {'shards':>6s} "
+          f"{'rejects':>7s} {'M tok/s':>7s}")
+    for name, r in reports.items():
+        rate = f"{r['tokens_per_s'] / 1e6:.2f}" if r.get("tokens_per_s") else "-"
+        print(f"{name:22s} {r['status']:9s} {r['documents']:>10,} {r.get('val_documents', 0):>9,} {r['tokens']:>13,} "
+              f"{r.get('shards', 0):>6} {r.get('rejects', 0):>7} {rate:>7s}", flush=True)
 
 
 def _parts_of(docs_root: Path, corpus_names: list[str]) -> list[Path]:

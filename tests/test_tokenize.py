@@ -287,3 +287,19 @@ def test_killed_run_resumes_without_redoing_finished_shards(docs_root, reference
     assert not list(web.glob(".*tmp*"))
     ref_out, _ = reference
     assert all_output_bytes(web) == all_output_bytes(ref_out / "web")
+
+
+def test_small_corpus_always_gets_one_val_document(tmp_path):
+    texts = medical_texts()[:12]   # 12 docs at val_fraction 0.01: most likely none would fall under 1%
+    hashes = [xxhash.xxh3_64_intdigest(t.encode()) for t in texts]
+    assert min(hashes) >= 0.01 * 2 ** 64
+    write_parts(docs("med", texts), tmp_path / "docs" / "med")
+    write_parts(docs("web", web_texts()[:1]), tmp_path / "docs" / "web")
+    tokenize.run(make_recipe(tmp_path / "docs", val_fraction=0.01), tmp_path / "docs", MODEL, tmp_path / "out",
+                 progress=False)
+    sp = raw_sentencepiece()
+    val = [sp.decode(ids[:-1].tolist()) for ids in read_split(tmp_path / "out" / "med", "val")]
+    assert val == [texts[hashes.index(min(hashes))]]
+    assert len(read_split(tmp_path / "out" / "med", "train")) == 11
+    web = tokenize.check_manifest(tmp_path / "out" / "web")   # a single document stays in train
+    assert web["splits"]["val"]["documents"] == 0 and web["splits"]["train"]["documents"] == 1
