@@ -366,10 +366,14 @@ def read_step(recipe: Recipe, workers: int | None = None, force: bool = False, c
                 job.results[result["index"]] = result
                 bar.update(result["size"])
                 finish_ready()
-        finally:
+        except BaseException:  # Ctrl-C or a failure: stop the workers now; finished units stay for the re-run
             if pool is not None:
-                pool.close()
+                pool.terminate()
                 pool.join()
+            raise
+        if pool is not None:
+            pool.close()
+            pool.join()
     bar.close()
     ordered = {spec.name: report[spec.name] for spec in recipe.corpora}
     totals = {k: sum(c[k] for c in ordered.values()) for k in ("files", "bytes", "read", "kept", "rejected")}

@@ -137,23 +137,39 @@ def iter_lines(path: Path, span=None) -> Iterator[tuple[int, bytes] | Reject]:
 
 
 def sniff_json_array(path: Path) -> bool:
-    """True when the (decompressed) file's first non-blank byte is '[' (one JSON array), else JSONL."""
+    """True when the (decompressed) file is one JSON array, False for JSONL.
+
+    It is an array when it starts with '[' and its first line is not a complete JSON value followed by more
+    lines (a pretty-printed array starts with a lone "[", WuDao's are a single line); a JSONL file whose
+    first record happens to be a list stays JSONL, so one bad line cannot turn the whole file unreadable."""
     try:
         with open_binary(path) as f:
-            head = f.read(4096)
+            head = f.read(1 << 16)
     except DECOMPRESS_ERRORS:
         return False
     head = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-    return head[:1] == b"["
+    if head[:1] != b"[":
+        return False
+    first, newline, rest = head.partition(b"\n")
+    if not newline or not rest.strip():
+        return True
+    try:
+        orjson.loads(first)
+    except orjson.JSONDecodeError:
+        return True
+    return False
+
+
+BLANK = object()
 
 
 def _loads_line(line: bytes, lineno: int):
-    """Parse one JSONL line -> object, None for a blank line, or a Reject."""
+    """Parse one JSONL line -> value, BLANK for a blank line, or a Reject."""
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError as e:
         if not line.strip():
-            return None
+            return BLANK
         try:
             line.decode("utf-8")
         except UnicodeDecodeError as u:
@@ -172,8 +188,8 @@ def iter_json_objects(path: Path, span=None) -> Iterator[tuple[dict, object] | R
             continue
         lineno, line = item
         value = _loads_line(line, lineno)
-        if value is None:
-            continue  # blank lines are not records
+        if value is BLANK:
+            continue  # blank lines are not records (a JSON null is, and is rejected as wrong_type)
         if isinstance(value, Reject):
             yield value
         else:
@@ -436,6 +452,9 @@ def _emit(src: str, where: dict, converted) -> Iterator[dict]:
         yield {"id": f"{src}:{key}", **converted}
 
 
+UNEXPECTED = (TypeError, ValueError, AttributeError, KeyError, IndexError)
+
+
 def json_reader(convert: Callable) -> Callable:
     """A reader for JSONL or JSON-array files whose items `convert` turns into record(s)."""
 
@@ -449,6 +468,9 @@ def json_reader(convert: Callable) -> Callable:
                 converted = convert(value)
             except BadRecord as e:
                 yield Reject(e.reason, where, e.detail)
+                continue
+            except UNEXPECTED as e:  # a shape no converter anticipated: still one counted reject, not a crash
+                yield Reject("bad_record", where, f"{type(e).__name__}: {e}")
                 continue
             if isinstance(converted, list) and not converted:
                 yield Reject("empty", where, "no segments")
@@ -575,6 +597,9 @@ def parquet_reader(convert: Callable, batch_rows: int = 1024) -> Callable:
                         converted = convert(value)
                     except BadRecord as e:
                         yield Reject(e.reason, where, e.detail)
+                        continue
+                    except UNEXPECTED as e:
+                        yield Reject("bad_record", where, f"{type(e).__name__}: {e}")
                         continue
                     yield from _emit(src, where, converted)
         except (pa.ArrowException, OSError) as e:

@@ -382,3 +382,30 @@ def test_plain_text_undecodable_line(tmp_path):
 def test_every_reader_has_a_malformed_input_test():
     tested = set(JSONL_GOOD) | {"medical_dialogue_csv", "magpie_parquet", "qa_parquet", "plain_text"}
     assert tested == set(READERS)
+
+
+@pytest.mark.parametrize("reader", sorted(JSONL_GOOD))
+def test_randomly_mistyped_fields_never_crash_a_reader(tmp_path, reader):
+    import random
+
+    rng = random.Random(reader)
+    odd_values = [None, 0, 1.5, True, "", "字", [], [1], ["x"], {}, {"role": "user"}, [{"role": "gpt"}],
+                  [{"from": "human", "value": 3}], [{"role": "assistant", "content": None}]]
+
+    def mutate(value, depth=0):
+        if rng.random() < 0.3:
+            return rng.choice(odd_values)
+        if isinstance(value, dict):
+            return {k: mutate(v, depth + 1) for k, v in value.items() if rng.random() > 0.1}
+        if isinstance(value, list):
+            return [mutate(v, depth + 1) for v in value]
+        return value
+
+    lines = [json.dumps(mutate(JSONL_GOOD[reader]), ensure_ascii=False) for _ in range(300)]
+    path = tmp_path / "fuzz.jsonl"
+    path.write_text("\n".join(lines))
+    records, rejects = read_all(reader, path)
+    lines_out = {int(r["id"].split(":")[1].split(".")[0]) for r in records} | {x.where["line"] for x in rejects}
+    assert lines_out == set(range(1, 301))  # every line is a record or a reject: nothing silently skipped
+    for r in records:
+        check_record(r)
