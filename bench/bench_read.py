@@ -157,9 +157,11 @@ def run(quick: bool = False) -> dict:
             big = tmp / "big"
             build_input(big, 1_000_000_000)
             r = measure(big, 2)
-            print(f"input {r['input_mb']} MB: read+clean 2 workers {r['mb_per_s']} MB/s, {r['docs_per_s']} docs/s; "
-                  f"peak RSS main {r['main_rss_mb']} MB, largest worker {r['worker_rss_mb']} MB")
+            print(f"input {r['input_mb']} MB: read+clean 2 workers {r['mb_per_s']} MB/s, {r['docs_per_s']} docs/s, "
+                  f"{r['mb_per_cpu_s']} MB per CPU-second; peak RSS main {r['main_rss_mb']} MB, "
+                  f"largest worker {r['worker_rss_mb']} MB (load average {os.getloadavg()[0]:.1f})")
             results.update({"input_1gb_mb": r["input_mb"], "read_1gb_mb_per_s": r["mb_per_s"],
+                            "read_1gb_mb_per_cpu_s": r["mb_per_cpu_s"],
                             "peak_rss_main_1gb_mb": r["main_rss_mb"], "peak_rss_worker_1gb_mb": r["worker_rss_mb"]})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
