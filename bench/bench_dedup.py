@@ -332,7 +332,7 @@ def bench_decontam(quick: bool) -> dict:
           f"vs {len(clean)} clean real documents; {len(planted)} documents with a planted question")
     print(f"    {'n':>3} {'false hits':>10} {'recall':>7} {'questions w/o n-gram':>21}")
     out = {}
-    for n in (8, 10, 13, 15, 20):
+    for n in (8, 10, 12, 13, 15, 20):
         h, s, qi, too_short = dedup.eval_index(list(sets.values()), n)
         false_hits = dedup.find_contamination(ccps, clens, h, n) >= 0
         recall = float((dedup.find_contamination(pcps, plens, h, n) >= 0).mean())

@@ -76,12 +76,12 @@ def dedup_text(record: dict) -> str:
     raise ValueError(f"record {record.get('id')!r}: unknown kind {kind!r}")
 
 
-def decontam_text(record: dict) -> str:
+def decontam_text(record: dict, text: str | None = None) -> str:
     """The text checked against the eval sets: whole documents and conversations, only the prompt of a
     preference pair (its answers are the model's own style, the prompt is what could be an exam question)."""
     if record.get("kind") == "pref":
         return "\n".join(m.get("content") or "" for m in record.get("prompt") or [] if m.get("role") == "user")
-    return dedup_text(record)
+    return text if text is not None else dedup_text(record)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,8 +190,12 @@ def process_batch(batch: tuple[list[str], list[str]]) -> dict:
     exact = np.fromiter((xxhash.xxh3_64_intdigest(buf[4 * s:4 * (s + k)]) for s, k in zip(starts, lengths)),
                         np.uint64, len(texts))
     sigs = _W["hasher"].signatures_cps(cps, lengths)
-    dcps, dlengths = minhash.fold_batch(*minhash.encode_batch(dtexts), alnum=True)
-    contam = find_contamination(dcps, dlengths, _W["index_hashes"], _W["decontam_ngram"])
+    index, n = _W["index_hashes"], _W["decontam_ngram"]
+    contam = find_contamination(*minhash.alnum_only(cps, lengths), index, n)
+    own = [i for i, (t, d) in enumerate(zip(texts, dtexts)) if d is not t]   # preference pairs: prompt only
+    if own:
+        dcps, dlengths = minhash.fold_batch(*minhash.encode_batch([dtexts[i] for i in own]), alnum=True)
+        contam[own] = find_contamination(dcps, dlengths, index, n)
     return {"exact": exact, "bands": minhash.band_hashes(sigs, _W["bands"], _W["rows"]),
             "sketch": minhash.sketch(sigs), "contam": contam, "has_shingles": lengths > 0,
             "chars": sum(len(t) for t in texts)}
@@ -204,7 +208,7 @@ def _batches(corpora_dirs: list[Path], stats: list[dict]):
         for record in iter_records(d):
             text = dedup_text(record)
             texts.append(text)
-            dtexts.append(decontam_text(record))
+            dtexts.append(decontam_text(record, text))   # the same object unless a preference pair
             stats[ci]["in"] += 1
             chars += len(text)
             if chars >= BATCH_CHARS:
@@ -316,6 +320,7 @@ def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) ->
         eval_report[spec.name] = {"files": len(files), "questions": len(questions), "malformed_rows": bad,
                                   "removed": 0}
     index_hashes, index_sets, index_qs, too_short = eval_index(question_sets, cfg.decontam_ngram)
+    minhash._tables()   # built once here, inherited by forked workers
     bands_n, rows_n = minhash.lsh_params(cfg.threshold, cfg.num_perm)
 
     # pass 1

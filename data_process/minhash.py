@@ -73,14 +73,21 @@ def encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 def fold_batch(cps: np.ndarray, lengths: np.ndarray, alnum: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Normalize a batch of code point runs: fold every character, drop deleted ones (and, with `alnum`,
     every character that is not a letter or digit); returns the new code points and per-text lengths."""
-    fold, is_alnum = _tables()
-    low = np.minimum(cps, 0xFFFF)
-    out = np.where(cps < 0x10000, fold[low], cps)   # above the BMP (CJK extension B...): kept as is
-    keep = out != 0
-    if alnum:
-        keep &= is_alnum[np.minimum(out, 0xFFFF)] | (out > 0xFFFF)
+    fold, _ = _tables()
+    out = np.where(cps < 0x10000, fold[np.minimum(cps, 0xFFFF)], cps)   # above the BMP (CJK ext. B...): kept
+    cps, lengths = _keep(out, lengths, out != 0)
+    return alnum_only(cps, lengths) if alnum else (cps, lengths)
+
+
+def alnum_only(cps: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep only letters and digits of already folded code point runs."""
+    _, is_alnum = _tables()
+    return _keep(cps, lengths, is_alnum[np.minimum(cps, 0xFFFF)] | (cps > 0xFFFF))
+
+
+def _keep(cps: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     doc = np.repeat(np.arange(len(lengths)), lengths)
-    return out[keep], np.bincount(doc[keep], minlength=len(lengths)).astype(np.int64)
+    return cps[keep], np.bincount(doc[keep], minlength=len(lengths)).astype(np.int64)
 
 
 def _decode(cps: np.ndarray) -> str:

@@ -215,9 +215,15 @@ def test_decontamination_on_real_ceval_and_cmmlu_samples_removes_planted_questio
     web.append(docs("web", ["复习要点：" + statement + "。" + clean_texts[1][:200]], 1002)[0])
     sft = [{"id": "s:0", "corpus": "sft", "kind": "conv", "messages": [
         {"role": "user", "content": "请回答：" + cq["question"]}, {"role": "assistant", "content": "选B。"}]}]
+    # preference pairs are checked on their prompt only
+    pref = lambda i, prompt, chosen: {"id": f"p:{i}", "corpus": "dpo", "kind": "pref", "chosen": chosen,
+                                      "rejected": "不清楚。", "prompt": [{"role": "user", "content": prompt}]}
+    dpo = [pref(0, "考考你：" + mq["question"] + "？" + opts, "选" + mq["answer"]),
+           pref(1, "请解释一下这个知识点。", "原题是：" + cq["question"])]
     eval_sets = [{"name": "ceval", "format": "ceval", "paths": [str(SAMPLES / "ceval-medical/val/*.csv")]},
                  {"name": "cmmlu", "format": "cmmlu", "paths": [str(SAMPLES / "cmmlu-medical/test/*.csv")]}]
-    recipe, clean, out = make_run(tmp_path, {"web": web, "sft": sft}, {"web": 30, "sft": 60}, eval_sets)
+    recipe, clean, out = make_run(tmp_path, {"web": web, "sft": sft, "dpo": dpo}, {"web": 30, "sft": 60, "dpo": 40},
+                                  eval_sets)
     report = dedup.run(recipe, clean, out, workers=1)
 
     kept = set(kept_ids(out, "web"))
@@ -225,7 +231,8 @@ def test_decontamination_on_real_ceval_and_cmmlu_samples_removes_planted_questio
     assert kept == {f"web.jsonl:{i}" for i in range(len(clean_texts))} - {"web.jsonl:%d" % i for i in
                                                                           _dup_positions(clean_texts)}
     assert kept_ids(out, "sft") == []
-    assert report["eval_sets"]["ceval"]["removed"] == 3 and report["eval_sets"]["cmmlu"]["removed"] == 1
+    assert kept_ids(out, "dpo") == ["p:1"]
+    assert report["eval_sets"]["ceval"]["removed"] == 3 and report["eval_sets"]["cmmlu"]["removed"] == 2
     assert report["eval_sets"]["ceval"]["questions"] == len(ceval)
     assert report["corpora"]["web"]["decontaminated"] == 3
     examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
