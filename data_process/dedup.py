@@ -22,6 +22,7 @@ the best F1 (see the comment at CHAR_NGRAM_VS_JIEBA) and need no segmenter, whic
 """
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import json
@@ -218,6 +219,19 @@ def _batches(corpora_dirs: list[Path], stats: list[dict]):
         yield texts, dtexts
 
 
+def _ordered_map(pool, fn, items, ahead: int):
+    """Results of fn over items in input order (so the outcome never depends on the worker count), with at
+    most `ahead` items in flight: unlike Pool.imap, which queues the whole input at once, memory stays at a
+    few batches however large the corpora are."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Decisions over the compact arrays (pure functions, tested directly)
 def exact_duplicates(exact: np.ndarray, alive: np.ndarray) -> np.ndarray:
@@ -336,7 +350,7 @@ def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) ->
         pool = None
     else:
         pool = multiprocessing.get_context(_START_METHOD).Pool(workers, initializer=_init_worker, initargs=init)
-        results = pool.imap(process_batch, batches)   # imap keeps batch order: same result, any worker count
+        results = _ordered_map(pool, process_batch, batches, ahead=2 * workers)
     try:
         for r in results:
             for k in parts:

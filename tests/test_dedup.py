@@ -284,3 +284,26 @@ def test_a_corpus_whose_read_step_did_not_finish_is_an_error(tmp_path):
     (clean / "a" / "manifest.json").unlink()
     with pytest.raises(RuntimeError, match="read step did not finish"):
         dedup.run(recipe, clean, out, workers=1)
+
+
+def test_a_run_killed_while_writing_is_redone_and_gives_the_same_output(tmp_path, monkeypatch):
+    rng = random.Random(9)
+    texts = skywork(30)
+    corpora = {"a": docs("a", texts[:20]), "b": docs("b", texts[10:30] + [edit(texts[0], 0.01, rng)])}
+    recipe, clean, out = make_run(tmp_path, corpora, {"a": 50, "b": 40})
+    real_write = dedup.write_parts
+
+    def dies_on_b(records, out_dir, **kw):
+        if out_dir.name == "b":
+            next(iter(records))
+            raise KeyboardInterrupt("killed")
+        return real_write(records, out_dir, **kw)
+    monkeypatch.setattr(dedup, "write_parts", dies_on_b)
+    with pytest.raises(KeyboardInterrupt):
+        dedup.run(recipe, clean, out, workers=1)
+    assert not (out / "report.json").exists()      # the done-marker is written last
+    monkeypatch.setattr(dedup, "write_parts", real_write)
+    report = dedup.run(recipe, clean, out, workers=1)
+    assert kept_ids(out, "a") == [f"a.jsonl:{i}" for i in range(20)]
+    assert kept_ids(out, "b") == [f"b.jsonl:{i}" for i in range(10, 20)]
+    assert report["corpora"]["b"]["exact_dups"] == 10 and report["corpora"]["b"]["near_dups"] == 1
