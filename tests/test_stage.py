@@ -123,6 +123,20 @@ def test_real_medical_sft_weights_cover_exactly_the_assistant_spans(glm):
     assert tags == [0.3] * 4
 
 
+def test_system_prompt_and_multi_turn_render_as_the_template_says(glm):
+    with_system = general_sft()[2]["messages"]          # MiniMind's real system-prompt sample
+    assert glm.decode(glm.render_chat(with_system).ids) == (
+        "<|im_start|>system\n你是一个简洁的 AI 助手。<|im_end|>"
+        "<|im_start|>user\n用一句话解释 tokenizer。<|im_end|>"
+        "<|im_start|>assistant\ntokenizer 负责把文本切分并映射成模型可以处理的 token id。<|im_end|>")
+    multi = general_sft()[-1]["messages"]
+    chat = glm.render_chat(multi, add_generation_prompt=False)
+    assert glm.decode(chat.ids) == ("<|im_start|>user\n多轮一<|im_end|><|im_start|>assistant\n答一<|im_end|>"
+                                    "<|im_start|>user\n多轮二\n换行<|im_end|><|im_start|>assistant\n答二\n<|im_end|>")
+    assert chat.ids.count(glm.special["im_start"]) == 4 and chat.ids[0] == glm.special["im_start"]
+    assert chat.ids[-1] == glm.special["im_end"] and chat.weights[-1] == 1.0
+
+
 def test_one_csv_pair_per_stage_in_curriculum_order(staged):
     root, summary = staged
     assert list(summary["sft"]) == ["general", "medical", "medical_dialogue", "reasoning"]
