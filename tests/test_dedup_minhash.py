@@ -89,6 +89,19 @@ def test_sketch_jaccard_tracks_the_signature_jaccard():
         assert abs(minhash.sketch_jaccard(sk[0], sk[1]) - (sig[0] == sig[1]).mean()) < 0.03
 
 
+def test_sketch_jaccard_equals_datasketch_b_bit_minhash_estimate():
+    from datasketch.b_bit_minhash import bBitMinHash
+    rng = random.Random(2)
+    hasher = minhash.MinHasher()
+    for text in real_texts(10):
+        a, b = minhash.normalize(text), minhash.normalize(edit(text, rng.choice([0.01, 0.05]), rng))
+        sig = hasher.signatures([a, b])
+        ref = [bBitMinHash(MinHash(seed=1, hashvalues=s, scheme="affine32"), b=8) for s in sig]
+        sk = minhash.sketch(sig)
+        expected = min(max(ref[0].jaccard(ref[1]), 0.0), 1.0)
+        assert minhash.sketch_jaccard(sk[0], sk[1]) == pytest.approx(expected, abs=1e-9)
+
+
 def test_lsh_bands_make_pairs_at_the_threshold_almost_surely_candidates_and_fit_num_perm():
     for threshold in (0.6, 0.7, 0.8, 0.85, 0.9):
         bands, rows = minhash.lsh_params(threshold, 128)
