@@ -11,15 +11,14 @@ from pathlib import Path
 import orjson
 import pytest
 
-import data_process as dp_pkg  # noqa: F401  (the package, not the script)
+import importlib.util
+
 from conftest import ROOT
 from data_process import pipeline
 from data_process.records import iter_records, write_parts
 from data_process.recipe import RecipeError, load_recipe, parse_recipe
 
-sys.path.insert(0, str(ROOT))
-import importlib.util  # noqa: E402
-
+# the CLI script, loaded under another name (`import data_process` is the package beside it)
 _spec = importlib.util.spec_from_file_location("data_process_cli", ROOT / "data_process.py")
 cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cli)
