@@ -1,0 +1,332 @@
+"""serve.py as a real uvicorn server (a subprocess on 127.0.0.1), driven by the official `openai` client and raw
+HTTP: chat and completions (streaming and not), sampling fields, every bad-request case, 8 concurrent streams,
+a client disconnect, the API key. Replies are checked against model.generate run here on the same checkpoint."""
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from conftest import ROOT
+from test_chat import make_checkpoint
+
+API_KEY = "test-key-1234"
+MODEL = "test-model"
+CONTEXT = 2048
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(ckpt, *extra, timeout=180):
+    """-> (process, base_url) once /health answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "serve.py", str(ckpt), "--port", str(port), "--model-name", MODEL,
+                             "--max-body-bytes", "65536", "--max-tokens", "64", *map(str, extra)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve.py exited with {proc.returncode}: {proc.stdout.read().decode()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("serve.py did not come up in time")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt", chat=True, seed=21, tie_embeddings=False,
+                           max_seq_len=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    proc, url = start_server(ckpt, "--api-key", API_KEY)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    """The same checkpoint loaded here: what the server must answer, computed with model.generate."""
+    from chat import load_model
+    from tokenizer import StreamDecoder
+    model, tok, _ = load_model(ckpt)
+
+    def reply(prompt_ids, max_tokens, stop=True, **sampling) -> str:
+        decoder = StreamDecoder(tok)
+        ids = model.generate(prompt_ids, max_new_tokens=max_tokens, stop_ids=tok.stop_ids() if stop else (),
+                             **({"temperature": 0} | sampling))
+        return "".join(decoder.push(t) for t in ids)
+
+    def chat_ids(messages):
+        return tok.render_chat(messages, add_generation_prompt=True).ids
+
+    return reply, chat_ids, tok
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def health(url) -> dict:
+    return httpx.get(url + "/health", timeout=10).json()
+
+
+# ----------------------------------------------------------------------------- the happy paths
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    h = health(server)
+    assert h["status"] == "ok" and h["model"] == MODEL
+
+
+def test_chat_completion_with_usage_matches_generate(client, reference):
+    reply, chat_ids, _ = reference
+    messages = [{"role": "system", "content": "你是医生。"}, {"role": "user", "content": "感冒发烧怎么办？"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    expected = reply(chat_ids(messages), 20)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected and expected
+    assert r.usage.prompt_tokens == len(chat_ids(messages))
+    assert r.usage.completion_tokens <= 20 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason == ("length" if r.usage.completion_tokens == 20 else "stop")
+
+
+def test_streamed_chat_equals_the_whole_reply_and_ends_with_done(client, server, reference):
+    reply, chat_ids, _ = reference
+    messages = [{"role": "user", "content": "高血压要注意什么？"},
+                {"role": "assistant", "content": "少盐。"}, {"role": "user", "content": "还有呢？"}]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reply(chat_ids(messages), 24)
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 3      # streamed, not one blob
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.prompt_tokens == len(chat_ids(messages))
+    # the raw wire format: server-sent events, the last one data: [DONE]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 5, "stream": True}
+    raw = httpx.post(server + "/v1/chat/completions", json=body, timeout=60,
+                     headers={"Authorization": f"Bearer {API_KEY}"})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in raw.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_completions_continue_text_like_a_base_model(client, reference):
+    reply, _, tok = reference
+    prompt = "发热是指体温升高超过正常范围，"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+    assert r.choices[0].text == reply([tok.eos_id] + tok.encode(prompt), 16)
+    assert r.usage.prompt_tokens == 1 + len(tok.encode(prompt))
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True))
+    assert streamed == r.choices[0].text
+
+
+def test_seed_temperature_top_p_and_max_tokens_are_honoured(client, reference):
+    reply, chat_ids, _ = reference
+    messages = [{"role": "user", "content": "失眠怎么办？"}]
+
+    def sample(seed, **kw):
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, seed=seed,
+                                              **({"temperature": 1.0, "top_p": 0.9} | kw)).choices[0].message.content
+    a, b, c = sample(5), sample(5), sample(6)
+    assert a == b != c
+    expected = reply(chat_ids(messages), 16, temperature=1.0, top_p=0.9,
+                     generator=torch.Generator().manual_seed(5))
+    assert a == expected
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=7, temperature=1.0,
+                                       extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "length"
+
+
+def test_stop_strings_cut_the_reply_streamed_or_not(client, reference):
+    reply, chat_ids, _ = reference
+    messages = [{"role": "user", "content": "头疼怎么办？"}]
+    full = reply(chat_ids(messages), 30, stop=False)
+    stop = full[10:13]                      # a string from the middle of the greedy reply
+    expected = full[:full.find(stop)]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0, stop=[stop],
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=30, temperature=0, stop=stop, stream=True,
+        extra_body={"ignore_eos": True}))
+    assert streamed == expected
+
+
+# ----------------------------------------------------------------------------- bad requests
+
+def _post(server, path, body, key=API_KEY):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (dict, list)):
+        return httpx.post(server + path, json=body, headers=headers, timeout=60)
+    return httpx.post(server + path, content=body, headers=headers | {"Content-Type": "application/json"},
+                      timeout=60)
+
+
+OK_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "你好"}], "max_tokens": 4}
+BAD_REQUESTS = [
+    # (name, path, body, status, param)
+    ("malformed JSON", "/v1/chat/completions", b'{"model": "test-model", "messages": [', 400, None),
+    ("not UTF-8", "/v1/chat/completions", b'{"model": "\xc3\x28"}', 400, None),
+    ("not an object", "/v1/chat/completions", [1, 2], 400, None),
+    ("missing messages", "/v1/chat/completions", {"model": MODEL}, 400, "messages"),
+    ("missing model", "/v1/chat/completions", {"messages": OK_CHAT["messages"]}, 400, "model"),
+    ("messages not a list", "/v1/chat/completions", OK_CHAT | {"messages": "你好"}, 400, "messages"),
+    ("content a number", "/v1/chat/completions", OK_CHAT | {"messages": [{"role": "user", "content": 5}]},
+     400, "messages[0].content"),
+    ("unknown role", "/v1/chat/completions", OK_CHAT | {"messages": [{"role": "doctor", "content": "x"}]},
+     400, "messages[0].role"),
+    ("empty messages", "/v1/chat/completions", OK_CHAT | {"messages": []}, 400, "messages"),
+    ("ends with assistant", "/v1/chat/completions",
+     OK_CHAT | {"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
+    ("system not first", "/v1/chat/completions", OK_CHAT | {"messages": [
+        {"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]},
+     400, "messages"),
+    ("temperature a string", "/v1/chat/completions", OK_CHAT | {"temperature": "hot"}, 400, "temperature"),
+    ("temperature too high", "/v1/chat/completions", OK_CHAT | {"temperature": 3}, 400, "temperature"),
+    ("top_p zero", "/v1/chat/completions", OK_CHAT | {"top_p": 0}, 400, "top_p"),
+    ("max_tokens a string", "/v1/chat/completions", OK_CHAT | {"max_tokens": "5"}, 400, "max_tokens"),
+    ("max_tokens a bool", "/v1/chat/completions", OK_CHAT | {"max_tokens": True}, 400, "max_tokens"),
+    ("max_tokens zero", "/v1/chat/completions", OK_CHAT | {"max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens negative", "/v1/chat/completions", OK_CHAT | {"max_tokens": -3}, 400, "max_tokens"),
+    ("max_tokens over the context", "/v1/chat/completions", OK_CHAT | {"max_tokens": 10 ** 9}, 400, "max_tokens"),
+    ("stream a string", "/v1/chat/completions", OK_CHAT | {"stream": "yes"}, 400, "stream"),
+    ("seed a float", "/v1/chat/completions", OK_CHAT | {"seed": 1.5}, 400, "seed"),
+    ("stop a number", "/v1/chat/completions", OK_CHAT | {"stop": 7}, 400, "stop"),
+    ("five stop strings", "/v1/chat/completions", OK_CHAT | {"stop": list("abcde")}, 400, "stop"),
+    ("n = 2", "/v1/chat/completions", OK_CHAT | {"n": 2}, 400, "n"),
+    ("unknown model", "/v1/chat/completions", OK_CHAT | {"model": "gpt-4o"}, 404, "model"),
+    ("prompt over the context", "/v1/chat/completions",
+     OK_CHAT | {"messages": [{"role": "user", "content": "病人发烧" * 2000}], "max_tokens": None}, 400, "messages"),
+    ("prompt + max_tokens over the context", "/v1/chat/completions",
+     OK_CHAT | {"messages": [{"role": "user", "content": "病人发烧" * 100}], "max_tokens": 2000}, 400, "messages"),
+    ("body over the byte limit", "/v1/chat/completions",
+     OK_CHAT | {"messages": [{"role": "user", "content": "x" * 70000}]}, 413, None),
+    ("completion prompt a number", "/v1/completions", {"model": MODEL, "prompt": 5}, 400, "prompt"),
+    ("two completion prompts", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("empty completion prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ("completions unknown model", "/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,param", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_gets_a_4xx_openai_error_body(server, name, path, body, status, param):
+    r = _post(server, path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"] and error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+def test_unknown_route_wrong_method_and_missing_key_are_openai_errors(server):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.get(server + "/v1/nothing", timeout=30).status_code == 401   # the key is checked first
+    r = httpx.get(server + "/v1/nothing", headers=auth, timeout=30)
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(server + "/v1/chat/completions", headers=auth, timeout=30)
+    assert r.status_code == 405 and "error" in r.json()
+    for key in (None, "wrong-key"):
+        r = _post(server, "/v1/chat/completions", OK_CHAT, key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server + "/health", timeout=30).status_code == 200    # no key needed to check liveness
+
+
+def test_official_client_raises_its_typed_errors(client, server):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+    bad_key = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.models.list()
+
+
+def test_listening_beyond_loopback_needs_an_api_key(ckpt, monkeypatch, capsys):
+    import serve
+    monkeypatch.delenv(serve.API_KEY_ENV, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        serve.main([str(ckpt), "--host", "0.0.0.0"])
+    assert exit_info.value.code == 2 and "API key" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- concurrency and disconnects
+
+QUESTIONS = ["感冒了怎么办？", "高血压吃什么好？", "失眠的原因有哪些？", "糖尿病能治愈吗？",
+             "孩子发烧39度怎么办？", "胃疼是怎么回事？", "How to treat a cough?", "腰疼要做什么检查？"]
+
+
+def test_eight_concurrent_streams_each_get_their_own_reply(server, reference):
+    reply, chat_ids, _ = reference
+    expected = [reply(chat_ids([{"role": "user", "content": q}]), 32, stop=False) for q in QUESTIONS]
+    assert len(set(expected)) == 8
+
+    async def one(client, question):
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=32, temperature=0,
+            stream=True, extra_body={"ignore_eos": True})
+        parts, times = [], []
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+                times.append(time.monotonic())
+        return "".join(parts), times[0], times[-1]
+
+    async def all_of_them():
+        async with openai.AsyncOpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=120) as c:
+            return await asyncio.gather(*(one(c, q) for q in QUESTIONS))
+
+    results = asyncio.run(all_of_them())
+    assert [text for text, _, _ in results] == expected
+    # served together (round-robin), not one after another: every stream started before any one finished
+    assert max(first for _, first, _ in results) < min(last for _, _, last in results)
+
+
+def test_client_disconnect_stops_its_generation(server):
+    before = health(server)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "请详细介绍一下肺炎。"}], "max_tokens": 1500,
+            "temperature": 1.0, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server + "/v1/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+            lines = r.iter_lines()
+            got = [line for line, _ in zip(lines, range(12)) if line.startswith("data: ")]
+    assert len(got) >= 5                                   # it was streaming, then we hung up
+    deadline = time.time() + 30
+    while health(server)["active"] and time.time() < deadline:
+        time.sleep(0.2)
+    stopped = health(server)
+    time.sleep(1.0)
+    after = health(server)
+    assert stopped["active"] == 0
+    assert after["tokens_generated"] == stopped["tokens_generated"]     # the counter no longer moves
+    assert after["tokens_generated"] - before["tokens_generated"] < 1000  # far from the 1500 asked for
+    assert after["requests_cancelled"] == before["requests_cancelled"] + 1
+
+
+def test_server_survived_everything(server):
+    h = health(server)
+    assert h["status"] == "ok" and h["active"] == 0 and h["queued"] == 0
