@@ -188,6 +188,8 @@ class Tokenizer:
         """Write tokenizer.model + tokenizer_meta.json (atomic renames); returns out_dir."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".tokenizer*.tmp-*"):   # left by a killed run
+            stale.unlink(missing_ok=True)
         _atomic_write(out_dir / MODEL_FILE, self.model_bytes)
         _atomic_write(out_dir / META_FILE, json.dumps(self.meta_dict(), ensure_ascii=False, indent=2).encode())
         return out_dir

@@ -325,6 +325,8 @@ def run(recipe, docs_root, tokenizer_dir, data_dir) -> dict:
     for kind, groups, stage_fn, ext in (("sft", sft_groups, stage_sft, ".csv"), ("dpo", dpo_groups, stage_dpo, ".jsonl")):
         out_dir = data_dir / kind
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".*.tmp-*"):   # left by a killed run
+            stale.unlink(missing_ok=True)
         for stage, corpora in groups.items():
             t0 = time.time()
             fingerprint = {**settings, "corpora": corpora, "inputs": _inputs_fingerprint(docs_root, corpora)}

@@ -262,6 +262,12 @@ def test_failure_mid_stage_leaves_no_partial_output(tmp_path, glm):
     left = sorted(p.name for p in (tmp_path / "data" / "sft").iterdir())
     assert "medical.csv" not in left and "medical.manifest.json" not in left
     assert not [n for n in left if "tmp" in n]
+    # a kill -9 leaves temporary files behind; the next run removes them and finishes
+    (tmp_path / "data" / "sft" / ".medical.csv.tmp-99999").write_text("half a row,", encoding="utf-8")
+    write_parts([{**r, "corpus": "medical_finetune"} for r in medical_sft()[:20]], tmp_path / "dedup" / "medical_finetune")
+    summary = run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")["sft"]["medical"]
+    assert summary["train"] + summary["val"] + sum(summary["rejected"].values()) == len(general_sft()) + 20
+    assert not [p for p in (tmp_path / "data" / "sft").iterdir() if "tmp" in p.name]
 
 
 def test_sft_corpus_with_unknown_stage_is_an_error(tmp_path, glm):
