@@ -336,7 +336,6 @@ def stage_done(out_dir) -> bool:
 def run_stage(cfg: StageConfig) -> dict:
     """Train one SFT stage through train_loop.train; returns the loop's summary (+ data and padding figures)."""
     from train_loop import load_checkpoint, save_checkpoint, train, verify_checkpoint
-    import lora as lora_lib
     out_dir = Path(cfg.out_dir)
     if stage_done(out_dir):
         print(f"{out_dir}/final already holds the merged LoRA model; nothing to train")
@@ -358,7 +357,10 @@ def run_stage(cfg: StageConfig) -> dict:
                          grad_accum=grad_accum, rank=rank, world_size=world_size, pad_multiple=cfg.pad_multiple)
     total_steps = int(train_table.get("total_steps") or max(1, math.ceil(cfg.epochs * batches.steps_per_epoch())))
     padding = batches.padding_fraction()
-    settings = lora_lib.LoraSettings(**cfg.lora) if cfg.lora is not None else None
+    settings = None
+    if cfg.lora is not None:
+        import lora as lora_lib   # peft (and transformers) load only for LoRA stages
+        settings = lora_lib.LoraSettings(**cfg.lora)
     extra = {"stage": cfg.stage, "data": str(cfg.data), "examples": len(data), "rejects": data.rejects,
              "padding_fraction": round(padding, 4), "tag_weight": cfg.tag_weight, "init_from": str(cfg.init_from),
              "lora": asdict(settings) if settings else None}
@@ -368,6 +370,7 @@ def run_stage(cfg: StageConfig) -> dict:
           f"padding {padding:.1%} of batch positions, from {cfg.init_from}"
           + (f", LoRA r={settings.rank} on {settings.targets}" if settings else ""))
     if settings is not None:
+        torch.manual_seed(train_cfg.seed)   # peft draws lora_A at random: the same run must start the same
         lora_lib.add_lora(model, settings)
         n_train = sum(p.numel() for p in lora_lib.lora_parameters(model))
         print(f"LoRA: {n_train:,} trainable parameters ({n_train / model.num_params():.2%} of the base)")
