@@ -378,6 +378,7 @@ def tokenize_corpus(name: str, parts: list[Path], docs_root: Path, tok, tokenize
     manifest = _read_json(out_dir / MANIFEST)
     if manifest and manifest.get("fingerprint") == fp and _listed_shards_complete(out_dir, manifest):
         log.info("%s: up to date, kept (%s train tokens)", name, f"{manifest['splits']['train']['tokens']:,}")
+        (out_dir / PROGRESS).unlink(missing_ok=True)   # left if a run died between manifest and cleanup
         return {"corpus": name, "status": "kept", **_totals(manifest)}
     if manifest:
         log.info("%s: tokenizer, settings or inputs changed since the last run; re-tokenizing", name)
