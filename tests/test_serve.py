@@ -330,3 +330,73 @@ def test_client_disconnect_stops_its_generation(server):
 def test_server_survived_everything(server):
     h = health(server)
     assert h["status"] == "ok" and h["active"] == 0 and h["queued"] == 0
+
+
+# ----------------------------------------------------------------------------- the web page, in headless Chromium
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.mark.slow
+def test_web_page_streams_multi_turn_chinese_replies_in_headless_chromium(server, reference, tmp_path):
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.fail("Debian's chromium + chromium-driver are needed: run script/setup.sh (apt-get install)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    reply, chat_ids, _ = reference
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,800"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(server + "/")
+        assert driver.execute_script("return document.characterSet") == "UTF-8"
+        font = driver.execute_script("return getComputedStyle(document.body).fontFamily")
+        assert "Noto Sans CJK SC" in font and "PingFang SC" in font
+        driver.find_element(By.ID, "api-key").send_keys(API_KEY)
+        driver.execute_script("""
+            const t = document.getElementById('temperature'); t.value = '0';
+            t.dispatchEvent(new Event('input'));
+            window.updates = 0;   // count DOM updates of the reply: a streamed reply arrives in many
+            new MutationObserver((records) => { window.updates += records.length; })
+              .observe(document.getElementById('messages'), {childList: true, characterData: true, subtree: true});
+        """)
+        tokens = driver.find_element(By.ID, "max_tokens")
+        tokens.clear()
+        tokens.send_keys("24")
+        wait = WebDriverWait(driver, 120)
+
+        def ask(question: str, n: int) -> str:
+            box = driver.find_element(By.ID, "input")
+            box.send_keys(question)
+            box.send_keys(Keys.ENTER)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]")) == n)
+            return driver.execute_script(
+                "const m = document.querySelectorAll('.msg.assistant'); return m[m.length - 1].textContent")
+
+        q1, q2 = "我最近总是头疼，怎么办？", "需要去医院做什么检查？"
+        a1 = ask(q1, 1)
+        expected1 = reply(chat_ids([{"role": "user", "content": q1}]), 24)
+        assert a1 == expected1 and a1
+        assert driver.execute_script("return window.updates") >= 5
+        a2 = ask(q2, 2)   # the page sends the whole conversation: the answer is the multi-turn one
+        assert a2 == reply(chat_ids([{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
+                                     {"role": "user", "content": q2}]), 24)
+        bubbles = driver.execute_script(
+            "return [...document.querySelectorAll('.msg')].map(m => m.textContent)")
+        assert bubbles == [q1, a1, q2, a2]
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+        png = tmp_path / "chat_page.png"
+        assert driver.save_screenshot(str(png)) and png.stat().st_size > 10_000
+        print(f"screenshot: {png}")
+    finally:
+        driver.quit()
