@@ -283,33 +283,58 @@ class Tokenizer:
         Weights are 1.0 on assistant content and the assistant's <|im_end|>, `tag_weight` on the four reasoning tag
         tokens inside assistant content, 0.0 everywhere else (role markers, system and user turns).
         """
-        _check_messages(messages)
-        ids: list[int] = []
-        weights: list[float] = []
+        texts: list[str] = []
+        plan = self._chat_plan(messages, add_generation_prompt, tag_weight, texts)
+        return self._assemble(plan, [self.sp.encode(t) for t in texts])
 
-        def add(tokens, weight):
-            ids.extend(tokens)
-            weights.extend([weight] * len(tokens))
+    def render_chat_batch(self, conversations, add_generation_prompt: bool = False, tag_weight: float = 1.0,
+                          num_threads: int = -1) -> list[ChatTokens]:
+        """render_chat of many conversations, their text encoded in one call on SentencePiece's C++ thread pool
+        (encoding is about two thirds of render_chat's time, and this part then scales with the cores).
+        Same ids and weights as render_chat."""
+        texts: list[str] = []
+        plans = [self._chat_plan(m, add_generation_prompt, tag_weight, texts) for m in conversations]
+        encoded = self.sp.encode(texts, num_threads=num_threads) if texts else []
+        return [self._assemble(plan, encoded) for plan in plans]
+
+    def _chat_plan(self, messages, add_generation_prompt, tag_weight, texts: list[str]) -> list[tuple]:
+        """The template as (fixed ids | index into `texts`, weight) segments; appends the text to encode to `texts`."""
+        _check_messages(messages)
+        plan: list[tuple] = []
+
+        def text(t, weight):
+            texts.append(t)
+            plan.append((len(texts) - 1, weight))
 
         im_start, im_end = self.special["im_start"], self.special["im_end"]
         for m in messages:
             role, content = m["role"], m["content"]
-            add([im_start], 0.0)
+            plan.append(([im_start], 0.0))
             if role == "assistant":
                 # role header and content are encoded apart (so weights split cleanly); since no piece contains
                 # "\n", that equals encoding "assistant\n" + content whole (which the Jinja form does).
-                add(self._cached_role_ids[role], 0.0)
+                plan.append((self._cached_role_ids[role], 0.0))
                 for i, part in enumerate(self._tag_re.split(content)):
                     if i % 2:
-                        add([self._tag_ids[part]], tag_weight)
+                        plan.append(([self._tag_ids[part]], tag_weight))
                     elif part:
-                        add(self.sp.encode(part), 1.0)
-                add([im_end], 1.0)
+                        text(part, 1.0)
+                plan.append(([im_end], 1.0))
             else:
-                add(self.sp.encode(role + "\n" + content), 0.0)
-                add([im_end], 0.0)
+                text(role + "\n" + content, 0.0)
+                plan.append(([im_end], 0.0))
         if add_generation_prompt:
-            add([im_start] + self._cached_role_ids["assistant"], 0.0)
+            plan.append(([im_start] + self._cached_role_ids["assistant"], 0.0))
+        return plan
+
+    @staticmethod
+    def _assemble(plan, encoded: list[list[int]]) -> ChatTokens:
+        ids: list[int] = []
+        weights: list[float] = []
+        for segment, weight in plan:
+            tokens = encoded[segment] if isinstance(segment, int) else segment
+            ids.extend(tokens)
+            weights.extend([weight] * len(tokens))
         return ChatTokens(ids, weights)
 
     def render_text(self, messages, add_generation_prompt: bool = False) -> str:

@@ -37,6 +37,7 @@ from tokenizer import Tokenizer, corpus_fingerprint
 
 SFT_COLUMNS = ["id", "source", "system", "conversation", "answer", "n_tokens"]
 CSV_CHUNK_ROWS = 10_000     # rows per pandas write: memory stays bounded whatever the corpus size
+RENDER_CHUNK = 1024         # conversations rendered per render_chat_batch call (SentencePiece's threads)
 
 
 def id_hash(record_id: str) -> int:
@@ -212,6 +213,17 @@ def _records(docs_root: Path, corpora: list[str], missing: list[str]):
             yield name, record
 
 
+def _chunks(items, size: int = RENDER_CHUNK):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def stage_sft(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path, stage: str,
               max_tokens: int, val_fraction: float) -> dict:
     """Write out_dir/<stage>.csv and <stage>.val.csv from the conversations of `corpora`; returns counts."""
@@ -221,34 +233,39 @@ def stage_sft(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path
     rejects = _JsonlWriter(out_dir / f"{stage}.rejects.jsonl")
 
     def produce():
-        for corpus, record in _records(docs_root, corpora, counts["missing_corpora"]):
-            rid = f"{corpus}:{record.get('id')}"
-            messages = record.get("messages")
-            reason = "not_a_conversation" if record.get("kind") != "conv" else check_conversation(messages)
-            n_tokens = 0
-            if reason is None:
-                n_tokens = len(tok.render_chat(messages).ids)
-                if n_tokens > max_tokens:
-                    reason = "too_long"
-            if reason is not None:
-                counts["rejected"][reason] += 1
-                rejects.add({"id": rid, "source": corpus, "reason": reason,
-                             "detail": f"{n_tokens} tokens > {max_tokens}" if reason == "too_long"
-                             else str(messages)[:200]})
-                continue
-            has_system = messages[0]["role"] == "system"
-            row = {"id": rid, "source": corpus, "system": messages[0]["content"] if has_system else "",
-                   "conversation": json.dumps(messages[1:] if has_system else messages, ensure_ascii=False),
-                   "answer": messages[-1]["content"], "n_tokens": n_tokens}
-            split = "val" if is_val(rid, val_fraction) else "train"
-            (val if split == "val" else train).add(row)
-            counts[split] += 1
-            counts[f"{split}_tokens"] += n_tokens
-            counts["sources"][corpus] += 1
+        for chunk in _chunks(_records(docs_root, corpora, counts["missing_corpora"])):
+            checked = []
+            for corpus, record in chunk:
+                messages = record.get("messages")
+                reason = "not_a_conversation" if record.get("kind") != "conv" else check_conversation(messages)
+                checked.append((corpus, record, messages, reason))
+            rendered = iter(tok.render_chat_batch([m for _, _, m, reason in checked if reason is None]))
+            for corpus, record, messages, reason in checked:
+                handle(corpus, record, messages, reason, len(next(rendered).ids) if reason is None else 0)
         moved = _ensure_one_val(train, val, counts, val_fraction)
         if moved is not None:
             counts["train_tokens"] -= moved["n_tokens"]
             counts["val_tokens"] += moved["n_tokens"]
+
+    def handle(corpus, record, messages, reason, n_tokens):
+        rid = f"{corpus}:{record.get('id')}"
+        if reason is None and n_tokens > max_tokens:
+            reason = "too_long"
+        if reason is not None:
+            counts["rejected"][reason] += 1
+            rejects.add({"id": rid, "source": corpus, "reason": reason,
+                         "detail": f"{n_tokens} tokens > {max_tokens}" if reason == "too_long"
+                         else str(messages)[:200]})
+            return
+        has_system = messages[0]["role"] == "system"
+        row = {"id": rid, "source": corpus, "system": messages[0]["content"] if has_system else "",
+               "conversation": json.dumps(messages[1:] if has_system else messages, ensure_ascii=False),
+               "answer": messages[-1]["content"], "n_tokens": n_tokens}
+        split = "val" if is_val(rid, val_fraction) else "train"
+        (val if split == "val" else train).add(row)
+        counts[split] += 1
+        counts[f"{split}_tokens"] += n_tokens
+        counts["sources"][corpus] += 1
 
     _write_all([train, val, rejects], produce)
     return {**counts, "rejected": dict(counts["rejected"]), "sources": dict(counts["sources"])}

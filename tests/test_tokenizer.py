@@ -163,6 +163,16 @@ def test_jinja_template_gives_the_same_ids_as_render_chat(glm, k, gen):
     assert glm.encode(text, allow_special=True) == glm.render_chat(msgs, add_generation_prompt=gen).ids
 
 
+def test_render_chat_batch_equals_render_chat(glm):
+    convs = conversations()
+    for gen in (False, True):
+        batch = glm.render_chat_batch(convs, add_generation_prompt=gen, tag_weight=0.5)
+        assert batch == [glm.render_chat(c, add_generation_prompt=gen, tag_weight=0.5) for c in convs]
+    assert glm.render_chat_batch([]) == []
+    with pytest.raises(ValueError):
+        glm.render_chat_batch([convs[0], [{"role": "robot", "content": "x"}]])
+
+
 @pytest.mark.parametrize("k", [0, 1, 2, 4])
 def test_prompt_with_generation_prompt_is_a_prefix_of_the_full_conversation(glm, k):
     """What chat/DPO feed the model as a prompt is exactly the start of what SFT trained on."""
