@@ -427,7 +427,9 @@ def sample_lines(corpus_dirs: list[Path], sample_chars: int, counts: dict | None
     """Lines of pretraining documents, taken round-robin one document per corpus at a time (so a huge web corpus
     cannot crowd out the medical ones), until `sample_chars` characters. Streams: nothing is held but one document
     per corpus. Lines are the sentences SentencePiece sees, so no piece ever contains a newline (which keeps
-    template rendering segment-by-segment equal to whole-text encoding); long lines are cut into chunks."""
+    template rendering segment-by-segment equal to whole-text encoding); long lines are cut into chunks.
+    The documents are each corpus's first ones in record order (reading a whole corpus to draw a random sample
+    would cost a full pass over hundreds of GB); cleaned web corpora have no meaningful order to bias it."""
     iters = {d.name: iter_records(d) for d in corpus_dirs}
     counts = counts if counts is not None else {}
     total = 0
@@ -458,7 +460,7 @@ def train_sentencepiece(lines: Iterable[str], vocab_size: int, num_threads: int 
 
     Deterministic for a given num_threads, but SentencePiece's BPE gives a (slightly) different model for a
     different thread count, so the pipeline always trains with one thread: the same recipe then makes the same
-    tokenizer on every machine (it takes about a minute for the default 20M-character sample)."""
+    tokenizer on every machine (bench_tokenizer: 3.3M characters train in 6-11 s for 6,400-32,768 pieces here)."""
     if not 300 <= vocab_size <= MAX_VOCAB:
         raise ValueError(f"vocab_size {vocab_size} must be in [300, {MAX_VOCAB}] (256 byte pieces + specials, uint16)")
     spm.set_random_generator_seed(0)
