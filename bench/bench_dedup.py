@@ -39,7 +39,7 @@ THRESHOLD = 0.8   # the default recipe's [dedup] threshold
 # ---------------------------------------------------------------------------------------------------------
 # Real text
 def load_texts(quick: bool) -> dict[str, list[str]]:
-    k = 0.3 if quick else 1.0
+    k = 0.25 if quick else 1.0
     with open(SAMPLES / "skywork-zh-web" / "zh_general.jsonl", encoding="utf-8") as f:
         web = [json.loads(line)["text"] for line in f]
     with open(SAMPLES / "toyhom-medical-dialogue" / "样例_内科5000-6000.csv", encoding="gb18030", newline="") as f:
@@ -132,7 +132,7 @@ def bench_shingling(sources, quick: bool) -> dict:
     import jieba
     jieba.setLogLevel(60)
     jieba.initialize()
-    small = {k: v[: (25 if quick else 80)] for k, v in sources.items()}
+    small = {k: v[: (20 if quick else 80)] for k, v in sources.items()}
     texts, pairs = planted_pairs(small, rates=(0.03, 0.06, 0.1, 0.3, 0.5), seed=1)
     labeled = [(a, b, rate <= 0.1) for a, b, _, rate in pairs]
     rng = random.Random(2)

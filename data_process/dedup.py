@@ -12,13 +12,20 @@ Then, on those compact arrays only, in this order:
   2. exact duplicates: of records with equal normalized text the first in keep order survives;
   3. near duplicates: LSH candidate pairs whose sketch Jaccard >= recipe.dedup.threshold are joined into
      clusters (connected components, as in the BigCode/text-dedup pipelines) and each cluster keeps its
-     first record in keep order.
+     first record in keep order. As in those pipelines a chain A~B~C drops C even when C is less similar
+     to A than the threshold: the price of clustering in linear time.
 Keep order: corpora sorted by `priority` (higher first), ties by recipe order; within a corpus, the order
 records were read. Pass 2 rereads the records and writes the survivors, then examples and the report.
 
-Shingling: character 5-grams of the normalized text. bench/bench_dedup.py measured it against jieba word
-n-grams on Chinese near-duplicates built from the real samples with controlled edit rates: char 5-grams had
-the best F1 (see the comment at CHAR_NGRAM_VS_JIEBA) and need no segmenter, which alone runs at ~0.4 M chars/s.
+Shingling: character 5-grams of the normalized text, chosen by bench/bench_dedup.py on near-duplicates built
+from the real samples (web pages, Toyhom dialogues, the fever textbook, Firefly text; 3-50% character and
+sentence edits; negatives: >= 30% edits and other documents of the same source). Best-F1 per shingling
+(full run): char 3/4/5/6-gram 0.958/0.963/0.971/0.976, jieba word 1/2/3-gram 0.943/0.965/0.972. Character
+5-grams match the best jieba setting (-0.1 F1 points; char 6-grams +0.3, within the noise of 2,280 pairs)
+and need no segmenter: jieba alone runs at ~0.4 M chars/s, a tenth of our whole signature computation.
+Decontamination uses 13-character windows: on 3,672 clean real documents 10-grams gave 3 false hits (shared
+textbook phrases), 12- and 13-grams none; 13-grams still catch every question of >= 13 characters in any
+layout and every question printed with its options (the misses are short stems standing alone).
 """
 from __future__ import annotations
 
@@ -41,10 +48,6 @@ from data_process import minhash
 from data_process.records import iter_records, write_parts
 
 log = logging.getLogger(__name__)
-
-# Measured by bench/bench_dedup.py (shingling section) on 240 SkyPile-style pages, Toyhom dialogues, the
-# fever textbook and Firefly pretrain text with 2-50% character/sentence edits: see the module docstring.
-CHAR_NGRAM_VS_JIEBA = "char 5-gram vs jieba word n-grams: see bench/bench_dedup.py shingling table"
 
 BATCH_CHARS = 2_000_000      # characters per work item sent to a worker
 EXAMPLES_PER_KIND = 30       # example pairs written to examples.jsonl per kind (exact, near, decontam)
@@ -290,37 +293,22 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) -> dict:
-    """Run the dedup step; returns the report (also written to out_root/report.json). Re-running with the
-    same inputs and settings returns the saved report without recomputing."""
-    from data_process.recipe import resolve_paths
-    from tqdm import tqdm
-
-    t0 = time.time()
-    clean_root, out_root = Path(clean_root), Path(out_root)
-    cfg = recipe.dedup
-    workers = max(1, workers if workers is not None else recipe.run.workers)
-    # keep order: higher priority first, ties by recipe order (sorted() is stable)
-    order = sorted(range(len(recipe.corpora)), key=lambda i: -recipe.corpora[i].priority)
+def _corpora_in_keep_order(recipe, clean_root: Path) -> tuple[list, dict]:
+    """Corpora that were read, highest priority first, ties in recipe order (sorted() is stable)."""
     corpora, skipped = [], {}
-    for i in order:
-        c = recipe.corpora[i]
+    for c in sorted(recipe.corpora, key=lambda c: -c.priority):
         d = clean_root / c.name
         if not d.is_dir():
             skipped[c.name] = "no cleaned records (corpus not read)"
             log.warning("dedup: %s has no directory under %s, skipped", c.name, clean_root)
-            continue
-        if not (d / "manifest.json").exists():
+        elif not (d / "manifest.json").exists():
             raise RuntimeError(f"dedup: {d} has no manifest.json: the read step did not finish for {c.name}")
-        corpora.append(c)
-    eval_files = [resolve_paths(recipe, e.paths) for e in recipe.eval_sets]
-    fingerprint = _fingerprint(recipe, corpora, clean_root, eval_files)
-    done = _done(out_root, fingerprint, corpora)
-    if done is not None:
-        log.info("dedup: outputs up to date (%s), skipped", out_root)
-        return done
+        else:
+            corpora.append(c)
+    return corpora, skipped
 
-    # eval sets
+
+def _load_eval_sets(recipe, eval_files: list[list[Path]]) -> tuple[list[list[dict]], dict]:
     question_sets, eval_report = [], {}
     for spec, files in zip(recipe.eval_sets, eval_files):
         if not files:
@@ -333,21 +321,21 @@ def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) ->
         question_sets.append(questions)
         eval_report[spec.name] = {"files": len(files), "questions": len(questions), "malformed_rows": bad,
                                   "removed": 0}
-    index_hashes, index_sets, index_qs, too_short = eval_index(question_sets, cfg.decontam_ngram)
-    minhash._tables()   # built once here, inherited by forked workers
-    bands_n, rows_n = minhash.lsh_params(cfg.threshold, cfg.num_perm)
+    return question_sets, eval_report
 
-    # pass 1
-    stats = [{"in": 0} for _ in corpora]
-    init = (cfg.num_perm, cfg.ngram, bands_n, rows_n, cfg.decontam_ngram, index_hashes)
+
+def _hash_pass(corpus_dirs: list[Path], init: tuple, workers: int) -> tuple[dict, list[int], int]:
+    """Pass 1: the compact per-record arrays of all corpora (in keep order), records per corpus, characters."""
+    from tqdm import tqdm
+    stats = [{"in": 0} for _ in corpus_dirs]
     parts = {k: [] for k in ("exact", "bands", "sketch", "contam", "has_shingles")}
     chars = 0
-    batches = _batches([clean_root / c.name for c in corpora], stats)
+    batches = _batches(corpus_dirs, stats)
     progress = tqdm(desc="dedup: hashing", unit=" chars", unit_scale=True, disable=None)
+    pool = None
     if workers == 1:
         _init_worker(*init)
         results = map(process_batch, batches)
-        pool = None
     else:
         pool = multiprocessing.get_context(_START_METHOD).Pool(workers, initializer=_init_worker, initargs=init)
         results = _ordered_map(pool, process_batch, batches, ahead=2 * workers)
@@ -362,110 +350,164 @@ def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) ->
         if pool is not None:
             pool.close()
             pool.join()
-    n = sum(s["in"] for s in stats)
-    exact = np.concatenate(parts["exact"]) if n else np.empty(0, np.uint64)
-    bands = np.concatenate(parts["bands"]) if n else np.empty((0, bands_n), np.uint64)
-    sketches = np.concatenate(parts["sketch"]) if n else np.empty((0, cfg.num_perm), np.uint8)
-    contam = np.concatenate(parts["contam"]) if n else np.empty(0, np.int64)
-    has_shingles = np.concatenate(parts["has_shingles"]) if n else np.empty(0, bool)
-    del parts
-    hash_seconds = time.time() - t0
-    corpus_of = np.repeat(np.arange(len(corpora)), [s["in"] for s in stats])
+    num_perm, bands_n = init[0], init[2]
+    empty = {"exact": np.empty(0, np.uint64), "bands": np.empty((0, bands_n), np.uint64),
+             "sketch": np.empty((0, num_perm), np.uint8), "contam": np.empty(0, np.int64),
+             "has_shingles": np.empty(0, bool)}
+    arrays = {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}
+    return arrays, [s["in"] for s in stats], chars
 
-    # decisions
-    contaminated = contam >= 0
+
+def decide(arrays: dict, exact: bool, near: bool, threshold: float) -> dict:
+    """Which records go, and why, from the pass-1 arrays (index order = keep order)."""
+    n = len(arrays["exact"])
+    contaminated = arrays["contam"] >= 0
     alive = ~contaminated
-    first_of = exact_duplicates(exact, alive) if cfg.exact else np.where(alive, np.arange(n), -1)
+    first_of = exact_duplicates(arrays["exact"], alive) if exact else np.where(alive, np.arange(n), -1)
     exact_dup = alive & (first_of != np.arange(n))
-    valid = alive & ~exact_dup & has_shingles
-    n_candidates = 0
-    if cfg.near and n:
-        root, (eu, ev, eest), n_candidates = near_duplicates(bands, sketches, valid, cfg.threshold)
+    valid = alive & ~exact_dup & arrays["has_shingles"]
+    if near and n:
+        root, pairs, n_candidates = near_duplicates(arrays["bands"], arrays["sketch"], valid, threshold)
     else:
-        root, (eu, ev, eest) = np.arange(n), (np.empty(0, np.int64),) * 3
+        root, pairs, n_candidates = np.arange(n), (np.empty(0, np.int64),) * 3, 0
     near_dup = valid & (root != np.arange(n))
-    keep = alive & ~exact_dup & ~near_dup
+    return {"contaminated": contaminated, "exact_dup": exact_dup, "first_of": first_of, "near_dup": near_dup,
+            "root": root, "pairs": pairs, "candidates": n_candidates,
+            "keep": alive & ~exact_dup & ~near_dup}
 
-    # per-corpus report
+
+def _corpus_report(corpora, counts: list[int], d: dict) -> dict:
+    corpus_of = np.repeat(np.arange(len(corpora), dtype=np.int32), counts)
     names = [c.name for c in corpora]
-    report_corpora = {}
+    report = {}
     for ci, c in enumerate(corpora):
         mine = corpus_of == ci
 
         def against(mask, target):
-            got = np.bincount(corpus_of[target[mask & mine]], minlength=len(corpora)) if n else []
+            got = np.bincount(corpus_of[target[mask & mine]], minlength=len(corpora))
             return {names[j]: int(k) for j, k in enumerate(got) if k}
-        report_corpora[c.name] = {
+        report[c.name] = {
             "priority": c.priority, "role": c.role, "in": int(mine.sum()),
-            "decontaminated": int((contaminated & mine).sum()),
-            "exact_dups": int((exact_dup & mine).sum()), "exact_dups_of": against(exact_dup, first_of),
-            "near_dups": int((near_dup & mine).sum()), "near_dups_of": against(near_dup, root),
-            "kept": int((keep & mine).sum()),
+            "decontaminated": int((d["contaminated"] & mine).sum()),
+            "exact_dups": int((d["exact_dup"] & mine).sum()), "exact_dups_of": against(d["exact_dup"], d["first_of"]),
+            "near_dups": int((d["near_dup"] & mine).sum()), "near_dups_of": against(d["near_dup"], d["root"]),
+            "kept": int((d["keep"] & mine).sum()),
         }
-    for s, spec in enumerate(recipe.eval_sets):
-        eval_report[spec.name]["removed"] = int((index_sets[contam[contaminated]] == s).sum()) if n else 0
+    return report
 
-    # examples: deterministic picks, evenly spaced over the found pairs
+
+def _example_picks(d: dict) -> list[tuple]:
+    """(kind, kept index or -1, dropped index, estimated Jaccard): evenly spaced, so deterministic."""
     def spaced(m):
         return np.unique(np.linspace(0, m - 1, min(m, EXAMPLES_PER_KIND)).astype(np.int64)) if m else []
-    ex_exact = np.flatnonzero(exact_dup)
-    picks = [("exact", int(first_of[i]), int(i), 1.0) for i in ex_exact[spaced(len(ex_exact))]]
+    eu, ev, eest = d["pairs"]
+    ex_exact = np.flatnonzero(d["exact_dup"])
+    picks = [("exact", int(d["first_of"][i]), int(i), 1.0) for i in ex_exact[spaced(len(ex_exact))]]
     picks += [("near", int(eu[k]), int(ev[k]), float(eest[k])) for k in spaced(len(eu))]
-    ex_contam = np.flatnonzero(contaminated)
+    ex_contam = np.flatnonzero(d["contaminated"])
     picks += [("decontam", -1, int(i), None) for i in ex_contam[spaced(len(ex_contam))]]
-    wanted = {i for p in picks for i in p[1:3] if i >= 0}
+    return picks
 
-    # pass 2: write survivors
+
+def _example(kind, kept, dropped, est, ngram, contam_pos=None, question=None, eval_set=None) -> dict:
+    ex = {"kind": kind, "dropped": {"id": dropped.get("id"), "corpus": dropped.get("corpus"),
+                                    "text": dedup_text(dropped)}}
+    if kind == "decontam":
+        ex["eval_set"] = eval_set
+        ex["question"] = {k: question[k] for k in ("question", "options", "answer", "file", "row")}
+        return ex
+    a, b = (set(minhash.shingles(minhash.normalize(dedup_text(r)), ngram)) for r in (kept, dropped))
+    ex["kept"] = {"id": kept.get("id"), "corpus": kept.get("corpus"), "text": dedup_text(kept)}
+    ex["estimated_jaccard"] = round(est, 4)
+    ex["true_jaccard"] = round(minhash.jaccard(a, b), 4)
+    return ex
+
+
+def _write_survivors(corpus, corpus_dir: Path, out_dir: Path, keep_c: np.ndarray, base: int, wanted: set,
+                     seen: dict) -> list[Path]:
+    """Pass 2 for one corpus: reread its records, write the kept ones, remember the example records."""
+    def survivors():
+        j = -1
+        for j, record in enumerate(iter_records(corpus_dir)):
+            if j >= len(keep_c):
+                raise RuntimeError(f"dedup: {corpus.name} changed between passes (more records than counted)")
+            if base + j in wanted:
+                seen[base + j] = record
+            if keep_c[j]:
+                yield record
+        if j + 1 != len(keep_c):
+            raise RuntimeError(f"dedup: {corpus.name} changed between passes (fewer records than counted)")
+    return write_parts(survivors(), out_dir)
+
+
+def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) -> dict:
+    """Run the dedup step; returns the report (also written to out_root/report.json). Re-running with the
+    same inputs and settings returns the saved report without recomputing."""
+    from data_process.recipe import resolve_paths
+
+    t0 = time.time()
+    clean_root, out_root = Path(clean_root), Path(out_root)
+    cfg = recipe.dedup
+    workers = max(1, workers if workers is not None else recipe.run.workers)
+    corpora, skipped = _corpora_in_keep_order(recipe, clean_root)
+    eval_files = [resolve_paths(recipe, e.paths) for e in recipe.eval_sets]
+    fingerprint = _fingerprint(recipe, corpora, clean_root, eval_files)
+    done = _done(out_root, fingerprint, corpora)
+    if done is not None:
+        log.info("dedup: outputs up to date (%s), skipped", out_root)
+        return done
+
+    question_sets, eval_report = _load_eval_sets(recipe, eval_files)
+    index_hashes, index_sets, index_qs, too_short = eval_index(question_sets, cfg.decontam_ngram)
+    minhash._tables()   # built once here, inherited by forked workers
+    bands_n, rows_n = minhash.lsh_params(cfg.threshold, cfg.num_perm)
+    init = (cfg.num_perm, cfg.ngram, bands_n, rows_n, cfg.decontam_ngram, index_hashes)
+    arrays, counts, chars = _hash_pass([clean_root / c.name for c in corpora], init, workers)
+    hash_seconds = time.time() - t0
+    d = decide(arrays, cfg.exact, cfg.near, cfg.threshold)
+    contam = arrays["contam"]
+    del arrays
+    report_corpora = _corpus_report(corpora, counts, d)
+    for s, spec in enumerate(recipe.eval_sets):
+        eval_report[spec.name]["removed"] = int((index_sets[contam[d["contaminated"]]] == s).sum())
+
+    # pass 2: survivors, then examples, then the report (the done-marker) last
     out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / "report.json").unlink(missing_ok=True)   # the done-marker goes last
+    (out_root / "report.json").unlink(missing_ok=True)
+    picks = _example_picks(d)
+    wanted = {i for p in picks for i in p[1:3] if i >= 0}
     seen, offset = {}, 0
-    for ci, c in enumerate(corpora):
-        keep_c = keep[offset:offset + stats[ci]["in"]]
-
-        def survivors(ci=ci, keep_c=keep_c, base=offset):
-            for j, record in enumerate(iter_records(clean_root / c.name)):
-                if j >= len(keep_c):
-                    raise RuntimeError(f"dedup: {c.name} changed between passes (more records than counted)")
-                if base + j in wanted:
-                    seen[base + j] = record
-                if keep_c[j]:
-                    yield record
-        paths = write_parts(survivors(), out_root / c.name)
+    for c, count in zip(corpora, counts):
+        paths = _write_survivors(c, clean_root / c.name, out_root / c.name, d["keep"][offset:offset + count],
+                                 offset, wanted, seen)
         manifest = {"fingerprint": fingerprint, "corpus": c.name, "kind": "dedup",
                     "records": report_corpora[c.name]["kept"], "parts": [p.name for p in paths],
                     "dedup": report_corpora[c.name]}
         _atomic_write(out_root / c.name / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode())
-        offset += stats[ci]["in"]
-
+        offset += count
     lines = []
     for kind, u, v, est in picks:
-        rv = seen[v]
-        ex = {"kind": kind, "dropped": {"id": rv.get("id"), "corpus": rv.get("corpus"), "text": dedup_text(rv)}}
         if kind == "decontam":
             pos = contam[v]
-            q = question_sets[index_sets[pos]][index_qs[pos]]
-            ex["eval_set"] = recipe.eval_sets[index_sets[pos]].name
-            ex["question"] = {k: q[k] for k in ("question", "options", "answer", "file", "row")}
+            ex = _example(kind, None, seen[v], None, cfg.ngram, question=question_sets[index_sets[pos]][index_qs[pos]],
+                          eval_set=recipe.eval_sets[index_sets[pos]].name)
         else:
-            ru = seen[u]
-            a, b = (set(minhash.shingles(minhash.normalize(dedup_text(r)), cfg.ngram)) for r in (ru, rv))
-            ex["kept"] = {"id": ru.get("id"), "corpus": ru.get("corpus"), "text": dedup_text(ru)}
-            ex["estimated_jaccard"] = round(est, 4)
-            ex["true_jaccard"] = round(minhash.jaccard(a, b), 4)
+            ex = _example(kind, seen[u], seen[v], est, cfg.ngram)
         lines.append(json.dumps(ex, ensure_ascii=False))
     _atomic_write(out_root / "examples.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
 
     seconds = time.time() - t0
+    n = len(d["keep"])
     report = {
         "fingerprint": fingerprint,
         "settings": {**asdict(cfg), "bands": bands_n, "rows": rows_n, "workers": workers,
                      "index_bytes_per_doc": minhash.index_bytes_per_doc(bands_n, cfg.num_perm),
-                     "keep_order": names},
+                     "keep_order": [c.name for c in corpora]},
         "corpora": report_corpora, "skipped": skipped, "eval_sets": eval_report,
         "eval_questions_without_ngram": too_short,
-        "totals": {"in": int(n), "kept": int(keep.sum()), "decontaminated": int(contaminated.sum()),
-                   "exact_dups": int(exact_dup.sum()), "near_dups": int(near_dup.sum()),
-                   "lsh_candidate_pairs": n_candidates, "verified_pairs": int(len(eu)),
+        "totals": {"in": n, "kept": int(d["keep"].sum()), "decontaminated": int(d["contaminated"].sum()),
+                   "exact_dups": int(d["exact_dup"].sum()), "near_dups": int(d["near_dup"].sum()),
+                   "lsh_candidate_pairs": d["candidates"], "verified_pairs": int(len(d["pairs"][0])),
                    "chars": int(chars), "hash_seconds": round(hash_seconds, 2), "seconds": round(seconds, 2),
                    "mchars_per_s": round(chars / max(hash_seconds, 1e-9) / 1e6, 2)},
     }
