@@ -99,21 +99,27 @@ def read_eval_questions(path: Path, fmt: str) -> tuple[list[dict], int]:
     """Questions of one C-Eval/CMMLU CSV as dicts {question, options: [A..D], answer}; plus the number of
     malformed rows (logged and counted, not fatal)."""
     q_col, *opt_cols, ans_col = EVAL_COLUMNS[fmt]
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return _read_eval_rows(csv.DictReader(f), path, fmt, q_col, opt_cols, ans_col)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: eval CSVs must be UTF-8 (as C-Eval and CMMLU ship them): {e}") from None
+
+
+def _read_eval_rows(reader, path, fmt, q_col, opt_cols, ans_col) -> tuple[list[dict], int]:
     questions, bad = [], 0
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in (q_col, *opt_cols, ans_col) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: not a {fmt} CSV, missing column(s) {missing} in header {reader.fieldnames}")
-        for row in reader:
-            question = (row.get(q_col) or "").strip()
-            answer = (row.get(ans_col) or "").strip()
-            if not question or None in row or answer not in ("A", "B", "C", "D"):
-                bad += 1
-                log.warning("%s:%d: malformed %s row skipped", path, reader.line_num, fmt)
-                continue
-            questions.append({"question": question, "options": [row[c] or "" for c in opt_cols],
-                              "answer": answer, "file": str(path), "row": reader.line_num})
+    missing = [c for c in (q_col, *opt_cols, ans_col) if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}: not a {fmt} CSV, missing column(s) {missing} in header {reader.fieldnames}")
+    for row in reader:
+        question = (row.get(q_col) or "").strip()
+        answer = (row.get(ans_col) or "").strip()
+        if not question or None in row or answer not in ("A", "B", "C", "D"):
+            bad += 1
+            log.warning("%s:%d: malformed %s row skipped", path, reader.line_num, fmt)
+            continue
+        questions.append({"question": question, "options": [row[c] or "" for c in opt_cols],
+                          "answer": answer, "file": str(path), "row": reader.line_num})
     return questions, bad
 
 

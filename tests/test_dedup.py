@@ -277,6 +277,10 @@ def test_bad_eval_files_give_a_clear_error_or_a_counted_reject(tmp_path):
                       "2,多了一列,a,b,c,d,A,extra\n", encoding="utf-8")
     q, bad = dedup.read_eval_questions(broken, "cmmlu")
     assert len(q) == 1 and bad == 2
+    gbk = tmp_path / "gbk.csv"
+    gbk.write_bytes(",Question,A,B,C,D,Answer\n0,女性生殖腺是,卵巢,前庭大腺,前庭球,乳腺,A\n".encode("gbk"))
+    with pytest.raises(ValueError, match="must be UTF-8"):
+        dedup.read_eval_questions(gbk, "cmmlu")
 
 
 def test_a_corpus_whose_read_step_did_not_finish_is_an_error(tmp_path):
