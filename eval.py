@@ -197,24 +197,39 @@ def head_logprobs(model, h, dtype):
 
 
 @torch.no_grad()
-def continuation_logprobs(model, contexts: list, continuations: list, dtype=torch.float32, batch_size=8) -> list:
-    """log P(continuation | context) for each pair, batched with right padding."""
-    out = [0.0] * len(contexts)
-    seqs = [list(c) + list(x) for c, x in zip(contexts, continuations)]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # length-sorted batches waste little padding
+def option_logprobs(model, requests: list, dtype=torch.float32, batch_size=8) -> list:
+    """For each (context, [continuation, ...]) request, log P(continuation | context) per continuation.
+
+    When every continuation is a single token (the usual case for option letters) one forward pass of the
+    context scores them all; otherwise each context + continuation is its own row. Rows are length-sorted
+    and right-padded into batches.
+    """
+    rows = []  # (request index, option index or -1 for "all single tokens", token ids)
+    for ri, (ctx, conts) in enumerate(requests):
+        if all(len(c) == 1 for c in conts):
+            rows.append((ri, -1, list(ctx)))
+        else:
+            rows += [(ri, oi, list(ctx) + list(c)) for oi, c in enumerate(conts)]
+    out = [[0.0] * len(conts) for _, conts in requests]
     max_len = model.config.max_seq_len
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        rows = [seqs[i][-(max_len + 1):] for i in idx]  # keep the end: the continuation must stay in the window
-        T = max(len(r) for r in rows) - 1
-        inp = torch.zeros(len(rows), T, dtype=torch.long)
-        for j, r in enumerate(rows):
-            inp[j, : len(r) - 1] = torch.tensor(r[:-1])
+    rows.sort(key=lambda r: len(r[2]))
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        # keep each row's end: what is scored must stay inside the window
+        seqs = [ids[-max_len:] if oi < 0 else ids[-(max_len + 1):-1] for _, oi, ids in batch]
+        inp = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+        for j, q in enumerate(seqs):
+            inp[j, : len(q)] = torch.tensor(q)
         h = hidden_states(model, inp, dtype)
-        for j, i in enumerate(idx):
-            r, k = rows[j], len(continuations[i])
-            logp = head_logprobs(model, h[j, len(r) - 1 - k: len(r) - 1], dtype)
-            out[i] = logp[torch.arange(k), torch.tensor(r[-k:])].sum().item()
+        for j, (ri, oi, ids) in enumerate(batch):
+            conts, n = requests[ri][1], len(seqs[j])
+            if oi < 0:
+                logp = head_logprobs(model, h[j, n - 1], dtype)
+                out[ri] = [logp[c[0]].item() for c in conts]
+            else:
+                k = len(conts[oi])
+                logp = head_logprobs(model, h[j, n - k: n], dtype)
+                out[ri][oi] = logp[torch.arange(k), torch.tensor(conts[oi])].sum().item()
     return out
 
 
@@ -224,17 +239,12 @@ def run_mc(model, tokenizer, subjects: dict, shots: int, chat: bool, dtype, max_
     for subject, (questions, dev) in subjects.items():
         if max_questions:
             questions = questions[:max_questions]
-        contexts, conts, owners = [], [], []
-        for qi, q in enumerate(questions):
+        requests = []
+        for q in questions:
             ctx, cand = letter_candidates(tokenizer, q, dev[:shots], chat)
-            for letter in LETTERS:
-                contexts.append(ctx)
-                conts.append(cand[letter])
-                owners.append((qi, letter))
-        logps = continuation_logprobs(model, contexts, conts, dtype, batch_size)
-        scores = [{} for _ in questions]
-        for (qi, letter), lp in zip(owners, logps):
-            scores[qi][letter] = lp
+            requests.append((ctx, [cand[letter] for letter in LETTERS]))
+        logps = option_logprobs(model, requests, dtype, batch_size)
+        scores = [dict(zip(LETTERS, lp)) for lp in logps]
         answers = [q.answer for q in questions]
         per_subject[subject] = {"accuracy": expected_accuracy(scores, answers), "n": len(questions),
                                 "chance": 0.25}

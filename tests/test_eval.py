@@ -124,6 +124,20 @@ def test_model_that_prefers_the_right_letter_scores_it(glm, tiny):
     assert r["overall"]["accuracy"] == pytest.approx(expected)
 
 
+def test_option_scores_equal_a_full_logits_recomputation(glm, tiny):
+    ctx = glm.encode("高血压的诊断标准是")
+    single = [glm.encode("A"), glm.encode("B")]
+    multi = [glm.encode("收缩压"), glm.encode("舒张压升高")]
+    got = ev.option_logprobs(tiny, [(ctx, single), (ctx, multi)], batch_size=3)
+    for conts, scores in zip((single, multi), got):
+        for c, score in zip(conts, scores):
+            full = torch.tensor(ctx + c)
+            with torch.no_grad():
+                logp = torch.log_softmax(tiny(full[None, :-1]).logits[0].float(), -1)
+            expected = logp[torch.arange(len(ctx) - 1, len(full) - 1), full[len(ctx):]].sum().item()
+            assert score == pytest.approx(expected, abs=1e-4)
+
+
 def test_bits_per_char_equals_a_recomputation_by_hand(tmp_path, glm, tiny):
     from data_process.shards import write_shard
     texts = ["高血压是以体循环动脉压增高为主要特征的临床综合征。", "Aspirin inhibits platelet aggregation."]
