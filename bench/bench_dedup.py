@@ -271,9 +271,9 @@ def bench_index(sources, quick: bool, threshold: float = THRESHOLD) -> dict:
     measured = (bands.nbytes + sketches.nbytes + 8 * len(texts) + 2 * len(texts)) / len(texts)
     print(f"\n[4] index: {bands_n} band hashes x 8 B + 128 B sketch + 8 B exact hash + 2 B flags = {per_doc} B/doc "
           f"(measured {measured:.0f}); full uint32 signatures would be 512 B/doc")
-    print(f"    10M documents: {per_doc * 1e7 / 2**30:.2f} GiB held (+ one band column sort at a time, "
-          f"{16 * 1e7 / 2**30:.2f} GiB)")
-    return {"recall_at_j085": round(recall, 4), "fp_rate_at_j050": round(fp_rate, 5),
+    print(f"    10M documents: {per_doc * 1e7 / 2**30:.2f} GiB held through pass 1")
+    scale = bench_decide_scale(200_000 if quick else 2_000_000, bands_n)
+    return {**scale, "recall_at_j085": round(recall, 4), "fp_rate_at_j050": round(fp_rate, 5),
             "bands": bands_n, "rows": rows_n,
             "datasketch_mchars_per_s_1core": round(ds_1, 3), "datasketch_mchars_per_s_2cores": round(ds_2, 3),
             "minhash_mchars_per_s_1core": round(sig_1, 2), "minhash_mchars_per_s_2cores": round(sig_2, 2),
@@ -281,6 +281,34 @@ def bench_index(sources, quick: bool, threshold: float = THRESHOLD) -> dict:
             "speedup_vs_datasketch_2cores": round(sig_2 / ds_2, 1),
             "dedup_pass1_mchars_per_s_2workers": round(step_2, 2),
             "index_bytes_per_doc": per_doc, "index_gib_10m_docs": round(per_doc * 1e7 / 2**30, 2)}
+
+
+def bench_decide_scale(n: int, bands_n: int, num_perm: int = 128) -> dict:
+    """The decisions (exact dedup, LSH candidates, verification, clusters) on n synthetic documents with the
+    real array layout and 2% planted near-duplicates: time and peak memory held by numpy (tracemalloc)."""
+    import tracemalloc
+    rng = np.random.default_rng(0)
+    arrays = {"exact": rng.integers(0, 2**63, n, dtype=np.uint64),
+              "bands": rng.integers(0, 2**63, (n, bands_n), dtype=np.uint64),
+              "sketch": rng.integers(0, 256, (n, num_perm), dtype=np.uint8),
+              "contam": np.full(n, -1, np.int64), "has_shingles": np.ones(n, bool)}
+    src = rng.choice(n // 2, n // 50, replace=False)
+    dst = src + n // 2
+    arrays["bands"][dst, : bands_n // 2] = arrays["bands"][src, : bands_n // 2]
+    arrays["sketch"][dst] = arrays["sketch"][src]
+    held = sum(a.nbytes for a in arrays.values())
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    d = dedup.decide(arrays, exact=True, near=True, threshold=THRESHOLD)
+    seconds = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    found = int(d["near_dup"].sum())
+    print(f"    decisions on {n:,} synthetic documents ({len(dst):,} planted near-duplicates, {found:,} found): "
+          f"{seconds:.1f} s; arrays held {held / n:.0f} B/doc, decision temporaries peak {peak / n:.0f} B/doc "
+          f"-> 10M documents: {(held + peak) * 1e7 / n / 2**30:.1f} GiB at the peak")
+    return {"decide_seconds_per_m_docs": round(seconds / n * 1e6, 2),
+            "decide_peak_gib_10m_docs": round((held + peak) * 1e7 / n / 2**30, 2)}
 
 
 # ---------------------------------------------------------------------------------------------------------
