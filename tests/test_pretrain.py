@@ -1,0 +1,354 @@
+"""pretrain.py: the staged curriculum end to end on real sample text, the LR curve across phases, exact resume
+after kill -9, DDP on CPU, the mixture loader and per-corpus validation.
+
+Shards are made by the real pipeline pieces: a small SentencePiece model trained on the samples
+(tokenizer.train_sentencepiece), records written with data_process.records.write_parts and tokenized with
+data_process.tokenize.tokenize_corpus into data/pretrain/<corpus>/ with its manifest."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, SAMPLES
+
+import pretrain
+import train_loop
+
+# the phase corpora the samples stand in for; baidubaike, wudao, skypile are absent on purpose (a user
+# without them), so the general mixture is renormalized over the rest
+CHARS = 24_000
+
+
+def _take(texts, limit=CHARS):
+    out, n = [], 0
+    for t in texts:
+        t = t.strip()
+        if t and n < limit:
+            out.append(t[:3000])
+            n += len(out[-1])
+    return out
+
+
+def _jsonl(path, key=None):
+    for line in open(path, encoding="utf-8"):
+        if line.strip():
+            obj = json.loads(line)
+            yield obj if key is None else obj[key]
+
+
+def _paragraphs(path, per_doc=5):
+    lines = [l.strip() for l in open(path, encoding="utf-8") if l.strip()]
+    return ["\n".join(lines[i:i + per_doc]) for i in range(0, len(lines), per_doc)]
+
+
+def sample_docs() -> dict:
+    s = SAMPLES
+    return {
+        "wiki_zh": _take(_jsonl(s / "skywork-zh-web/zh_general.jsonl", "text")),
+        "c4_zh": _take(_jsonl(s / "firefly/dummy_pretrain.jsonl", "text")),
+        "medical_pretrain": _take(o["问"] + "\n" + o["答"] for o in _jsonl(s / "medicalgpt/rag/medical_corpus.txt")),
+        "minimind_pretrain": _take(_jsonl(s / "minimind-format-tiny/tiny_pretrain.jsonl", "text")),
+        "medical_books": _take(_paragraphs(s / "medicalgpt/pretrain/fever.txt")),
+        "guidelines": _take(open(s / "llamafactory-demo/wiki_demo.txt", encoding="utf-8")),
+    }
+
+
+def sample_conversations(limit=CHARS) -> list:
+    convs, n = [], 0
+    for obj in _jsonl(SAMPLES / "medicalgpt/sft/medical_sft_1K_format.jsonl"):
+        msgs = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"][:1500]}
+                for t in obj["conversations"]]
+        if n >= limit or not msgs or msgs[-1]["role"] != "assistant":
+            continue
+        convs.append(msgs)
+        n += sum(len(m["content"]) for m in msgs)
+    return convs
+
+
+def build_data(root: Path) -> dict:
+    """tokenizer + data/pretrain/<corpus>/ for the sample corpora, through the real pipeline pieces."""
+    from data_process.records import write_parts
+    from data_process.tokenize import Settings, tokenize_corpus
+    from tokenizer import Tokenizer, train_sentencepiece
+    docs = sample_docs()
+    convs = sample_conversations()
+    lines = [l for texts in docs.values() for t in texts[:4] for l in t.split("\n") if l.strip()]
+    lines += [m["content"] for c in convs[:4] for m in c]
+    tok = Tokenizer(train_sentencepiece(lines, 3000))
+    tok_dir = tok.save(root / "tokenizer")
+    docs_root, out_root = root / "dedup", root / "pretrain"
+    jobs = [(name, [{"id": f"{name}:{i}", "corpus": name, "kind": "doc", "text": t} for i, t in enumerate(texts)],
+             "doc") for name, texts in docs.items()]
+    jobs.append(("sft_medical", [{"id": f"sft:{i}", "corpus": "medical_finetune", "kind": "conv", "messages": m}
+                                 for i, m in enumerate(convs)], "conv"))
+    for name, records, kind in jobs:
+        parts = write_parts(records, docs_root / name)
+        tokenize_corpus(name, parts, docs_root, tok, tok_dir, out_root / name,
+                        Settings(val_fraction=0.15, shard_tokens=8000, kind=kind), workers=1, progress=False)
+    return {"tokenizer": tok_dir, "data": out_root, "tok": tok}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: OpenMP with 2 threads under contention is 10x slower than 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_data(tmp_path_factory.mktemp("pretrain_data"))
+
+
+TINY = ["--preset", "tiny", "--batch-size", "4", "--grad-accum", "2", "--seq-len", "32", "--no-progress",
+        "--val-windows", "4"]
+
+
+def _args(data, out, *extra, config_dir=None):
+    return ["--data-dir", str(data["data"]), "--tokenizer", str(data["tokenizer"]), "--out-dir", str(out),
+            "--config-dir", str(config_dir or ROOT / "config/pretrain"), *TINY, *extra]
+
+
+def _metrics(path):
+    return [r for r in train_loop.read_jsonl(path) if "loss" in r]
+
+
+def _write_config(d: Path, phases: dict, total_tokens: int, schedule_extra: str = "") -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "schedule.toml").write_text(
+        f'phases = {json.dumps(list(phases))}\n[model]\npreset = "tiny"\n[schedule]\ntotal_tokens = {total_tokens}\n'
+        f'peak_lr = 3e-3\nmin_lr = 3e-4\nwarmup_fraction = 0.1\ndecay_fraction = 0.2\ndecay = "exp"\n{schedule_extra}')
+    for name, body in phases.items():
+        (d / f"{name}.toml").write_text(body)
+    return d
+
+
+# ----------------------------------------------------------------------------- the curriculum
+
+def test_shipped_curriculum_decays_over_the_anneal_and_converge_phases():
+    schedule = pretrain.load_schedule(ROOT / "config/pretrain")
+    phases = [pretrain.load_phase(ROOT / "config/pretrain", p) for p in schedule.phases]
+    assert schedule.phases == ["warmup", "stable", "anneal", "converge"]
+    plan = pretrain.plan_curriculum(schedule, phases, 65_536)
+    assert plan.bounds["warmup"][1] == plan.warmup_steps          # warmup phase = the LR warmup
+    assert plan.bounds["anneal"][0] == plan.warmup_steps + plan.stable_steps   # decay starts with anneal
+    assert plan.bounds["converge"][1] == plan.total_steps == plan.warmup_steps + plan.stable_steps + plan.decay_steps
+    assert abs(plan.decay_steps / plan.total_steps - 0.10) < 0.01
+    assert set(phases[2].mixture) >= {"medical_books", "medical_pretrain", "sft_medical"}
+    assert set(phases[3].mixture) == {"guidelines", "medical_books"}
+
+
+@pytest.mark.slow
+def test_every_phase_end_to_end_and_phase_by_phase_equals_all(data, tmp_path, capsys):
+    # 60 steps over the shipped phase fractions: warmup 1, stable 53, anneal 4, converge 2
+    tokens = 60 * 4 * 2 * 32
+    common = ["--total-tokens", str(tokens), "--eval-interval", "30", "--save-interval", "40"]
+    t0 = time.time()
+    assert pretrain.main(_args(data, tmp_path / "all", "--all", *common)) == 0
+    err = capsys.readouterr().err
+    assert "baidubaike" in err and "dropped" in err and "renormalized" in err
+    for phase in ["warmup", "stable", "anneal", "converge"]:
+        assert pretrain.main(_args(data, tmp_path / "each", "--phase", phase, *common)) == 0
+    assert time.time() - t0 < 60
+
+    schedule = pretrain.load_schedule(ROOT / "config/pretrain")
+    schedule.total_tokens = tokens
+    plan = pretrain.plan_curriculum(schedule, [pretrain.load_phase(ROOT / "config/pretrain", p)
+                                               for p in schedule.phases], 4 * 2 * 32)
+    expected_lr = pretrain.lr_curve(schedule, plan)
+    runs = {}
+    for run in ("all", "each"):
+        records = []
+        for phase in schedule.phases:
+            phase_records = _metrics(tmp_path / run / phase / "metrics.jsonl")
+            assert [r["step"] for r in phase_records] == list(range(*plan.bounds[phase]))
+            records += phase_records
+            model, tok, meta = train_loop.load_checkpoint(tmp_path / run / phase / "final")
+            assert meta["phase"] == phase and meta["kind"] == "base" and meta["step"] == plan.bounds[phase][1]
+            assert tok.sha256 == data["tok"].sha256 and model.config.vocab_size == tok.vocab_size
+            vals = [r for r in train_loop.read_jsonl(tmp_path / run / phase / "metrics.jsonl") if r.get("kind") == "val"]
+            assert vals and all(math.isfinite(v) for v in vals[-1].values() if isinstance(v, float))
+            assert (tmp_path / run / phase / "metrics.png").stat().st_size > 0
+        lrs = [r["lr"] for r in records]
+        assert lrs == pytest.approx(expected_lr, rel=1e-12, abs=0)   # one continuous WSD curve
+        runs[run] = [r["loss"] for r in records]
+    # continuing from each phase's final checkpoint is the same computation as one --all call
+    assert runs["all"] == runs["each"]
+    assert expected_lr[-1] == pytest.approx(schedule.min_lr)
+    anneal_val = [r for r in train_loop.read_jsonl(tmp_path / "all/anneal/metrics.jsonl") if r.get("kind") == "val"][-1]
+    for corpus in ("medical_books", "medical_pretrain", "sft_medical", "wiki_zh"):
+        assert anneal_val[f"val/{corpus}/bpc"] > 0
+    # a finished phase run again does nothing and keeps its checkpoint
+    before = (tmp_path / "all/converge/final/meta.json").read_text()
+    assert pretrain.main(_args(data, tmp_path / "all", "--phase", "converge", *common)) == 0
+    assert (tmp_path / "all/converge/final/meta.json").read_text() == before
+
+
+def test_phase_refuses_to_start_without_the_previous_phase(data, tmp_path, capsys):
+    assert pretrain.main(_args(data, tmp_path, "--phase", "anneal", "--total-tokens", "20000")) == 1
+    assert "run `sh script/pretrain.sh stable` first" in capsys.readouterr().err
+
+
+def test_phase_with_none_of_its_corpora_is_a_clear_error(data, tmp_path, capsys):
+    cfg = _write_config(tmp_path / "cfg", {"only": 'fraction = 1.0\n[mixture]\nbaidubaike = 1.0\nwudao = 2.0\n'},
+                        2000)
+    assert pretrain.main(_args(data, tmp_path / "out", "--phase", "only", config_dir=cfg)) == 1
+    err = capsys.readouterr().err
+    assert "none of its corpora" in err and "baidubaike" in err
+
+
+def test_shards_of_another_tokenizer_are_refused(data, tmp_path, capsys):
+    other = SAMPLES / "chatglm2-tokenizer/tokenizer.model"
+    args = _args(data, tmp_path, "--phase", "warmup", "--total-tokens", "20000")
+    args[args.index("--tokenizer") + 1] = str(other)
+    assert pretrain.main(args) == 1
+    assert "tokenized with tokenizer" in capsys.readouterr().err
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    cfg = _write_config(tmp_path, {"p": 'fraction = 1.0\nmixtrue = 1\n[mixture]\nwiki_zh = 1.0\n'}, 1000)
+    with pytest.raises(ValueError, match="mixtrue"):
+        pretrain.load_phase(cfg, "p")
+
+
+# ----------------------------------------------------------------------------- loader and validation
+
+def _mixture(data, names, weights, seq_len=32):
+    corpora = [pretrain.open_corpus(data["data"], n, data["tok"].sha256, seq_len + 1) for n in names]
+    return corpora, np.array(weights) / sum(weights)
+
+
+def test_loader_is_deterministic_in_step_micro_step_and_rank_and_reads_real_windows(data):
+    corpora, w = _mixture(data, ["wiki_zh", "medical_books"], [3, 1])
+    a = pretrain.MixtureLoader(corpora, w, 8, 32, seed=7, rank=0)
+    b = pretrain.MixtureLoader(corpora, w, 8, 32, seed=7, rank=0)
+    c = pretrain.MixtureLoader(corpora, w, 8, 32, seed=7, rank=1)
+    b.next_batch(5, 0)   # the order of calls does not matter, only (seed, step, micro_step, rank)
+    x = a.next_batch(3, 1)
+    assert torch.equal(x["input_ids"], b.next_batch(3, 1)["input_ids"])
+    assert not torch.equal(x["input_ids"], c.next_batch(3, 1)["input_ids"])
+    assert not torch.equal(x["input_ids"], a.next_batch(3, 0)["input_ids"])
+    assert torch.equal(x["input_ids"][:, 1:], x["targets"][:, :-1])
+    streams = [np.asarray(ds.tokens) for cp in corpora for ds in cp.train]
+    for row in torch.cat([x["input_ids"], x["targets"][:, -1:]], 1).numpy():   # every row is a window of a shard
+        assert any(np.any(np.all(np.lib.stride_tricks.sliding_window_view(s, 33) == row, axis=1)) for s in streams)
+    counts = np.zeros(2)
+    for step in range(150):
+        a.next_batch(step, 0)
+    drawn = a.state_dict()["windows_drawn"]
+    counts[:] = drawn["wiki_zh"], drawn["medical_books"]
+    assert abs(counts[0] / counts.sum() - 0.75) < 0.05
+
+
+def test_within_document_windows_never_cross_a_document_end(data):
+    corpora, w = _mixture(data, ["medical_pretrain"], [1])
+    loader = pretrain.MixtureLoader(corpora, w, 16, 32, seed=1, pack=False, pad_id=data["tok"].pad_id)
+    eos = data["tok"].eos_id
+    for step in range(10):
+        batch = loader.next_batch(step, 0)
+        for x, y in zip(batch["input_ids"], batch["targets"]):
+            real = y[y != -100]
+            assert len(real) > 0 and (real[:-1] != eos).all()   # an end-of-text only as the last target
+            assert (x[len(real):] == data["tok"].pad_id).all()
+    packed = pretrain.MixtureLoader(corpora, w, 16, 32, seed=1, pack=True)
+    assert any((b == eos).any() for b in packed.next_batch(0, 0)["input_ids"][:, :-1])   # packing crosses them
+
+
+def test_val_loss_and_bits_per_char_match_a_direct_computation(data):
+    from model import Transformer, make_config
+    torch.manual_seed(0)
+    model = Transformer(make_config("tiny", data["tok"].vocab_size)).eval()
+    corpora, _ = _mixture(data, ["wiki_zh", "guidelines"], [1, 1])
+    val_fn = pretrain.make_val_fn(corpora, 32, 5, 2, "cpu")
+    with torch.no_grad():
+        got = val_fn(model)
+        manifest = json.loads((data["data"] / "guidelines/manifest.json").read_text())
+        windows = pretrain.val_windows(corpora[1], 32, 5)
+        assert len(windows) == 5 and all(len(w_) == 33 for w_ in windows)
+        nll = 0.0
+        for w_ in windows:
+            logp = torch.log_softmax(model(torch.tensor(w_[None, :-1])).logits[0].double(), -1)
+            nll -= logp[torch.arange(32), torch.tensor(w_[1:])].sum().item()
+    chars = 5 * 32 * manifest["splits"]["val"]["chars"] / manifest["splits"]["val"]["tokens"]
+    assert got["val/guidelines/loss"] == pytest.approx(nll / 160, rel=1e-5)
+    assert got["val/guidelines/bpc"] == pytest.approx(nll / math.log(2) / chars, rel=1e-5)
+    assert set(got) == {"val/wiki_zh/loss", "val/wiki_zh/bpc", "val/guidelines/loss", "val/guidelines/bpc", "val/loss"}
+    assert val_fn(model) == got   # fixed windows
+
+
+# ----------------------------------------------------------------------------- kill -9, DDP
+
+def _one_phase_config(tmp_path, steps, tokens_per_step=4 * 2 * 32):
+    return _write_config(tmp_path / "cfg", {"main": 'fraction = 1.0\n[mixture]\nwiki_zh = 2.0\nmedical_books = 1.0\n'
+                                                     'c4_zh = 1.0\n'}, steps * tokens_per_step)
+
+
+def _cmd(data, out, cfg, *extra):
+    return [sys.executable, str(ROOT / "pretrain.py"), *_args(data, out, "--phase", "main", *extra, config_dir=cfg)]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_gives_identical_losses(data, tmp_path):
+    cfg = _one_phase_config(tmp_path, 160)
+    extra = ["--save-interval", "10", "--eval-interval", "50"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(_cmd(data, tmp_path / "ref", cfg, *extra), env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(data, out, cfg, *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        steps = [r["step"] for r in _metrics(out / "main/metrics.jsonl")]
+        if steps and steps[-1] >= 25 and (out / "main/step-000020").is_dir():
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(r["step"] for r in _metrics(out / "main/metrics.jsonl"))
+    assert 25 <= killed_at < 159, "the kill must land mid-phase"
+    resumed = subprocess.run(_cmd(data, out, cfg, *extra), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    ref_losses = [(r["step"], r["loss"]) for r in _metrics(tmp_path / "ref/main/metrics.jsonl")]
+    got = [(r["step"], r["loss"]) for r in _metrics(out / "main/metrics.jsonl")]
+    assert got == ref_losses and len(got) == 160
+    a = train_loop.verify_checkpoint(tmp_path / "ref/main/final")
+    b = train_loop.verify_checkpoint(out / "main/final")
+    assert a["param_sha256"] == b["param_sha256"]
+    assert not list((out / "main").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_train_identical_replicas_and_save_once(data, tmp_path):
+    cfg = _one_phase_config(tmp_path, 12, tokens_per_step=4 * 2 * 32 * 2)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "pretrain.py"), *_args(data, out, "--phase", "main", "--save-interval", "5",
+                                             "--eval-interval", "6", config_dir=cfg)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("phase main done") == 1          # only rank 0 reports
+    records = _metrics(out / "main/metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(12))   # logged once per step, not per rank
+    assert records[0]["tokens"] == 4 * 2 * 32 * 2
+    meta = train_loop.verify_checkpoint(out / "main/final")
+    assert meta["world_size"] == 2 and meta["step"] == 12
+    state = train_loop.load_train_state(out / "main/final")
+    assert len(state["rng"]) == 2                               # each rank's RNG, for exact resume
+    assert sorted(p.name for p in (out / "main").iterdir() if p.is_dir()) == ["final", "step-000005", "step-000010"]
+    # the loop all-gathers a parameter digest at every save and stops if the replicas differ; it saved
+    model, _, _ = train_loop.load_checkpoint(out / "main/final")
+    assert train_loop.param_digest(model) == meta["param_sha256"]
+    assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
