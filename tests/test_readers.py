@@ -409,3 +409,19 @@ def test_randomly_mistyped_fields_never_crash_a_reader(tmp_path, reader):
     assert lines_out == set(range(1, 301))  # every line is a record or a reject: nothing silently skipped
     for r in records:
         check_record(r)
+
+
+@pytest.mark.parametrize("content,is_array", [
+    (b'[\n  {"completion": "a"},\n  {"completion": "b"}\n]\n', True),     # pretty-printed (pleisto wiki)
+    (b'[{"title": "t", "content": "c"}, {"title": "u", "content": "d"}]', True),  # one line (WuDao)
+    (b'\xef\xbb\xbf  [{"a": 1}]\n', True),                                  # BOM and blanks first
+    (b'[1, 2]\n{"text": "x"}\n', False),                                    # JSONL whose first line is a list
+    (b'{"text": "x"}\n', False),
+    (b"", False),
+])
+def test_json_array_or_jsonl_is_sniffed_from_the_first_line(tmp_path, content, is_array):
+    from data_process.readers import sniff_json_array
+
+    path = tmp_path / "f.json"
+    path.write_bytes(content)
+    assert sniff_json_array(path) is is_array
