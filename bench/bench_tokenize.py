@@ -96,18 +96,19 @@ def ceiling(sp, texts: list[str], total_bytes: int, threads: int) -> tuple[float
     return tokens / seconds / 1e6, tokens / (time.process_time() - cpu0) / 1e6
 
 
-def baby_llama2_baseline(sp, texts: list[str], total_bytes: int, eos: int, via_pieces: bool = False) -> float:
+def baby_llama2_baseline(sp, texts: list[str], total_bytes: int, eos: int, via_pieces: bool = False):
     """baby-llama2-chinese data_process.py: per-document encode, `doc_ids += text_id`, then np.array.
     via_pieces: encode the way its ChatGLMTokenizer (a Hugging Face slow tokenizer) does underneath,
-    EncodeAsPieces then PieceToId per piece (still without the PreTrainedTokenizer overhead on top)."""
-    t0 = time.perf_counter()
+    EncodeAsPieces then PieceToId per piece (still without the PreTrainedTokenizer overhead on top).
+    Returns (M tokens/s, M tokens per CPU-second)."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
     doc_ids = []
     for text in repeated(texts, total_bytes):
         text_id = [sp.PieceToId(p) for p in sp.EncodeAsPieces(text)] if via_pieces else sp.encode(text)
         text_id.append(eos)
         doc_ids += text_id
     arr = np.array(doc_ids, dtype=np.uint16)
-    return len(arr) / (time.perf_counter() - t0) / 1e6
+    return len(arr) / (time.perf_counter() - t0) / 1e6, len(arr) / (time.process_time() - cpu0) / 1e6
 
 
 class TreeRSS:
@@ -230,36 +231,53 @@ def run(quick: bool = False) -> dict:
         ceil, ceil_cpu = (ceil_before + ceil_after) / 2, (ceil_cpu_before + ceil_cpu_after) / 2
         print(f"ceiling again: {ceil_after:.2f} M tokens/s; mean {ceil:.2f} (the machine is shared: "
               f"the ratio uses the mean of before and after)")
-        baseline = baby_llama2_baseline(sp, texts, probe_bytes // 4, tok.eos_id)
-        baseline_pieces = baby_llama2_baseline(sp, texts, probe_bytes // 8, tok.eos_id, via_pieces=True)
-        print(f"baseline (baby-llama2-chinese method, 1 core): {baseline:.2f} M tokens/s with plain "
-              f"sentencepiece, {baseline_pieces:.2f} M tokens/s through its tokenizer's piece -> id path")
-    best = max(e2e, key=lambda m: e2e[m]["m_tokens_per_s"])
+        baseline, baseline_cpu = baby_llama2_baseline(sp, texts, probe_bytes // 4, tok.eos_id)
+        baseline_pieces, baseline_pieces_cpu = baby_llama2_baseline(sp, texts, probe_bytes // 8, tok.eos_id,
+                                                                    via_pieces=True)
+        print(f"baseline (baby-llama2-chinese method, 1 core): {baseline:.2f} M tokens/s "
+              f"({baseline_cpu:.2f} per CPU-second) with plain sentencepiece; {baseline_pieces:.2f} M tokens/s "
+              f"({baseline_pieces_cpu:.2f} per CPU-second) through its tokenizer's piece -> id path")
+    # The machine is shared, so wall-clock figures move with other people's load; CPU-seconds per token
+    # do not. Which mode is faster on dedicated cores is decided by tokens per CPU-second (both modes keep
+    # every core busy), and the 2-core-vs-1-core comparison with baby-llama2 is projected the same way.
+    cpu = {m: e2e[m]["m_tokens_per_cpu_s"] for m in e2e}
+    faster = max(cpu, key=cpu.get)
     result = {
         "input_mb": round(input_bytes / 2**20),
-        "ceiling_m_tokens_per_s": round(ceil, 3),
-        "e2e_threads_m_tokens_per_s": round(e2e["threads"]["m_tokens_per_s"], 3),
-        "e2e_processes_m_tokens_per_s": round(e2e["processes"]["m_tokens_per_s"], 3),
-        "best_mode": best,
-        "e2e_vs_ceiling": round(e2e[best]["m_tokens_per_s"] / ceil, 3),
-        "cpu_efficiency_threads": round(e2e["threads"]["m_tokens_per_cpu_s"] / ceil_cpu, 3),
-        "cpu_efficiency_processes": round(e2e["processes"]["m_tokens_per_cpu_s"] / ceil_cpu, 3),
-        "baseline_baby_llama2_m_tokens_per_s": round(baseline, 3),
-        "e2e_vs_baseline": round(e2e[best]["m_tokens_per_s"] / baseline, 2),
-        "baseline_baby_llama2_pieces_m_tokens_per_s": round(baseline_pieces, 3),
-        "e2e_vs_baseline_pieces": round(e2e[best]["m_tokens_per_s"] / baseline_pieces, 2),
-        "peak_rss_mb_threads": round(e2e["threads"]["peak_rss_mb"]),
-        "peak_rss_mb_processes": round(e2e["processes"]["peak_rss_mb"]),
         "processes_input_mb": round(input_bytes / 2**20) if process_parts is None else
         round(min(input_bytes, process_parts * part_bytes) / 2**20),
+        "ceiling_m_tokens_per_s": round(ceil, 3),
+        "ceiling_m_tokens_per_cpu_s": round(ceil_cpu, 3),
+        "e2e_threads_m_tokens_per_s": round(e2e["threads"]["m_tokens_per_s"], 3),
+        "e2e_processes_m_tokens_per_s": round(e2e["processes"]["m_tokens_per_s"], 3),
+        "e2e_threads_m_tokens_per_cpu_s": round(cpu["threads"], 3),
+        "e2e_processes_m_tokens_per_cpu_s": round(cpu["processes"], 3),
+        "faster_mode_per_cpu": faster,
+        "e2e_vs_ceiling_threads": round(e2e["threads"]["m_tokens_per_s"] / ceil, 3),
+        "e2e_vs_ceiling_processes": round(e2e["processes"]["m_tokens_per_s"] / ceil, 3),
+        "cpu_efficiency_threads": round(cpu["threads"] / ceil_cpu, 3),
+        "cpu_efficiency_processes": round(cpu["processes"] / ceil_cpu, 3),
+        "baseline_baby_llama2_m_tokens_per_s": round(baseline, 3),
+        "baseline_baby_llama2_m_tokens_per_cpu_s": round(baseline_cpu, 3),
+        "baseline_baby_llama2_pieces_m_tokens_per_s": round(baseline_pieces, 3),
+        "e2e_vs_baseline": round(e2e["threads"]["m_tokens_per_s"] / baseline, 2),
+        "e2e_vs_baseline_pieces": round(e2e["threads"]["m_tokens_per_s"] / baseline_pieces, 2),
+        "projected_vs_baseline_on_free_cores": round(workers * cpu["threads"] / baseline_cpu, 2),
+        "projected_vs_baseline_pieces_on_free_cores": round(workers * cpu["threads"] / baseline_pieces_cpu, 2),
+        "peak_rss_mb_threads": round(e2e["threads"]["peak_rss_mb"]),
+        "peak_rss_mb_processes": round(e2e["processes"]["peak_rss_mb"]),
+        "load_average_1min": round(os.getloadavg()[0], 1),
     }
     if same is not None:
         result["outputs_identical_across_modes"] = same
-    print(f"end to end / ceiling = {result['e2e_vs_ceiling']:.2f} (target >= 0.8, best mode: {best}); "
-          f"tokens per CPU-second vs the ceiling's: threads {result['cpu_efficiency_threads']:.2f}, "
-          f"processes {result['cpu_efficiency_processes']:.2f}; "
-          f"end to end / baby-llama2 = {result['e2e_vs_baseline']:.1f}x "
-          f"({result['e2e_vs_baseline_pieces']:.1f}x against its tokenizer's path)")
+    print(f"end to end / ceiling (wall): threads {result['e2e_vs_ceiling_threads']:.2f}, processes "
+          f"{result['e2e_vs_ceiling_processes']:.2f} (target >= 0.8); per CPU-second: threads "
+          f"{result['cpu_efficiency_threads']:.2f}, processes {result['cpu_efficiency_processes']:.2f} "
+          f"-> faster on dedicated cores: {faster}")
+    print(f"end to end (threads) / baby-llama2 (wall, shared machine): {result['e2e_vs_baseline']:.1f}x, "
+          f"{result['e2e_vs_baseline_pieces']:.1f}x against its tokenizer's path; projected on {workers} free "
+          f"cores from CPU-seconds: {result['projected_vs_baseline_on_free_cores']:.1f}x and "
+          f"{result['projected_vs_baseline_pieces_on_free_cores']:.1f}x; load average {result['load_average_1min']}")
     return result
 
 
