@@ -123,11 +123,12 @@ def _read_eval_rows(reader, path, fmt, q_col, opt_cols, ans_col) -> tuple[list[d
     return questions, bad
 
 
-def question_variants(q: dict) -> list[tuple[str, int]]:
-    """Alnum-normalized forms in which a question shows up in training text, each with the index below which
-    the stem's length (options variants: windows must overlap the question, so 'a是b否c...' alone never matches):
-    the question; the question with its blank filled by (or followed by) the right answer; the question
-    followed by its options, with and without their letters (how exam dumps on the web print them)."""
+def question_variants(q: dict, n: int) -> list[tuple[str, int | None]]:
+    """Alnum-normalized forms in which a question shows up in training text, each with how many of its
+    n-character windows count (None: all): the question; the question with its blank filled by (or followed
+    by) the right answer; the question followed by its options, with and without their letters (how exam
+    dumps on the web print them). In the options forms a window must hold at least half a window (or the
+    whole stem, if shorter) of question text, so a run of options such as 'a是b否c...' never matches alone."""
     question = q["question"]
     options = q["options"]
     answer = options["ABCD".index(q["answer"])]
@@ -135,8 +136,8 @@ def question_variants(q: dict) -> list[tuple[str, int]]:
     filled = (BLANK.sub(answer, question, count=1) if BLANK.search(question) else question + answer)
     labeled = stem + "".join(minhash.normalize_alnum(letter + opt) for letter, opt in zip("ABCD", options))
     bare = stem + "".join(minhash.normalize_alnum(opt) for opt in options)
-    every = 1 << 30
-    return [(stem, every), (minhash.normalize_alnum(filled), every), (labeled, len(stem)), (bare, len(stem))]
+    windows = len(stem) - min(len(stem), (n + 1) // 2) + 1 if stem else 0
+    return [(stem, None), (minhash.normalize_alnum(filled), None), (labeled, windows), (bare, windows)]
 
 
 def eval_index(question_sets: list[list[dict]], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -146,10 +147,7 @@ def eval_index(question_sets: list[list[dict]], n: int) -> tuple[np.ndarray, np.
     for s, questions in enumerate(question_sets):
         for qi, q in enumerate(questions):
             got = 0
-            for text, stem_len in question_variants(q):
-                # an options variant only counts windows with at least half a window (or the whole stem,
-                # if shorter) of question text in them
-                windows = stem_len - min(stem_len, (n + 1) // 2) + 1 if stem_len > 0 else 0
+            for text, windows in question_variants(q, n):
                 h = minhash.ngram_hashes64(minhash.codepoints(text), n)[:windows]
                 got += len(h)
                 hashes.append(h)
@@ -161,7 +159,7 @@ def eval_index(question_sets: list[list[dict]], n: int) -> tuple[np.ndarray, np.
     h, s, q = np.concatenate(hashes), np.concatenate(set_ids), np.concatenate(q_ids)
     order = np.lexsort((q, s, h))
     h, s, q = h[order], s[order], q[order]
-    first = np.r_[True, h[1:] != h[:-1]]
+    first = np.concatenate(([True], h[1:] != h[:-1]))
     return h[first], s[first], q[first], too_short
 
 

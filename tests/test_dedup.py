@@ -311,3 +311,17 @@ def test_a_run_killed_while_writing_is_redone_and_gives_the_same_output(tmp_path
     assert kept_ids(out, "a") == [f"a.jsonl:{i}" for i in range(20)]
     assert kept_ids(out, "b") == [f"b.jsonl:{i}" for i in range(10, 20)]
     assert report["corpora"]["b"]["exact_dups"] == 10 and report["corpora"]["b"]["near_dups"] == 1
+
+
+def test_decontam_options_alone_never_match_but_a_short_question_with_its_options_does():
+    q = {"question": "女性生殖腺是", "options": ["卵巢巢巢巢巢巢巢巢", "前庭大腺腺腺腺腺腺腺", "前庭球球球球球球", "乳腺腺腺腺腺腺"],
+         "answer": "A"}
+    h, _, _, too_short = dedup.eval_index([[q]], 13)
+    assert too_short == 0 and len(h) > 0
+
+    def hit(text):
+        cps, lengths = minhash.fold_batch(*minhash.encode_batch([text]), alnum=True)
+        return dedup.find_contamination(cps, lengths, h, 13)[0] >= 0
+    assert hit("第3题 女性生殖腺是（ ）A. 卵巢巢巢巢巢巢巢巢 B. 前庭大腺腺腺腺腺腺腺 C. 前庭球球球球球球 D. 乳腺腺腺腺腺腺")
+    assert not hit("A. 卵巢巢巢巢巢巢巢巢 B. 前庭大腺腺腺腺腺腺腺 C. 前庭球球球球球球 D. 乳腺腺腺腺腺腺")
+    assert not hit("女性生殖腺是卵巢，男性生殖腺是睾丸。")     # a short stem alone is a common phrase, not a leak
