@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import chain
@@ -71,7 +71,7 @@ class Batch:
     is_val: np.ndarray             # bool per document
     chars: np.ndarray              # int64 per document
     positions: list                # (part index, records to skip in it) after each document
-    rejects: list = field(default_factory=list)   # (position, reason) of records dropped while batching
+    rejects: list = field(default_factory=list)   # (position, reason, id) of records dropped while batching
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ class Encoder:
         else:
             # Two Python threads, each handing a batch to SentencePiece's C++ threads (GIL released): while
             # one turns its ids into an array (GIL held), the other batch keeps the cores encoding.
-            self.pool = ThreadPoolExecutor(2)
+            self.pool = ThreadPoolExecutor(2 if workers > 1 else 1)
             self.depth = 3
 
     def _submit(self, kind, batch, dtype):
@@ -182,9 +182,10 @@ def _document(record: dict, kind: str):
     if record.get("kind") != "conv":
         return f"kind {record.get('kind')!r} where a conversation was expected"
     messages = record.get("messages")
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in
-            ("system", "user", "assistant") for m in messages):
+    if not isinstance(messages, list) or not messages or not all(   # what Tokenizer.render_chat accepts
+            isinstance(m, dict) and isinstance(m.get("content"), str) and
+            m.get("role") in (("system", "user", "assistant") if i == 0 else ("user", "assistant"))
+            for i, m in enumerate(messages)):
         return "messages missing or malformed"
     return messages, orjson.dumps(messages), sum(len(m["content"]) for m in messages)
 

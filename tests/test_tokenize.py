@@ -213,6 +213,18 @@ def test_bad_records_are_counted_and_skipped(tmp_path):
     assert {e["id"] for e in m["reject_examples"]} == {"a", "b", "c", "d"}
 
 
+def test_malformed_conversations_are_counted_and_skipped(tmp_path):
+    good = sft_conversations()[:3]
+    bad = [{"id": "x", "corpus": "med_sft", "kind": "conv",
+            "messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "late system"}]},
+           {"id": "y", "corpus": "med_sft", "kind": "conv", "messages": [{"role": "bot", "content": "a"}]},
+           {"id": "z", "corpus": "med_sft", "kind": "doc", "text": "not a conversation"}]
+    write_parts(good + bad, tmp_path / "docs" / "med_sft")
+    report = tokenize.run(make_recipe(tmp_path / "docs"), tmp_path / "docs", MODEL, tmp_path / "out",
+                          progress=False)
+    assert report["corpora"]["sft_medical"]["documents"] == 3 and report["corpora"]["sft_medical"]["rejects"] == 3
+
+
 def test_check_manifest_refuses_other_tokenizer_and_broken_shards(reference, tmp_path):
     out, _ = reference
     m = tokenize.check_manifest(out / "med", tokenize.load_manifest(out / "med")["tokenizer_sha256"])
