@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -102,6 +102,11 @@ class SamplingRequest(_Strict):
     top_k: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False                    # generate exactly max_tokens (benchmarks)
+    logprobs: bool | int | None = None          # not implemented: refused rather than silently ignored
+
+    def check_unsupported(self):
+        if self.logprobs:
+            raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -119,6 +124,7 @@ class ChatRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str]
+    echo: bool = False
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
@@ -345,15 +351,16 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def _server_error(request, e: Exception):
         return error_response(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
 
-    @app.middleware("http")
-    async def _require_key(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-                return error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                                      code="invalid_api_key")
-        return await call_next(request)
+    def require_key(request: Request):
+        """`Authorization: Bearer <key>` on every /v1 route when the server has a key (constant-time compare)."""
+        if not settings.api_key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
     def check_model(name: str):
         if name != settings.model_name:
@@ -456,10 +463,11 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         req = await read_body(request, ChatRequest, settings.max_body_bytes)
         check_model(req.model)
+        req.check_unsupported()
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         if messages[-1]["role"] != "user":
@@ -471,10 +479,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         job = make_job(req, prompt_ids, req.max_completion_tokens or req.max_tokens)
         return await respond(request, req, job, chat=True)
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: Request):
         req = await read_body(request, CompletionRequest, settings.max_body_bytes)
         check_model(req.model)
+        req.check_unsupported()
+        if req.echo:
+            raise ApiError(400, "echo is not supported by this server", param="echo")
         text = req.prompt_text()
         if not text:
             raise ApiError(400, "prompt must not be empty", param="prompt")
@@ -482,10 +493,12 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         job = make_job(req, prompt_ids, req.max_tokens)
         return await respond(request, req, job, chat=False)
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
                                             "owned_by": "local", "max_model_len": settings.max_seq_len}]}
+
+    app.include_router(v1)
 
     @app.get("/health")
     async def health():

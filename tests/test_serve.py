@@ -32,7 +32,7 @@ def start_server(ckpt, *extra, timeout=180):
     """-> (process, base_url) once /health answers."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "serve.py", str(ckpt), "--port", str(port), "--model-name", MODEL,
-                             "--max-body-bytes", "65536", "--max-tokens", "64", *map(str, extra)],
+                             "--max-body-bytes", "65536", "--max-tokens", "64", "--threads", "1", *map(str, extra)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
@@ -228,6 +228,8 @@ BAD_REQUESTS = [
     ("completion prompt a number", "/v1/completions", {"model": MODEL, "prompt": 5}, 400, "prompt"),
     ("two completion prompts", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
     ("empty completion prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ("logprobs asked for", "/v1/chat/completions", OK_CHAT | {"logprobs": True}, 400, "logprobs"),
+    ("echo asked for", "/v1/completions", {"model": MODEL, "prompt": "a", "echo": True}, 400, "echo"),
     ("completions unknown model", "/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model"),
 ]
 
@@ -244,14 +246,15 @@ def test_bad_request_gets_a_4xx_openai_error_body(server, name, path, body, stat
 
 def test_unknown_route_wrong_method_and_missing_key_are_openai_errors(server):
     auth = {"Authorization": f"Bearer {API_KEY}"}
-    assert httpx.get(server + "/v1/nothing", timeout=30).status_code == 401   # the key is checked first
-    r = httpx.get(server + "/v1/nothing", headers=auth, timeout=30)
+    r = httpx.get(server + "/v1/nothing", timeout=30)
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.get(server + "/v1/chat/completions", headers=auth, timeout=30)
     assert r.status_code == 405 and "error" in r.json()
     for key in (None, "wrong-key"):
         r = _post(server, "/v1/chat/completions", OK_CHAT, key=key)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(server + "/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {},
+                         timeout=30).status_code == 401
     assert httpx.get(server + "/health", timeout=30).status_code == 200    # no key needed to check liveness
 
 
