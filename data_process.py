@@ -4,6 +4,8 @@
     python data_process.py --steps read         # only read + clean
     python data_process.py --recipe my.toml --workers 8 --data-dir /big/data
     python data_process.py inspect --help       # look inside token shards (data_process/inspect.py)
+    python data_process.py download --list      # where every real corpus comes from (data_process/download.py)
+    python data_process.py --steps read --corpus wiki_zh --corpus wudao   # one machine's share of a split run
 
 The code lives in the package data_process/ beside this script (Python imports the package, not this file);
 this script only parses arguments. See README.md ("Data pipeline") and config/recipe.toml.
@@ -30,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(train or load SentencePiece -> data/tokenizer/), tokenize (uint16 .bin + .idx shards -> "
                     "data/pretrain/<corpus>/), stage (SFT CSVs -> data/sft/, DPO JSONL -> data/dpo/). "
                     "Finished work is kept: re-running skips it. A summary goes to data/summary.json.",
-        epilog="Sub-command: `python data_process.py inspect ...` looks inside token shards "
-               "(see `python data_process.py inspect --help`). Exit status: 0 on success, 1 when nothing at all "
+        epilog="Sub-commands: `python data_process.py inspect ...` looks inside token shards "
+               "(see `python data_process.py inspect --help`); `python data_process.py download ...` fetches the "
+               "real corpora (see `python data_process.py download --help`). Exit status: 0 on success, 1 when nothing at all "
                "could be read, 2 on a bad recipe or arguments.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -47,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: the recipe's [run] data_dir, normally data/)")
     p.add_argument("--force", action="store_true",
                    help="redo the read step even for corpora whose manifest says they are done")
+    p.add_argument("--corpus", action="append", default=None, metavar="NAME",
+                   help="only these corpora of the recipe (repeatable), for the read and tokenize steps: split a "
+                        "large run across machines by corpus, then gather data/clean/ on one machine for dedup")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--list-readers", action="store_true", help="list the corpus readers a recipe can name, and exit")
     return p
@@ -57,6 +63,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "inspect":
         from data_process import inspect
         return inspect.main(argv[1:])
+    if argv and argv[0] == "download":
+        from data_process import download
+        return download.main(argv[1:])
 
     args = build_parser().parse_args(argv)
     from data_process.pipeline import NothingReadError, run
@@ -78,6 +87,17 @@ def main(argv=None) -> int:
     if args.data_dir is not None:
         recipe.data_dir = args.data_dir.resolve()
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if args.corpus:
+        unknown = sorted(set(args.corpus) - {c.name for c in recipe.corpora})
+        whole_run = sorted(set(steps) - {"read", "tokenize"})
+        if unknown:
+            print(f"error: --corpus {', '.join(unknown)} not in the recipe", file=sys.stderr)
+            return 2
+        if whole_run:  # dedup is cross-corpus; one tokenizer and one SFT staging serve every corpus
+            print(f"error: --corpus applies to the read and tokenize steps only, not {', '.join(whole_run)}: "
+                  "run those once over all corpora", file=sys.stderr)
+            return 2
+        recipe.corpora = [c for c in recipe.corpora if c.name in args.corpus]
     try:
         summary = run(recipe, steps=steps, workers=args.workers, force=args.force, progress=not args.no_progress)
     except NothingReadError as e:

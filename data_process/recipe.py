@@ -60,7 +60,7 @@ class EvalSetSpec:
 @dataclass
 class TokenizerConfig:
     model: str = ""
-    vocab_size: int = 8000
+    vocab_size: int = 12288
     sample_chars: int = 20_000_000
 
 
