@@ -53,6 +53,13 @@ class PreferenceSet:
     def __len__(self) -> int:
         return len(self.pair_ids)
 
+    def head(self, n: int) -> "PreferenceSet":
+        """The first n pairs (e.g. a bounded validation set); its digest says so."""
+        if n >= len(self):
+            return self
+        return PreferenceSet([s[:n] for s in self.ids], [s[:n] for s in self.masks], self.pair_ids[:n],
+                             self.rejects, f"{self.digest}|head{n}")
+
     @property
     def lengths(self) -> np.ndarray:
         """Input length of a pair: the longer side minus one (targets are shifted)."""
@@ -360,9 +367,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     val = None
     if cfg.val_data and any(glob.glob(str(p)) for p in cfg.val_data):
         val = load_pairs(tokenizer, cfg.val_data, max_tokens)
-        if len(val) > cfg.max_val_pairs:
-            val = PreferenceSet([s[:cfg.max_val_pairs] for s in val.ids], [s[:cfg.max_val_pairs] for s in val.masks],
-                                val.pair_ids[:cfg.max_val_pairs], val.rejects, val.digest + f"|{cfg.max_val_pairs}")
+        val = val.head(cfg.max_val_pairs)
     batch_size = int(train_table.get("batch_size", 8))
     device = resolve_device(train_table.get("device", "auto"))
     is_main = int(os.environ.get("RANK", "0")) == 0

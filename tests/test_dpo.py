@@ -87,9 +87,10 @@ def test_cached_reference_log_probs_equal_a_fresh_reference_pass(tmp_path, capsy
         fresh = dpo.reference_logps(model, batch)
         torch.testing.assert_close(batch["ref_logps"], fresh, rtol=1e-5, atol=1e-3)
     # the key follows the data and the reference weights
-    fewer = dpo.PreferenceSet([s[:-1] for s in data.ids], [s[:-1] for s in data.masks], data.pair_ids[:-1],
-                              {}, "other")
+    records, _ = dpo.read_pairs([medical_pairs(tmp_path)])
+    fewer = dpo.tokenize_pairs(tok, records[:-1], max_tokens=96)
     assert dpo.cache_key(fewer, base, tok) != dpo.cache_key(data, base, tok)
+    assert dpo.cache_key(dpo.tokenize_pairs(tok, records, max_tokens=96), base, tok) == dpo.cache_key(data, base, tok)
     other = base_checkpoint(tmp_path / "other", seed=1)
     assert dpo.cache_key(data, other, tok) != dpo.cache_key(data, base, tok)
 
