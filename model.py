@@ -178,11 +178,16 @@ class Attention(nn.Module):
                 S = start_pos + T
                 mask = torch.arange(S, device=x.device)[None, :] <= (start_pos + torch.arange(T, device=x.device))[:, None]
                 causal = False
-        if self.n_kv_heads != self.n_heads:  # GQA: kv head j serves query heads j*rep..(j+1)*rep-1 (HF repeat_kv)
+        # GQA: kv head j serves query heads j*rep..(j+1)*rep-1 (HF repeat_kv). SDPA's enable_gqa does that without
+        # copies in the CPU kernel and CUDA flash (bf16/fp16, no mask); elsewhere it would fall back to the slow
+        # math kernel, so expand there.
+        gqa = self.n_kv_heads != self.n_heads
+        native_gqa = gqa and (x.device.type == "cpu" or (q.dtype in (torch.float16, torch.bfloat16) and mask is None))
+        if gqa and not native_gqa:
             rep = self.n_heads // self.n_kv_heads
             k = k[:, :, None].expand(B, self.n_kv_heads, rep, k.shape[2], self.head_dim).reshape(B, self.n_heads, -1, self.head_dim)
             v = v[:, :, None].expand(B, self.n_kv_heads, rep, v.shape[2], self.head_dim).reshape(B, self.n_heads, -1, self.head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=native_gqa,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 

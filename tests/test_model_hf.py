@@ -16,6 +16,14 @@ transformers = pytest.importorskip("transformers")
 V = 300
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()   # tiny tensors: a second thread only adds barrier waits
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def llama_config(cfg):
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
