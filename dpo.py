@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sft import IGNORE, _from_table, apply_overrides, bucket_batches, make_train_config, pad_length
+from sft import (IGNORE, _from_table, add_train_args, apply_overrides, bucket_batches, check_init_from, fit_seq_len,
+                 make_train_config, pad_length, train_overrides)
 
 log = logging.getLogger("dpo")
 CACHE_VERSION = "dpo-ref-v1"
@@ -357,12 +358,11 @@ def run_dpo(cfg: DPOConfig) -> dict:
     from train_loop import load_checkpoint, resolve_device, train
     if not cfg.init_from:
         raise ValueError(f"DPO run {cfg.name!r}: init_from (the starting/reference checkpoint) is required")
+    check_init_from(cfg.init_from, "run `sh script/sft.sh` first; each DPO config names the run it starts from")
     out_dir = Path(cfg.out_dir)
     model, tokenizer, _ = load_checkpoint(cfg.init_from)
     train_table = dict(cfg.train)
-    max_tokens = int(train_table.setdefault("seq_len", model.config.max_seq_len))
-    if max_tokens > model.config.max_seq_len:
-        raise ValueError(f"seq_len {max_tokens} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    max_tokens = fit_seq_len(train_table, model)
     data = load_pairs(tokenizer, cfg.data, max_tokens)
     val = None
     if cfg.val_data and any(glob.glob(str(p)) for p in cfg.val_data):
@@ -427,23 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", help="starting = reference checkpoint (default: the config's)")
     p.add_argument("--out-dir", help="output dir (default out/dpo/<name>)")
     p.add_argument("--beta", type=float, help="DPO beta (default: the config's)")
-    p.add_argument("--steps", type=int, help="total optimizer steps (default: from epochs)")
     p.add_argument("--no-ref-cache", action="store_true", help="run the reference model every step instead")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key: beta=0.2, train.lr=1e-6, train.dtype=fp32")
+    add_train_args(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    overrides = list(args.set)
+    overrides = train_overrides(args) + list(args.set)
     for key, value in (("data", args.data), ("init_from", args.init_from), ("out_dir", args.out_dir),
                        ("beta", args.beta)):
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    if args.steps is not None:
-        overrides.append(f"train.total_steps={args.steps}")
     if args.no_ref_cache:
         overrides.append("ref_cache=false")
     cfg = load_dpo_config(args.name, args.config_dir, overrides)

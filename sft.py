@@ -305,6 +305,25 @@ def make_train_config(train: dict, out_dir: str, total_steps: int, warmup_fracti
 
 # ------------------------------------------------------------------------------------------------- running a stage
 
+def fit_seq_len(train_table: dict, model) -> int:
+    """The stage's seq_len, or the model's context if that is shorter (a small model in a quick run):
+    longer examples are then dropped and counted, never cut."""
+    context = model.config.max_seq_len
+    seq_len = int(train_table.get("seq_len", context))
+    if seq_len > context:
+        print(f"seq_len {seq_len} is longer than the model's context {context}; using {context}")
+        seq_len = context
+    train_table["seq_len"] = seq_len
+    return seq_len
+
+
+def check_init_from(path, hint: str) -> Path:
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"starting checkpoint {path} not found ({hint})")
+    return path
+
+
 def make_val_fn(data: TokenizedSet | None, pad_id: int, name: str, batch_size: int, max_examples: int):
     """val_fn(model) -> {"<name>/loss": weighted assistant-token loss over the (first max_examples) val set}."""
     if data is None:
@@ -340,11 +359,11 @@ def run_stage(cfg: StageConfig) -> dict:
     if stage_done(out_dir):
         print(f"{out_dir}/final already holds the merged LoRA model; nothing to train")
         return {"final_dir": str(out_dir / "final"), "skipped": True}
-    model, tokenizer, base_meta = load_checkpoint(cfg.init_from)
+    check_init_from(cfg.init_from, "train the previous stage first: `sh script/pretrain.sh converge` before the "
+                                   "first SFT stage, `sh script/sft.sh` runs the stages in order")
+    model, tokenizer, _ = load_checkpoint(cfg.init_from)
     train_table = dict(cfg.train)
-    max_tokens = int(train_table.setdefault("seq_len", model.config.max_seq_len))
-    if max_tokens > model.config.max_seq_len:
-        raise ValueError(f"seq_len {max_tokens} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    max_tokens = fit_seq_len(train_table, model)
     data = load_sft_set(tokenizer, cfg.data, max_tokens, cfg.tag_weight, cache_dir=out_dir / "data")
     val = None
     if cfg.val_data and Path(cfg.val_data).is_file():
@@ -421,6 +440,37 @@ def merge_adapter(base_dir, adapter_dir, out_dir) -> Path:
 
 # -------------------------------------------------------------------------------------------------------- CLI
 
+TRAIN_FLAGS = [("--batch-size", int, "batch_size", "sequences (SFT) or pairs (DPO) per micro-batch per rank"),
+               ("--grad-accum", int, "grad_accum", "micro-batches per optimizer step"),
+               ("--seq-len", int, "seq_len", "longest example in tokens (longer ones are dropped, counted)"),
+               ("--lr", float, "lr", "peak learning rate"), ("--min-lr", float, "min_lr", None),
+               ("--dtype", str, "dtype", "bf16, fp16 or fp32"), ("--device", str, "device", "auto, cpu or cuda"),
+               ("--eval-interval", int, "eval_interval", None), ("--save-interval", int, "save_interval", None),
+               ("--seed", int, "seed", None)]
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Shortcuts for the common [train] keys (shared with dpo.py); anything else: --set train.key=value."""
+    g = p.add_argument_group("training (shortcuts for --set train.<key>=...)")
+    g.add_argument("--steps", type=int, help="total optimizer steps (default: from epochs)")
+    for flag, kind, _, help_text in TRAIN_FLAGS:
+        g.add_argument(flag, type=kind, help=help_text)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def train_overrides(args) -> list[str]:
+    out = [f"train.{key}={json.dumps(getattr(args, flag[2:].replace('-', '_')))}"
+           for flag, _, key, _ in TRAIN_FLAGS if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if args.steps is not None:
+        out.append(f"train.total_steps={args.steps}")
+    if args.compile:
+        out.append("train.compile=true")
+    if args.no_progress:
+        out.append("train.progress=false")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Supervised fine-tuning, one curriculum stage per call (config/sft/<stage>.toml), "
@@ -435,9 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="staged SFT CSV (default: the config's)")
     p.add_argument("--init-from", help="checkpoint dir to start from (default: the config's)")
     p.add_argument("--out-dir", help="output dir (default out/sft/<stage>)")
-    p.add_argument("--steps", type=int, help="total optimizer steps (default: from epochs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key: tag_weight=3, train.lr=1e-4, train.dtype=fp32, lora.rank=8")
+    add_train_args(p)
     lo = p.add_argument_group("LoRA (Hu et al. 2021)")
     lo.add_argument("--lora", action="store_true", help="train LoRA adapters only (base frozen)")
     lo.add_argument("--no-lora", action="store_true", help="full fine-tuning even if the config has [lora]")
@@ -461,12 +511,10 @@ def main(argv=None) -> int:
             return 2
         print(f"merged checkpoint written to {merge_adapter(args.base, args.adapter, args.out)}")
         return 0
-    overrides = list(args.set)
+    overrides = train_overrides(args) + list(args.set)
     for key, value in (("data", args.data), ("init_from", args.init_from), ("out_dir", args.out_dir)):
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    if args.steps is not None:
-        overrides.append(f"train.total_steps={args.steps}")
     cfg = load_stage_config(args.stage, args.config_dir, overrides)
     if args.no_lora:
         cfg.lora = None
