@@ -87,6 +87,21 @@ class TokenizedSet:
         return self.ids[a:b], self.weights[a:b]
 
 
+def render_all(tokenizer, conversations, tag_weight: float, chunk: int = 1024):
+    """render_chat of every conversation, a chunk at a time through render_chat_batch (SentencePiece's thread
+    pool); a chunk holding a malformed conversation is redone one by one, yielding the error for the bad one."""
+    for start in range(0, len(conversations), chunk):
+        part = conversations[start:start + chunk]
+        try:
+            yield from tokenizer.render_chat_batch(part, tag_weight=tag_weight)
+        except (ValueError, TypeError):
+            for messages in part:
+                try:
+                    yield tokenizer.render_chat(messages, tag_weight=tag_weight)
+                except (ValueError, TypeError) as e:
+                    yield e
+
+
 def tokenize_conversations(tokenizer, conversations, max_tokens: int, tag_weight: float = 1.0,
                            rejects: dict | None = None) -> TokenizedSet:
     """render_chat every conversation; drop (and count) those longer than max_tokens + 1 ids or with no
@@ -94,12 +109,10 @@ def tokenize_conversations(tokenizer, conversations, max_tokens: int, tag_weight
     would teach the model not to stop."""
     rejects = dict(rejects or {})
     ids, weights, offsets = [], [], [0]
-    for messages in conversations:
-        try:
-            chat = tokenizer.render_chat(messages, tag_weight=tag_weight)
-        except (ValueError, TypeError) as e:
+    for chat in render_all(tokenizer, conversations, tag_weight):
+        if isinstance(chat, Exception):
             rejects["bad_messages"] = rejects.get("bad_messages", 0) + 1
-            log.warning("conversation rejected: %s", e)
+            log.warning("conversation rejected: %s", chat)
             continue
         if len(chat.ids) > max_tokens + 1:
             rejects["too_long"] = rejects.get("too_long", 0) + 1

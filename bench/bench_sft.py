@@ -111,7 +111,7 @@ def run(quick: bool = False) -> dict:
               f"{figures['sft_real_tokens_per_s_bucketed']:,.0f} vs pad-to-max "
               f"{figures['sft_real_tokens_per_s_pad_to_max']:,.0f} -> {figures['sft_speedup_vs_pad_to_max']}x")
 
-        pairs = preference_set(tok, 256 if quick else max_tokens).head(24 if quick else 10_000)
+        pairs = preference_set(tok, 256 if quick else max_tokens).head(24 if quick else 96)
         dpo_batch = 4 if quick else 8
         t = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
