@@ -1,4 +1,5 @@
 """chat.py: a real subprocess fed through stdin, compared with in-process generation on the same checkpoint."""
+import io
 import os
 import shutil
 import subprocess
@@ -9,6 +10,16 @@ import pytest
 import torch
 
 from conftest import ROOT, SAMPLES
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Batch-1 generation of tiny models gains nothing from a second thread, and on a shared, loaded 2-core
+    machine two spinning OpenMP threads make it many times slower; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_checkpoint(out_dir: Path, preset: str = "tiny", chat: bool = True, seed: int = 0, scale: float = 20.0,
@@ -50,7 +61,8 @@ def reference_reply(model, tok, prompt_ids, seed=7, max_new_tokens=16) -> str:
 
 
 def run_chat(args, stdin: str = "", timeout=120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONIOENCODING": "ascii", "LC_ALL": "C"}   # a hostile locale: output stays UTF-8
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "LC_ALL": "C",   # a hostile locale: output stays UTF-8
+           "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "chat.py", *map(str, args)], input=stdin.encode("utf-8"), cwd=ROOT,
                           capture_output=True, timeout=timeout, env=env)
 
@@ -77,16 +89,21 @@ def test_interactive_chat_keeps_history_and_resets_through_stdin(chat_ckpt):
     assert "at most" in err               # the over-long message was refused, the session went on
 
 
-def test_base_checkpoint_continues_text(tmp_path):
-    from chat import load_model
+def test_base_checkpoint_continues_text_without_history(tmp_path):
+    from chat import Sampling, Session, load_model
     ckpt = make_checkpoint(tmp_path / "base", chat=False, seed=4, tie_embeddings=False)
-    text = "发热是指体温升高超过正常范围"
-    run = run_chat([ckpt, *CLI_SAMPLING], text + "\n")
-    assert run.returncode == 0, run.stderr.decode()
-    model, tok, _ = load_model(ckpt)
-    assert run.stdout.decode("utf-8") == reference_reply(model, tok, [tok.eos_id] + tok.encode(text)) + "\n"
+    model, tok, meta = load_model(ckpt)
+    assert meta["chat"] is False
+    session = Session(model, tok, chat=False, sampling=Sampling(max_new_tokens=16, seed=7, **SAMPLING))
+    first, second = "发热是指体温升高超过正常范围", "高血压的诊断标准是"
+    out = io.StringIO()
+    session.turn(first, out)
+    session.turn(second, out)     # a base model gets each text alone: end-of-text (a document start) + the text
+    expected = [reference_reply(model, tok, [tok.eos_id] + tok.encode(t)) for t in (first, second)]
+    assert out.getvalue() == "".join(expected) and expected[0] != expected[1]
 
 
+@pytest.mark.slow   # imports peft (+ transformers) in the subprocess
 def test_one_shot_prompt_with_lora_adapter_answers_as_the_adapted_model(chat_ckpt, tmp_path):
     from chat import load_model
     from lora import LoraSettings, add_lora, load_adapter, save_adapter

@@ -2,17 +2,14 @@
 ids on real Chinese text, the chat template), never assumed."""
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, SAMPLES
-from test_chat import make_checkpoint
+from conftest import SAMPLES
+from test_chat import make_checkpoint, one_torch_thread  # noqa: F401 (autouse fixture)
 
-transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chat import load_model  # noqa: E402
 from export import export, main as export_main  # noqa: E402
@@ -167,12 +164,9 @@ def test_export_refuses_a_non_empty_destination_and_a_missing_checkpoint(tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]   # no half-written folder left
 
 
-@pytest.mark.slow
 def test_export_cli_writes_bf16_weights(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    run = subprocess.run([sys.executable, "export.py", str(ckpt), str(tmp_path / "hf"), "--dtype", "bf16"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
+    assert export_main([str(ckpt), str(tmp_path / "hf"), "--dtype", "bf16"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert hf_model.model.embed_tokens.weight.dtype == torch.bfloat16

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_chat import make_checkpoint
+from test_chat import make_checkpoint, one_torch_thread  # noqa: F401 (autouse fixture)
 
 API_KEY = "test-key-1234"
 MODEL = "test-model"
