@@ -126,11 +126,14 @@ def main(argv=None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 \
             or args.repetition_penalty <= 0:
         p.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, "
                 "--repetition-penalty > 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     try:
         model, tokenizer, meta = load_model(args.checkpoint, lora_dir=args.lora, dtype=args.dtype)
