@@ -213,9 +213,11 @@ def run(quick: bool = False) -> dict:
         print(f"input: {n_docs:,} documents, {input_bytes / 2**20:,.0f} MB of UTF-8 text "
               f"({input_mb:,.0f} MB as zstd JSONL), written in {time.perf_counter() - t0:.1f}s; {workers} cores")
 
-        ceil_before, ceil_cpu_before = ceiling(sp, texts, probe_bytes, workers)
-        print(f"ceiling (raw SentencePiece, {workers} threads): {ceil_before:.2f} M tokens/s, "
-              f"{ceil_cpu_before:.2f} M tokens per CPU-second")
+        # The machine is shared: the ceiling is probed before, between and after the end-to-end runs, and
+        # the ratios use the mean of the probes.
+        probes = [ceiling(sp, texts, probe_bytes, workers)]
+        print(f"ceiling (raw SentencePiece, {workers} threads): {probes[-1][0]:.2f} M tokens/s, "
+              f"{probes[-1][1]:.2f} M tokens per CPU-second")
         e2e = {}
         for mode, max_parts in (("threads", None), ("processes", process_parts)):
             e2e[mode] = r = end_to_end(tmp / "docs", tmp / "tokenizer", tmp / f"out-{mode}", mode, workers, max_parts)
@@ -223,14 +225,14 @@ def run(quick: bool = False) -> dict:
                   f"({r['tokens']:,} tokens, {r['shards']} shards, {r['wall_seconds']:.1f}s), "
                   f"{r['m_tokens_per_cpu_s']:.2f} M tokens per CPU-second, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB incl. children")
+            probes.append(ceiling(sp, texts, probe_bytes, workers))
+            print(f"ceiling again: {probes[-1][0]:.2f} M tokens/s, {probes[-1][1]:.2f} M tokens per CPU-second")
         same = None   # both modes wrote the same input in quick mode: their shards must be byte-identical
         if process_parts is None:
             same = all((tmp / "out-threads" / p.name).read_bytes() == p.read_bytes()
                        for p in (tmp / "out-processes").iterdir() if p.suffix in (".bin", ".idx"))
-        ceil_after, ceil_cpu_after = ceiling(sp, texts, probe_bytes, workers)
-        ceil, ceil_cpu = (ceil_before + ceil_after) / 2, (ceil_cpu_before + ceil_cpu_after) / 2
-        print(f"ceiling again: {ceil_after:.2f} M tokens/s; mean {ceil:.2f} (the machine is shared: "
-              f"the ratio uses the mean of before and after)")
+        ceil, ceil_cpu = (sum(x) / len(probes) for x in zip(*probes))
+        print(f"ceiling, mean of {len(probes)} probes: {ceil:.2f} M tokens/s, {ceil_cpu:.2f} M tokens per CPU-second")
         baseline, baseline_cpu = baby_llama2_baseline(sp, texts, probe_bytes // 4, tok.eos_id)
         baseline_pieces, baseline_pieces_cpu = baby_llama2_baseline(sp, texts, probe_bytes // 8, tok.eos_id,
                                                                     via_pieces=True)
@@ -248,6 +250,7 @@ def run(quick: bool = False) -> dict:
         round(min(input_bytes, process_parts * part_bytes) / 2**20),
         "ceiling_m_tokens_per_s": round(ceil, 3),
         "ceiling_m_tokens_per_cpu_s": round(ceil_cpu, 3),
+        "ceiling_probes_m_tokens_per_s": [round(p[0], 3) for p in probes],
         "e2e_threads_m_tokens_per_s": round(e2e["threads"]["m_tokens_per_s"], 3),
         "e2e_processes_m_tokens_per_s": round(e2e["processes"]["m_tokens_per_s"], 3),
         "e2e_threads_m_tokens_per_cpu_s": round(cpu["threads"], 3),

@@ -197,19 +197,24 @@ def iter_batches(sources: list, kind: str, threshold: int, start=(0, 0), batch_c
     size = 0
     for part_i in range(start[0], len(sources)):
         skip = start[1] if part_i == start[0] else 0
-        for line_i, record in enumerate(iter_records(sources[part_i])):
-            if line_i < skip:
+        records = iter_records(sources[part_i])
+        for line_i, record in enumerate(records, 1):
+            if line_i <= skip:
                 continue
-            position = (part_i, line_i + 1)
-            doc = _document(record, kind) if isinstance(record, dict) else "record is not an object"
-            if isinstance(doc, str):
-                batch.rejects.append((position, doc, record.get("id") if isinstance(record, dict) else None))
-                continue
-            payload, key, chars = doc
+            text = record.get("text") if type(record) is dict else None
+            if kind == "doc" and type(text) is str and text and record.get("kind", "doc") == "doc":
+                payload, key, chars = text, text.encode("utf-8", "surrogatepass"), len(text)   # the common case
+            else:
+                doc = _document(record, kind) if isinstance(record, dict) else "record is not an object"
+                if isinstance(doc, str):
+                    rid = record.get("id") if isinstance(record, dict) else None
+                    batch.rejects.append(((part_i, line_i), doc, rid))
+                    continue
+                payload, key, chars = doc
             batch.payloads.append(payload)
-            batch.is_val.append(split_hash(key) < threshold)
+            batch.is_val.append(xxhash.xxh3_64_intdigest(key) < threshold)
             batch.chars.append(chars)
-            batch.positions.append(position)
+            batch.positions.append((part_i, line_i))
             size += chars
             if size >= batch_chars:
                 yield _finish_batch(batch)
