@@ -489,7 +489,7 @@ def run(recipe, docs_root, tokenizer_dir, out_root, *, workers: int | None = Non
     t0 = time.perf_counter()
     reports = {}
     for name, parts, settings in jobs:
-        if not parts:
+        if parts is None:   # (an existing but empty corpus gets a manifest with no shards)
             log.warning("%s: no cleaned documents under %s; nothing to tokenize", name, docs_root)
             reports[name] = {"corpus": name, "status": "no input", "documents": 0, "tokens": 0}
             continue
@@ -511,12 +511,10 @@ def print_summary(reports: dict) -> None:
               f"{r.get('shards', 0):>6} {r.get('rejects', 0):>7} {rate:>7s}", flush=True)
 
 
-def _parts_of(docs_root: Path, corpus_names: list[str]) -> list[Path]:
-    parts = []
-    for name in corpus_names:
-        if (docs_root / name).is_dir():
-            parts.extend(list_parts(docs_root / name))
-    return parts
+def _parts_of(docs_root: Path, corpus_names: list[str]) -> list[Path] | None:
+    """The part files of these corpora in order, or None when none of their directories exists."""
+    dirs = [docs_root / name for name in corpus_names if (docs_root / name).is_dir()]
+    return [part for d in dirs for part in list_parts(d)] if dirs else None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -213,6 +213,18 @@ def test_bad_records_are_counted_and_skipped(tmp_path):
     assert {e["id"] for e in m["reject_examples"]} == {"a", "b", "c", "d"}
 
 
+def test_empty_corpus_gets_a_manifest_without_shards(tmp_path):
+    (tmp_path / "docs" / "med").mkdir(parents=True)   # read step ran, kept nothing
+    report = tokenize.run(make_recipe(tmp_path / "docs"), tmp_path / "docs", MODEL, tmp_path / "out",
+                          progress=False)
+    assert report["corpora"]["med"]["status"] == "done" and report["corpora"]["web"]["status"] == "no input"
+    m = tokenize.check_manifest(tmp_path / "out" / "med")
+    assert m["splits"]["train"] == {"shards": [], "documents": 0, "tokens": 0, "chars": 0}
+    assert tokenize.shard_prefixes(tmp_path / "out" / "med") == []
+    with pytest.raises(tokenize.ManifestError):
+        tokenize.check_manifest(tmp_path / "out" / "web")
+
+
 def test_malformed_conversations_are_counted_and_skipped(tmp_path):
     good = sft_conversations()[:3]
     bad = [{"id": "x", "corpus": "med_sft", "kind": "conv",
