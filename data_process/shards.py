@@ -269,6 +269,12 @@ class IndexedDataset:
         else:  # mmap cannot map an empty file
             self.tokens = np.zeros(0, dtype=self.dtype)
 
+    def __getstate__(self):   # pickled (e.g. into DataLoader workers) as its path, never its tokens
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state):
+        self.__init__(state["prefix"])
+
     def __len__(self) -> int:
         return len(self.doc_lengths)
 

@@ -254,3 +254,14 @@ def test_truncated_or_corrupt_idx_is_rejected(tmp_path):
     (tmp_path / "s.idx").write_bytes(bytes(bad_ptr))
     with pytest.raises(ShardError, match="pointers"):
         IndexedDataset(tmp_path / "s")
+
+
+def test_pickles_as_its_path_not_its_tokens(tmp_path):
+    import pickle
+    write_shard(tmp_path / "s", random_docs(200))
+    ds = IndexedDataset(tmp_path / "s")
+    blob = pickle.dumps(ds)
+    assert len(blob) < 500 < ds.num_tokens
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again[17], ds[17])
+    assert isinstance(again.tokens, np.memmap)
