@@ -444,6 +444,7 @@ def parse_args(argv=None):
     p.add_argument("--within-doc", action="store_true", help="keep windows inside documents (default: pack)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-steps", type=int, help="stop this phase after this many steps (a smoke run)")
     p.add_argument("--no-resume", action="store_true", help="ignore this phase's checkpoints and start it over")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -454,6 +455,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         schedule = load_schedule(args.config_dir)
         if args.total_tokens:

@@ -539,6 +539,11 @@ def train(cfg: TrainConfig, model, tokenizer, batches, *, loss_fn=None, val_fn=N
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _clean_stale_tmp(out_dir)
+        old = list_checkpoints(out_dir) if not cfg.resume else []
+        if old:   # starting over: a later resume must never pick up a checkpoint of the abandoned run
+            print(f"resume disabled: removing {len(old)} old checkpoint(s) in {out_dir}")
+            for _, d in old:
+                shutil.rmtree(d)
     _barrier(info.world_size)
     metrics_path = out_dir / "metrics.jsonl"
 
@@ -581,12 +586,11 @@ def train(cfg: TrainConfig, model, tokenizer, batches, *, loss_fn=None, val_fn=N
             rng = state["rng"]
             _set_rng_state(rng[info.rank] if info.rank < len(rng) else rng[0])
             if info.is_main:
-                truncate_metrics(metrics_path, step)
                 print(f"resuming {out_dir} from {resume_dir.name} (step {step}, {tokens_seen:,} tokens)")
         elif info.is_main:
             print(f"continuing from {start_dir} (step {step}, {tokens_seen:,} tokens)")
-    elif info.is_main:
-        truncate_metrics(metrics_path, 0)
+    if info.is_main:   # metrics.jsonl reads as one run: drop what was logged past the starting point
+        truncate_metrics(metrics_path, step)
     if step > cfg.total_steps:
         raise ValueError(f"the starting checkpoint is at step {step}, past this run's total_steps {cfg.total_steps}")
 

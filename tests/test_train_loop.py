@@ -227,3 +227,19 @@ def test_resume_refuses_a_corrupted_latest_checkpoint(tok, tmp_path):
     (out / "final/model.safetensors").write_bytes(b"\0" * 10)
     with pytest.raises(CheckpointError, match="final: model.safetensors"):
         train_loop.train(_cfg(out, total_steps=6), _model(tok), tok, TextBatches(tok))
+
+
+def test_no_resume_starts_over_and_removes_the_abandoned_checkpoints(tok, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_loop.train(_cfg(out, total_steps=6), _model(tok), tok, TextBatches(tok))
+    summary = train_loop.train(_cfg(out, total_steps=2, resume=False, tensorboard=True), _model(tok), tok,
+                               TextBatches(tok))
+    assert summary["step"] == 2
+    assert [(s, d.name) for s, d in train_loop.list_checkpoints(out)] == [(2, "final")]
+    assert [r["step"] for r in train_loop.read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    captured = capsys.readouterr()
+    assert "removing 2 old checkpoint(s)" in captured.out   # step-000003 and final
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:   # optional loggers are never required
+        assert "tensorboard is not installed" in captured.err
