@@ -410,14 +410,15 @@ def run_stage(cfg: StageConfig) -> dict:
     val_fn = make_val_fn(val, tokenizer.pad_id, cfg.stage, batch_size, cfg.max_val_examples)
     summary = train(train_cfg, model, tokenizer, batches, val_fn=val_fn, meta=meta,
                     trainable_params=lora_lib.lora_parameters(model) if settings else None)
-    if settings is not None:
+    if settings is not None and rank == 0:
         # the loop's final holds LoRA-named weights (what it resumes from); replace it by the adapter alone
         # (peft format, out/sft/<stage>/adapter) and the merged full model as a normal checkpoint
         final = Path(summary["final_dir"])
         loop_meta = verify_checkpoint(final)
         adapter_dir = lora_lib.save_adapter(model.cpu(), settings, out_dir / "adapter", base=str(cfg.init_from))
         lora_lib.merge_lora(model)
-        keep = {k: v for k, v in loop_meta.items() if k not in ("files", "format", "tokenizer_sha256")}
+        keep = {k: v for k, v in loop_meta.items()
+                if k not in ("files", "format", "tokenizer_sha256", "param_sha256")}
         save_checkpoint(final, model, tokenizer, {**keep, "lora_merged": True, "adapter": str(adapter_dir)})
         print(f"LoRA adapter saved to {adapter_dir}; merged model in {final}")
     summary.update(examples=len(data), padding_fraction=padding, rejects=data.rejects)
