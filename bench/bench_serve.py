@@ -92,7 +92,8 @@ def theirs(hf_model, prompt, n) -> tuple[float, list[int]]:
     timer = _Timer()
     with torch.inference_mode():
         hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          streamer=timer, pad_token_id=0, eos_token_id=None, temperature=None, top_p=None)
+                          streamer=timer, pad_token_id=0, eos_token_id=None, temperature=None, top_p=None,
+                          repetition_penalty=1.0)   # the exported generation_config says 1.1; greedy here
     return decode_rate(timer.times), timer.tokens
 
 
