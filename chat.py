@@ -16,6 +16,7 @@ Commands: /reset (forget the conversation), /quit (or end of input).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,11 @@ def load_model(ckpt_dir, lora_dir=None, dtype: str = "fp32"):
     if dtype == "bf16":
         model.to(torch.bfloat16)
     return model, tokenizer, meta
+
+
+def random_seed() -> int:
+    """A fresh seed from the OS (torch.seed() would also reseed torch's global generator as a side effect)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
 
 
 @dataclass
@@ -70,7 +76,7 @@ def base_prompt(tokenizer, text: str, max_prompt_tokens: int) -> list[int]:
 
 def stream_reply(model, tokenizer, prompt_ids: list[int], sampling: Sampling, out) -> str:
     """Generate, writing each complete character to `out` as soon as it exists; -> the whole reply."""
-    generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+    generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else random_seed())
     decoder = StreamDecoder(tokenizer)
     parts = []
     ids = model.generate(prompt_ids, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,

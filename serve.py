@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -35,7 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chat import load_model
+from chat import load_model, random_seed
 from tokenizer import StreamDecoder
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
@@ -231,6 +231,15 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+@dataclass
+class Running:
+    """A job being generated: its token iterator and its text state."""
+    job: Job
+    ids: Iterator[int]
+    decoder: StreamDecoder
+    stops: StopMatcher
+
+
 class Engine:
     """The one thread that runs the model: round-robin over up to max_active generations, one token each."""
 
@@ -251,40 +260,40 @@ class Engine:
 
     def _start(self, job: Job):
         s = job.sampling
-        generator = torch.Generator().manual_seed(s.seed if s.seed is not None else torch.seed())
+        generator = torch.Generator().manual_seed(s.seed if s.seed is not None else random_seed())
         stop_ids = () if s.ignore_eos else tuple(self.tokenizer.stop_ids())
         ids = self.model.generate(job.prompt_ids, max_new_tokens=s.max_tokens, temperature=s.temperature,
                                   top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
                                   stop_ids=stop_ids, generator=generator)
-        return {"job": job, "ids": ids, "decoder": StreamDecoder(self.tokenizer), "stops": StopMatcher(s.stop)}
+        return Running(job, ids, StreamDecoder(self.tokenizer), StopMatcher(s.stop))
 
-    def _finish(self, gen, reason: str | None, error: str | None = None):
-        gen["ids"].close()
-        job = gen["job"]
+    def _finish(self, gen: Running, reason: str | None, error: str | None = None):
+        gen.ids.close()
+        job = gen.job
         if reason == "cancelled":
             self.stats["requests_cancelled"] += 1
             return
         if error is not None:
             job.emit("error", error)
             return
-        tail = gen["stops"].flush() if reason != "stop_string" else ""
+        tail = gen.stops.flush() if reason != "stop_string" else ""
         if tail:
             job.emit("text", tail)
         self.stats["requests_finished"] += 1
         job.emit("done", "length" if reason == "length" else "stop")
 
-    def _step(self, gen) -> str | None:
+    def _step(self, gen: Running) -> str | None:
         """Advance one generation by one token; -> why it finished, or None while it goes on."""
-        job = gen["job"]
+        job = gen.job
         if job.cancelled.is_set():
             return "cancelled"
         try:
-            token = next(gen["ids"])
+            token = next(gen.ids)
         except StopIteration:
             return "stop"
         job.completion_tokens += 1
         self.stats["tokens_generated"] += 1
-        text, stopped = gen["stops"].push(gen["decoder"].push(token))
+        text, stopped = gen.stops.push(gen.decoder.push(token))
         if text:
             job.emit("text", text)
         if stopped:
@@ -294,7 +303,7 @@ class Engine:
         return None
 
     def _run(self):
-        active = []
+        active: list[Running] = []
         while True:
             while len(active) < self.max_active:
                 try:
