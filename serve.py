@@ -228,7 +228,10 @@ class Job:
     completion_tokens: int = 0
 
     def emit(self, *event):
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:   # the event loop is gone (server shutting down): nobody is listening
+            self.cancelled.set()
 
 
 @dataclass

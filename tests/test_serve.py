@@ -403,3 +403,43 @@ def test_web_page_streams_multi_turn_chinese_replies_in_headless_chromium(server
         print(f"screenshot: {png}")
     finally:
         driver.quit()
+
+
+# ----------------------------------------------------------------------------- pieces, in-process
+
+def test_stop_matcher_holds_back_a_possible_stop_prefix_across_pieces():
+    from serve import StopMatcher
+    m = StopMatcher(["<END>", "停止"])
+    assert m.push("你好<E") == ("你好", False)        # "<E" might begin "<END>": held back
+    assert m.push("X") == ("<EX", False)             # it did not
+    assert m.push("再见停") == ("再见", False)
+    assert m.push("止之后") == ("", True)              # cut at the stop string, nothing after it
+    m = StopMatcher([])
+    assert m.push("abc") == ("abc", False) and m.flush() == ""
+
+
+def test_full_queue_is_a_429_not_a_hang(ckpt):
+    from chat import load_model
+    from serve import ApiError, Engine, Job, Sampling
+    model, tok, _ = load_model(ckpt)
+    engine = Engine(model, tok, max_active=1, max_queue=1)
+    loop = asyncio.new_event_loop()
+    jobs = [Job(tok.encode("发热"), Sampling(max_tokens=1500, temperature=1.0, top_p=1.0, ignore_eos=True), loop,
+                asyncio.Queue()) for _ in range(3)]
+    try:
+        engine.submit(jobs[0])
+        deadline = time.time() + 30
+        while engine.stats["active"] == 0 and time.time() < deadline:   # the engine took it: the queue is empty
+            time.sleep(0.01)
+        engine.submit(jobs[1])                                         # waits in the queue
+        with pytest.raises(ApiError) as err:
+            engine.submit(jobs[2])
+        assert err.value.status == 429 and err.value.type == "rate_limit_error"
+    finally:
+        for job in jobs:
+            job.cancelled.set()
+        deadline = time.time() + 30
+        while (engine.stats["active"] or engine.waiting.qsize()) and time.time() < deadline:
+            time.sleep(0.05)
+        loop.close()
+    assert engine.stats["requests_cancelled"] == 2 and engine.stats["active"] == 0
