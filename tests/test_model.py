@@ -241,3 +241,33 @@ def test_deep_preset_trains_a_few_steps_without_the_loss_exploding():
         losses.append(out.loss.item())
     assert abs(losses[0] - math.log(512)) < 0.3        # the init predicts ~uniform
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("overrides", [DENSE_GQA, MOE_GQA], ids=["dense", "moe"])
+def test_bf16_autocast_training_step_matches_fp32_loss(overrides):
+    model = tiny(**overrides).train()
+    x = torch.randint(0, V, (2, 32))
+    ref = model(x, x).loss.item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, x)
+    (out.loss + out.aux_loss).backward()
+    assert out.loss.dtype == torch.float32 and abs(out.loss.item() - ref) < 0.05
+    grads = [p.grad for p in model.parameters() if p.grad is not None]   # an expert without tokens has none
+    assert all(torch.isfinite(g).all() for g in grads)
+    if not model.config.n_experts:
+        assert len(grads) == len(list(model.parameters()))
+
+
+def test_dropout_is_active_in_train_mode_only():
+    model = tiny(dropout=0.2)
+    x = torch.randint(0, V, (1, 16))
+    assert torch.equal(model(x).logits, model(x).logits)
+    model.train()
+    assert not torch.equal(model(x).logits, model(x).logits)
+
+
+def test_generate_with_bf16_weights_runs_and_streams():
+    model = tiny().to(torch.bfloat16)
+    out = list(model.generate([1, 2, 3], max_new_tokens=5, temperature=0.7, top_p=0.9,
+                              generator=torch.Generator().manual_seed(0)))
+    assert len(out) == 5 and all(0 <= t < V for t in out)
