@@ -26,17 +26,34 @@ import torch
 from tokenizer import StreamDecoder
 
 
-def load_model(ckpt_dir, lora_dir=None, dtype: str = "fp32"):
+def load_model(ckpt_dir, lora_dir=None, dtype: str = "fp32", device: str = "cpu"):
     """-> (model in eval mode, tokenizer, meta) of a checkpoint directory, a LoRA adapter merged in if given."""
     from train_loop import load_checkpoint
     model, tokenizer, meta = load_checkpoint(ckpt_dir)   # verifies sizes and hashes of every file first
     if lora_dir is not None:
         from lora import load_adapter, merge_lora
         merge_lora(load_adapter(model, lora_dir))   # merged: generation runs at the base model's speed
-    model.eval()
+    model.eval().to(device)
     if dtype == "bf16":
         model.to(torch.bfloat16)
     return model, tokenizer, meta
+
+
+def seeded_generator(model, seed: int | None) -> torch.Generator:
+    """A generator on the model's device (sampling there needs one there); an OS seed when none is given."""
+    device = model.lm_head.weight.device
+    return torch.Generator(device=device).manual_seed(seed if seed is not None else random_seed())
+
+
+def device_error(device: str) -> str | None:
+    """Why `device` cannot be used here, or None (a clear message instead of torch's assertion)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        return str(e)
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: no CUDA GPU is available on this machine"
+    return None
 
 
 def random_seed() -> int:
@@ -76,7 +93,7 @@ def base_prompt(tokenizer, text: str, max_prompt_tokens: int) -> list[int]:
 
 def stream_reply(model, tokenizer, prompt_ids: list[int], sampling: Sampling, out) -> str:
     """Generate, writing each complete character to `out` as soon as it exists; -> the whole reply."""
-    generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else random_seed())
+    generator = seeded_generator(model, sampling.seed)
     decoder = StreamDecoder(tokenizer)
     parts = []
     ids = model.generate(prompt_ids, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
@@ -132,17 +149,21 @@ def main(argv=None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 \
             or args.repetition_penalty <= 0:
         p.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, "
                 "--repetition-penalty > 0")
+    if device_error(args.device):
+        p.error(device_error(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
 
     try:
-        model, tokenizer, meta = load_model(args.checkpoint, lora_dir=args.lora, dtype=args.dtype)
+        model, tokenizer, meta = load_model(args.checkpoint, lora_dir=args.lora, dtype=args.dtype,
+                                           device=args.device)
     except (OSError, ValueError, RuntimeError) as e:   # missing, corrupted or mismatched checkpoint
         print(f"chat.py: cannot load {args.checkpoint}: {e}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chat import load_model, random_seed
+from chat import device_error, load_model, seeded_generator
 from tokenizer import StreamDecoder
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
@@ -263,7 +263,7 @@ class Engine:
 
     def _start(self, job: Job):
         s = job.sampling
-        generator = torch.Generator().manual_seed(s.seed if s.seed is not None else random_seed())
+        generator = seeded_generator(self.model, s.seed)
         stop_ids = () if s.ignore_eos else tuple(self.tokenizer.stop_ids())
         ids = self.model.generate(job.prompt_ids, max_new_tokens=s.max_tokens, temperature=s.temperature,
                                   top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
@@ -540,6 +540,7 @@ def main(argv=None) -> int:
                         "mandatory when --host is not a loopback address")
     p.add_argument("--model-name", default=None, help="model id clients must send (default: last two path parts)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights dtype for inference")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--max-active", type=int, default=8, help="generations stepped together (round-robin)")
     p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get a 429")
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens when a request gives none")
@@ -549,9 +550,11 @@ def main(argv=None) -> int:
 
     if args.host not in LOOPBACK_HOSTS and not args.api_key:
         p.error(f"listening on {args.host} needs an API key: pass --api-key or set ${API_KEY_ENV}")
+    if device_error(args.device):
+        p.error(device_error(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, meta = load_model(args.checkpoint, lora_dir=args.lora, dtype=args.dtype)
+    model, tokenizer, meta = load_model(args.checkpoint, lora_dir=args.lora, dtype=args.dtype, device=args.device)
     settings = ServerSettings(model_name=args.model_name or default_model_name(args.checkpoint),
                               max_seq_len=model.config.max_seq_len, api_key=args.api_key,
                               max_body_bytes=args.max_body_bytes, default_max_tokens=args.max_tokens)
