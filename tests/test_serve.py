@@ -248,6 +248,29 @@ def test_bad_request_gets_a_4xx_openai_error_body(server, name, path, body, stat
     assert error["param"] == param
 
 
+ODD_VALUES = [None, 0, -1, 1, 1.5, 1e308, "x", "", [], [1], {}, {"a": 1}, True]
+CHAT_FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
+               "stream", "stream_options", "n", "top_k", "repetition_penalty", "ignore_eos", "logprobs"]
+
+
+def test_no_field_value_of_any_json_type_makes_a_500(server):
+    """Every field set to every kind of JSON value: a 200 or a 4xx with an OpenAI error body, never a 5xx."""
+    base = OK_CHAT | {"max_tokens": 2}
+    cases = [base | {f: v} for f in CHAT_FIELDS for v in ODD_VALUES]
+    cases += [base | {"messages": [{"role": v, "content": "a"}]} for v in ODD_VALUES]
+    cases += [base | {"messages": [{"role": "user", "content": v}]} for v in ODD_VALUES]
+    statuses = set()
+    http = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    for body in cases:
+        r = http.post("/v1/chat/completions", json=body)
+        statuses.add(r.status_code)
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    http.close()
+    assert 200 in statuses and 400 in statuses
+
+
 def test_unknown_route_wrong_method_and_missing_key_are_openai_errors(server):
     auth = {"Authorization": f"Bearer {API_KEY}"}
     r = httpx.get(server + "/v1/nothing", timeout=30)
