@@ -261,8 +261,10 @@ def test_no_field_value_of_any_json_type_makes_a_500(server):
     cases += [base | {"messages": [{"role": "user", "content": v}]} for v in ODD_VALUES]
     statuses = set()
     http = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
-    for body in cases:
-        r = http.post("/v1/chat/completions", json=body)
+    completions = [{"model": MODEL, "prompt": "a", "max_tokens": 2} | {f: v} for f in ("prompt", "echo", "stop")
+                   for v in ODD_VALUES]
+    for path, body in [("/v1/chat/completions", c) for c in cases] + [("/v1/completions", c) for c in completions]:
+        r = http.post(path, json=body)
         statuses.add(r.status_code)
         assert r.status_code < 500, (body, r.text)
         if r.status_code >= 400:
