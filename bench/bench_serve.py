@@ -9,7 +9,7 @@
    Both must produce the same tokens (checked), so the comparison is like for like.
 2. serve.py as a subprocess with 8 concurrent streaming clients (openai's AsyncOpenAI): total completion
    tokens/s, p50 latency and p50 time to first token; baseline: one client alone on the same server, same run.
-The tokenizer is a SentencePiece BPE of the recipe's default size (8000) trained here on the real samples.
+The tokenizer is trained here by tokenizer.train_sentencepiece at its default size, on the real samples.
 Torch threads: 1 by default (--threads): on this shared 2-core machine, 2 intra-op threads at batch 1 spend their
 time waiting for each other (tiny decode measured 20x slower under load); ours and transformers get the same.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import socket
 import statistics
@@ -32,19 +31,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SAMPLES = ROOT.parent / "shared" / "corpora-samples"
-VOCAB = 8000
 
 
-def train_tokenizer(out_dir: Path):
-    import sentencepiece as spm
-    from tokenizer import Tokenizer
+def train_tokenizer():
+    """The project's own trainer (tokenizer.train_sentencepiece) at its default size, on real sample text."""
+    from tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, train_sentencepiece
     lines = [l for l in (SAMPLES / "medicalgpt/pretrain/fever.txt").read_text(encoding="utf-8").splitlines() if l]
     lines += [json.loads(l)["text"] for l in open(SAMPLES / "skywork-zh-web/zh_general.jsonl", encoding="utf-8")]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=VOCAB,
-                                   model_type="bpe", byte_fallback=True, character_coverage=0.9995,
-                                   max_sentence_length=100_000, minloglevel=2)
-    return Tokenizer(buf.getvalue())
+    return Tokenizer(train_sentencepiece(lines, DEFAULT_VOCAB_SIZE))
 
 
 def make_checkpoint(out_dir: Path, preset: str, tok, **overrides) -> Path:
@@ -197,7 +191,7 @@ def run(quick: bool = False, threads: int = 1) -> dict:
     results = {"threads": threads}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tok = train_tokenizer(work)
+        tok = train_tokenizer()
         for preset in ("tiny", "26m"):
             results |= bench_decode(preset, tok, work, n_new, rounds)
         results |= bench_server(work / "ckpt-26m", server_tokens, threads)

@@ -170,3 +170,26 @@ def test_export_cli_writes_bf16_weights(tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert hf_model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_a_tokenizer_trained_by_the_project_exports_with_the_same_ids(tmp_path):
+    """The project's own trainer settings (identity normalization, no dummy prefix, split digits, no BOS)."""
+    from model import Transformer, make_config
+    from tokenizer import Tokenizer, train_sentencepiece
+    from train_loop import save_checkpoint
+    texts = real_chinese_texts()
+    tok = Tokenizer(train_sentencepiece(texts, 2000))
+    assert tok.bos_id is None
+    torch.manual_seed(0)
+    model = Transformer(make_config("tiny", tok.vocab_size))
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tok, {"step": 0, "kind": "sft", "chat": True})
+    out = export(ckpt, tmp_path / "hf")
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    for text in texts + ["剂量 12.5 mg，每日 3 次", "    缩进的代码\n\tdef f(x):  return x"]:
+        ids = tok.encode(text)
+        assert hf_tok.encode(text) == ids, text[:80]
+        assert hf_tok.decode(ids) == text
+    messages = [{"role": "user", "content": "血压 140/90 算高吗？"}]
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"] == \
+        tok.render_chat(messages, add_generation_prompt=True).ids
+    assert hf_tok.eos_token == "<|im_end|>" and hf_tok.bos_token is None
