@@ -11,7 +11,7 @@ tokens go through tokenizer.StreamDecoder, which keeps the bytes of a split Chin
 Prompts and notices go to stderr, so stdout holds only the model's text.
 Commands: /reset (forget the conversation), /quit (or end of input).
 
-`load_model` is the loader serve.py shares.
+`load_model` (checkpoint + optional LoRA, verified by train_loop.load_checkpoint) is shared by serve.py and export.py.
 """
 from __future__ import annotations
 
