@@ -141,6 +141,27 @@ def test_loss_weights_give_weighted_mean_and_ignore_index_contributes_nothing():
     # no counted target at all: 0, not NaN (an SFT batch of only prompts must not poison the run)
     assert lm_loss(logits, torch.full((2, 5), -100)).item() == 0.0
     assert lm_loss(logits, targets, torch.zeros(2, 5)).item() == 0.0
+    with pytest.raises(ValueError, match="-100"):
+        lm_loss(logits, torch.full((2, 5), -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_value_and_gradient_equal_torch_cross_entropy(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 7, 50) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 50, (3, 7))
+    targets[1, 2:5] = -100
+    ours = lm_loss(logits, targets)
+    g_ours, = torch.autograd.grad(ours, logits)
+    ref = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    g_ref, = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert g_ours.dtype == dtype
+    torch.testing.assert_close(g_ours, g_ref)
+    assert g_ours[1, 2:5].abs().max() == 0
+
+
+def test_model_forward_uses_lm_loss():
     # the model's forward uses exactly this definition
     model = tiny()
     x = torch.randint(0, V, (2, 9))
