@@ -3,7 +3,9 @@
 RMSNorm (in fp32, as Hugging Face does), rotary position embeddings (HF's rotate_half convention),
 grouped-query attention through F.scaled_dot_product_attention, SwiGLU, no biases, optional tied
 embeddings. Parameter names are Hugging Face LlamaForCausalLM's (MoE layers: Mixtral's
-`block_sparse_moe.gate` / `block_sparse_moe.experts.{j}.w1,w2,w3`), so export is a copy of the state dict.
+`block_sparse_moe.gate` / `block_sparse_moe.experts.{j}.w1,w2,w3`, experts stored one module each, so no
+re-stacking is needed), so export is a copy of the state dict. An optional shared expert is
+`block_sparse_moe.shared_expert.{gate,up,down}_proj` (Qwen2-MoE's name; Mixtral has none).
 
 Used by pretrain/sft/dpo (forward -> ModelOutput(logits, loss, aux_loss)), chat/serve (generate streams
 token ids through a preallocated KV cache) and export (save_pretrained: model.safetensors + config.json).
