@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import train_loop
 from data_process.shards import IndexedDataset
+from data_process.tokenize import check_manifest
 
 SCHEDULE_FILE = "schedule.toml"
 
@@ -156,12 +157,9 @@ def open_corpus(data_dir: Path, name: str, tokenizer_sha256: str, min_tokens: in
         print(f"warning: corpus {name!r} not found ({manifest_path} missing); dropped from the mixture",
               file=sys.stderr)
         return None
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("tokenizer_sha256") != tokenizer_sha256:
-        raise ValueError(f"{manifest_path}: tokenized with tokenizer {str(manifest.get('tokenizer_sha256'))[:12]}, "
-                         f"but this run's tokenizer is {tokenizer_sha256[:12]}; re-run the tokenize step "
-                         f"(python data_process.py) or pass the matching --tokenizer")
-    splits = manifest.get("splits", {})
+    # finished, every listed shard consistent with its .idx, and made with this run's tokenizer (else ValueError)
+    manifest = check_manifest(root, tokenizer_sha256)
+    splits = manifest["splits"]
     train = [IndexedDataset(root / s) for s in splits.get("train", {}).get("shards", [])]
     train = [ds for ds in train if ds.num_tokens >= min_tokens]
     val = [ds for ds in (IndexedDataset(root / s) for s in splits.get("val", {}).get("shards", []))
@@ -381,7 +379,8 @@ def run_phase(name: str, args, schedule: Schedule) -> dict:
         if prev["step"] != start_step:
             raise ValueError(f"{init_dir} ends at step {prev['step']}, but this curriculum starts phase {name!r} "
                              f"at step {start_step} (tokens per step {tokens_per_step}); the batch geometry, "
-                             f"world size or token budgets changed since that phase ran")
+                             f"world size or token budgets changed since that phase ran, or it was cut short "
+                             f"with --max-steps")
         model_cfg = ModelConfig.from_dict(json.loads((init_dir / "config.json").read_text()))
     else:
         preset = args.preset or schedule.preset

@@ -547,6 +547,9 @@ def train(cfg: TrainConfig, model, tokenizer, batches, *, loss_fn=None, val_fn=N
     _barrier(info.world_size)
     metrics_path = out_dir / "metrics.jsonl"
 
+    if device.startswith("cuda"):   # TF32 for whatever still runs in fp32 (Ampere and later)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     raw_model = model.to(device)
     params = list(trainable_params) if trainable_params is not None else \
         [p for p in raw_model.parameters() if p.requires_grad]

@@ -2,7 +2,8 @@
 26m preset on this CPU, against the same model trained in fp32 by a plain loop, measured in the same run.
 
 Prints and returns tokens/s and MFU of both, their ratio (target >= 2x), and the fraction of the pretrain step
-spent in data loading (target < 2%). MFU is relative to this CPU's measured bf16 matmul peak (CPUs have no
+spent in data loading (target < 2%). The two alternate in blocks, so that the shared machine's changing load
+falls on both. MFU is relative to this CPU's measured bf16 matmul peak (CPUs have no
 datasheet figure to trust; see train_loop.peak_flops), so it reads as "share of what a big bf16 matmul gets".
 The shards are real sample text (../shared/corpora-samples) tokenized by the real tokenize step with a
 6,400-piece SentencePiece model (MiniMind's vocabulary size for this preset) trained on the same samples.
@@ -91,40 +92,50 @@ def run(quick: bool = False, threads: int = 1) -> dict:
     import train_loop
     from model import Transformer, make_config
     torch.set_num_threads(threads)
-    batch_size, seq_len, steps = (2, 256, 4) if quick else (4, 512, 8)
+    batch_size, seq_len, steps_per_block = (2, 256, 2) if quick else (4, 512, 4)
+    blocks = 2   # pretrain and baseline alternate, so a change in the machine's load hits both alike
     root = Path(tempfile.mkdtemp(prefix="bench_pretrain_"))
     try:
         tok, tok_dir, cfg = build_shards(root, 150_000 if quick else 600_000)
         tokens_per_step = batch_size * seq_len
-        (cfg / "bench.toml").write_text(f'tokens = {steps * tokens_per_step}\n[mixture]\nwiki_zh = 1.0\n'
-                                        f'medical_books = 1.0\n')
+        (cfg / "bench.toml").write_text(f'tokens = {blocks * steps_per_block * tokens_per_step}\n[mixture]\n'
+                                        f'wiki_zh = 1.0\nmedical_books = 1.0\n')
         peak = train_loop.peak_flops("cpu", "bf16")
-
-        # the baseline first, then pretrain.py: both on fresh models with the same initial weights
         torch.manual_seed(1337)
         model = Transformer(make_config("26m", tok.vocab_size, max_seq_len=1024))
         flops_per_token = model.flops_per_token(seq_len)
         stream = np.concatenate([ds.tokens for c in ("wiki_zh", "medical_books")
                                  for ds in pretrain.open_corpus(root / "pretrain", c, tok.sha256, seq_len + 1).train])
-        base_times = plain_fp32_steps(model, stream, batch_size, seq_len, steps)
-        base_step_s = float(np.mean(base_times[1:]))   # the first step pays for allocation
+        base_times, step_times, data_s = [], [], 0.0
+        for block in range(blocks):
+            # the baseline: a plain fp32 loop (the first step of each block pays for allocation: not timed)
+            base_times += plain_fp32_steps(model, stream, batch_size, seq_len, steps_per_block + 1)[1:]
+            # pretrain.py: this block's steps of the phase (the second block resumes the first's checkpoint;
+            # the loop does not time the first step of a run)
+            args = pretrain.parse_args([
+                "--phase", "bench", "--config-dir", str(cfg), "--data-dir", str(root / "pretrain"),
+                "--tokenizer", str(tok_dir), "--out-dir", str(root / "out"), "--preset", "26m",
+                "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--grad-accum", "1", "--dtype", "bf16",
+                "--eval-interval", "0", "--save-interval", "0", "--val-windows", "1", "--no-progress",
+                "--max-steps", str((block + 1) * steps_per_block)])
+            summary = pretrain.run_phase("bench", args, pretrain.load_schedule(cfg))
+            timed = steps_per_block - 1
+            step_times.append((summary["mean_step_s"], timed))
+            data_s += summary["data_fraction"] * summary["mean_step_s"] * timed
         del model
-
-        args = pretrain.parse_args(["--phase", "bench", "--config-dir", str(cfg), "--data-dir", str(root / "pretrain"),
-                                    "--tokenizer", str(tok_dir), "--out-dir", str(root / "out"), "--preset", "26m",
-                                    "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--grad-accum", "1",
-                                    "--dtype", "bf16", "--eval-interval", "0", "--save-interval", "0",
-                                    "--val-windows", "1", "--no-progress"])
-        summary = pretrain.run_phase("bench", args, pretrain.load_schedule(cfg))
-        step_s = summary["mean_step_s"]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    n_timed = sum(n for _, n in step_times)
+    step_s = sum(t * n for t, n in step_times) / n_timed
+    base_step_s = float(np.mean(base_times))
+    steps = n_timed
 
     result = {
-        "preset": "26m", "batch_size": batch_size, "seq_len": seq_len, "threads": threads, "steps_timed": steps - 1,
+        "preset": "26m", "batch_size": batch_size, "seq_len": seq_len, "threads": threads,
+        "steps_timed": steps, "baseline_steps_timed": len(base_times),
         "pretrain_bf16_tokens_per_s": round(tokens_per_step / step_s, 1),
         "pretrain_bf16_mfu": round(flops_per_token * tokens_per_step / step_s / peak, 4),
-        "data_loading_fraction": round(summary["data_fraction"], 5),
+        "data_loading_fraction": round(data_s / (step_s * n_timed), 5),
         "baseline_fp32_plain_tokens_per_s": round(tokens_per_step / base_step_s, 1),
         "baseline_fp32_plain_mfu": round(flops_per_token * tokens_per_step / base_step_s / peak, 4),
         "speedup_vs_fp32_plain": round(base_step_s / step_s, 2),

@@ -212,7 +212,7 @@ def test_shards_of_another_tokenizer_are_refused(data, tmp_path, capsys):
     args = _args(data, tmp_path, "--phase", "warmup", "--total-tokens", "20000")
     args[args.index("--tokenizer") + 1] = str(other)
     assert pretrain.main(args) == 1
-    assert "tokenized with tokenizer" in capsys.readouterr().err
+    assert "made with tokenizer" in capsys.readouterr().err
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
