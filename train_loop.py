@@ -645,8 +645,11 @@ def train(cfg: TrainConfig, model, tokenizer, batches, *, loss_fn=None, val_fn=N
         append_jsonl(metrics_path, record)
         loggers.log(record)
         plot_metrics(metrics_path, out_dir / "metrics.png")
+        line = f"step {step}: loss {last['loss']:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in result.items())
         if bar is not None:
-            bar.write(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            bar.write(line)
+        else:
+            print(line, flush=True)
         return result
 
     raw_model.train()
