@@ -277,12 +277,16 @@ class MixtureLoader:
 
 def val_windows(corpus: Corpus, seq_len: int, n_windows: int) -> list[np.ndarray]:
     """A fixed, deterministic subset of val windows: n_windows non-overlapping windows of seq_len + 1 tokens,
-    evenly spaced over the corpus's val split (the same windows at every validation and in every run)."""
+    evenly spaced over the corpus's val split (the same windows at every validation and in every run).
+    A split shorter than one window is scored whole, as one shorter window."""
     slots = []   # (shard, start) of every non-overlapping window
     for ds in corpus.val:
         slots += [(ds, i * seq_len) for i in range((ds.num_tokens - 1) // seq_len)]
     if not slots:
-        return []
+        # a val split shorter than one window (small corpora, the embedded samples): score all of it as one
+        # shorter window rather than not validating the corpus at all
+        tokens = np.concatenate([np.asarray(ds.tokens, dtype=np.int64) for ds in corpus.val] or [np.zeros(0)])
+        return [tokens[: seq_len + 1].astype(np.int64)] if len(tokens) >= 2 else []
     picks = np.unique(np.linspace(0, len(slots) - 1, num=min(n_windows, len(slots))).round().astype(int))
     return [np.asarray(slots[i][0].tokens[slots[i][1]:slots[i][1] + seq_len + 1], dtype=np.int64) for i in picks]
 
@@ -296,7 +300,7 @@ def make_val_fn(corpora: list[Corpus], seq_len: int, n_windows: int, batch_size:
     windows = {c.name: val_windows(c, seq_len, n_windows) for c in corpora}
     for c in corpora:
         if not windows[c.name]:
-            print(f"warning: corpus {c.name!r} has no val window of {seq_len + 1} tokens; not validated",
+            print(f"warning: corpus {c.name!r} has no val tokens; not validated",
                   file=sys.stderr)
 
     def val_fn(model) -> dict:

@@ -286,6 +286,15 @@ def test_val_loss_and_bits_per_char_match_a_direct_computation(data):
     assert val_fn(model) == got   # fixed windows
 
 
+def test_val_split_shorter_than_a_window_is_scored_whole(data):
+    corpora, _ = _mixture(data, ["guidelines"], [1])
+    c = corpora[0]
+    total = sum(ds.num_tokens for ds in c.val)
+    windows = pretrain.val_windows(c, total + 50, 5)   # a context longer than the whole val split
+    assert len(windows) == 1 and len(windows[0]) == total
+    assert np.array_equal(windows[0], np.concatenate([np.asarray(ds.tokens) for ds in c.val]))
+
+
 # ----------------------------------------------------------------------------- kill -9, DDP
 
 def _one_phase_config(tmp_path, steps, tokens_per_step=4 * 2 * 32):
