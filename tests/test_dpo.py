@@ -124,10 +124,10 @@ def test_dpo_raises_the_chosen_minus_rejected_margin(tmp_path):
     config = write_toml(tmp_path / "dpo.toml", {"data": [str(path)], "val_data": [str(path)], "init_from": str(base),
                                                  "out_dir": str(out), "beta": 0.5, "warmup_fraction": 0.0},
                         {**FAST_TRAIN, "lr": 1e-2, "batch_size": 4})
-    assert dpo.main([str(config), "--steps", "8"]) == 0
+    assert dpo.main([str(config), "--steps", "6"]) == 0
     records = read_jsonl(out / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
-    assert len(train) == 8 and {"reward_margin", "reward_accuracy", "logp_chosen", "logp_rejected"} <= set(train[0])
+    assert len(train) == 6 and {"reward_margin", "reward_accuracy", "logp_chosen", "logp_rejected"} <= set(train[0])
     assert abs(train[0]["reward_margin"]) < 1e-3   # step 0: policy == reference
     # independently of the logged figures: the trained policy's margin over the reference, on all pairs
     data = dpo.load_pairs(tok, [path], max_tokens=96)
@@ -147,9 +147,12 @@ def _losses(out_dir):
     return [(r["step"], r["loss"]) for r in read_jsonl(out_dir / "metrics.jsonl") if "loss" in r]
 
 
-def _kill_and_resume(cmd, out_dir, steps):
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}   # runs side by side on 2 cores, same reduction order
+
+
+def _kill_and_resume(cmd, out_dir):
     """Run cmd, SIGKILL it once its step-2 checkpoint exists (before it ends), run it again to the end."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ONE_THREAD)
     deadline = time.time() + 240
     while not (out_dir / "step-000002").is_dir():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -159,7 +162,7 @@ def _kill_and_resume(cmd, out_dir, steps):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (out_dir / "final").exists(), "the run ended before the kill; the test proves nothing"
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming" in done.stdout
     return _losses(out_dir)
@@ -180,15 +183,19 @@ def test_resume_after_kill_9_gives_identical_losses(tmp_path, job):
                      "medical_dialogue", max_tokens=96)
         top = {"data": str(data), "init_from": str(base)}
         script, lora = "sft.py", {"rank": 4, "alpha": 8, "dropout": 0.1}   # dropout: the RNG must resume too
-    runs = {}
+    cmds = {}
     for name in ("straight", "killed"):
-        out = tmp_path / name
-        config = write_toml(tmp_path / f"{name}.toml", {**top, "out_dir": str(out)}, train, lora)
-        cmd = [sys.executable, script, str(config), "--steps", str(steps)]
-        if name == "straight":
-            subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-            runs[name] = _losses(out)
-        else:
-            runs[name] = _kill_and_resume(cmd, out, steps)
-    assert [s for s, _ in runs["straight"]] == list(range(steps))
-    assert runs["killed"] == runs["straight"]
+        config = write_toml(tmp_path / f"{name}.toml", {**top, "out_dir": str(tmp_path / name)}, train, lora)
+        cmds[name] = [sys.executable, script, str(config), "--steps", str(steps)]
+    straight = subprocess.Popen(cmds["straight"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=ONE_THREAD)   # the uninterrupted reference run, alongside
+    try:
+        killed = _kill_and_resume(cmds["killed"], tmp_path / "killed")
+        assert straight.wait(timeout=300) == 0, straight.stderr.read().decode()[-2000:]
+    finally:
+        if straight.poll() is None:
+            straight.kill()
+            straight.wait()
+    reference = _losses(tmp_path / "straight")
+    assert [s for s, _ in reference] == list(range(steps))
+    assert killed == reference
