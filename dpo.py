@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model import TokenNLL
 from sft import (IGNORE, _from_table, add_train_args, apply_overrides, bucket_batches, check_init_from, fit_seq_len,
                  make_train_config, pad_length, train_overrides)
 
@@ -199,9 +200,10 @@ class DPOBatches:
 def sequence_logps(model, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(target) over the non-IGNORE targets of each row [rows] in fp32, the model's MoE aux loss)."""
     out = model(input_ids)
-    nll = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                          reduction="none")
-    return -nll.view(targets.shape).sum(-1), out.aux_loss
+    # model.TokenNLL: fp32 log-sum-exp without an fp32 copy of the [rows*T, V] logits (the big vocabulary makes
+    # those the largest tensors of a DPO step); same values as F.cross_entropy
+    nll = TokenNLL.apply(out.logits.flatten(0, 1), targets.flatten().clamp_min(0)).view(targets.shape)
+    return -(nll * (targets != IGNORE)).sum(-1), out.aux_loss
 
 
 def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
