@@ -148,8 +148,8 @@ def test_loss_weights_give_weighted_mean_and_ignore_index_contributes_nothing():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_loss_value_and_gradient_equal_torch_cross_entropy(dtype):
     torch.manual_seed(0)
-    logits = (torch.randn(3, 7, 50) * 3).to(dtype).requires_grad_()
-    targets = torch.randint(0, 50, (3, 7))
+    logits = (torch.randn(3, 70, 50) * 3).to(dtype).requires_grad_()   # 210 rows: several blocks of 64
+    targets = torch.randint(0, 50, (3, 70))
     targets[1, 2:5] = -100
     ours = lm_loss(logits, targets)
     g_ours, = torch.autograd.grad(ours, logits)
