@@ -1,6 +1,7 @@
 """DPO (dpo.py): response-only log-probs, the loss against a hand computation, the cached reference equals a
-fresh reference pass, training raises the chosen-minus-rejected margin, and kill -9 + resume (DPO and a LoRA
-SFT stage) gives the same losses as an uninterrupted run. Real tokenizer, real preference samples."""
+fresh reference pass, training raises the chosen-minus-rejected margin, and kill -9 + resume (DPO, a full SFT
+stage with tag weights, a LoRA SFT stage) gives the same losses as an uninterrupted run. Real tokenizer, real
+preference samples."""
 import json
 import math
 import os
@@ -169,7 +170,7 @@ def _kill_and_resume(cmd, out_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job", ["dpo", "sft_lora"])
+@pytest.mark.parametrize("job", ["dpo", "sft_lora", "sft"])
 def test_resume_after_kill_9_gives_identical_losses(tmp_path, job):
     base = base_checkpoint(tmp_path / "base")
     steps = 5
@@ -181,8 +182,10 @@ def test_resume_after_kill_9_gives_identical_losses(tmp_path, job):
     else:
         data = stage(tmp_path, read_records("sharegpt_jsonl", MEDICAL_SFT, "medical_sft", limit=60),
                      "medical_dialogue", max_tokens=96)
-        top = {"data": str(data), "init_from": str(base)}
-        script, lora = "sft.py", {"rank": 4, "alpha": 8, "dropout": 0.1}   # dropout: the RNG must resume too
+        top = {"data": str(data), "init_from": str(base), "tag_weight": 3.0}
+        script, lora = "sft.py", None
+        if job == "sft_lora":
+            lora = {"rank": 4, "alpha": 8, "dropout": 0.1}   # dropout: the RNG must resume too
     cmds = {}
     for name in ("straight", "killed"):
         config = write_toml(tmp_path / f"{name}.toml", {**top, "out_dir": str(tmp_path / name)}, train, lora)
