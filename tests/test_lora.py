@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import lora
 import sft
-from test_sft_fixtures import (FAST_TRAIN, MEDICAL_SFT, base_checkpoint, read_records, real_tokenizer, stage,
+from test_sft_fixtures import (FAST_TRAIN, MEDICAL_SFT, base_checkpoint, read_records, stage,
                                write_toml)
 
 
