@@ -5,17 +5,16 @@
     python bench/run_all.py --only read,dedup
 
 Each bench/bench_<area>.py has `run(quick) -> dict` of named figures and prints its own details; this script
-collects them, records the machine they were measured on, and renders the Markdown table the README shows.
-A benchmark that fails is recorded with its error and the others still run.
+collects them (each in its own process, with that process's peak RSS), records the machine they were measured
+on, and renders the Markdown table the README shows. A benchmark that fails is recorded and the others still run.
 """
 import argparse
-import importlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -87,6 +86,30 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_one(name: str, quick: bool) -> dict:
+    """Run bench_<name>.run(quick) in a child process: its figures, plus the child's peak RSS (wait4 reports a
+    process's own high-water mark, so each step's memory is its own; benchmarks that start worker processes
+    also report those themselves)."""
+    code = (f"import json, sys; sys.path[:0] = [{str(ROOT)!r}, {str(HERE)!r}]; import bench_{name} as b; "
+            f"r = b.run(quick={quick}); print('@@RESULT@@' + json.dumps(r, default=str))")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    lines = []
+    for line in proc.stdout:  # echo the benchmark's own report as it runs
+        if line.startswith("@@RESULT@@"):
+            lines.append(line)
+        else:
+            print(line, end="", flush=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or not lines:
+        return {"error": f"bench_{name}.py exited with {proc.returncode}"}
+    figures = json.loads(lines[-1][len("@@RESULT@@"):])
+    figures["process_peak_rss_mb"] = round(usage.ru_maxrss / 1024)
+    figures["_seconds"] = round(time.perf_counter() - t0, 1)
+    return figures
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -102,14 +125,7 @@ def main(argv=None) -> int:
         if only and name not in only:
             continue
         print(f"\n=== {title} (bench/bench_{name}.py) ===", flush=True)
-        t0 = time.perf_counter()
-        try:
-            module = importlib.import_module(f"bench_{name}")
-            figures = module.run(quick=args.quick)
-            figures["_seconds"] = round(time.perf_counter() - t0, 1)
-        except Exception:  # one failing benchmark must not hide the others' figures
-            traceback.print_exc()
-            figures = {"error": traceback.format_exc()}
+        figures = run_one(name, args.quick)
         results["benches"][name] = figures
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str))

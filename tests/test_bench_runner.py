@@ -1,0 +1,31 @@
+"""bench/run_all.py: each benchmark runs in its own process, its figures and peak RSS are collected."""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import run_all  # noqa: E402
+
+
+def test_run_one_collects_figures_and_the_child_peak_rss(tmp_path, monkeypatch):
+    (tmp_path / "bench_fake.py").write_text(
+        "def run(quick=False):\n"
+        "    block = bytearray(64 * 2**20)  # touch 64 MB so the peak RSS shows it\n"
+        "    block[::4096] = b'x' * len(block[::4096])\n"
+        "    print('working')\n"
+        "    return {'things_per_s': 3.5, 'quick': quick}\n")
+    (tmp_path / "bench_broken.py").write_text("def run(quick=False):\n    raise RuntimeError('boom')\n")
+    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    figures = run_all.run_one("fake", quick=True)
+    assert figures["things_per_s"] == 3.5 and figures["quick"] is True
+    assert figures["process_peak_rss_mb"] >= 64
+    assert "error" in run_all.run_one("broken", quick=False)
+
+
+def test_markdown_table_lists_every_figure_and_the_machine():
+    results = {"date": "2026-11-22", "quick": False, "machine": {"cpu": "Some CPU", "cpus": 2, "ram_gb": 24,
+                                                                 "torch": "2.13.0"},
+               "benches": {"read": {"read_mb_per_s": 52.0, "_seconds": 3}, "dedup": {"error": "x\nboom"}}}
+    md = run_all.to_markdown(results)
+    assert "Some CPU" in md and "| corpus read + clean | read_mb_per_s | 52 |" in md and "boom" in md
+    assert "_seconds" not in md
