@@ -155,8 +155,9 @@ def zh_ratio(text: str) -> float:
     return han / (han + latin)
 
 
-def clean_text(text: str, settings: CleanConfig, stats: Counter, punct_run: re.Pattern | None = None) -> str:
-    """Full cleaning for pretraining documents."""
+def _normalize(text: str, settings: CleanConfig, stats: Counter) -> tuple[str, bool]:
+    """What every text kind gets: NFKC (safe), control characters out, CR/CRLF -> LF. Returns (text, rare), where
+    rare says the text has characters outside the common ranges (the slower checks only run then)."""
     rare = RARE.search(text) is not None
     if settings.nfkc:
         text = nfkc_safe(text, check_astral=rare)
@@ -166,6 +167,12 @@ def clean_text(text: str, settings: CleanConfig, stats: Counter, punct_run: re.P
             text = CONTROL.sub("", text)
         if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text, rare
+
+
+def clean_text(text: str, settings: CleanConfig, stats: Counter, punct_run: re.Pattern | None = None) -> str:
+    """Full cleaning for pretraining documents."""
+    text, rare = _normalize(text, settings, stats)
     if "  " in text or (rare and ODD_SPACE.search(text)):
         text = H_SPACE.sub(" ", text)
     if " \n" in text or "\n " in text:
@@ -183,17 +190,9 @@ def clean_text(text: str, settings: CleanConfig, stats: Counter, punct_run: re.P
 
 def clean_message(text: str, settings: CleanConfig, stats: Counter) -> str:
     """Light cleaning for conversation turns and answers: keeps inner spacing (code, tables) and punctuation."""
-    rare = RARE.search(text) is not None
-    if settings.nfkc:
-        text = nfkc_safe(text, check_astral=rare)
-    if rare:
-        if CONTROL.search(text):
-            stats["control_chars_removed"] += 1
-            text = CONTROL.sub("", text)
-        if "\r" in text:
-            text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if ODD_SPACE.search(text):
-            text = ODD_SPACE.sub(lambda m: "    " if m.group() == "\t" else " ", text)
+    text, rare = _normalize(text, settings, stats)
+    if rare and ODD_SPACE.search(text):
+        text = ODD_SPACE.sub(lambda m: "    " if m.group() == "\t" else " ", text)
     if " \n" in text:
         text = TRAILING_SPACE.sub("\n", text)
     return text.strip()
