@@ -186,8 +186,7 @@ def hidden_states(model, input_ids, dtype):
     (with a 65K vocabulary the full [B, T, V] logits would dominate time and memory)."""
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        h, _ = model._hidden(input_ids.to(device))
-    return h
+        return model.hidden_states(input_ids.to(device))
 
 
 def head_logprobs(model, h, dtype):

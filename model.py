@@ -362,6 +362,11 @@ class Transformer(nn.Module):
                     else x.new_zeros((), dtype=torch.float32))
         return self.model.norm(x), aux_loss
 
+    def hidden_states(self, input_ids) -> torch.Tensor:
+        """Final-layer hidden states [B, T, C] (after the last norm). Scorers apply self.lm_head only at the
+        positions they need: with a large vocabulary the full [B, T, V] logits dominate time and memory."""
+        return self._hidden(input_ids)[0]
+
     def forward(self, input_ids, targets=None, loss_weights=None) -> ModelOutput:
         """input_ids/targets [B, T] (targets -100 = ignored), loss_weights [B, T] float (see lm_loss).
         Train on out.loss + out.aux_loss."""
