@@ -25,6 +25,15 @@ def glm():
 
 
 @pytest.fixture(scope="module")
+def ours():
+    """A tokenizer trained the way the pipeline trains one (train_sentencepiece), on real general and medical text."""
+    from tokenizer import train_sentencepiece
+    lines = [json.loads(l)["text"] for l in open(SAMPLES / "skywork-zh-web/zh_general.jsonl", encoding="utf-8")]
+    lines += open(SAMPLES / "medicalgpt/pretrain/fever.txt", encoding="utf-8").read().splitlines()
+    return Tokenizer(train_sentencepiece([l for l in lines if l.strip()], vocab_size=4000))
+
+
+@pytest.fixture(scope="module")
 def tiny(glm):
     torch.manual_seed(0)
     return Transformer(make_config("tiny", glm.vocab_size, max_seq_len=512)).eval()
@@ -80,15 +89,18 @@ def test_oracle_scorer_gets_everything_right_and_uniform_scorer_gets_chance():
     assert ev.expected_accuracy(uniform, answers) == pytest.approx(0.25)
 
 
+@pytest.mark.parametrize("which", ["glm", "ours"])
 @pytest.mark.parametrize("chat", [False, True])
-def test_letter_ids_are_the_ones_the_letters_get_in_context(glm, chat):
+def test_letter_ids_are_the_ones_the_letters_get_in_context(request, which, chat):
+    glm = request.getfixturevalue(which)  # the ChatGLM2 model, or one we trained
     q = ev.load_benchmark(CEVAL)["clinical_medicine"][0][0]
-    ctx, cont = ev.letter_candidates(glm, q, [], chat)
+    ctx, cont = ev.letter_candidates(glm, q, ev.load_benchmark(CEVAL)["clinical_medicine"][1][:2], chat)
     for letter in ev.LETTERS:
+        shots = ev.load_benchmark(CEVAL)["clinical_medicine"][1][:2]
         if chat:
-            full = glm.render_chat(ev.chat_messages(q, []) + [{"role": "assistant", "content": letter}]).ids
+            full = glm.render_chat(ev.chat_messages(q, shots) + [{"role": "assistant", "content": letter}]).ids
         else:
-            full = [glm.eos_id] + glm.encode(ev.base_prompt(q, []) + letter)
+            full = [glm.eos_id] + glm.encode(ev.base_prompt(q, shots) + letter)
         assert full[: len(ctx)] == ctx and full[len(ctx): len(ctx) + len(cont[letter])] == cont[letter]
         assert glm.decode(cont[letter]).strip() == letter
     assert len({tuple(c) for c in cont.values()}) == 4
