@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from model import TokenNLL
-from sft import (IGNORE, _from_table, add_train_args, apply_overrides, bucket_batches, check_init_from, fit_seq_len,
+from sft import (IGNORE, add_train_args, bucket_batches, check_init_from, fit_seq_len, load_config,
                  make_train_config, pad_length, train_overrides)
 
 log = logging.getLogger("dpo")
@@ -405,15 +404,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
 
 
 def load_dpo_config(name_or_path: str, config_dir="config/dpo", overrides: list[str] | None = None) -> DPOConfig:
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = Path(config_dir) / f"{name_or_path}.toml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no DPO config {path}")
-    with open(path, "rb") as f:
-        table = tomllib.load(f)
-    table.setdefault("name", path.stem)
-    return _from_table(DPOConfig, apply_overrides(table, overrides), str(path))
+    return load_config(DPOConfig, name_or_path, config_dir, overrides, "name", "DPO")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -425,17 +425,23 @@ def run_stage(cfg: StageConfig) -> dict:
     return summary
 
 
-def load_stage_config(stage_or_path: str, config_dir="config/sft", overrides: list[str] | None = None
-                      ) -> StageConfig:
-    path = Path(stage_or_path)
+def load_config(cls, name_or_path: str, config_dir, overrides, name_key: str, what: str):
+    """A stage/run config: `<config_dir>/<name>.toml` (or a .toml path), `--set` overrides applied, into `cls`;
+    its name defaults to the file's stem. Shared by sft.py and dpo.py."""
+    path = Path(name_or_path)
     if not path.suffix:
-        path = Path(config_dir) / f"{stage_or_path}.toml"
+        path = Path(config_dir) / f"{name_or_path}.toml"
     if not path.is_file():
-        raise FileNotFoundError(f"no SFT stage config {path}")
+        raise FileNotFoundError(f"no {what} config {path}")
     with open(path, "rb") as f:
         table = tomllib.load(f)
-    table.setdefault("stage", path.stem)
-    return _from_table(StageConfig, apply_overrides(table, overrides), str(path))
+    table.setdefault(name_key, path.stem)
+    return _from_table(cls, apply_overrides(table, overrides), str(path))
+
+
+def load_stage_config(stage_or_path: str, config_dir="config/sft", overrides: list[str] | None = None
+                      ) -> StageConfig:
+    return load_config(StageConfig, stage_or_path, config_dir, overrides, "stage", "SFT stage")
 
 
 # ------------------------------------------------------------------------------------------------------- merge

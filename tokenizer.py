@@ -25,7 +25,6 @@ import codecs
 import hashlib
 import io
 import json
-import os
 import re
 import sys
 import time
@@ -36,7 +35,7 @@ from typing import Iterable, Iterator
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from data_process.records import iter_records
+from data_process.records import atomic_write_bytes, file_sha256, iter_records
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer_meta.json"
@@ -190,8 +189,8 @@ class Tokenizer:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob(".tokenizer*.tmp-*"):   # left by a killed run
             stale.unlink(missing_ok=True)
-        _atomic_write(out_dir / MODEL_FILE, self.model_bytes)
-        _atomic_write(out_dir / META_FILE, json.dumps(self.meta_dict(), ensure_ascii=False, indent=2).encode())
+        atomic_write_bytes(out_dir / MODEL_FILE, self.model_bytes)
+        atomic_write_bytes(out_dir / META_FILE, json.dumps(self.meta_dict(), ensure_ascii=False, indent=2).encode())
         return out_dir
 
     def meta_dict(self) -> dict:
@@ -386,13 +385,6 @@ def _alternation(strings) -> re.Pattern:
     return re.compile("(" + "|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)) + ")")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------------------------------- training
@@ -476,12 +468,6 @@ def train_sentencepiece(lines: Iterable[str], vocab_size: int, num_threads: int 
     return buf.getvalue()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def corpus_fingerprint(corpus_dir: Path) -> str:
@@ -496,7 +482,7 @@ def corpus_fingerprint(corpus_dir: Path) -> str:
                 m = {k: v for k, v in m.items() if k not in ("seconds", "elapsed", "created", "time")}
             return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
         except ValueError:
-            return _file_sha256(manifest)
+            return file_sha256(manifest)
     parts = sorted(corpus_dir.glob("part-*.jsonl.zst")) if corpus_dir.is_dir() else []
     listing = "".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in parts)
     return hashlib.sha256(listing.encode()).hexdigest()
@@ -515,7 +501,7 @@ def train_tokenizer(recipe, docs_root, out_dir) -> Path:
         source = source if source.is_absolute() else recipe.root / source
         if not source.is_file():
             raise FileNotFoundError(f"[tokenizer] model = {cfg.model!r}: no such file ({source})")
-        fingerprint = {"source_model": str(source), "source_sha256": _file_sha256(source)}
+        fingerprint = {"source_model": str(source), "source_sha256": file_sha256(source)}
     else:
         corpora = [c.name for c in recipe.corpora if c.role == "pretrain"]
         dirs = [docs_root / name for name in corpora if (docs_root / name).is_dir()]

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_process.records import file_sha256
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -239,12 +241,6 @@ def default_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -272,7 +268,7 @@ def save_checkpoint(ckpt_dir, model, tokenizer, meta: dict, train_state: dict | 
     files = {}
     for p in sorted(tmp.iterdir()):
         if p.is_file():
-            files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256_file(p)}
+            files[p.name] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
             with open(p, "rb+") as f:
                 os.fsync(f.fileno())
     meta = {**meta, "format": CHECKPOINT_FORMAT, "tokenizer_sha256": tokenizer.sha256, "files": files}
@@ -315,10 +311,10 @@ def verify_checkpoint(ckpt_dir) -> dict:
         if size != info["bytes"]:
             raise CheckpointError(f"{ckpt_dir}: {name} is {size} bytes, expected {info['bytes']} "
                                   f"(truncated or overwritten); refusing to load it")
-        if _sha256_file(path) != info["sha256"]:
+        if file_sha256(path) != info["sha256"]:
             raise CheckpointError(f"{ckpt_dir}: {name} does not match its recorded sha256 (corrupted); "
                                   f"refusing to load it")
-    tok_sha = _sha256_file(ckpt_dir / "tokenizer.model")
+    tok_sha = file_sha256(ckpt_dir / "tokenizer.model")
     if tok_sha != meta.get("tokenizer_sha256"):
         raise CheckpointError(f"{ckpt_dir}: the tokenizer copy (sha256 {tok_sha[:12]}) is not the tokenizer the "
                               f"model was trained with ({str(meta.get('tokenizer_sha256'))[:12]})")

@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 import re
 import time
 from dataclasses import asdict
@@ -45,7 +44,7 @@ import numpy as np
 import xxhash
 
 from data_process import minhash
-from data_process.records import iter_records, write_parts
+from data_process.records import atomic_write_bytes, iter_records, write_parts
 
 log = logging.getLogger(__name__)
 
@@ -291,10 +290,6 @@ def _done(out_root: Path, fingerprint: str, corpora) -> dict | None:
         return None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _corpora_in_keep_order(recipe, clean_root: Path) -> tuple[list, dict]:
@@ -487,7 +482,7 @@ def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) ->
         manifest = {"fingerprint": fingerprint, "corpus": c.name, "kind": "dedup",
                     "records": report_corpora[c.name]["kept"], "parts": [p.name for p in paths],
                     "dedup": report_corpora[c.name]}
-        _atomic_write(out_root / c.name / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode())
+        atomic_write_bytes(out_root / c.name / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode())
         offset += count
     lines = []
     for kind, u, v, est in picks:
@@ -498,7 +493,7 @@ def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) ->
         else:
             ex = _example(kind, seen[u], seen[v], est, cfg.ngram)
         lines.append(json.dumps(ex, ensure_ascii=False))
-    _atomic_write(out_root / "examples.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
+    atomic_write_bytes(out_root / "examples.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
 
     seconds = time.time() - t0
     n = len(d["keep"])
@@ -515,7 +510,7 @@ def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) ->
                    "chars": int(chars), "hash_seconds": round(hash_seconds, 2), "seconds": round(seconds, 2),
                    "mchars_per_s": round(chars / max(hash_seconds, 1e-9) / 1e6, 2)},
     }
-    _atomic_write(out_root / "report.json", json.dumps(report, ensure_ascii=False, indent=1).encode())
+    atomic_write_bytes(out_root / "report.json", json.dumps(report, ensure_ascii=False, indent=1).encode())
     print(format_report(report))
     return report
 

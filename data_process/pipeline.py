@@ -38,6 +38,7 @@ from data_process import clean as clean_mod
 from data_process import readers as readers_mod
 from data_process.readers import READERS, Reject
 from data_process.recipe import CleanConfig, CorpusSpec, Recipe, resolve_paths
+from data_process.records import atomic_write_bytes
 
 STEPS = ("read", "dedup", "tokenizer", "tokenize", "stage")
 CHUNK_BYTES = 32 << 20        # byte range per work unit for big line-based files
@@ -116,13 +117,6 @@ def fingerprint(recipe: Recipe, spec: CorpusSpec, files: list[Path], chunk_bytes
 # ---------------------------------------------------------------- one work unit (runs in a worker process)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def reject_entry(src: str, where: dict, reason: str, detail: str) -> dict:
@@ -179,11 +173,11 @@ def run_unit(unit: Unit, reader: str, lang: str, settings: CleanConfig, staging:
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(tmp_out, out_path)
-    _atomic_bytes(rej_path, b"".join(orjson.dumps(r) + b"\n" for r in rejects))
+    atomic_write_bytes(rej_path, b"".join(orjson.dumps(r) + b"\n" for r in rejects))
     result = {"corpus": unit.corpus, "index": unit.index, "src": unit.src, "size": unit.size, "read": counts["read"],
               "kept": counts["kept"], "rejected": dict(counts["rejected"]), "kinds": dict(counts["kinds"]),
               "chars": counts["chars"], "clean": dict(cleaner.stats), "seconds": round(time.time() - t0, 3)}
-    _atomic_bytes(staging / f"{stem}.json", orjson.dumps(result))  # written last: the unit is done
+    atomic_write_bytes(staging / f"{stem}.json", orjson.dumps(result))  # written last: the unit is done
     return result
 
 
@@ -296,7 +290,7 @@ def finalize_corpus(job: CorpusJob, rejects_dir: Path) -> dict:
         "settings": {"clean": dataclasses.asdict(spec.clean), "chunk_bytes": job.chunk_bytes, "code": code_version()},
         "counts": counts,
     }
-    _atomic_bytes(manifest_path(out_dir), json.dumps(manifest, ensure_ascii=False, indent=1).encode())
+    atomic_write_bytes(manifest_path(out_dir), json.dumps(manifest, ensure_ascii=False, indent=1).encode())
     shutil.rmtree(staging, ignore_errors=True)
     return counts
 
@@ -414,7 +408,7 @@ def write_summary(data_dir: Path, section: str, value: dict) -> Path:
             summary = {}
     summary[section] = value
     data_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_bytes(path, json.dumps(summary, ensure_ascii=False, indent=1, default=str).encode())
+    atomic_write_bytes(path, json.dumps(summary, ensure_ascii=False, indent=1, default=str).encode())
     return path
 
 

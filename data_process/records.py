@@ -11,6 +11,7 @@ order (part files sorted, lines in order). The record format is documented in CO
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -25,6 +26,24 @@ ZSTD_LEVEL = 3
 
 def part_name(index: int) -> str:
     return f"part-{index:05d}.jsonl.zst"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a whole small file so that readers see the old file or the new one, never a half-written one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _atomic_part_writer(path: Path):

@@ -215,7 +215,7 @@ def test_checkpoint_with_another_tokenizer_is_refused(ckpt, tok, other_tok, tmp_
     meta = json.loads((ckpt / "meta.json").read_text())
     for name in ("tokenizer.model", "tokenizer_meta.json"):
         meta["files"][name] = {"bytes": (ckpt / name).stat().st_size,
-                               "sha256": train_loop._sha256_file(ckpt / name)}
+                               "sha256": train_loop.file_sha256(ckpt / name)}
     (ckpt / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="not the tokenizer the model was trained with"):
         train_loop.load_checkpoint(ckpt)
