@@ -2,7 +2,7 @@
 
     python bench/run_all.py            # full benchmarks (tens of minutes on a 2-core CPU)
     python bench/run_all.py --quick    # smoke-sized (about a minute each)
-    python bench/run_all.py --only read,dedup
+    python bench/run_all.py --only read,dedup    # reruns these, keeps the other figures in results.json
 
 Each bench/bench_<area>.py has `run(quick) -> dict` of named figures and prints its own details; this script
 collects them (each in its own process, with that process's peak RSS), records the machine they were measured
@@ -121,11 +121,17 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     results = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "machine": machine(), "benches": {}}
+    previous = args.out / "results.json"
+    if only and previous.exists():   # a subset rerun replaces its own figures and keeps the others
+        old = json.loads(previous.read_text())
+        if old.get("quick") == args.quick:
+            results["benches"] = old.get("benches", {})
     for name, title in BENCHES:
         if only and name not in only:
             continue
         print(f"\n=== {title} (bench/bench_{name}.py) ===", flush=True)
         figures = run_one(name, args.quick)
+        figures["_date"] = results["date"]
         results["benches"][name] = figures
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str))

@@ -16,7 +16,9 @@ conversations of the SFT corpora of that stage, rendered with the chat template,
   hash, settings, input files) means the corpus is done.
 - Speed: documents are encoded in batches, in order, by SentencePiece's own C++ threads (`mode="threads"`,
   the GIL is released while it encodes) or by a process pool (`mode="processes"`); the output does not
-  depend on either, nor on the worker count or the batch size. `bench/bench_tokenize.py` measures both.
+  depend on either, nor on the worker count or the batch size. Each text is encoded to UTF-8 once, for
+  its split hash, and SentencePiece gets those bytes and returns int32 arrays: no Python int per token,
+  no second UTF-8 conversion. `bench/bench_tokenize.py` measures both modes against raw SentencePiece.
 - Memory: at most a few batches of text and tokens are held at once, whatever the corpus size.
 
 Later steps check shards against their tokenizer with `check_manifest(corpus_dir, tokenizer_sha256)`.
@@ -27,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -37,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import sentencepiece as spm
 import xxhash
 
 from data_process.records import iter_records, list_parts
@@ -67,7 +71,7 @@ class Settings:
 
 @dataclass
 class Batch:
-    payloads: list                 # texts, or message lists
+    payloads: list                 # UTF-8 texts (bytes), or message lists
     is_val: np.ndarray             # bool per document
     chars: np.ndarray              # int64 per document
     positions: list                # (part index, records to skip in it) after each document
@@ -86,18 +90,20 @@ def _init_worker(tokenizer_dir: str) -> None:
     _worker_tokenizer = Tokenizer.load(tokenizer_dir)
 
 
-def encode_documents(tok, kind: str, payloads: list, dtype: str, num_threads: int):
-    """Token ids of each document followed by eos, concatenated -> (flat tokens, lengths incl. eos)."""
+def encode_documents(tok, kind: str, payloads: list, dtype: str, num_threads: int, thread_pool=None):
+    """Token ids of each document followed by eos, concatenated -> (flat tokens, lengths incl. eos).
+    kind "doc": payloads are UTF-8 texts (bytes); "conv": message lists, rendered with the chat template."""
     if kind == "doc":
-        ids = tok.encode_batch(payloads, num_threads=num_threads)
+        arrays = tok.encode_batch_arrays(payloads, num_threads=num_threads, thread_pool=thread_pool)
     else:
-        ids = [tok.render_chat(messages).ids for messages in payloads]
-    eos = tok.eos_id
-    for x in ids:   # the lists are ours: appending eos in place is cheaper than inserting it in the array
-        x.append(eos)
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    # fromiter over the chained lists is the fastest list -> array path (~40 M ids/s, no temporary list)
-    flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+        arrays = [np.asarray(tok.render_chat(messages).ids, dtype=np.int32) for messages in payloads]
+    if not arrays:
+        return np.empty(0, dtype=dtype), np.empty(0, dtype=np.int64)
+    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays)) + 1
+    # one pass: every document's ids then eos, cast straight to the shard dtype. The cast cannot wrap:
+    # SentencePiece ids are < vocab_size, which check_vocab_fits has checked against the dtype.
+    eos = np.array([tok.eos_id], dtype=np.int32)
+    flat = np.concatenate([x for ids in arrays for x in (ids, eos)], dtype=dtype, casting="unsafe")
     return flat, lengths
 
 
@@ -118,14 +124,22 @@ class Encoder:
             self.depth = 2 * workers
         else:
             # Two Python threads, each handing a batch to SentencePiece's C++ threads (GIL released): while
-            # one turns its ids into an array (GIL held), the other batch keeps the cores encoding.
+            # one turns its ids into an array (GIL held), the other batch keeps the cores encoding. Each
+            # Python thread keeps its own SentencePiece ThreadPool, so no threads are started per batch.
             self.pool = ThreadPoolExecutor(2 if workers > 1 else 1)
             self.depth = 3
+            self._local = threading.local()
+
+    def _encode_here(self, kind, payloads, dtype):
+        sp_pool = getattr(self._local, "sp_pool", None)
+        if sp_pool is None and self.workers > 1:
+            sp_pool = self._local.sp_pool = spm.ThreadPool(self.workers)
+        return encode_documents(self.tok, kind, payloads, dtype, self.workers, sp_pool)
 
     def _submit(self, kind, batch, dtype):
         if isinstance(self.pool, ProcessPoolExecutor):
             return self.pool.submit(_encode_in_worker, kind, batch.payloads, dtype)
-        return self.pool.submit(encode_documents, self.tok, kind, batch.payloads, dtype, self.workers)
+        return self.pool.submit(self._encode_here, kind, batch.payloads, dtype)
 
     def map(self, kind: str, batches, dtype: str):
         pending = deque()
@@ -169,7 +183,9 @@ def val_threshold(sources: list, kind: str, val_fraction: float) -> int:
 
 
 def _document(record: dict, kind: str):
-    """(payload, split key, chars) of a record, or a reject reason string."""
+    """(payload, split key, chars) of a record, or a reject reason string. For a text document the
+    payload is its UTF-8 encoding, which is also its split key: encoded once, hashed, and handed to
+    SentencePiece as bytes (no second conversion)."""
     if kind == "doc":
         if record.get("kind", "doc") != "doc":
             return f"kind {record.get('kind')!r} in a pretrain corpus"
@@ -178,7 +194,11 @@ def _document(record: dict, kind: str):
             return "text missing or not a string"
         if not text:
             return "empty text"
-        return text, text.encode("utf-8", "surrogatepass"), len(text)
+        try:
+            utf8 = text.encode("utf-8")
+        except UnicodeEncodeError:   # a lone surrogate (orjson never loads one; a hand-made dict might)
+            return "text is not valid Unicode"
+        return utf8, utf8, len(text)
     if record.get("kind") != "conv":
         return f"kind {record.get('kind')!r} where a conversation was expected"
     messages = record.get("messages")
@@ -187,7 +207,11 @@ def _document(record: dict, kind: str):
             m.get("role") in (("system", "user", "assistant") if i == 0 else ("user", "assistant"))
             for i, m in enumerate(messages)):
         return "messages missing or malformed"
-    return messages, orjson.dumps(messages), sum(len(m["content"]) for m in messages)
+    try:
+        key = orjson.dumps(messages)
+    except orjson.JSONEncodeError:
+        return "messages are not valid Unicode"
+    return messages, key, sum(len(m["content"]) for m in messages)
 
 
 def iter_batches(sources: list, kind: str, threshold: int, start=(0, 0), batch_chars=BATCH_CHARS):
@@ -202,8 +226,9 @@ def iter_batches(sources: list, kind: str, threshold: int, start=(0, 0), batch_c
             if line_i <= skip:
                 continue
             text = record.get("text") if type(record) is dict else None
-            if kind == "doc" and type(text) is str and text and record.get("kind", "doc") == "doc":
-                payload, key, chars = text, text.encode("utf-8", "surrogatepass"), len(text)   # the common case
+            if kind == "doc" and type(text) is str and text and record.get("kind", "doc") == "doc" and \
+                    (key := _utf8(text)) is not None:   # the common case, inline
+                payload, chars = key, len(text)
             else:
                 doc = _document(record, kind) if isinstance(record, dict) else "record is not an object"
                 if isinstance(doc, str):
@@ -221,6 +246,13 @@ def iter_batches(sources: list, kind: str, threshold: int, start=(0, 0), batch_c
                 batch, size = Batch([], [], [], []), 0
     if batch.payloads or batch.rejects:
         yield _finish_batch(batch)
+
+
+def _utf8(text: str) -> bytes | None:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
 
 
 def _finish_batch(batch: Batch) -> Batch:

@@ -29,3 +29,21 @@ def test_markdown_table_lists_every_figure_and_the_machine():
     md = run_all.to_markdown(results)
     assert "Some CPU" in md and "| corpus read + clean | read_mb_per_s | 52 |" in md and "boom" in md
     assert "_seconds" not in md
+
+
+def test_only_reruns_a_subset_and_keeps_the_other_figures(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_one(name, quick):
+        calls.append(name)
+        return {"figure": len(calls)}
+    monkeypatch.setattr(run_all, "run_one", fake_run_one)
+    assert run_all.main(["--out", str(tmp_path)]) == 0
+    assert calls == [name for name, _ in run_all.BENCHES]
+    assert run_all.main(["--only", "tokenize", "--out", str(tmp_path)]) == 0
+    import json
+    benches = json.loads((tmp_path / "results.json").read_text())["benches"]
+    assert benches["tokenize"]["figure"] == len(run_all.BENCHES) + 1
+    assert benches["read"]["figure"] == 1 and len(benches) == len(run_all.BENCHES)
+    assert run_all.main(["--only", "read", "--quick", "--out", str(tmp_path)]) == 0   # quick never mixes with full
+    assert list(json.loads((tmp_path / "results.json").read_text())["benches"]) == ["read"]

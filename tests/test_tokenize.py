@@ -327,3 +327,18 @@ def test_small_corpus_always_gets_one_val_document(tmp_path):
     assert len(read_split(tmp_path / "out" / "med", "train")) == 11
     web = tokenize.check_manifest(tmp_path / "out" / "web")   # a single document stays in train
     assert web["splits"]["val"]["documents"] == 0 and web["splits"]["train"]["documents"] == 1
+
+
+def test_text_that_is_not_valid_unicode_is_a_counted_reject(monkeypatch):
+    # orjson never loads a lone surrogate, but a record handed over by other code might hold one: it is
+    # rejected with its reason instead of crashing the encoder.
+    records = [{"id": "a", "kind": "doc", "text": "好"}, {"id": "b", "kind": "doc", "text": "坏\ud800"},
+               {"id": "c", "kind": "conv", "messages": [{"role": "user", "content": "\udfff"}]}]
+    monkeypatch.setattr(tokenize, "iter_records", lambda part: iter(records))
+    (batch,) = tokenize.iter_batches(["part"], "doc", threshold=0)
+    assert batch.payloads == ["好".encode()] and batch.chars.tolist() == [1]
+    assert [(pos, reason, rid) for pos, reason, rid in batch.rejects] == [
+        ((0, 2), "text is not valid Unicode", "b"), ((0, 3), "kind 'conv' in a pretrain corpus", "c")]
+    (batch,) = tokenize.iter_batches(["part"], "conv", threshold=0)
+    assert [reason for _, reason, _ in batch.rejects] == ["kind 'doc' where a conversation was expected"] * 2 + [
+        "messages are not valid Unicode"]
