@@ -11,54 +11,19 @@ tokens go through tokenizer.StreamDecoder, which keeps the bytes of a split Chin
 Prompts and notices go to stderr, so stdout holds only the model's text.
 Commands: /reset (forget the conversation), /quit (or end of input).
 
-`load_model` (checkpoint + optional LoRA, verified by train_loop.load_checkpoint) is shared by serve.py and export.py.
+Loading a checkpoint (and a LoRA adapter) is `inference.load_model`, shared with serve.py and export.py.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from inference import device_error, load_model, seeded_generator
 from tokenizer import StreamDecoder
-
-
-def load_model(ckpt_dir, lora_dir=None, dtype: str = "fp32", device: str = "cpu"):
-    """-> (model in eval mode, tokenizer, meta) of a checkpoint directory, a LoRA adapter merged in if given."""
-    from train_loop import load_checkpoint
-    model, tokenizer, meta = load_checkpoint(ckpt_dir)   # verifies sizes and hashes of every file first
-    if lora_dir is not None:
-        from lora import load_adapter, merge_lora
-        merge_lora(load_adapter(model, lora_dir))   # merged: generation runs at the base model's speed
-    model.eval().to(device)
-    if dtype == "bf16":
-        model.to(torch.bfloat16)
-    return model, tokenizer, meta
-
-
-def seeded_generator(model, seed: int | None) -> torch.Generator:
-    """A generator on the model's device (sampling there needs one there); an OS seed when none is given."""
-    device = model.lm_head.weight.device
-    return torch.Generator(device=device).manual_seed(seed if seed is not None else random_seed())
-
-
-def device_error(device: str) -> str | None:
-    """Why `device` cannot be used here, or None (a clear message instead of torch's assertion)."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as e:
-        return str(e)
-    if kind == "cuda" and not torch.cuda.is_available():
-        return f"--device {device}: no CUDA GPU is available on this machine"
-    return None
-
-
-def random_seed() -> int:
-    """A fresh seed from the OS (torch.seed() would also reseed torch's global generator as a side effect)."""
-    return int.from_bytes(os.urandom(8), "little") >> 1
 
 
 @dataclass

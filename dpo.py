@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from model import TokenNLL
-from sft import (IGNORE, add_train_args, bucket_batches, check_init_from, fit_seq_len, load_config,
-                 make_train_config, pad_length, train_overrides)
+from finetune import (IGNORE, add_train_args, bucket_batches, check_init_from, fit_seq_len, load_config,
+                      make_train_config, pad_length, train_overrides)
 
 log = logging.getLogger("dpo")
 CACHE_VERSION = "dpo-ref-v1"

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from chat import load_model
+from inference import load_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _CONFIG_NOISE = {"id2label", "label2id", "output_hidden_states", "output_attentions", "return_dict",

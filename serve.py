@@ -35,7 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chat import device_error, load_model, seeded_generator
+from inference import device_error, load_model, seeded_generator
 from tokenizer import StreamDecoder
 
 WEB_DIR = Path(__file__).resolve().parent / "web"

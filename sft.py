@@ -23,8 +23,7 @@ import logging
 import math
 import os
 import sys
-import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +31,11 @@ import pandas as pd
 import torch
 
 from data_process.stage import SFT_COLUMNS, row_messages
+from finetune import (IGNORE, add_train_args, bucket_batches, check_init_from, fit_seq_len, load_config,
+                      make_train_config, pad_length, train_overrides)
 
 log = logging.getLogger("sft")
 
-IGNORE = -100   # target id that the loss skips (torch cross_entropy's ignore_index)
 
 
 # ------------------------------------------------------------------------------------------------ data: CSV rows
@@ -154,30 +154,6 @@ def load_sft_set(tokenizer, csv_path, max_tokens: int, tag_weight: float = 1.0, 
 
 # ---------------------------------------------------------------------------------------------- data: batching
 
-def bucket_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket_batches: int = 64
-                   ) -> list[np.ndarray]:
-    """One epoch's batches of example indices: shuffle, cut into chunks of `bucket_batches` batches, sort each
-    chunk by length, cut into batches, shuffle the batch order. Neighbours in a sorted chunk have similar
-    lengths, so padding stays small, while each epoch still mixes examples differently (as in fairseq/ESPnet
-    bucketing). The remainder (< batch_size examples) waits for the next epoch's permutation."""
-    n = len(lengths)
-    perm = rng.permutation(n)
-    if n >= batch_size:
-        perm = perm[: n - n % batch_size]
-    chunk = batch_size * bucket_batches
-    batches = []
-    for start in range(0, len(perm), chunk):
-        part = perm[start:start + chunk]
-        part = part[np.argsort(lengths[part], kind="stable")]
-        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
-    order = rng.permutation(len(batches))
-    return [batches[i] for i in order]
-
-
-def pad_length(longest: int, multiple: int) -> int:
-    return -(-longest // multiple) * multiple
-
-
 class SFTBatches:
     """The `batches` object for train_loop.train: next_batch(step, micro_step) -> {input_ids, targets,
     loss_weights}, a pure function of (seed, step, micro_step, rank), so resume needs no loader state.
@@ -266,76 +242,7 @@ class StageConfig:
         self.out_dir = self.out_dir or f"out/sft/{self.stage}"
 
 
-def _from_table(cls, table: dict, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
-    return cls(**table)
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    """`key=value` with a TOML value (`lr=3e-4`, `dtype="fp32"`, `dtype=fp32`: bare words are strings)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"--set expects key=value, got {text!r}")
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value
-    return key.strip(), parsed
-
-
-def apply_overrides(table: dict, overrides: list[str]) -> dict:
-    """Apply `--set` overrides: `key=value` sets a top-level key, `train.key=value` / `lora.key=value` a table key."""
-    table = json.loads(json.dumps(table))   # deep copy
-    for text in overrides or []:
-        key, value = parse_override(text)
-        section, _, name = key.rpartition(".")
-        target = table.setdefault(section, {}) if section else table
-        if not isinstance(target, dict):
-            raise ValueError(f"--set {key}: {section} is not a table")
-        target[name] = value
-    return table
-
-
-def schedule(total_steps: int, warmup_fraction: float, decay_fraction: float) -> dict:
-    warmup = int(round(total_steps * warmup_fraction))
-    decay = int(round(total_steps * decay_fraction))
-    return {"warmup_steps": warmup, "decay_steps": decay, "stable_steps": max(0, total_steps - warmup - decay)}
-
-
-def make_train_config(train: dict, out_dir: str, total_steps: int, warmup_fraction: float, decay_fraction: float,
-                      extra: dict):
-    """TrainConfig from a [train] table; total/warmup/stable/decay steps filled in unless the table sets them."""
-    from train_loop import TrainConfig
-    table = {**schedule(total_steps, warmup_fraction, decay_fraction), **train}
-    table.setdefault("total_steps", total_steps)
-    table["out_dir"] = out_dir
-    table["extra"] = {**table.get("extra", {}), **extra}
-    return _from_table(TrainConfig, table, "[train]")
-
-
 # ------------------------------------------------------------------------------------------------- running a stage
-
-def fit_seq_len(train_table: dict, model) -> int:
-    """The stage's seq_len, or the model's context if that is shorter (a small model in a quick run):
-    longer examples are then dropped and counted, never cut."""
-    context = model.config.max_seq_len
-    seq_len = int(train_table.get("seq_len", context))
-    if seq_len > context:
-        print(f"seq_len {seq_len} is longer than the model's context {context}; using {context}")
-        seq_len = context
-    train_table["seq_len"] = seq_len
-    return seq_len
-
-
-def check_init_from(path, hint: str) -> Path:
-    path = Path(path)
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"starting checkpoint {path} not found ({hint})")
-    return path
-
 
 def make_val_fn(data: TokenizedSet | None, pad_id: int, name: str, batch_size: int, max_examples: int):
     """val_fn(model) -> {"<name>/loss": weighted assistant-token loss over the (first max_examples) val set}."""
@@ -425,20 +332,6 @@ def run_stage(cfg: StageConfig) -> dict:
     return summary
 
 
-def load_config(cls, name_or_path: str, config_dir, overrides, name_key: str, what: str):
-    """A stage/run config: `<config_dir>/<name>.toml` (or a .toml path), `--set` overrides applied, into `cls`;
-    its name defaults to the file's stem. Shared by sft.py and dpo.py."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = Path(config_dir) / f"{name_or_path}.toml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no {what} config {path}")
-    with open(path, "rb") as f:
-        table = tomllib.load(f)
-    table.setdefault(name_key, path.stem)
-    return _from_table(cls, apply_overrides(table, overrides), str(path))
-
-
 def load_stage_config(stage_or_path: str, config_dir="config/sft", overrides: list[str] | None = None
                       ) -> StageConfig:
     return load_config(StageConfig, stage_or_path, config_dir, overrides, "stage", "SFT stage")
@@ -459,37 +352,6 @@ def merge_adapter(base_dir, adapter_dir, out_dir) -> Path:
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
-
-TRAIN_FLAGS = [("--batch-size", int, "batch_size", "sequences (SFT) or pairs (DPO) per micro-batch per rank"),
-               ("--grad-accum", int, "grad_accum", "micro-batches per optimizer step"),
-               ("--seq-len", int, "seq_len", "longest example in tokens (longer ones are dropped, counted)"),
-               ("--lr", float, "lr", "peak learning rate"), ("--min-lr", float, "min_lr", None),
-               ("--dtype", str, "dtype", "bf16, fp16 or fp32"), ("--device", str, "device", "auto, cpu or cuda"),
-               ("--eval-interval", int, "eval_interval", None), ("--save-interval", int, "save_interval", None),
-               ("--seed", int, "seed", None)]
-
-
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    """Shortcuts for the common [train] keys (shared with dpo.py); anything else: --set train.key=value."""
-    g = p.add_argument_group("training (shortcuts for --set train.<key>=...)")
-    g.add_argument("--steps", type=int, help="total optimizer steps (default: from epochs)")
-    for flag, kind, _, help_text in TRAIN_FLAGS:
-        g.add_argument(flag, type=kind, help=help_text)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-
-
-def train_overrides(args) -> list[str]:
-    out = [f"train.{key}={json.dumps(getattr(args, flag[2:].replace('-', '_')))}"
-           for flag, _, key, _ in TRAIN_FLAGS if getattr(args, flag[2:].replace("-", "_")) is not None]
-    if args.steps is not None:
-        out.append(f"train.total_steps={args.steps}")
-    if args.compile:
-        out.append("train.compile=true")
-    if args.no_progress:
-        out.append("train.progress=false")
-    return out
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(

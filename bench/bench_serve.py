@@ -92,7 +92,7 @@ def theirs(hf_model, prompt, n) -> tuple[float, list[int]]:
 
 
 def bench_decode(preset: str, tok, work: Path, n_new: int, rounds: int) -> dict:
-    from chat import load_model
+    from inference import load_model
     from export import export
     from transformers import AutoModelForCausalLM
     ckpt = make_checkpoint(work / f"ckpt-{preset}", preset, tok)

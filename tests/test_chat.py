@@ -68,7 +68,7 @@ def run_chat(args, stdin: str = "", timeout=120) -> subprocess.CompletedProcess:
 
 
 def test_interactive_chat_keeps_history_and_resets_through_stdin(chat_ckpt):
-    from chat import load_model
+    from inference import load_model
     turns = ["你好，医生。", "我头疼三天了，还有点发烧，怎么办？", "/reset", "太长" * 400, "高血压患者饮食要注意什么？"]
     run = run_chat([chat_ckpt, *CLI_SAMPLING], "\n".join(turns) + "\n/quit\nnever read\n")
     assert run.returncode == 0, run.stderr.decode()
@@ -90,7 +90,8 @@ def test_interactive_chat_keeps_history_and_resets_through_stdin(chat_ckpt):
 
 
 def test_base_checkpoint_continues_text_without_history(tmp_path):
-    from chat import Sampling, Session, load_model
+    from chat import Sampling, Session
+    from inference import load_model
     ckpt = make_checkpoint(tmp_path / "base", chat=False, seed=4, tie_embeddings=False)
     model, tok, meta = load_model(ckpt)
     assert meta["chat"] is False
@@ -105,7 +106,7 @@ def test_base_checkpoint_continues_text_without_history(tmp_path):
 
 @pytest.mark.slow   # imports peft (+ transformers) in the subprocess
 def test_one_shot_prompt_with_lora_adapter_answers_as_the_adapted_model(chat_ckpt, tmp_path):
-    from chat import load_model
+    from inference import load_model
     from lora import LoraSettings, add_lora, load_adapter, save_adapter
     model, tok, _ = load_model(chat_ckpt)
     settings = LoraSettings(rank=4, alpha=8, targets=["q", "v", "up"])

@@ -11,7 +11,7 @@ from test_chat import make_checkpoint, one_torch_thread  # noqa: F401 (autouse f
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chat import load_model  # noqa: E402
+from inference import load_model  # noqa: E402
 from export import export, main as export_main  # noqa: E402
 
 

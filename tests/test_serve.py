@@ -68,7 +68,7 @@ def server(ckpt):
 @pytest.fixture(scope="module")
 def reference(ckpt):
     """The same checkpoint loaded here: what the server must answer, computed with model.generate."""
-    from chat import load_model
+    from inference import load_model
     from tokenizer import StreamDecoder
     model, tok, _ = load_model(ckpt)
 
@@ -448,7 +448,7 @@ def test_stop_matcher_holds_back_a_possible_stop_prefix_across_pieces():
 
 
 def test_full_queue_is_a_429_not_a_hang(ckpt):
-    from chat import load_model
+    from inference import load_model
     from serve import ApiError, Engine, Job, Sampling
     model, tok, _ = load_model(ckpt)
     engine = Engine(model, tok, max_active=1, max_queue=1)

@@ -1,0 +1,44 @@
+"""Loading a trained checkpoint for generation, shared by chat.py, serve.py, export.py and the benchmarks:
+the checkpoint verified and loaded (train_loop.load_checkpoint), a LoRA adapter merged in, the device checked,
+and a seeded generator for sampling.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def load_model(ckpt_dir, lora_dir=None, dtype: str = "fp32", device: str = "cpu"):
+    """-> (model in eval mode, tokenizer, meta) of a checkpoint directory, a LoRA adapter merged in if given."""
+    from train_loop import load_checkpoint
+    model, tokenizer, meta = load_checkpoint(ckpt_dir)   # verifies sizes and hashes of every file first
+    if lora_dir is not None:
+        from lora import load_adapter, merge_lora
+        merge_lora(load_adapter(model, lora_dir))   # merged: generation runs at the base model's speed
+    model.eval().to(device)
+    if dtype == "bf16":
+        model.to(torch.bfloat16)
+    return model, tokenizer, meta
+
+
+def seeded_generator(model, seed: int | None) -> torch.Generator:
+    """A generator on the model's device (sampling there needs one there); an OS seed when none is given."""
+    device = model.lm_head.weight.device
+    return torch.Generator(device=device).manual_seed(seed if seed is not None else random_seed())
+
+
+def device_error(device: str) -> str | None:
+    """Why `device` cannot be used here, or None (a clear message instead of torch's assertion)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        return str(e)
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: no CUDA GPU is available on this machine"
+    return None
+
+
+def random_seed() -> int:
+    """A fresh seed from the OS (torch.seed() would also reseed torch's global generator as a side effect)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
