@@ -157,7 +157,7 @@ def run(quick: bool = False) -> dict:
         rows.append(row)
 
     base = rows[0]
-    print(f"\nChinese characters per token on held-out text (ratio to ChatGLM2), bytes per token; embedding share")
+    print("\nChinese characters per token on held-out text (ratio to ChatGLM2), bytes per token; embedding share")
     print(f"{'tokenizer':<12}{'vocab':>7}" + "".join(f" | {s:>26}" for s in SPLITS) + " | emb share 26m / 100m")
     for row in rows:
         cells = []

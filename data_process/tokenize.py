@@ -34,7 +34,6 @@ import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from itertools import chain
 from multiprocessing import get_context
 from pathlib import Path
 

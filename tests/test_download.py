@@ -1,5 +1,4 @@
 """The download helper: offline behaviour only (CI has no network)."""
-from pathlib import Path
 
 from data_process import download
 

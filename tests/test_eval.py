@@ -5,7 +5,6 @@ import socket
 import threading
 import time
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Every reader on the embedded samples, on the real upstream samples, and on malformed input."""
 import gzip
-import io
 import json
 from collections import Counter
 from pathlib import Path

@@ -2,7 +2,6 @@
 HTTP: chat and completions (streaming and not), sampling fields, every bad-request case, 8 concurrent streams,
 a client disconnect, the API key. Replies are checked against model.generate run here on the same checkpoint."""
 import asyncio
-import json
 import os
 import socket
 import subprocess
