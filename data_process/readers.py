@@ -24,6 +24,8 @@ import ijson
 import orjson
 import zstandard
 
+from data_process.records import ZstdReader
+
 try:  # the C backend is ~10x faster than pure Python; fall back where the wheel lacks it
     IJSON = ijson.get_backend("yajl2_c")
 except ImportError:  # pragma: no cover
@@ -50,60 +52,13 @@ class BadRecord(Exception):
 # ---------------------------------------------------------------- opening files
 
 
-class _ZstdRaw(io.RawIOBase):
-    """zstd decompression that notices truncation (zstandard's stream_reader returns short data silently)."""
-
-    def __init__(self, f):
-        self._f = f
-        self._dctx = zstandard.ZstdDecompressor()
-        self._d = self._dctx.decompressobj()
-        self._buf = b""
-        self._in_frame = False
-
-    def readable(self):
-        return True
-
-    def readinto(self, b):
-        while not self._buf:
-            chunk = self._f.read(READ_BLOCK)
-            if not chunk:
-                if self._in_frame:
-                    raise EOFError("zstd stream ended before the end of its frame (truncated file)")
-                return 0
-            self._buf = self._decompress(chunk)
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-    def _decompress(self, chunk: bytes) -> bytes:
-        out = []
-        while chunk:
-            self._in_frame = True
-            out.append(self._d.decompress(chunk))
-            if self._d.eof:  # a frame ended; concatenated frames continue in unused_data
-                self._in_frame = False
-                chunk = self._d.unused_data
-                self._d = self._dctx.decompressobj()
-            else:
-                chunk = b""
-        return b"".join(out)
-
-    def tell(self):  # compressed offset, for reject locations
-        return self._f.tell()
-
-    def close(self):
-        self._f.close()
-        super().close()
-
-
 def open_binary(path: Path):
     """A buffered binary stream of the file's decompressed bytes (by extension: .gz, .zst, else raw)."""
     name = path.name
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst") or name.endswith(".zstd"):
-        return io.BufferedReader(_ZstdRaw(open(path, "rb")), READ_BLOCK)
+        return io.BufferedReader(ZstdReader(open(path, "rb")), READ_BLOCK)
     return open(path, "rb", buffering=READ_BLOCK)
 
 

@@ -49,7 +49,8 @@ def file_sha256(path: Path) -> str:
 def _atomic_part_writer(path: Path):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     raw = open(tmp, "wb")
-    return tmp, raw, zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(raw, closefd=False)
+    # the frame checksum (xxh64 of the content) makes a flipped bit a read error, not a changed record
+    return tmp, raw, zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).stream_writer(raw, closefd=False)
 
 
 def _finish(tmp: Path, raw, writer, path: Path) -> None:
@@ -110,14 +111,77 @@ def list_parts(dir_or_files) -> list[Path]:
     return [Path(f) for f in dir_or_files]
 
 
+class ZstdReader(io.RawIOBase):
+    """A zstd file as a raw stream (wrap it in io.BufferedReader) that raises EOFError when the file ends inside a
+    frame: zstandard's stream_reader returns the short data silently, which would turn a truncated part into
+    fewer records without a word. Concatenated frames are read one after another."""
+
+    def __init__(self, f):
+        self._f = f
+        self._dctx = zstandard.ZstdDecompressor()
+        self._d = self._dctx.decompressobj()
+        self._buf, self._pos = b"", 0
+        self._in_frame = False
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        while self._pos >= len(self._buf):
+            chunk = self._f.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("zstd stream ended before the end of its frame (truncated file)")
+                return 0
+            self._buf, self._pos = self._decompress(chunk), 0
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = memoryview(self._buf)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            self._in_frame = True
+            out.append(self._d.decompress(chunk))
+            if self._d.eof:  # a frame ended; concatenated frames continue in unused_data
+                self._in_frame = False
+                chunk = self._d.unused_data
+                self._d = self._dctx.decompressobj()
+            else:
+                chunk = b""
+        return b"".join(out)
+
+    def tell(self):  # compressed offset, for reject locations
+        return self._f.tell()
+
+    def close(self):
+        self._f.close()
+        super().close()
+
+
+
+class RecordsError(ValueError):
+    """A part file that is truncated, corrupt or holds a line that is not JSON."""
+
+
 def iter_records(dir_or_files) -> Iterator[dict]:
-    """Yield records from a part directory (parts sorted) or an explicit list of part files (in order)."""
+    """Yield records from a part directory (parts sorted) or an explicit list of part files (in order). A part
+    that is truncated or corrupt, or a line that is not JSON, raises RecordsError naming the file and line:
+    parts are written atomically, so that is damage to re-run the step for, never records to skip."""
     for path in list_parts(dir_or_files):
-        with open(path, "rb") as raw:
-            reader = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20)
-            for line in reader:
-                if line.strip():
-                    yield orjson.loads(line)
+        line_no = 0
+        try:
+            with io.BufferedReader(ZstdReader(open(path, "rb")), 1 << 20) as reader:
+                for line_no, line in enumerate(reader, 1):
+                    if line.strip():
+                        yield orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            raise RecordsError(f"{path}, line {line_no}: not a JSON record ({e}); the file is damaged: "
+                               f"re-run the step that wrote it") from None
+        except (EOFError, zstandard.ZstdError) as e:
+            raise RecordsError(f"{path}: unreadable zstd ({e}) after line {line_no}; the file is damaged: "
+                               f"re-run the step that wrote it") from None
 
 
 def count_records(dir_or_files) -> int:
