@@ -10,8 +10,9 @@ body `{"error": {"message", "type", "param", "code"}}`; a bad request is a 4xx, 
 
 One background thread owns the model (the `Engine`): up to `--max-active` generations advance together, one
 token each per batched forward (each in its own KV-cache slot, sampling with its own settings and seed, so a
-reply is the one it would get alone); further requests wait in a bounded queue. A client that goes away (a stream closed, a request cancelled) stops its generation at the next
-token. Extensions beyond OpenAI's fields, as vLLM names them: `top_k`, `repetition_penalty`, `ignore_eos`.
+reply is the one it would get alone); further requests wait in a bounded queue. A client that goes away (a
+stream closed, a request cancelled) stops its generation at the next token. Extensions beyond OpenAI's fields,
+as vLLM names them: `top_k`, `repetition_penalty`, `ignore_eos`.
 """
 from __future__ import annotations
 
@@ -587,7 +588,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-name", default=None, help="model id clients must send (default: last two path parts)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights dtype for inference")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--max-active", type=int, default=8, help="generations decoded together, one batched forward per token")
+    p.add_argument("--max-active", type=int, default=8,
+                   help="generations decoded together, one batched forward per token")
     p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get a 429")
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens when a request gives none")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
