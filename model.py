@@ -7,8 +7,9 @@ embeddings. Parameter names are Hugging Face LlamaForCausalLM's (MoE layers: Mix
 re-stacking is needed), so export is a copy of the state dict. An optional shared expert is
 `block_sparse_moe.shared_expert.{gate,up,down}_proj` (Qwen2-MoE's name; Mixtral has none).
 
-Used by pretrain/sft/dpo (forward -> ModelOutput(logits, loss, aux_loss)), chat/serve (generate streams
-token ids through a preallocated KV cache) and export (save_pretrained: model.safetensors + config.json).
+Used by pretrain/sft/dpo (forward -> ModelOutput(logits, loss, aux_loss)), chat (generate streams
+token ids through a preallocated KV cache), serve (decode_step: concurrent requests in one batched forward,
+one SlotCache slot each) and export (save_pretrained: model.safetensors + config.json).
 """
 from __future__ import annotations
 
