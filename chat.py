@@ -17,23 +17,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from inference import device_error, load_model, seeded_generator
+from inference import Sampling, device_error, load_model
 from tokenizer import StreamDecoder
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 512
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-    seed: int | None = None
 
 
 def chat_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tuple[list[int], list[dict]]:
@@ -58,12 +47,9 @@ def base_prompt(tokenizer, text: str, max_prompt_tokens: int) -> list[int]:
 
 def stream_reply(model, tokenizer, prompt_ids: list[int], sampling: Sampling, out) -> str:
     """Generate, writing each complete character to `out` as soon as it exists; -> the whole reply."""
-    generator = seeded_generator(model, sampling.seed)
     decoder = StreamDecoder(tokenizer)
     parts = []
-    ids = model.generate(prompt_ids, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                         top_k=sampling.top_k, top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty,
-                         stop_ids=tokenizer.stop_ids(), generator=generator)
+    ids = sampling.generate(model, prompt_ids, tokenizer.stop_ids())
     try:
         for token in ids:
             text = decoder.push(token)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inference import Sampling
+
 LETTERS = "ABCD"
 LN2 = math.log(2)
 
@@ -323,16 +325,6 @@ CHAT_PROMPTS = ["高血压患者日常生活中要注意什么？", "孩子发�
                 "请简单介绍一下长城。", "失眠有哪些改善方法？"]
 
 
-@dataclass
-class Sampling:
-    max_new_tokens: int = 96
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.1
-    seed: int = 1234
-
-
 def run_generation(model, tokenizer, chat: bool, sampling: Sampling, prompts=None) -> list:
     prompts = prompts or (CHAT_PROMPTS if chat else BASE_PROMPTS)
     samples = []
@@ -342,10 +334,7 @@ def run_generation(model, tokenizer, chat: bool, sampling: Sampling, prompts=Non
         else:
             ids = [tokenizer.eos_id] + tokenizer.encode(prompt)  # as in pretraining: a document follows eos
         gen = torch.Generator().manual_seed(sampling.seed + i)  # each prompt its own seed: order-independent
-        out = list(model.generate(ids, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                                  top_k=sampling.top_k, top_p=sampling.top_p,
-                                  repetition_penalty=sampling.repetition_penalty,
-                                  stop_ids=tokenizer.stop_ids(), generator=gen))
+        out = list(sampling.generate(model, ids, tokenizer.stop_ids(), generator=gen))
         samples.append({"prompt": prompt, "output": tokenizer.decode(out), "tokens": len(out)})
     return samples
 

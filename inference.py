@@ -1,10 +1,11 @@
-"""Loading a trained checkpoint for generation, shared by chat.py, serve.py, export.py and the benchmarks:
-the checkpoint verified and loaded (train_loop.load_checkpoint), a LoRA adapter merged in, the device checked,
-and a seeded generator for sampling.
+"""Loading a trained checkpoint for generation, shared by chat.py, serve.py, export.py, eval.py and the
+benchmarks: the checkpoint verified and loaded (train_loop.load_checkpoint), a LoRA adapter merged in, the
+device checked, a seeded generator, and the sampling settings chat.py and eval.py generate with.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -42,3 +43,21 @@ def device_error(device: str) -> str | None:
 def random_seed() -> int:
     """A fresh seed from the OS (torch.seed() would also reseed torch's global generator as a side effect)."""
     return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+@dataclass
+class Sampling:
+    """How chat.py and eval.py sample a reply (serve.py's requests carry the same fields, plus its own)."""
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    seed: int | None = None
+
+    def generate(self, model, prompt_ids: list[int], stop_ids, generator: torch.Generator | None = None):
+        """model.generate with these settings: a stream of token ids (a generator seeded from `seed` unless
+        one is given)."""
+        return model.generate(prompt_ids, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                              top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                              stop_ids=stop_ids, generator=generator or seeded_generator(model, self.seed))
