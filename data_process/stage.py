@@ -224,6 +224,14 @@ def _chunks(items, size: int = RENDER_CHUNK):
         yield chunk
 
 
+def _reject(counts: dict, rejects, rid: str, corpus: str, reason: str, n_tokens: int, max_tokens: int,
+            what) -> None:
+    """Count a rejected record by reason and log it with its detail (the token count, or the record itself)."""
+    counts["rejected"][reason] += 1
+    rejects.add({"id": rid, "source": corpus, "reason": reason,
+                 "detail": f"{n_tokens} tokens > {max_tokens}" if reason == "too_long" else str(what)[:200]})
+
+
 def stage_sft(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path, stage: str,
               max_tokens: int, val_fraction: float) -> dict:
     """Write out_dir/<stage>.csv and <stage>.val.csv from the conversations of `corpora`; returns counts."""
@@ -252,10 +260,7 @@ def stage_sft(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path
         if reason is None and n_tokens > max_tokens:
             reason = "too_long"
         if reason is not None:
-            counts["rejected"][reason] += 1
-            rejects.add({"id": rid, "source": corpus, "reason": reason,
-                         "detail": f"{n_tokens} tokens > {max_tokens}" if reason == "too_long"
-                         else str(messages)[:200]})
+            _reject(counts, rejects, rid, corpus, reason, n_tokens, max_tokens, messages)
             return
         has_system = messages[0]["role"] == "system"
         row = {"id": rid, "source": corpus, "system": messages[0]["content"] if has_system else "",
@@ -300,10 +305,7 @@ def stage_dpo(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path
                 if n_tokens > max_tokens:
                     reason = "too_long"
             if reason is not None:
-                counts["rejected"][reason] += 1
-                rejects.add({"id": rid, "source": corpus, "reason": reason,
-                             "detail": f"{n_tokens} tokens > {max_tokens}" if reason == "too_long"
-                             else str(record)[:200]})
+                _reject(counts, rejects, rid, corpus, reason, n_tokens, max_tokens, record)
                 continue
             split = "val" if is_val(rid, val_fraction) else "train"
             (val if split == "val" else train).add(

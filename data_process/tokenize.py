@@ -193,9 +193,8 @@ def _document(record: dict, kind: str):
             return "text missing or not a string"
         if not text:
             return "empty text"
-        try:
-            utf8 = text.encode("utf-8")
-        except UnicodeEncodeError:   # a lone surrogate (orjson never loads one; a hand-made dict might)
+        utf8 = _utf8(text)
+        if utf8 is None:   # a lone surrogate (orjson never loads one; a hand-made dict might)
             return "text is not valid Unicode"
         return utf8, utf8, len(text)
     if record.get("kind") != "conv":

@@ -15,3 +15,11 @@ if str(ROOT) not in sys.path:
 def samples() -> Path:
     assert SAMPLES.is_dir(), f"real corpus samples not found at {SAMPLES} (set CORPORA_SAMPLES)"
     return SAMPLES
+
+
+def edit(text: str, rate: float, rng) -> str:
+    """Substitute a `rate` fraction of characters by other characters of the same text (a near-duplicate)."""
+    chars = list(text)
+    for i in rng.sample(range(len(chars)), int(len(chars) * rate)):
+        chars[i] = rng.choice(text)
+    return "".join(chars)

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from conftest import SAMPLES
+from conftest import SAMPLES, edit
 from data_process import dedup, minhash
 from data_process.recipe import parse_recipe
 from data_process.records import iter_records, write_parts
@@ -34,12 +34,6 @@ def firefly(k):
     with open(SAMPLES / "firefly" / "dummy_pretrain.jsonl", encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f][:k]
 
-
-def edit(text: str, rate: float, rng: random.Random) -> str:
-    chars = list(text)
-    for i in rng.sample(range(len(chars)), int(len(chars) * rate)):
-        chars[i] = rng.choice(text)
-    return "".join(chars)
 
 
 def docs(corpus, texts, start=0):

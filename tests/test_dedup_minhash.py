@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-from conftest import SAMPLES
+from conftest import SAMPLES, edit
 from data_process import minhash
 
 
@@ -14,13 +14,6 @@ def real_texts(k=40):
     with open(SAMPLES / "skywork-zh-web" / "zh_general.jsonl", encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f][:k]
 
-
-def edit(text: str, rate: float, rng: random.Random) -> str:
-    """Substitute a `rate` fraction of characters by other characters of the same text."""
-    chars = list(text)
-    for i in rng.sample(range(len(chars)), int(len(chars) * rate)):
-        chars[i] = rng.choice(text)
-    return "".join(chars)
 
 
 def test_signatures_are_bit_identical_to_datasketch_minhash_with_the_same_shingle_hash():
