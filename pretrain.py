@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import train_loop
 from data_process.shards import IndexedDataset
-from data_process.tokenize import check_manifest
+from data_process.tokenize_docs import check_manifest
 
 SCHEDULE_FILE = "schedule.toml"
 

@@ -1,11 +1,11 @@
 """The tokenizer: a SentencePiece model, its special tokens, and the ONE chat template of the project.
+(Training a model is the pipeline's tokenizer step: data_process/train_tokenizer.py.)
 
 Everything that turns text into ids goes through `Tokenizer`: the tokenize step (pretraining shards),
 SFT/DPO staging and training, eval, chat, serve and export. It owns:
 
 - loading a trained or an existing SentencePiece model (`Tokenizer.load(dir_or_model)`), adding the special
   pieces the chat template needs if the model lacks them (edits the ModelProto, see `prepare_model`);
-- training one from a bounded, streamed sample of cleaned pretraining text (`train_tokenizer`);
 - the chat template (`render_chat` -> ids + loss weights, `render_text` / `CHAT_TEMPLATE_JINJA` for export);
 - `StreamDecoder`, which turns a stream of ids into text without ever splitting a UTF-8 character.
 
@@ -23,20 +23,17 @@ from __future__ import annotations
 import argparse
 import codecs
 import hashlib
-import io
 import json
 import re
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from data_process.records import atomic_write_bytes, file_sha256, iter_records
+from fileio import atomic_write_bytes
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer_meta.json"
@@ -397,181 +394,18 @@ def _alternation(strings) -> re.Pattern:
 
 
 
-# -------------------------------------------------------------------------------------------------------- training
-
-# Default vocabulary size: 12,288 (a multiple of 128 for the GPU's output-layer matmul). bench/bench_tokenizer.py
-# sweeps 6,400..32,768 on real held-out general and medical text: 12,288 gives the most Chinese characters per
-# training FLOP for the 26m preset (embedding 22% of its parameters; 8,192 is 1% and 16,384 2% worse) and is within
-# 3% of the best for the 100m preset; ChatGLM2's 64,789 pieces would be 60% of the 26m model.
-DEFAULT_VOCAB_SIZE = 12_288
-
-# SentencePiece trainer settings for Chinese (+ English, code). Why each:
-TRAINER_SETTINGS = dict(
-    model_type="bpe",
-    character_coverage=0.9995,          # rare CJK characters fall back to bytes instead of bloating the vocabulary
-    byte_fallback=True,                 # nothing ever becomes <unk>
-    split_digits=True,                  # numbers tokenize digit by digit (doses, dates, lab values)
-    normalization_rule_name="identity", # clean.py already NFKC-normalizes (keeping full-width Chinese punctuation);
-    remove_extra_whitespaces=False,     #   the tokenizer must not change text again, so decode(encode(x)) == x
-    add_dummy_prefix=False,             # no "▁" glued to every segment (chat template pieces, Chinese text)
-    allow_whitespace_only_pieces=True,  # runs of spaces (code indentation) become single pieces
-    max_sentence_length=16384,          # bytes; lines are cut to SAMPLE_LINE_CHARS characters first
-    unk_id=0, bos_id=-1, eos_id=1, pad_id=2,
-    eos_piece=SPECIAL_PIECES["eot"], pad_piece=SPECIAL_PIECES["pad"],
-    control_symbols=[SPECIAL_PIECES[k] for k in SPECIAL_PIECES if k not in ("eot", "pad")],
-    input_sentence_size=0, shuffle_input_sentence=False,   # use the whole (already bounded) sample, in order
-    hard_vocab_limit=False,             # a small sample (tests, tiny corpora) may not support the full size
-)
-SAMPLE_LINE_CHARS = 4000
-
-
-def sample_lines(corpus_dirs: list[Path], sample_chars: int, counts: dict | None = None) -> Iterator[str]:
-    """Lines of pretraining documents, taken round-robin one document per corpus at a time (so a huge web corpus
-    cannot crowd out the medical ones), until `sample_chars` characters. Streams: nothing is held but one document
-    per corpus. Lines are the sentences SentencePiece sees, so no piece ever contains a newline (which keeps
-    template rendering segment-by-segment equal to whole-text encoding); long lines are cut into chunks.
-    The documents are each corpus's first ones in record order (reading a whole corpus to draw a random sample
-    would cost a full pass over hundreds of GB); cleaned web corpora have no meaningful order to bias it."""
-    iters = {d.name: iter_records(d) for d in corpus_dirs}
-    counts = counts if counts is not None else {}
-    total = 0
-    while iters and total < sample_chars:
-        for name in list(iters):
-            record = next(iters[name], None)
-            if record is None:
-                del iters[name]
-                continue
-            text = record.get("text")
-            if record.get("kind", "doc") != "doc" or not isinstance(text, str):
-                continue
-            c = counts.setdefault(name, {"docs": 0, "chars": 0})
-            c["docs"] += 1
-            for line in text.split("\n"):
-                for start in range(0, len(line), SAMPLE_LINE_CHARS):
-                    chunk = line[start:start + SAMPLE_LINE_CHARS]
-                    if chunk.strip():
-                        c["chars"] += len(chunk)
-                        total += len(chunk)
-                        yield chunk
-            if total >= sample_chars:
-                return
-
-
-def train_sentencepiece(lines: Iterable[str], vocab_size: int, num_threads: int = 1) -> bytes:
-    """Train a BPE model on `lines` with TRAINER_SETTINGS; returns the model bytes.
-
-    Deterministic for a given num_threads, but SentencePiece's BPE gives a (slightly) different model for a
-    different thread count, so the pipeline always trains with one thread: the same recipe then makes the same
-    tokenizer on every machine (bench_tokenizer: 3.3M characters train in 6-11 s for 6,400-32,768 pieces here)."""
-    if not 300 <= vocab_size <= MAX_VOCAB:
-        raise ValueError(f"vocab_size {vocab_size} must be in [300, {MAX_VOCAB}] (256 byte pieces + specials, uint16)")
-    spm.set_random_generator_seed(0)
-    buf = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
-                                       num_threads=max(1, num_threads), minloglevel=2, **TRAINER_SETTINGS)
-    except RuntimeError as e:
-        if "required_chars" in str(e):  # more distinct characters at this coverage than the vocabulary holds
-            raise ValueError(f"vocab_size {vocab_size} is too small for the characters of this sample at "
-                             f"character_coverage {TRAINER_SETTINGS['character_coverage']}: {e}") from None
-        raise
-    return buf.getvalue()
-
-
-
-
-def corpus_fingerprint(corpus_dir: Path) -> str:
-    """What a record directory holds: its manifest.json without the volatile timing fields (a re-run of the read
-    step that produced the same parts must not force the tokenizer and staging to be redone), else its part files'
-    names, sizes and mtimes."""
-    manifest = corpus_dir / "manifest.json"
-    if manifest.is_file():
-        try:
-            m = json.loads(manifest.read_text(encoding="utf-8"))
-            if isinstance(m, dict):
-                m = {k: v for k, v in m.items() if k not in ("seconds", "elapsed", "created", "time")}
-            return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
-        except ValueError:
-            return file_sha256(manifest)
-    parts = sorted(corpus_dir.glob("part-*.jsonl.zst")) if corpus_dir.is_dir() else []
-    listing = "".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in parts)
-    return hashlib.sha256(listing.encode()).hexdigest()
-
-
-def train_tokenizer(recipe, docs_root, out_dir) -> Path:
-    """The pipeline's tokenizer step: train on the pretraining corpora under `docs_root`, or prepare the existing
-    model named by `recipe.tokenizer.model`; writes out_dir/tokenizer.model + tokenizer_meta.json, returns out_dir.
-
-    Re-runnable: when out_dir already holds a tokenizer made from the same inputs and settings it is kept.
-    """
-    docs_root, out_dir = Path(docs_root), Path(out_dir)
-    cfg = recipe.tokenizer
-    if cfg.model:
-        source = Path(cfg.model)
-        source = source if source.is_absolute() else recipe.root / source
-        if not source.is_file():
-            raise FileNotFoundError(f"[tokenizer] model = {cfg.model!r}: no such file ({source})")
-        fingerprint = {"source_model": str(source), "source_sha256": file_sha256(source)}
-    else:
-        corpora = [c.name for c in recipe.corpora if c.role == "pretrain"]
-        dirs = [docs_root / name for name in corpora if (docs_root / name).is_dir()]
-        if not dirs:
-            raise FileNotFoundError(f"no pretraining corpus under {docs_root} to train a tokenizer on "
-                                    f"(expected one of {corpora}); run the read/dedup steps first")
-        inputs = {d.name: corpus_fingerprint(d) for d in dirs}
-        fingerprint = {"vocab_size": cfg.vocab_size, "sample_chars": cfg.sample_chars, "inputs": inputs,
-                       "trainer": {k: v for k, v in TRAINER_SETTINGS.items()}, "line_chars": SAMPLE_LINE_CHARS}
-    meta_path = out_dir / META_FILE
-    if meta_path.is_file() and (out_dir / MODEL_FILE).is_file():
-        try:
-            old = Tokenizer.load(out_dir)
-            if old.meta.get("fingerprint") == fingerprint:
-                print(f"tokenizer: {out_dir} is up to date (sha256 {old.sha256[:12]}), kept", flush=True)
-                return out_dir
-        except ValueError:
-            pass   # a damaged or foreign tokenizer: make it again
-    t0 = time.time()
-    if cfg.model:
-        tok = Tokenizer(source.read_bytes(), {"fingerprint": fingerprint, "source": "existing model"})
-        print(f"tokenizer: prepared {source} ({tok.vocab_size} pieces; {'; '.join(tok.changes) or 'unchanged'})",
-              flush=True)
-    else:
-        counts: dict = {}
-        model = train_sentencepiece(sample_lines(dirs, cfg.sample_chars, counts), cfg.vocab_size)
-        seconds = time.time() - t0
-        tok = Tokenizer(model, {"fingerprint": fingerprint, "source": "trained",
-                                "sample": counts, "train_seconds": round(seconds, 1)})
-        n_chars = sum(c["chars"] for c in counts.values())
-        sources = ", ".join(f"{name} ({c['docs']} docs)" for name, c in counts.items())
-        print(f"tokenizer: trained BPE vocab {tok.vocab_size} on {n_chars:,} chars from {sources} in {seconds:.1f}s",
-              flush=True)
-    tok.save(out_dir)
-    return out_dir
-
-
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Train/prepare the tokenizer, or inspect how text tokenizes.")
+    parser = argparse.ArgumentParser(description="Inspect how text tokenizes (the tokenizer is trained by "
+                                                 "`python data_process.py --steps tokenizer`).")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("train", help="train (or prepare recipe.tokenizer.model) from cleaned pretraining docs")
-    p.add_argument("--recipe", default="config/recipe.toml")
-    p.add_argument("--docs", default=None, help="docs root (default: <data_dir>/dedup, else <data_dir>/clean)")
-    p.add_argument("--out", default=None, help="output dir (default: <data_dir>/tokenizer)")
     p = sub.add_parser("encode", help="print the pieces and ids of a text")
     p.add_argument("text")
     p.add_argument("--tokenizer", default="data/tokenizer", help="tokenizer dir or .model file")
     p = sub.add_parser("info", help="print vocab size, special ids, sha256 and the chat template")
     p.add_argument("--tokenizer", default="data/tokenizer", help="tokenizer dir or .model file")
     args = parser.parse_args(argv)
-    if args.cmd == "train":
-        from data_process.recipe import load_recipe
-        recipe = load_recipe(args.recipe)
-        docs = Path(args.docs) if args.docs else next(
-            (p for p in (recipe.data_dir / "dedup", recipe.data_dir / "clean") if p.is_dir()), recipe.data_dir / "dedup")
-        out = train_tokenizer(recipe, docs, Path(args.out) if args.out else recipe.data_dir / "tokenizer")
-        print(out)
-        return 0
     tok = Tokenizer.load(args.tokenizer)
     if args.cmd == "encode":
         ids = tok.encode(args.text)

@@ -50,8 +50,9 @@ def _texts(limit_chars: int) -> dict[str, list[str]]:
 
 def build_shards(root: Path, limit_chars: int):
     from data_process.records import write_parts
-    from data_process.tokenize import Settings, tokenize_corpus
-    from tokenizer import Tokenizer, train_sentencepiece
+    from data_process.tokenize_docs import Settings, tokenize_corpus
+    from data_process.train_tokenizer import train_sentencepiece
+    from tokenizer import Tokenizer
     texts = _texts(limit_chars)
     lines = [l for ts in texts.values() for t in ts for l in t.split("\n") if l.strip()]
     tok = Tokenizer(train_sentencepiece(lines, 6400))

@@ -35,7 +35,8 @@ SAMPLES = ROOT.parent / "shared" / "corpora-samples"
 
 def train_tokenizer():
     """The project's own trainer (tokenizer.train_sentencepiece) at its default size, on real sample text."""
-    from tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, train_sentencepiece
+    from data_process.train_tokenizer import DEFAULT_VOCAB_SIZE, train_sentencepiece
+    from tokenizer import Tokenizer
     lines = [l for l in (SAMPLES / "medicalgpt/pretrain/fever.txt").read_text(encoding="utf-8").splitlines() if l]
     lines += [json.loads(l)["text"] for l in open(SAMPLES / "skywork-zh-web/zh_general.jsonl", encoding="utf-8")]
     return Tokenizer(train_sentencepiece(lines, DEFAULT_VOCAB_SIZE))

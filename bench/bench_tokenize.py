@@ -172,15 +172,15 @@ import json, resource, sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
 from tokenizer import Tokenizer
-from data_process import tokenize
+from data_process import tokenize_docs
 docs = Path({docs!r})
 tok = Tokenizer.load({tok!r})
-settings = tokenize.Settings(val_fraction=0.01, shard_tokens=100_000_000)
+settings = tokenize_docs.Settings(val_fraction=0.01, shard_tokens=100_000_000)
 def children_cpu():
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
 t0, cpu0, kids0 = time.perf_counter(), time.process_time(), children_cpu()
-report = tokenize.tokenize_corpus("bench", sorted((docs / "bench").glob("part-*"))[:{max_parts}], docs, tok, {tok!r},
+report = tokenize_docs.tokenize_corpus("bench", sorted((docs / "bench").glob("part-*"))[:{max_parts}], docs, tok, {tok!r},
                                   Path({out!r}), settings, workers={workers}, mode={mode!r}, progress=False)
 report["wall_seconds"] = time.perf_counter() - t0
 report["cpu_seconds"] = time.process_time() - cpu0 + children_cpu() - kids0   # pool workers included

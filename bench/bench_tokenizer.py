@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
+from data_process.train_tokenizer import train_sentencepiece  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 SAMPLES = ROOT.parent / "shared" / "corpora-samples"
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U0002ffff]")

@@ -44,7 +44,8 @@ import numpy as np
 import xxhash
 
 from data_process import minhash
-from data_process.records import atomic_write_bytes, iter_records, write_parts
+from data_process.records import iter_records, write_parts
+from fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

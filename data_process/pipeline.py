@@ -38,7 +38,7 @@ from data_process import clean as clean_mod
 from data_process import readers as readers_mod
 from data_process.readers import READERS, Reject
 from data_process.recipe import CleanConfig, CorpusSpec, Recipe, resolve_paths
-from data_process.records import atomic_write_bytes
+from fileio import atomic_file, atomic_write_bytes
 
 STEPS = ("read", "dedup", "tokenizer", "tokenize", "stage")
 CHUNK_BYTES = 32 << 20        # byte range per work unit for big line-based files
@@ -137,13 +137,12 @@ def run_unit(unit: Unit, reader: str, lang: str, settings: CleanConfig, staging:
     staging = Path(staging)
     stem = f"unit-{unit.index:05d}"
     out_path, rej_path = staging / f"{stem}.jsonl.zst", staging / f"{stem}.rejects.jsonl"
-    tmp_out = staging / f".{stem}.jsonl.zst.tmp-{os.getpid()}"
     cleaner = clean_mod.Cleaner(settings, lang)
     read_fn = READERS[reader]
     counts = {"read": 0, "kept": 0, "rejected": Counter(), "kinds": Counter(), "chars": 0}
     rejects = []
     span = tuple(unit.span) if unit.span else None
-    with open(tmp_out, "wb") as raw:
+    with atomic_file(out_path) as raw:
         writer = zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
         buf = []
         for item in read_fn(Path(unit.path), unit.src, span):
@@ -170,9 +169,6 @@ def run_unit(unit: Unit, reader: str, lang: str, settings: CleanConfig, staging:
             writer.write(b"\n".join(buf) + b"\n")
         writer.flush(zstandard.FLUSH_FRAME)
         writer.close()
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp_out, out_path)
     atomic_write_bytes(rej_path, b"".join(orjson.dumps(r) + b"\n" for r in rejects))
     result = {"corpus": unit.corpus, "index": unit.index, "src": unit.src, "size": unit.size, "read": counts["read"],
               "kept": counts["kept"], "rejected": dict(counts["rejected"]), "kinds": dict(counts["kinds"]),
@@ -274,12 +270,10 @@ def finalize_corpus(job: CorpusJob, rejects_dir: Path) -> dict:
         parts.append(name)
     rejects_dir.mkdir(parents=True, exist_ok=True)
     rej_path = rejects_dir / f"{job.spec.name}.jsonl"
-    tmp = rej_path.with_name(f".{rej_path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as out:
+    with atomic_file(rej_path) as out:
         for r in results:
             with open(staging / f"unit-{r['index']:05d}.rejects.jsonl", "rb") as f:
                 shutil.copyfileobj(f, out)
-    os.replace(tmp, rej_path)
     counts = corpus_counts(job.spec, job.files, results)
     spec = job.spec
     manifest = {
@@ -446,11 +440,11 @@ def run(recipe: Recipe, steps=STEPS, workers: int | None = None, force: bool = F
             from data_process import dedup
             result = dedup.run(recipe, data_dir / "clean", data_dir / "dedup")
         elif step == "tokenizer":
-            import tokenizer
-            result = {"tokenizer": str(tokenizer.train_tokenizer(recipe, docs_root, tokenizer_dir))}
+            from data_process.train_tokenizer import train_tokenizer
+            result = {"tokenizer": str(train_tokenizer(recipe, docs_root, tokenizer_dir))}
         elif step == "tokenize":
-            from data_process import tokenize
-            result = tokenize.run(recipe, docs_root, tokenizer_dir, data_dir / "pretrain")
+            from data_process import tokenize_docs
+            result = tokenize_docs.run(recipe, docs_root, tokenizer_dir, data_dir / "pretrain")
         else:
             from data_process import stage
             result = stage.run(recipe, docs_root, tokenizer_dir, data_dir)

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import orjson
 import zstandard
+
+from fileio import atomic_write_bytes, file_sha256, fsync_dir, tmp_path_for  # noqa: F401  (atomic_write_bytes: old import path)
 
 PART_GLOB = "part-*.jsonl.zst"
 ZSTD_LEVEL = 3
@@ -28,26 +31,8 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.jsonl.zst"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a whole small file so that readers see the old file or the new one, never a half-written one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _atomic_part_writer(path: Path):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = tmp_path_for(path)
     raw = open(tmp, "wb")
     # the frame checksum (xxh64 of the content) makes a flipped bit a read error, not a changed record
     return tmp, raw, zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).stream_writer(raw, closefd=False)
@@ -60,6 +45,7 @@ def _finish(tmp: Path, raw, writer, path: Path) -> None:
     os.fsync(raw.fileno())
     raw.close()
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def write_parts(records_iter: Iterable[dict], out_dir, part_records: int = 100_000) -> list[Path]:
@@ -184,5 +170,19 @@ def iter_records(dir_or_files) -> Iterator[dict]:
                                f"re-run the step that wrote it") from None
 
 
-def count_records(dir_or_files) -> int:
-    return sum(1 for _ in iter_records(dir_or_files))
+def corpus_fingerprint(corpus_dir: Path) -> str:
+    """What a record directory holds: its manifest.json without the volatile timing fields (a re-run of the read
+    step that produced the same parts must not force the tokenizer and staging to be redone), else its part files'
+    names, sizes and mtimes."""
+    manifest = corpus_dir / "manifest.json"
+    if manifest.is_file():
+        try:
+            m = json.loads(manifest.read_text(encoding="utf-8"))
+            if isinstance(m, dict):
+                m = {k: v for k, v in m.items() if k not in ("seconds", "elapsed", "created", "time")}
+            return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
+        except ValueError:
+            return file_sha256(manifest)
+    parts = sorted(corpus_dir.glob("part-*.jsonl.zst")) if corpus_dir.is_dir() else []
+    listing = "".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in parts)
+    return hashlib.sha256(listing.encode()).hexdigest()

@@ -25,6 +25,8 @@ from typing import Iterable
 
 import numpy as np
 
+from fileio import fsync_dir, fsync_file
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 # Megatron-LM's DType enum (the numeric code stored in the .idx); note float64=6, float32=7.
@@ -78,9 +80,9 @@ def _as_tokens(tokens, dtype: np.dtype) -> np.ndarray:
 
 
 def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync_file(tmp)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 def write_index(path: Path, dtype, doc_lengths: np.ndarray) -> None:

@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 
-from data_process.records import iter_records
-from tokenizer import Tokenizer, corpus_fingerprint
+from data_process.records import corpus_fingerprint, iter_records
+from fileio import AtomicWriter, atomic_write_json
+from tokenizer import Tokenizer
 
 SFT_COLUMNS = ["id", "source", "system", "conversation", "answer", "n_tokens"]
 CSV_CHUNK_ROWS = 10_000     # rows per pandas write: memory stays bounded whatever the corpus size
@@ -99,28 +99,9 @@ def read_dpo_jsonl(path) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------------- writers
 
-class _AtomicFile:
-    """A text file written under a temporary name and renamed into place by commit()."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        self.f = open(self.tmp, "w", encoding="utf-8", newline="")
-
-    def commit(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        self.f.close()
-        self.tmp.unlink(missing_ok=True)
-
-
 class _CsvWriter:
     def __init__(self, path: Path):
-        self.file = _AtomicFile(path)
+        self.file = AtomicWriter(path, "w", encoding="utf-8", newline="")
         self.rows: list[dict] = []
         self.header = True
 
@@ -143,7 +124,7 @@ class _CsvWriter:
 
 class _JsonlWriter:
     def __init__(self, path: Path):
-        self.file = _AtomicFile(path)
+        self.file = AtomicWriter(path, "w", encoding="utf-8", newline="")
         self.rows: list[dict] = []
         self.header = True   # nothing written yet (as _CsvWriter)
 
@@ -359,10 +340,7 @@ def run(recipe, docs_root, tokenizer_dir, data_dir) -> dict:
                 counts = stage_fn(tok, docs_root, corpora, out_dir, stage, recipe.sft.max_tokens,
                                   recipe.sft.val_fraction)
                 counts["seconds"] = round(time.time() - t0, 2)
-                data = json.dumps({"fingerprint": fingerprint, "counts": counts}, ensure_ascii=False, indent=2)
-                tmp = manifest_path.with_name(f".{manifest_path.name}.tmp-{os.getpid()}")
-                tmp.write_text(data, encoding="utf-8")
-                os.replace(tmp, manifest_path)
+                atomic_write_json(manifest_path, {"fingerprint": fingerprint, "counts": counts}, indent=2)
                 rejected = ", ".join(f"{k} {v}" for k, v in counts["rejected"].items()) or "none"
                 missing = f"; missing corpora: {counts['missing_corpora']}" if counts["missing_corpora"] else ""
                 print(f"stage: {kind}/{stage}: {counts['train']} train + {counts['val']} val from {corpora}; "

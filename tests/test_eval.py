@@ -26,7 +26,7 @@ def glm():
 @pytest.fixture(scope="module")
 def ours():
     """A tokenizer trained the way the pipeline trains one (train_sentencepiece), on real general and medical text."""
-    from tokenizer import train_sentencepiece
+    from data_process.train_tokenizer import train_sentencepiece
     lines = [json.loads(l)["text"] for l in open(SAMPLES / "skywork-zh-web/zh_general.jsonl", encoding="utf-8")]
     lines += open(SAMPLES / "medicalgpt/pretrain/fever.txt", encoding="utf-8").read().splitlines()
     return Tokenizer(train_sentencepiece([l for l in lines if l.strip()], vocab_size=4000))

@@ -175,7 +175,8 @@ def test_export_cli_writes_bf16_weights(tmp_path):
 def test_a_tokenizer_trained_by_the_project_exports_with_the_same_ids(tmp_path):
     """The project's own trainer settings (identity normalization, no dummy prefix, split digits, no BOS)."""
     from model import Transformer, make_config
-    from tokenizer import Tokenizer, train_sentencepiece
+    from data_process.train_tokenizer import train_sentencepiece
+    from tokenizer import Tokenizer
     from train_loop import save_checkpoint
     texts = real_chinese_texts()
     tok = Tokenizer(train_sentencepiece(texts, 2000))

@@ -7,7 +7,7 @@ import pytest
 from nbclient import NotebookClient
 
 from conftest import ROOT, SAMPLES
-from data_process import tokenize
+from data_process import tokenize_docs
 from data_process.recipe import parse_recipe
 from data_process.records import write_parts
 
@@ -27,7 +27,7 @@ def make_pretrain(root):
     recipe = parse_recipe({"tokenize": {"val_fraction": 0.1, "shard_tokens": 20_000, "sft_as_pretrain": []},
                            "corpus": [{"name": "web", "reader": "jsonl", "paths": ["x"]},
                                       {"name": "med", "reader": "text", "paths": ["x"]}]}, root)
-    tokenize.run(recipe, root / "docs", MODEL, root / "pretrain", progress=False)
+    tokenize_docs.run(recipe, root / "docs", MODEL, root / "pretrain", progress=False)
     return root / "pretrain"
 
 

@@ -3,7 +3,7 @@ after kill -9, DDP on CPU, the mixture loader and per-corpus validation.
 
 Shards are made by the real pipeline pieces: a small SentencePiece model trained on the samples
 (tokenizer.train_sentencepiece), records written with data_process.records.write_parts and tokenized with
-data_process.tokenize.tokenize_corpus into data/pretrain/<corpus>/ with its manifest."""
+data_process.tokenize_docs.tokenize_corpus into data/pretrain/<corpus>/ with its manifest."""
 import json
 import math
 import os
@@ -76,8 +76,9 @@ def sample_conversations(limit=CHARS) -> list:
 def build_data(root: Path) -> dict:
     """tokenizer + data/pretrain/<corpus>/ for the sample corpora, through the real pipeline pieces."""
     from data_process.records import write_parts
-    from data_process.tokenize import Settings, tokenize_corpus
-    from tokenizer import Tokenizer, train_sentencepiece
+    from data_process.tokenize_docs import Settings, tokenize_corpus
+    from data_process.train_tokenizer import train_sentencepiece
+    from tokenizer import Tokenizer
     docs = sample_docs()
     convs = sample_conversations()
     lines = [l for texts in docs.values() for t in texts[:4] for l in t.split("\n") if l.strip()]

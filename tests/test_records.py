@@ -3,7 +3,7 @@ records without a word (zstandard's stream_reader returns a truncated frame's da
 import zstandard
 import pytest
 
-from data_process import tokenize
+from data_process import tokenize_docs
 from data_process.records import RecordsError, iter_records, write_parts
 
 RECORDS = [{"id": f"x.jsonl:{i}", "corpus": "web", "kind": "doc", "text": f"第{i}篇：发热、咳嗽。\n" * 20}
@@ -47,5 +47,5 @@ def test_tokenize_stops_on_a_truncated_part_without_writing_a_manifest(tmp_path)
     part = tmp_path / "docs" / "web" / "part-00001.jsonl.zst"
     part.write_bytes(part.read_bytes()[:-20])
     with pytest.raises(RecordsError, match="part-00001"):
-        tokenize.run(make_recipe(tmp_path / "docs"), tmp_path / "docs", MODEL, tmp_path / "out", progress=False)
+        tokenize_docs.run(make_recipe(tmp_path / "docs"), tmp_path / "docs", MODEL, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "web" / "manifest.json").exists()

@@ -13,7 +13,7 @@ import sentencepiece as spm
 import xxhash
 
 from conftest import ROOT, SAMPLES
-from data_process import tokenize
+from data_process import tokenize_docs
 from data_process.recipe import parse_recipe
 from data_process.records import write_parts
 from data_process.shards import IndexedDataset, is_complete
@@ -75,7 +75,7 @@ def docs_root(tmp_path_factory):
 def reference(docs_root, tmp_path_factory):
     """One uninterrupted run with the default settings, compared against by other tests."""
     out = tmp_path_factory.mktemp("ref")
-    report = tokenize.run(make_recipe(docs_root), docs_root, MODEL, out, workers=2, progress=False)
+    report = tokenize_docs.run(make_recipe(docs_root), docs_root, MODEL, out, workers=2, progress=False)
     return out, report
 
 
@@ -84,7 +84,7 @@ def all_output_bytes(out):
 
 
 def read_split(corpus_dir, split):
-    manifest = tokenize.check_manifest(corpus_dir)
+    manifest = tokenize_docs.check_manifest(corpus_dir)
     return [doc for name in manifest["splits"][split]["shards"] for doc in IndexedDataset(corpus_dir / name)]
 
 
@@ -101,7 +101,7 @@ def test_shards_hold_each_document_encoded_by_sentencepiece_then_eos(reference):
             for ids, text in zip(got, expected):
                 assert ids.dtype == np.uint16 and ids[-1] == eos
                 assert ids[:-1].tolist() == sp.encode(text)
-        manifest = tokenize.check_manifest(out / corpus)
+        manifest = tokenize_docs.check_manifest(out / corpus)
         assert manifest["splits"]["train"]["chars"] == sum(map(len, train))
         assert manifest["splits"]["val"]["chars"] == sum(map(len, val))
         assert report["corpora"][corpus]["documents"] == len(texts)
@@ -110,7 +110,7 @@ def test_shards_hold_each_document_encoded_by_sentencepiece_then_eos(reference):
 
 def test_manifest_records_tokenizer_sources_and_settings(reference):
     out, _ = reference
-    m = tokenize.check_manifest(out / "web")
+    m = tokenize_docs.check_manifest(out / "web")
     from tokenizer import Tokenizer
     assert m["tokenizer_sha256"] == Tokenizer.load(MODEL).sha256
     assert m["dtype"] == "uint16" and m["eos_id"] == 2 and m["vocab_size"] >= 64789
@@ -127,7 +127,7 @@ def test_manifest_records_tokenizer_sources_and_settings(reference):
 
 def test_large_corpus_is_split_into_shards_at_document_boundaries(reference):
     out, _ = reference
-    m = tokenize.check_manifest(out / "web")
+    m = tokenize_docs.check_manifest(out / "web")
     shards = m["splits"]["train"]["shards"]
     assert len(shards) >= 3 and shards[0] == "train-00000"
     for name in shards[:-1]:
@@ -154,12 +154,12 @@ def test_output_is_byte_identical_whatever_workers_mode_or_batch(docs_root, refe
     recipe = make_recipe(docs_root)
     from tokenizer import Tokenizer
     tok = Tokenizer.load(MODEL)
-    settings = tokenize.Settings(0.1, 20_000)
+    settings = tokenize_docs.Settings(0.1, 20_000)
     parts = sorted((docs_root / "web").glob("part-*"))
     for i, (workers, mode, batch_chars) in enumerate([(1, "threads", 10**6), (2, "threads", 7_777),
                                                         (2, "processes", 30_000)]):
         out = tmp_path / f"o{i}"
-        tokenize.tokenize_corpus("web", parts, docs_root, tok, MODEL, out, settings, workers=workers,
+        tokenize_docs.tokenize_corpus("web", parts, docs_root, tok, MODEL, out, settings, workers=workers,
                                  mode=mode, batch_chars=batch_chars, progress=False)
         assert all_output_bytes(out) == expected, (workers, mode, batch_chars)
     assert recipe.tokenize.shard_tokens == 20_000
@@ -169,7 +169,7 @@ def test_split_does_not_depend_on_document_order(docs_root, tmp_path):
     texts = medical_texts()
     write_parts(docs("med", texts[::-1]), tmp_path / "docs" / "med")
     recipe = make_recipe(tmp_path / "docs")
-    tokenize.run(recipe, tmp_path / "docs", MODEL, tmp_path / "out", progress=False)
+    tokenize_docs.run(recipe, tmp_path / "docs", MODEL, tmp_path / "out", progress=False)
     sp = raw_sentencepiece()
     val = {sp.decode(ids[:-1].tolist()) for ids in read_split(tmp_path / "out" / "med", "val")}
     ref = {t for t in texts if xxhash.xxh3_64_intdigest(t.encode()) < 0.1 * 2 ** 64}
@@ -178,22 +178,22 @@ def test_split_does_not_depend_on_document_order(docs_root, tmp_path):
 
 def test_rerun_keeps_finished_output(docs_root, tmp_path):
     recipe = make_recipe(docs_root)
-    first = tokenize.run(recipe, docs_root, MODEL, tmp_path, progress=False)
+    first = tokenize_docs.run(recipe, docs_root, MODEL, tmp_path, progress=False)
     stamp = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")}
-    again = tokenize.run(recipe, docs_root, MODEL, tmp_path, progress=False)
+    again = tokenize_docs.run(recipe, docs_root, MODEL, tmp_path, progress=False)
     assert {r["status"] for r in again["corpora"].values() if r["status"] != "no input"} == {"kept"}
     assert again["corpora"]["web"]["tokens"] == first["corpora"]["web"]["tokens"]
     assert stamp == {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")}
 
 
 def test_changed_settings_retokenize_and_drop_old_shards(docs_root, tmp_path):
-    tokenize.run(make_recipe(docs_root, shard_tokens=10_000), docs_root, MODEL, tmp_path, progress=False)
+    tokenize_docs.run(make_recipe(docs_root, shard_tokens=10_000), docs_root, MODEL, tmp_path, progress=False)
     many = len(list((tmp_path / "web").glob("train-*.bin")))
-    report = tokenize.run(make_recipe(docs_root, shard_tokens=10**9), docs_root, MODEL, tmp_path, progress=False)
+    report = tokenize_docs.run(make_recipe(docs_root, shard_tokens=10**9), docs_root, MODEL, tmp_path, progress=False)
     assert report["corpora"]["web"]["status"] == "done"
     assert many > 1 and sorted(p.name for p in (tmp_path / "web").glob("train-*")) == ["train-00000.bin",
                                                                                         "train-00000.idx"]
-    assert tokenize.check_manifest(tmp_path / "web")["settings"]["shard_tokens"] == 10**9
+    assert tokenize_docs.check_manifest(tmp_path / "web")["settings"]["shard_tokens"] == 10**9
 
 
 def test_bad_records_are_counted_and_skipped(tmp_path):
@@ -203,10 +203,10 @@ def test_bad_records_are_counted_and_skipped(tmp_path):
            {"id": "c", "corpus": "web", "kind": "conv", "messages": []},
            {"id": "d", "corpus": "web", "kind": "doc", "text": 42}]
     write_parts(good[:2] + bad + good[2:], tmp_path / "docs" / "web")
-    report = tokenize.run(make_recipe(tmp_path / "docs"), tmp_path / "docs", MODEL, tmp_path / "out",
+    report = tokenize_docs.run(make_recipe(tmp_path / "docs"), tmp_path / "docs", MODEL, tmp_path / "out",
                           progress=False)
     assert report["corpora"]["web"]["documents"] == 5 and report["corpora"]["web"]["rejects"] == 4
-    m = tokenize.check_manifest(tmp_path / "out" / "web")
+    m = tokenize_docs.check_manifest(tmp_path / "out" / "web")
     assert m["rejects"] == {"empty text": 1, "text missing or not a string": 2,
                             "kind 'conv' in a pretrain corpus": 1}
     assert {e["id"] for e in m["reject_examples"]} == {"a", "b", "c", "d"}
@@ -214,14 +214,14 @@ def test_bad_records_are_counted_and_skipped(tmp_path):
 
 def test_empty_corpus_gets_a_manifest_without_shards(tmp_path):
     (tmp_path / "docs" / "med").mkdir(parents=True)   # read step ran, kept nothing
-    report = tokenize.run(make_recipe(tmp_path / "docs"), tmp_path / "docs", MODEL, tmp_path / "out",
+    report = tokenize_docs.run(make_recipe(tmp_path / "docs"), tmp_path / "docs", MODEL, tmp_path / "out",
                           progress=False)
     assert report["corpora"]["med"]["status"] == "done" and report["corpora"]["web"]["status"] == "no input"
-    m = tokenize.check_manifest(tmp_path / "out" / "med")
+    m = tokenize_docs.check_manifest(tmp_path / "out" / "med")
     assert m["splits"]["train"] == {"shards": [], "documents": 0, "tokens": 0, "chars": 0}
-    assert tokenize.shard_prefixes(tmp_path / "out" / "med") == []
-    with pytest.raises(tokenize.ManifestError):
-        tokenize.check_manifest(tmp_path / "out" / "web")
+    assert tokenize_docs.shard_prefixes(tmp_path / "out" / "med") == []
+    with pytest.raises(tokenize_docs.ManifestError):
+        tokenize_docs.check_manifest(tmp_path / "out" / "web")
 
 
 def test_malformed_conversations_are_counted_and_skipped(tmp_path):
@@ -231,30 +231,30 @@ def test_malformed_conversations_are_counted_and_skipped(tmp_path):
            {"id": "y", "corpus": "med_sft", "kind": "conv", "messages": [{"role": "bot", "content": "a"}]},
            {"id": "z", "corpus": "med_sft", "kind": "doc", "text": "not a conversation"}]
     write_parts(good + bad, tmp_path / "docs" / "med_sft")
-    report = tokenize.run(make_recipe(tmp_path / "docs"), tmp_path / "docs", MODEL, tmp_path / "out",
+    report = tokenize_docs.run(make_recipe(tmp_path / "docs"), tmp_path / "docs", MODEL, tmp_path / "out",
                           progress=False)
     assert report["corpora"]["sft_medical"]["documents"] == 3 and report["corpora"]["sft_medical"]["rejects"] == 3
 
 
 def test_check_manifest_refuses_other_tokenizer_and_broken_shards(reference, tmp_path):
     out, _ = reference
-    m = tokenize.check_manifest(out / "med", tokenize.load_manifest(out / "med")["tokenizer_sha256"])
-    assert tokenize.shard_prefixes(out / "med", "val") == [out / "med" / n for n in m["splits"]["val"]["shards"]]
-    with pytest.raises(tokenize.ManifestError, match="made with tokenizer"):
-        tokenize.check_manifest(out / "med", "0" * 64)
-    with pytest.raises(tokenize.ManifestError, match="missing"):
-        tokenize.check_manifest(tmp_path)
+    m = tokenize_docs.check_manifest(out / "med", tokenize_docs.load_manifest(out / "med")["tokenizer_sha256"])
+    assert tokenize_docs.shard_prefixes(out / "med", "val") == [out / "med" / n for n in m["splits"]["val"]["shards"]]
+    with pytest.raises(tokenize_docs.ManifestError, match="made with tokenizer"):
+        tokenize_docs.check_manifest(out / "med", "0" * 64)
+    with pytest.raises(tokenize_docs.ManifestError, match="missing"):
+        tokenize_docs.check_manifest(tmp_path)
     import shutil
     shutil.copytree(out / "med", tmp_path / "med")
     bin_file = tmp_path / "med" / "train-00000.bin"
     bin_file.write_bytes(bin_file.read_bytes()[:-2])
-    with pytest.raises(tokenize.ManifestError, match="inconsistent"):
-        tokenize.check_manifest(tmp_path / "med")
+    with pytest.raises(tokenize_docs.ManifestError, match="inconsistent"):
+        tokenize_docs.check_manifest(tmp_path / "med")
 
 
 def test_int32_is_an_explicit_choice(docs_root, tmp_path):
-    tokenize.run(make_recipe(docs_root), docs_root, MODEL, tmp_path, dtype="int32", progress=False)
-    m = tokenize.check_manifest(tmp_path / "med")
+    tokenize_docs.run(make_recipe(docs_root), docs_root, MODEL, tmp_path, dtype="int32", progress=False)
+    m = tokenize_docs.check_manifest(tmp_path / "med")
     assert m["dtype"] == "int32"
     assert IndexedDataset(tmp_path / "med" / "train-00000").tokens.dtype == np.int32
 
@@ -264,7 +264,7 @@ import sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
 import data_process.shards as shards
-from data_process import tokenize
+from data_process import tokenize_docs
 from data_process.recipe import parse_recipe
 closed = [0]
 original = shards.ShardWriter.close
@@ -282,7 +282,7 @@ shards.ShardWriter.close = close
 raw = {{"tokenize": {{"val_fraction": 0.1, "shard_tokens": 20000, "sft_as_pretrain": []}},
        "corpus": [{{"name": "web", "reader": "jsonl", "paths": ["x"]}}]}}
 recipe = parse_recipe(raw, Path({docs!r}))
-tokenize.run(recipe, Path({docs!r}), Path({model!r}), Path({out!r}), workers=2, progress=False)
+tokenize_docs.run(recipe, Path({docs!r}), Path({model!r}), Path({out!r}), workers=2, progress=False)
 """
 
 
@@ -304,7 +304,7 @@ def test_killed_run_resumes_without_redoing_finished_shards(docs_root, reference
     assert not (web / "train-00002.idx").exists() and not is_complete(web / "train-00002")
     stamp = {n: (web / f"{n}.bin").stat().st_mtime_ns for n in finished}
 
-    report = tokenize.run(make_recipe(docs_root), docs_root, MODEL, out, progress=False)
+    report = tokenize_docs.run(make_recipe(docs_root), docs_root, MODEL, out, progress=False)
     assert report["corpora"]["web"]["status"] == "resumed"
     assert stamp == {n: (web / f"{n}.bin").stat().st_mtime_ns for n in finished}
     assert not list(web.glob(".*tmp*"))
@@ -318,13 +318,13 @@ def test_small_corpus_always_gets_one_val_document(tmp_path):
     assert min(hashes) >= 0.01 * 2 ** 64
     write_parts(docs("med", texts), tmp_path / "docs" / "med")
     write_parts(docs("web", web_texts()[:1]), tmp_path / "docs" / "web")
-    tokenize.run(make_recipe(tmp_path / "docs", val_fraction=0.01), tmp_path / "docs", MODEL, tmp_path / "out",
+    tokenize_docs.run(make_recipe(tmp_path / "docs", val_fraction=0.01), tmp_path / "docs", MODEL, tmp_path / "out",
                  progress=False)
     sp = raw_sentencepiece()
     val = [sp.decode(ids[:-1].tolist()) for ids in read_split(tmp_path / "out" / "med", "val")]
     assert val == [texts[hashes.index(min(hashes))]]
     assert len(read_split(tmp_path / "out" / "med", "train")) == 11
-    web = tokenize.check_manifest(tmp_path / "out" / "web")   # a single document stays in train
+    web = tokenize_docs.check_manifest(tmp_path / "out" / "web")   # a single document stays in train
     assert web["splits"]["val"]["documents"] == 0 and web["splits"]["train"]["documents"] == 1
 
 
@@ -333,11 +333,11 @@ def test_text_that_is_not_valid_unicode_is_a_counted_reject(monkeypatch):
     # rejected with its reason instead of crashing the encoder.
     records = [{"id": "a", "kind": "doc", "text": "好"}, {"id": "b", "kind": "doc", "text": "坏\ud800"},
                {"id": "c", "kind": "conv", "messages": [{"role": "user", "content": "\udfff"}]}]
-    monkeypatch.setattr(tokenize, "iter_records", lambda part: iter(records))
-    (batch,) = tokenize.iter_batches(["part"], "doc", threshold=0)
+    monkeypatch.setattr(tokenize_docs, "iter_records", lambda part: iter(records))
+    (batch,) = tokenize_docs.iter_batches(["part"], "doc", threshold=0)
     assert batch.payloads == ["好".encode()] and batch.chars.tolist() == [1]
     assert [(pos, reason, rid) for pos, reason, rid in batch.rejects] == [
         ((0, 2), "text is not valid Unicode", "b"), ((0, 3), "kind 'conv' in a pretrain corpus", "c")]
-    (batch,) = tokenize.iter_batches(["part"], "conv", threshold=0)
+    (batch,) = tokenize_docs.iter_batches(["part"], "conv", threshold=0)
     assert [reason for _, reason, _ in batch.rejects] == ["kind 'doc' where a conversation was expected"] * 2 + [
         "messages are not valid Unicode"]

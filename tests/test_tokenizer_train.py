@@ -8,7 +8,8 @@ import pytest
 from conftest import SAMPLES
 from data_process.recipe import parse_recipe
 from data_process.records import write_parts
-from tokenizer import SPECIAL_PIECES, Tokenizer, sample_lines, train_tokenizer
+from data_process.train_tokenizer import sample_lines, train_tokenizer
+from tokenizer import SPECIAL_PIECES, Tokenizer
 
 CHATGLM2 = SAMPLES / "chatglm2-tokenizer" / "tokenizer.model"
 

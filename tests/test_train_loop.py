@@ -31,13 +31,15 @@ def _lines():
 
 @pytest.fixture(scope="module")
 def tok():
-    from tokenizer import Tokenizer, train_sentencepiece
+    from data_process.train_tokenizer import train_sentencepiece
+    from tokenizer import Tokenizer
     return Tokenizer(train_sentencepiece(_lines(), 2000))
 
 
 @pytest.fixture(scope="module")
 def other_tok():
-    from tokenizer import Tokenizer, train_sentencepiece
+    from data_process.train_tokenizer import train_sentencepiece
+    from tokenizer import Tokenizer
     return Tokenizer(train_sentencepiece(_lines()[::-1], 2100))
 
 

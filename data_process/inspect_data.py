@@ -1,8 +1,8 @@
 """Inspect token shards: counts, document lengths, top tokens, decoded samples, and a consistency check.
 
-    python -m data_process.inspect data/pretrain/wiki_zh/train-00000   # one shard (prefix, .bin or .idx)
-    python -m data_process.inspect data/pretrain/wiki_zh               # a corpus (its manifest's shards)
-    python -m data_process.inspect data/pretrain                       # every corpus under it
+    python -m data_process.inspect_data data/pretrain/wiki_zh/train-00000   # one shard (prefix, .bin or .idx)
+    python -m data_process.inspect_data data/pretrain/wiki_zh               # a corpus (its manifest's shards)
+    python -m data_process.inspect_data data/pretrain                       # every corpus under it
     python data_process.py inspect <path>                              # the same, from the pipeline CLI
 
 The check (exit code 1 when it fails): each `.bin` has exactly the bytes its `.idx` describes, the
@@ -261,7 +261,7 @@ def load_tokenizer(path, required: bool):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_process.inspect", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m data_process.inspect_data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="shard prefix (or its .bin/.idx), corpus directory, or directory of corpora")
     parser.add_argument("--tokenizer", default=None,

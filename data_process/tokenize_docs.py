@@ -43,6 +43,7 @@ import sentencepiece as spm
 import xxhash
 
 from data_process.records import iter_records, list_parts
+from fileio import atomic_write_json
 from data_process.shards import (ShardWriter, check_vocab_fits, is_complete, remove_shard, remove_temporaries)
 
 log = logging.getLogger(__name__)
@@ -347,12 +348,7 @@ class CorpusWriter:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
 
 
 def _read_json(path: Path):
