@@ -1,5 +1,5 @@
 """Loading a trained checkpoint for generation, shared by chat.py, serve.py, export.py, eval.py and the
-benchmarks: the checkpoint verified and loaded (train_loop.load_checkpoint), a LoRA adapter merged in, the
+benchmarks: the checkpoint verified and loaded (checkpoint.load_checkpoint), a LoRA adapter merged in, the
 device checked, a seeded generator, and the sampling settings chat.py and eval.py generate with.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 def load_model(ckpt_dir, lora_dir=None, dtype: str = "fp32", device: str = "cpu"):
     """-> (model in eval mode, tokenizer, meta) of a checkpoint directory, a LoRA adapter merged in if given."""
-    from train_loop import load_checkpoint
+    from checkpoint import load_checkpoint
     model, tokenizer, meta = load_checkpoint(ckpt_dir)   # verifies sizes and hashes of every file first
     if lora_dir is not None:
         from lora import load_adapter, merge_lora
