@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from model import TokenNLL
 from finetune import (IGNORE, add_train_args, bucket_batches, check_init_from, fit_seq_len, load_config,
                       make_train_config, pad_length, train_overrides)
+from settings import ConfigError, limits
 
 log = logging.getLogger("dpo")
 CACHE_VERSION = "dpo-ref-v1"
@@ -308,17 +309,17 @@ def cached_reference_logps(ref_model, data: PreferenceSet, ref_ckpt_dir, tokeniz
 class DPOConfig:
     """One DPO run, from config/dpo/<name>.toml; [train] holds train_loop.TrainConfig fields."""
     name: str
-    data: list = field(default_factory=list)   # JSONL files or globs
+    data: list[str] | str = field(default_factory=list)   # JSONL files or globs
     init_from: str = ""                         # policy start = the frozen reference
     out_dir: str = ""                           # default out/dpo/<name>
-    val_data: list = field(default_factory=list)
-    beta: float = 0.1
-    epochs: float = 1.0
-    warmup_fraction: float = 0.1
-    decay_fraction: float = 0.2
+    val_data: list[str] | str = field(default_factory=list)
+    beta: float = field(default=0.1, metadata=limits(gt=0))
+    epochs: float = field(default=1.0, metadata=limits(gt=0))
+    warmup_fraction: float = field(default=0.1, metadata=limits(ge=0, le=1))
+    decay_fraction: float = field(default=0.2, metadata=limits(ge=0, le=1))
     ref_cache: bool = True                      # false: run the reference model every step (the slow way)
-    max_val_pairs: int = 256
-    pad_multiple: int = 8
+    max_val_pairs: int = field(default=256, metadata=limits(ge=0))
+    pad_multiple: int = field(default=8, metadata=limits(ge=1))
     train: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -327,8 +328,6 @@ class DPOConfig:
         self.val_data = [self.val_data] if isinstance(self.val_data, str) else list(self.val_data)
         if not self.data:
             raise ValueError(f"DPO run {self.name!r}: no data given")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
 
 
 def make_val_fn(data: PreferenceSet | None, ref_logps, pad_id: int, beta: float, batch_size: int, name: str):
@@ -422,8 +421,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="output dir (default out/dpo/<name>)")
     p.add_argument("--beta", type=float, help="DPO beta (default: the config's)")
     p.add_argument("--no-ref-cache", action="store_true", help="run the reference model every step instead")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key: beta=0.2, train.lr=1e-6, train.dtype=fp32")
     add_train_args(p)
     return p
 
@@ -431,15 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    overrides = train_overrides(args) + list(args.set)
+    overrides = train_overrides(args) + list(args.sets)
     for key, value in (("data", args.data), ("init_from", args.init_from), ("out_dir", args.out_dir),
                        ("beta", args.beta)):
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
     if args.no_ref_cache:
         overrides.append("ref_cache=false")
-    cfg = load_dpo_config(args.name, args.config_dir, overrides)
-    summary = run_dpo(cfg)
+    try:
+        summary = run_dpo(load_dpo_config(args.name, args.config_dir, overrides))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "param_sha256"}, default=str))
     return 0
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tomllib
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+
+import settings
 
 IGNORE = -100   # target id that the loss skips (torch cross_entropy's ignore_index)
 
@@ -45,39 +45,6 @@ def pad_length(longest: int, multiple: int) -> int:
 
 # ------------------------------------------------------------------------------------------------ configs
 
-def from_table(cls, table: dict, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
-    return cls(**table)
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    """`key=value` with a TOML value (`lr=3e-4`, `dtype="fp32"`, `dtype=fp32`: bare words are strings)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"--set expects key=value, got {text!r}")
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value
-    return key.strip(), parsed
-
-
-def apply_overrides(table: dict, overrides: list[str]) -> dict:
-    """Apply `--set` overrides: `key=value` sets a top-level key, `train.key=value` / `lora.key=value` a table key."""
-    table = json.loads(json.dumps(table))   # deep copy
-    for text in overrides or []:
-        key, value = parse_override(text)
-        section, _, name = key.rpartition(".")
-        target = table.setdefault(section, {}) if section else table
-        if not isinstance(target, dict):
-            raise ValueError(f"--set {key}: {section} is not a table")
-        target[name] = value
-    return table
-
-
 def schedule(total_steps: int, warmup_fraction: float, decay_fraction: float) -> dict:
     warmup = int(round(total_steps * warmup_fraction))
     decay = int(round(total_steps * decay_fraction))
@@ -85,28 +52,30 @@ def schedule(total_steps: int, warmup_fraction: float, decay_fraction: float) ->
 
 
 def make_train_config(train: dict, out_dir: str, total_steps: int, warmup_fraction: float, decay_fraction: float,
-                      extra: dict):
+                      extra: dict, where: str = "[train]"):
     """TrainConfig from a [train] table; total/warmup/stable/decay steps filled in unless the table sets them."""
     from train_loop import TrainConfig
     table = {**schedule(total_steps, warmup_fraction, decay_fraction), **train}
     table.setdefault("total_steps", total_steps)
     table["out_dir"] = out_dir
     table["extra"] = {**table.get("extra", {}), **extra}
-    return from_table(TrainConfig, table, "[train]")
+    return settings.build(TrainConfig, table, where)
 
 
-def load_config(cls, name_or_path: str, config_dir, overrides, name_key: str, what: str):
-    """A stage/run config: `<config_dir>/<name>.toml` (or a .toml path), `--set` overrides applied, into `cls`;
-    its name defaults to the file's stem."""
+def load_config(cls, name_or_path: str, config_dir, sets, name_key: str, what: str):
+    """A stage/run config: `<config_dir>/<name>.toml` (or a .toml path), `--set` overrides applied, into `cls`
+    (settings.load: typed, unknown keys and out-of-range values are errors); its name defaults to the stem."""
     path = Path(name_or_path)
     if not path.suffix:
         path = Path(config_dir) / f"{name_or_path}.toml"
     if not path.is_file():
         raise FileNotFoundError(f"no {what} config {path}")
-    with open(path, "rb") as f:
-        table = tomllib.load(f)
+    table = settings.apply_sets(settings.read_toml(path), sets, f"{path}: --set")
     table.setdefault(name_key, path.stem)
-    return from_table(cls, apply_overrides(table, overrides), str(path))
+    cfg = settings.build(cls, table, str(path))
+    from train_loop import TrainConfig   # check [train] now, not after the model is loaded
+    settings.build(TrainConfig, {"out_dir": "", "total_steps": 1, **cfg.train}, f"{path}[train]")
+    return cfg
 
 
 def fit_seq_len(train_table: dict, model) -> int:
@@ -141,6 +110,7 @@ TRAIN_FLAGS = [("--batch-size", int, "batch_size", "sequences (SFT) or pairs (DP
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Shortcuts for the common [train] keys of sft.py and dpo.py; anything else: --set train.key=value."""
+    settings.add_set_flag(p)
     g = p.add_argument_group("training (shortcuts for --set train.<key>=...)")
     g.add_argument("--steps", type=int, help="total optimizer steps (default: from epochs)")
     for flag, kind, _, help_text in TRAIN_FLAGS:

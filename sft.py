@@ -32,6 +32,7 @@ import torch
 from data_process.stage import SFT_COLUMNS, row_messages
 from finetune import (IGNORE, add_train_args, bucket_batches, check_init_from, fit_seq_len, load_config,
                       make_train_config, pad_length, train_overrides)
+from settings import ConfigError, limits
 
 log = logging.getLogger("sft")
 
@@ -228,12 +229,12 @@ class StageConfig:
     init_from: str                             # checkpoint dir to start from (previous stage's final)
     out_dir: str = ""                          # default out/sft/<stage>
     val_data: str = ""                         # optional; a missing file only skips validation
-    epochs: float = 1.0                        # used when [train] total_steps is not given
-    warmup_fraction: float = 0.03
-    decay_fraction: float = 0.2                # WSD: the last part of the stage decays to min_lr
-    tag_weight: float = 1.0                    # loss weight of <think></think><answer></answer> tokens
-    max_val_examples: int = 512
-    pad_multiple: int = 8
+    epochs: float = field(default=1.0, metadata=limits(gt=0))   # used when [train] total_steps is not given
+    warmup_fraction: float = field(default=0.03, metadata=limits(ge=0, le=1))
+    decay_fraction: float = field(default=0.2, metadata=limits(ge=0, le=1))   # WSD: the last part decays
+    tag_weight: float = field(default=1.0, metadata=limits(ge=0))   # loss weight of the think/answer tags
+    max_val_examples: int = field(default=512, metadata=limits(ge=0))
+    pad_multiple: int = field(default=8, metadata=limits(ge=1))
     lora: dict | None = None                   # lora.LoraSettings fields; present = a LoRA stage
     train: dict = field(default_factory=dict)
 
@@ -366,8 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="staged SFT CSV (default: the config's)")
     p.add_argument("--init-from", help="checkpoint dir to start from (default: the config's)")
     p.add_argument("--out-dir", help="output dir (default out/sft/<stage>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key: tag_weight=3, train.lr=1e-4, train.dtype=fp32, lora.rank=8")
     add_train_args(p)
     lo = p.add_argument_group("LoRA (Hu et al. 2021)")
     lo.add_argument("--lora", action="store_true", help="train LoRA adapters only (base frozen)")
@@ -392,21 +391,25 @@ def main(argv=None) -> int:
             return 2
         print(f"merged checkpoint written to {merge_adapter(args.base, args.adapter, args.out)}")
         return 0
-    overrides = train_overrides(args) + list(args.set)
+    overrides = train_overrides(args) + list(args.sets)
     for key, value in (("data", args.data), ("init_from", args.init_from), ("out_dir", args.out_dir)):
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    cfg = load_stage_config(args.stage, args.config_dir, overrides)
-    if args.no_lora:
-        cfg.lora = None
-    elif args.lora or cfg.lora is not None:
-        lora = dict(cfg.lora or {})
-        for key, value in (("rank", args.lora_rank), ("alpha", args.lora_alpha), ("dropout", args.lora_dropout),
-                           ("targets", args.lora_targets)):
-            if value is not None:
-                lora[key] = value
-        cfg.lora = lora
-    summary = run_stage(cfg)
+    try:
+        cfg = load_stage_config(args.stage, args.config_dir, overrides)
+        if args.no_lora:
+            cfg.lora = None
+        elif args.lora or cfg.lora is not None:
+            lora = dict(cfg.lora or {})
+            for key, value in (("rank", args.lora_rank), ("alpha", args.lora_alpha),
+                               ("dropout", args.lora_dropout), ("targets", args.lora_targets)):
+                if value is not None:
+                    lora[key] = value
+            cfg.lora = lora
+        summary = run_stage(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "param_sha256"}, default=str))
     return 0
 

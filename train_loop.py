@@ -35,6 +35,7 @@ import torch.distributed as dist
 from checkpoint import (CheckpointError, clean_stale_tmp, latest_checkpoint, list_checkpoints, load_train_state,
                         param_digest, prune_checkpoints, save_checkpoint, verify_checkpoint)
 from fileio import atomic_file, atomic_write_text
+from settings import limits
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the run stopped without applying that step."""
@@ -43,31 +44,33 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class TrainConfig:
     out_dir: str
-    total_steps: int                 # the global step at which this run ends
-    batch_size: int = 8              # sequences per micro-batch per rank
-    grad_accum: int = 1              # micro-batches per optimizer step
-    seq_len: int = 512
+    total_steps: int = field(metadata=limits(ge=1))   # the global step at which this run ends
+    batch_size: int = field(default=8, metadata=limits(ge=1))      # sequences per micro-batch per rank
+    grad_accum: int = field(default=1, metadata=limits(ge=1))      # micro-batches per optimizer step
+    seq_len: int = field(default=512, metadata=limits(ge=2))
     # Warmup-Stable-Decay schedule over global steps (see wsd_lr)
-    lr: float = 1e-3                 # peak learning rate
-    min_lr: float = 1e-4
-    warmup_steps: int = 0
-    stable_steps: int = 0
-    decay_steps: int = 0
-    decay: str = "exp"               # "exp" | "linear" | "cosine"
-    weight_decay: float = 0.1        # on >= 2-D parameters only (matrices, embeddings)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    grad_clip: float = 1.0           # max global grad norm; 0 = no clipping
-    dtype: str = "bf16"              # "bf16" (autocast) | "fp16" (autocast + GradScaler) | "fp32"
+    lr: float = field(default=1e-3, metadata=limits(gt=0))         # peak learning rate
+    min_lr: float = field(default=1e-4, metadata=limits(ge=0))
+    warmup_steps: int = field(default=0, metadata=limits(ge=0))
+    stable_steps: int = field(default=0, metadata=limits(ge=0))
+    decay_steps: int = field(default=0, metadata=limits(ge=0))
+    decay: str = field(default="exp", metadata=limits(choices=("exp", "linear", "cosine")))
+    weight_decay: float = field(default=0.1, metadata=limits(ge=0))   # on >= 2-D parameters only
+    adam_beta1: float = field(default=0.9, metadata=limits(ge=0, lt=1))
+    adam_beta2: float = field(default=0.95, metadata=limits(ge=0, lt=1))
+    grad_clip: float = field(default=1.0, metadata=limits(ge=0))   # max global grad norm; 0 = no clipping
+    # "bf16" (autocast) | "fp16" (autocast + GradScaler) | "fp32"
+    dtype: str = field(default="bf16", metadata=limits(choices=("bf16", "fp16", "fp32")))
     compile: bool = False            # torch.compile the model
     device: str = "auto"             # "auto" | "cpu" | "cuda"
-    eval_interval: int = 100         # steps between val_fn calls (also at the end); 0 = only at the end
-    save_interval: int = 500         # steps between checkpoints (also at the end); 0 = only at the end
-    keep_last: int = 3               # step-* checkpoints kept (final/ is kept apart)
+    # steps between val_fn calls / checkpoints (also at the end); 0 = only at the end
+    eval_interval: int = field(default=100, metadata=limits(ge=0))
+    save_interval: int = field(default=500, metadata=limits(ge=0))
+    keep_last: int = field(default=3, metadata=limits(ge=0))      # step-* checkpoints kept (final/ is kept apart)
     seed: int = 1337
     resume: bool = True              # continue from the latest checkpoint in out_dir if there is one
     init_from: str = ""              # continue another run: weights, optimizer, step, tokens (not data position)
-    peak_flops: float = 0.0          # per device, for MFU; 0 = a table for GPUs, a measured matmul peak on CPU
+    peak_flops: float = field(default=0.0, metadata=limits(ge=0))   # per device, for MFU; 0 = table / measured
     progress: bool = True            # tqdm bar (rank 0)
     wandb_project: str = ""          # log to wandb too, if it is installed
     tensorboard: bool = False        # log to TensorBoard too (<out_dir>/tb), if it is installed
