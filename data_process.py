@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import settings
+
 ROOT = Path(__file__).resolve().parent
 DEFAULT_RECIPE = ROOT / "config" / "recipe.toml"
 
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", action="append", default=None, metavar="NAME",
                    help="only these corpora of the recipe (repeatable), for the read and tokenize steps: split a "
                         "large run across machines by corpus, then gather data/clean/ on one machine for dedup")
+    settings.add_set_flag(p, "dedup.threshold=0.7")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--list-readers", action="store_true", help="list the corpus readers a recipe can name, and exit")
     return p
@@ -78,9 +81,9 @@ def main(argv=None) -> int:
         return 0
     try:
         if args.recipe is None:
-            recipe = load_recipe(DEFAULT_RECIPE, root=ROOT)
+            recipe = load_recipe(DEFAULT_RECIPE, root=ROOT, sets=args.sets)
         else:
-            recipe = load_recipe(args.recipe, root=Path.cwd())
+            recipe = load_recipe(args.recipe, root=Path.cwd(), sets=args.sets)
     except (RecipeError, OSError) as e:
         print(f"error: bad recipe: {e}", file=sys.stderr)
         return 2

@@ -137,6 +137,8 @@ def _typed(value, hint, key, f=None, base=None):
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is none of {hint}")
     if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):   # already built (e.g. a table merged with its defaults)
+            return value
         sub_base = getattr(base, f.name) if base is not None and f is not None else None
         return build(hint, value, key, base=sub_base)
     if hint is typing.Any:

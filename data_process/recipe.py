@@ -6,10 +6,11 @@ The tables and their meaning are documented in CONTRACTS.md ("Recipe") and in co
 """
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import settings
 
 
 @dataclass
@@ -105,36 +106,16 @@ LANGS = ("zh", "en", "mixed")
 EVAL_FORMATS = ("ceval", "cmmlu")
 
 
-class RecipeError(ValueError):
+class RecipeError(settings.ConfigError):
     pass
 
 
 def _build(cls, table, where: str, base=None):
-    """Instantiate dataclass `cls` from a TOML table; unknown keys and wrong types are errors."""
-    if not isinstance(table, dict):
-        raise RecipeError(f"{where}: expected a table, got {type(table).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - set(fields))
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-    values = dataclasses.asdict(base) if base is not None else {}
-    for key, value in table.items():
-        default = fields[key].default
-        if default is dataclasses.MISSING and fields[key].default_factory is not dataclasses.MISSING:
-            default = fields[key].default_factory()
-        if default is not dataclasses.MISSING and default is not None:
-            ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
-            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, bool):
-                ok = False
-            if not ok:
-                raise RecipeError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
-            if isinstance(default, float):
-                value = float(value)
-        values[key] = value
+    """Instantiate dataclass `cls` from a TOML table; unknown keys and wrong types are errors (settings.build)."""
     try:
-        return cls(**values)
-    except TypeError as e:  # a required key is missing
-        raise RecipeError(f"{where}: {e}") from None
+        return settings.build(cls, table, where, base=base)
+    except settings.ConfigError as e:
+        raise RecipeError(str(e)) from None
 
 
 def _string_list(value, where: str) -> list[str]:
@@ -198,14 +179,19 @@ def parse_recipe(raw: dict, root: Path, path: Path | None = None) -> Recipe:
     )
 
 
-def load_recipe(path, root=None) -> Recipe:
-    """Parse a recipe TOML file. `root` (default: the current directory) anchors relative paths."""
+def load_recipe(path, root=None, sets=()) -> Recipe:
+    """Parse a recipe TOML file, `--set` overrides (`dedup.threshold=0.7`) applied. `root` (default: the current
+    directory) anchors relative paths."""
     path = Path(path)
     with open(path, "rb") as f:
         try:
             raw = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise RecipeError(f"{path}: {e}") from None
+    try:
+        raw = settings.apply_sets(raw, sets, f"{path}: --set")
+    except settings.ConfigError as e:
+        raise RecipeError(str(e)) from None
     return parse_recipe(raw, Path(root).resolve() if root is not None else Path.cwd(), path)
 
 

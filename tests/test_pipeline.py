@@ -237,7 +237,7 @@ def test_recipe_rejects_unknown_keys_and_wrong_types_and_merges_corpus_clean(tmp
         parse_recipe({"clean": {"min_char": 3}}, tmp_path)
     with pytest.raises(RecipeError, match="unknown table"):
         parse_recipe({"corpora": []}, tmp_path)
-    with pytest.raises(RecipeError, match="expected int"):
+    with pytest.raises(RecipeError, match="min_chars: expected an integer"):
         parse_recipe({"clean": {"min_chars": "3"}}, tmp_path)
     with pytest.raises(RecipeError, match="role"):
         parse_recipe({"corpus": [{"name": "a", "reader": "text_jsonl", "paths": ["x"], "role": "chat"}]}, tmp_path)
