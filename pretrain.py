@@ -18,10 +18,10 @@ bits per character). The loop itself is train_loop.train, shared with SFT and DP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import settings
 import train_loop
+from settings import limits
 from data_process.shards import IndexedDataset
 from data_process.tokenize_docs import check_manifest
 
@@ -38,6 +40,35 @@ SCHEDULE_FILE = "schedule.toml"
 
 
 # ----------------------------------------------------------------------------- curriculum config
+
+@dataclass
+class ModelTable:                    # [model] of schedule.toml
+    preset: str = "26m"              # model.PRESETS; the vocabulary size comes from the tokenizer
+
+
+@dataclass
+class ScheduleTable:                 # [schedule] of schedule.toml
+    total_tokens: int = field(default=2_000_000_000, metadata=limits(ge=1))
+    peak_lr: float = field(default=1e-3, metadata=limits(gt=0))
+    min_lr: float = field(default=1e-4, metadata=limits(ge=0))
+    warmup_fraction: float = field(default=0.01, metadata=limits(ge=0, le=1))   # of the curriculum's steps
+    decay_fraction: float = field(default=0.10, metadata=limits(ge=0, le=1))    # ending with the last phase
+    decay: str = field(default="exp", metadata=limits(choices=("exp", "linear", "cosine")))
+
+
+@dataclass
+class LoaderTable:                   # pretraining's own keys in [train] (the rest are TrainConfig fields)
+    val_windows: int = field(default=32, metadata=limits(ge=1))   # fixed val windows per corpus
+    pack: bool = True                # windows across document boundaries (see MixtureLoader)
+
+
+@dataclass
+class ScheduleFile:                  # config/pretrain/schedule.toml
+    phases: list[str]
+    model: ModelTable = field(default_factory=ModelTable)
+    schedule: ScheduleTable = field(default_factory=ScheduleTable)
+    train: dict = field(default_factory=dict)
+
 
 @dataclass
 class Schedule:
@@ -49,60 +80,54 @@ class Schedule:
     warmup_fraction: float = 0.01    # of the curriculum's steps
     decay_fraction: float = 0.10     # of the curriculum's steps, ending with the last phase
     decay: str = "exp"
-    train: dict = field(default_factory=dict)   # TrainConfig defaults for every phase (batch_size, seq_len, ...)
+    train: dict = field(default_factory=dict)   # TrainConfig fields + LoaderTable keys for every phase
 
 
 @dataclass
 class Phase:
     name: str
-    mixture: dict[str, float]        # corpus -> weight (renormalized over the corpora present)
-    fraction: float = 0.0            # token budget as a fraction of schedule.total_tokens ...
-    tokens: int = 0                  # ... or absolute
+    mixture: dict[str, float] = field(default_factory=dict, metadata=limits(ge=0))   # corpus -> weight
+    fraction: float = field(default=0.0, metadata=limits(ge=0, le=1))   # of schedule.total_tokens ...
+    tokens: int = field(default=0, metadata=limits(ge=0))               # ... or absolute
     init_from: str = ""              # phase whose final checkpoint this one continues ("" = fresh model)
+    description: str = ""
 
 
-PHASE_KEYS = {"mixture", "fraction", "tokens", "init_from", "description"}
-SCHEDULE_KEYS = {"phases", "model", "schedule", "train"}
-TRAIN_KEYS = {"batch_size", "grad_accum", "seq_len", "dtype", "weight_decay", "adam_beta1", "adam_beta2",
-              "grad_clip", "eval_interval", "save_interval", "keep_last", "seed", "compile", "val_windows", "pack"}
+LOADER_KEYS = {f.name for f in dataclasses.fields(LoaderTable)}
 
 
-def _check_keys(path: Path, table: dict, known: set, where: str = "") -> None:
-    unknown = sorted(set(table) - known)
-    if unknown:   # a typo must not be silently ignored
-        raise ValueError(f"{path}: unknown key(s) {unknown}{' in ' + where if where else ''}; known: {sorted(known)}")
+def check_train_table(train: dict, where: str) -> dict:
+    """[train] of schedule.toml (plus command-line values): TrainConfig fields and LoaderTable keys, typed and
+    range-checked; returns it with every value checked."""
+    loader = settings.build(LoaderTable, {k: v for k, v in train.items() if k in LOADER_KEYS}, where)
+    rest = {k: v for k, v in train.items() if k not in LOADER_KEYS}
+    bad = sorted(set(rest) & {"out_dir", "total_steps", "lr", "min_lr", "warmup_steps", "stable_steps",
+                              "decay_steps", "decay", "init_from", "resume", "extra"})
+    if bad:
+        raise settings.ConfigError(f"{where}: {bad} are set by the curriculum ([schedule], the phases), not [train]")
+    settings.build(train_loop.TrainConfig, {"out_dir": "", "total_steps": 1, **rest}, where)
+    return {**rest, **dataclasses.asdict(loader)}
 
 
-def load_schedule(config_dir) -> Schedule:
+def load_schedule(config_dir, sets=()) -> Schedule:
     path = Path(config_dir) / SCHEDULE_FILE
-    raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    _check_keys(path, raw, SCHEDULE_KEYS)
-    sched = raw.get("schedule", {})
-    _check_keys(path, sched, {"total_tokens", "peak_lr", "min_lr", "warmup_fraction", "decay_fraction", "decay"},
-                "[schedule]")
-    _check_keys(path, raw.get("model", {}), {"preset"}, "[model]")
-    _check_keys(path, raw.get("train", {}), TRAIN_KEYS, "[train]")
-    if not raw.get("phases"):
-        raise ValueError(f"{path}: `phases` (the curriculum order) is missing or empty")
-    return Schedule(phases=list(raw["phases"]), preset=raw.get("model", {}).get("preset", "26m"),
-                    train=dict(raw.get("train", {})), **sched)
+    f = settings.load(ScheduleFile, path, sets)
+    if not f.phases:
+        raise settings.ConfigError(f"{path}: `phases` (the curriculum order) is empty")
+    return Schedule(phases=f.phases, preset=f.model.preset, train=check_train_table(f.train, f"{path}[train]"),
+                    **dataclasses.asdict(f.schedule))
 
 
 def load_phase(config_dir, name: str) -> Phase:
     path = Path(config_dir) / f"{name}.toml"
     if not path.is_file():
         raise FileNotFoundError(f"no phase config {path}")
-    raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    _check_keys(path, raw, PHASE_KEYS)
-    if not raw.get("mixture"):
-        raise ValueError(f"{path}: [mixture] is empty; give at least one corpus = weight")
-    if bool(raw.get("fraction")) == bool(raw.get("tokens")):
-        raise ValueError(f"{path}: give exactly one of `fraction` (of schedule.total_tokens) or `tokens`")
-    if any(w < 0 for w in raw["mixture"].values()):
-        raise ValueError(f"{path}: mixture weights must be >= 0")
-    return Phase(name=name, mixture={k: float(v) for k, v in raw["mixture"].items()},
-                 fraction=float(raw.get("fraction", 0)), tokens=int(raw.get("tokens", 0)),
-                 init_from=raw.get("init_from", ""))
+    phase = settings.load(Phase, path, name=name)
+    if not phase.mixture:
+        raise settings.ConfigError(f"{path}: [mixture] is empty; give at least one corpus = weight")
+    if bool(phase.fraction) == bool(phase.tokens):
+        raise settings.ConfigError(f"{path}: give exactly one of `fraction` (of schedule.total_tokens) or `tokens`")
+    return phase
 
 
 @dataclass
@@ -331,20 +356,25 @@ def make_val_fn(corpora: list[Corpus], seq_len: int, n_windows: int, batch_size:
 
 # ----------------------------------------------------------------------------- one phase
 
+FLAG_KEYS = ("batch_size", "grad_accum", "seq_len", "dtype", "eval_interval", "save_interval", "keep_last", "seed",
+             "val_windows")
+
+
 def build_config(args, schedule: Schedule) -> dict:
-    """schedule.toml's [train], overridden by command-line flags that were given."""
-    t = {"batch_size": 16, "grad_accum": 1, "seq_len": 512, "dtype": "bf16", "eval_interval": 200,
-         "save_interval": 1000, "keep_last": 3, "seed": 1337, "compile": False, "val_windows": 32, "pack": True,
-         **schedule.train}
-    for key in ("batch_size", "grad_accum", "seq_len", "dtype", "eval_interval", "save_interval", "keep_last",
-                "seed", "val_windows"):
+    """schedule.toml's [train] (defaults: TrainConfig's and LoaderTable's), overridden by the command-line
+    shortcuts that were given; checked like the file."""
+    t = dict(schedule.train)
+    for key in FLAG_KEYS:
         if getattr(args, key) is not None:
             t[key] = getattr(args, key)
     if args.compile:
         t["compile"] = True
     if args.within_doc:
         t["pack"] = False
-    return t
+    t = check_train_table(t, "schedule.toml [train] (or its command-line flag)")
+    defaults = {f.name: f.default for f in dataclasses.fields(train_loop.TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    return {**defaults, **t}
 
 
 def run_phase(name: str, args, schedule: Schedule) -> dict:
@@ -396,16 +426,13 @@ def run_phase(name: str, args, schedule: Schedule) -> dict:
     torch.manual_seed(t["seed"])     # identical initial weights on every rank and every run
     model = Transformer(model_cfg)
 
+    train_keys = {k: v for k, v in t.items() if k not in LOADER_KEYS}
     cfg = train_loop.TrainConfig(
-        out_dir=str(out_dir), total_steps=end_step, batch_size=t["batch_size"], grad_accum=t["grad_accum"],
-        seq_len=t["seq_len"], lr=args.lr or schedule.peak_lr, min_lr=args.min_lr or schedule.min_lr,
-        warmup_steps=plan.warmup_steps, stable_steps=plan.stable_steps, decay_steps=plan.decay_steps,
-        decay=schedule.decay, weight_decay=t.get("weight_decay", 0.1), adam_beta1=t.get("adam_beta1", 0.9),
-        adam_beta2=t.get("adam_beta2", 0.95), grad_clip=t.get("grad_clip", 1.0), dtype=t["dtype"],
-        compile=t["compile"], device=args.device, eval_interval=t["eval_interval"],
-        save_interval=t["save_interval"], keep_last=t["keep_last"], seed=t["seed"], resume=not args.no_resume,
-        init_from=str(init_dir), progress=not args.no_progress, wandb_project=args.wandb or "",
-        tensorboard=args.tensorboard,
+        **{**train_keys, "out_dir": str(out_dir), "total_steps": end_step, "lr": args.lr or schedule.peak_lr,
+           "min_lr": args.min_lr or schedule.min_lr, "warmup_steps": plan.warmup_steps,
+           "stable_steps": plan.stable_steps, "decay_steps": plan.decay_steps, "decay": schedule.decay,
+           "device": args.device, "resume": not args.no_resume, "init_from": str(init_dir),
+           "progress": not args.no_progress, "wandb_project": args.wandb or "", "tensorboard": args.tensorboard},
         extra={"phase": name, "mixture": {c.name: float(w) for c, w in zip(corpora, weights)},
                "phase_steps": [start_step, plan.bounds[name][1]], "curriculum_steps": plan.total_steps,
                "tokens_per_step": tokens_per_step, "pack": t["pack"]})
@@ -454,6 +481,7 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--wandb", metavar="PROJECT", help="also log to wandb (if installed)")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    settings.add_set_flag(p, "schedule.peak_lr=6e-4 (keys of schedule.toml)")
     return p.parse_args(argv)
 
 
@@ -462,7 +490,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        schedule = load_schedule(args.config_dir)
+        schedule = load_schedule(args.config_dir, args.sets)
         if args.total_tokens:
             schedule.total_tokens = int(args.total_tokens)
         for name in (schedule.phases if args.all else [args.phase]):
