@@ -66,14 +66,13 @@ class ModelConfig:
 
 
 # SwiGLU hidden sizes are ~8/3 * dim rounded to a multiple of 64 (LLaMA). "26m" and "100m" are MiniMind2's
-# small and base geometries (parameter counts quoted for a 6400 vocabulary); "wide" and "deep" are the
+# small and base geometries (parameter counts quoted for a 6400 vocabulary); "26m" and "deep" are the
 # shallow-wide / deep-narrow pair (same width, 8 vs 24 layers; MobileLLM argues deep-narrow wins at this size).
 # "moe": 8 fine-grained experts, top-2, each half the 26m FFN -> the same active FLOPs as 26m, ~3x its params.
 PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=256),
     "26m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1408, max_seq_len=1024),
     "100m": dict(dim=768, n_layers=16, n_heads=8, n_kv_heads=2, ffn_dim=2048, max_seq_len=2048),
-    "wide": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1408, max_seq_len=1024),
     "deep": dict(dim=512, n_layers=24, n_heads=8, n_kv_heads=2, ffn_dim=1408, max_seq_len=1024),
     "moe": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=704, max_seq_len=1024,
                 n_experts=8, n_experts_per_tok=2),

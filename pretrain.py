@@ -458,7 +458,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data/pretrain", help="token shards, one dir per corpus")
     p.add_argument("--tokenizer", default="data/tokenizer", help="tokenizer dir or .model the shards were made with")
     p.add_argument("--out-dir", default="out/pretrain", help="checkpoints go to <out-dir>/<phase>/")
-    p.add_argument("--preset", help="model preset for a fresh model (model.PRESETS: tiny, 26m, 100m, wide, deep, "
+    p.add_argument("--preset", help="model preset for a fresh model (model.PRESETS: tiny, 26m, 100m, deep, "
                                     "moe); vocab size comes from the tokenizer")
     p.add_argument("--total-tokens", type=float, help="override the curriculum's token budget")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch per rank")

@@ -14,7 +14,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Source:
     corpus: str          # the recipe's corpus name (files land in corpora/<corpus>/)
-    where: str           # "hf" (Hugging Face dataset), "ms" (ModelScope) or "manual"
+    where: str           # "hf" (Hugging Face dataset) or "manual"
     repo: str            # dataset repo id, or a URL for manual downloads
     patterns: tuple = () # allow_patterns for hf downloads (empty: the whole repo)
     note: str = ""

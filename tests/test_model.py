@@ -32,11 +32,11 @@ MOE_TOP1 = dict(n_experts=4, n_experts_per_tok=1)
 
 
 def test_presets_take_vocab_from_tokenizer_and_reject_unknown_names():
-    assert set(PRESETS) == {"tiny", "26m", "100m", "wide", "deep", "moe"}
+    assert set(PRESETS) == {"tiny", "26m", "100m", "deep", "moe"}
     for name in PRESETS:
         cfg = make_config(name, 8000)
         assert cfg.vocab_size == 8000 and cfg.n_heads % cfg.n_kv_heads == 0
-    assert (make_config("wide", 8).dim, make_config("wide", 8).n_layers) == (512, 8)
+    assert (make_config("26m", 8).dim, make_config("26m", 8).n_layers) == (512, 8)
     assert (make_config("deep", 8).dim, make_config("deep", 8).n_layers) == (512, 24)
     assert make_config("tiny", 8, dropout=0.1).dropout == 0.1
     with pytest.raises(ValueError, match="unknown model preset"):
