@@ -20,10 +20,9 @@ from data_process.records import corpus_fingerprint, iter_records
 from fileio import file_sha256
 from tokenizer import MAX_VOCAB, META_FILE, MODEL_FILE, SPECIAL_PIECES, Tokenizer
 
-# Default vocabulary size: 12,288 (a multiple of 128 for the GPU's output-layer matmul). bench/bench_tokenizer.py
-# sweeps 6,400..32,768 on real held-out general and medical text: 12,288 gives the most Chinese characters per
-# training FLOP for the 26m preset (embedding 22% of its parameters; 8,192 is 1% and 16,384 2% worse) and is within
-# 3% of the best for the 100m preset; ChatGLM2's 64,789 pieces would be 60% of the 26m model.
+# Default vocabulary size: 12,288 (a multiple of 128 for the GPU's output-layer matmul), chosen by
+# bench/bench_tokenizer.py's sweep of 6,400..32,768 on real held-out general and medical text: the most Chinese
+# characters per training FLOP for the 26m preset (figures: bench/results.md, "tokenizer compression").
 DEFAULT_VOCAB_SIZE = 12_288
 
 # SentencePiece trainer settings for Chinese (+ English, code). Why each:
@@ -83,7 +82,7 @@ def train_sentencepiece(lines: Iterable[str], vocab_size: int, num_threads: int 
 
     Deterministic for a given num_threads, but SentencePiece's BPE gives a (slightly) different model for a
     different thread count, so the pipeline always trains with one thread: the same recipe then makes the same
-    tokenizer on every machine (bench_tokenizer: 3.3M characters train in 6-11 s for 6,400-32,768 pieces here)."""
+    tokenizer on every machine (training time: bench/bench_tokenizer.py)."""
     if not 300 <= vocab_size <= MAX_VOCAB:
         raise ValueError(f"vocab_size {vocab_size} must be in [300, {MAX_VOCAB}] (256 byte pieces + specials, uint16)")
     spm.set_random_generator_seed(0)
