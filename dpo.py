@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,7 +282,9 @@ def compute_reference_logps(ref_model, data: PreferenceSet, pad_id: int, batch_s
 def cached_reference_logps(ref_model, data: PreferenceSet, ref_ckpt_dir, tokenizer, cache_dir, *,
                            batch_size: int = 8, device: str = "cpu", write: bool = True) -> torch.Tensor:
     """Load the reference log-probs from cache_dir/<key>.safetensors, or compute and store them (atomically)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
+
+    from fileio import atomic_write_bytes
     key = cache_key(data, ref_ckpt_dir, tokenizer)
     path = Path(cache_dir) / f"{key}.safetensors"
     if path.is_file():
@@ -296,10 +297,8 @@ def cached_reference_logps(ref_model, data: PreferenceSet, ref_ckpt_dir, tokeniz
     logps = compute_reference_logps(ref_model, data, tokenizer.pad_id, batch_size, device, progress=True)
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"logps": logps.contiguous()}, str(tmp),
-                  metadata={"reference": str(ref_ckpt_dir), "pairs": str(len(data)), "data_digest": data.digest})
-        os.replace(tmp, path)
+        atomic_write_bytes(path, save({"logps": logps.contiguous()}, metadata={
+            "reference": str(ref_ckpt_dir), "pairs": str(len(data)), "data_digest": data.digest}))
     return logps
 
 
@@ -356,7 +355,8 @@ def make_val_fn(data: PreferenceSet | None, ref_logps, pad_id: int, beta: float,
 def run_dpo(cfg: DPOConfig) -> dict:
     """Train one DPO run through train_loop.train; returns the loop's summary."""
     import copy
-    from train_loop import load_checkpoint, resolve_device, train
+    from checkpoint import load_checkpoint
+    from train_loop import dist_env, resolve_device, train
     if not cfg.init_from:
         raise ValueError(f"DPO run {cfg.name!r}: init_from (the starting/reference checkpoint) is required")
     check_init_from(cfg.init_from, "run `sh script/sft.sh` first; each DPO config names the run it starts from")
@@ -371,7 +371,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
         val = val.head(cfg.max_val_pairs)
     batch_size = int(train_table.get("batch_size", 8))
     device = resolve_device(train_table.get("device", "auto"))
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    env = dist_env()
+    is_main = env.is_main
     ref_model, ref_logps, val_ref = None, None, None
     if cfg.ref_cache or val is not None:
         model.to(device)   # `model` is still the starting checkpoint = the reference
@@ -386,7 +387,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         ref_model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     batches = DPOBatches(data, batch_size, tokenizer.pad_id, ref_logps=ref_logps,
                          seed=int(train_table.get("seed", 1337)), grad_accum=int(train_table.get("grad_accum", 1)),
-                         rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                         rank=env.rank, world_size=env.world_size,
                          pad_multiple=cfg.pad_multiple)
     total_steps = int(train_table.get("total_steps") or max(1, math.ceil(cfg.epochs * batches.steps_per_epoch())))
     extra = {"name": cfg.name, "data": [str(p) for p in expand(cfg.data)], "pairs": len(data),

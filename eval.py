@@ -385,7 +385,7 @@ def judge_samples(samples: list, url: str, model_name: str, api_key: str, timeou
 
 
 def evaluate(ckpt_dir: Path, args) -> dict:
-    from train_loop import load_checkpoint
+    from checkpoint import load_checkpoint
     model, tokenizer, meta = load_checkpoint(ckpt_dir)
     model.eval()
     torch.manual_seed(0)

@@ -1,18 +1,18 @@
 """Loading a trained checkpoint for generation, shared by chat.py, serve.py, export.py, eval.py and the
-benchmarks: the checkpoint verified and loaded (train_loop.load_checkpoint), a LoRA adapter merged in, the
-device checked, a seeded generator, and the sampling settings chat.py and eval.py generate with.
+benchmarks: the checkpoint verified and loaded (checkpoint.load_checkpoint), a LoRA adapter merged in, the
+device checked, a seeded generator, and the one `Sampling` type every generator takes.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 def load_model(ckpt_dir, lora_dir=None, dtype: str = "fp32", device: str = "cpu"):
     """-> (model in eval mode, tokenizer, meta) of a checkpoint directory, a LoRA adapter merged in if given."""
-    from train_loop import load_checkpoint
+    from checkpoint import load_checkpoint
     model, tokenizer, meta = load_checkpoint(ckpt_dir)   # verifies sizes and hashes of every file first
     if lora_dir is not None:
         from lora import load_adapter, merge_lora
@@ -47,13 +47,16 @@ def random_seed() -> int:
 
 @dataclass
 class Sampling:
-    """How chat.py and eval.py sample a reply (serve.py's requests carry the same fields, plus its own)."""
+    """How a reply is sampled: chat.py, eval.py, the server's requests and GRPO rollouts (engine.py) all use it.
+    `stop` strings and `ignore_eos` are honoured by the engine."""
     max_new_tokens: int = 512
     temperature: float = 0.7
     top_k: int = 0
     top_p: float = 0.9
     repetition_penalty: float = 1.1
     seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
 
     def generate(self, model, prompt_ids: list[int], stop_ids, generator: torch.Generator | None = None):
         """model.generate with these settings: a stream of token ids (a generator seeded from `seed` unless

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -541,18 +540,16 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, out_dir) -> None:
         """model.safetensors (a tied lm_head saved once, as embed_tokens) + config.json; atomic per file."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from fileio import atomic_write_bytes, atomic_write_text
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
             state.pop("lm_head.weight")
-        tmp = out_dir / "model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out_dir / "model.safetensors")
-        tmp = out_dir / "config.json.tmp"
-        tmp.write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        os.replace(tmp, out_dir / "config.json")
+        atomic_write_bytes(out_dir / "model.safetensors", save(state, metadata={"format": "pt"}))
+        atomic_write_text(out_dir / "config.json", json.dumps(asdict(self.config), indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device="cpu") -> "Transformer":

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import train_loop
 from data_process.shards import IndexedDataset
 from data_process.tokenize_docs import check_manifest
@@ -369,7 +370,7 @@ def run_phase(name: str, args, schedule: Schedule) -> dict:
                            pack=t["pack"], pad_id=tokenizer.pad_id)
 
     out_dir = out_root / name
-    own = train_loop.latest_checkpoint(out_dir) if not args.no_resume else None
+    own = checkpoint.latest_checkpoint(out_dir) if not args.no_resume else None
     init_dir = ""
     if phase.init_from:
         init_dir = out_root / phase.init_from / "final"
@@ -379,7 +380,7 @@ def run_phase(name: str, args, schedule: Schedule) -> dict:
     if own is not None:              # resuming this phase: the model is the checkpoint's
         model_cfg = ModelConfig.from_dict(json.loads((own / "config.json").read_text()))
     elif init_dir:                   # continuing the previous phase
-        prev = train_loop.verify_checkpoint(init_dir)
+        prev = checkpoint.verify_checkpoint(init_dir)
         if prev["step"] != start_step:
             raise ValueError(f"{init_dir} ends at step {prev['step']}, but this curriculum starts phase {name!r} "
                              f"at step {start_step} (tokens per step {tokens_per_step}); the batch geometry, "
@@ -470,7 +471,7 @@ def main(argv=None) -> int:
                 val = " ".join(f"{k}={v:.4f}" for k, v in summary["val"].items() if k.endswith(("bpc", "val/loss")))
                 print(f"phase {name} done: step {summary['step']}, {summary['tokens_seen']:,} tokens, "
                       f"loss {summary['loss']:.4f} {val} -> {summary['final_dir']}")
-    except (train_loop.TrainingDiverged, train_loop.CheckpointError, FileNotFoundError, ValueError) as e:
+    except (train_loop.TrainingDiverged, checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

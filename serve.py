@@ -8,9 +8,9 @@ Endpoints follow the OpenAI API reference (https://platform.openai.com/docs/api-
 `data: [DONE]`, or one JSON body with `usage`), `GET /v1/models`, `GET /health`. Every error is an OpenAI-style
 body `{"error": {"message", "type", "param", "code"}}`; a bad request is a 4xx, never a 500.
 
-One background thread owns the model (the `Engine`): up to `--max-active` generations advance together, one
-token each per batched forward (each in its own KV-cache slot, sampling with its own settings and seed, so a
-reply is the one it would get alone); further requests wait in a bounded queue. A client that goes away (a
+One background thread owns the model (engine.py's `Engine`, shared with GRPO rollouts): up to `--max-active`
+generations advance together, one token each per batched forward (each in its own KV-cache slot, sampling with
+its own settings and seed, so a reply is the one it would get alone); further requests wait in a bounded queue. A client that goes away (a
 stream closed, a request cancelled) stops its generation at the next token. Extensions beyond OpenAI's fields,
 as vLLM names them: `top_k`, `repetition_penalty`, `ignore_eos`.
 """
@@ -21,8 +21,6 @@ import asyncio
 import hmac
 import json
 import os
-import queue
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,9 +34,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from inference import device_error, load_model, seeded_generator
-from model import sample_next
-from tokenizer import StreamDecoder
+from engine import Engine, EngineBusy, Job
+from inference import Sampling, device_error, load_model
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 API_KEY_ENV = "SERVE_API_KEY"
@@ -177,210 +174,19 @@ async def read_body(request: Request, schema: type[BaseModel], max_bytes: int):
         raise ApiError(400, f"invalid value for '{param}': {err['msg']}", param=param, code=code) from None
 
 
-# ----------------------------------------------------------------------------- generation engine
-
-class StopMatcher:
-    """Cuts streamed text at the first stop string, holding back any tail that could still start one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.pending = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """-> (text safe to send now, whether a stop string was reached)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[:min(hits)], ""
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = k
-                    break
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
-@dataclass
-class Sampling:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-
-
-@dataclass
-class Job:
-    prompt_ids: list[int]
-    sampling: Sampling
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue            # ("text", str) ... then ("done", finish_reason) or ("error", message)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    completion_tokens: int = 0
-
-    def emit(self, *event):
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:   # the event loop is gone (server shutting down): nobody is listening
-            self.cancelled.set()
-
-
-@dataclass
-class Running:
-    """A job being generated: its sampling state, its text state, and where it stands in its KV-cache slot."""
-    job: Job
-    decoder: StreamDecoder
-    stops: StopMatcher
-    generator: torch.Generator
-    seen: torch.Tensor              # bool [V]: tokens of the prompt and the reply (repetition penalty)
-    stop_ids: frozenset
-    limit: int                      # new tokens the context leaves room for
-    position: int                   # tokens in the cache: where the next token fed goes
-    token: int = -1                 # the token sampled last, fed at the next step
-
-
-class Engine:
-    """The one thread that runs the model. Up to max_active generations share one batched forward per token
-    (Transformer.decode_step over a SlotCache, generation i in slot i); a new request is prefilled between
-    steps and joins the batch. Each request samples with its own settings and seeded generator, so its reply
-    is the one model.generate gives it alone."""
-
-    def __init__(self, model, tokenizer, max_active: int = 8, max_queue: int = 64):
-        self.model, self.tokenizer = model, tokenizer
-        self.max_active = max_active
-        self.cache = model.new_slot_cache(max_active)
-        self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.stats = {"tokens_generated": 0, "requests_finished": 0, "requests_cancelled": 0, "active": 0}
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> None:
-        try:
-            self.waiting.put_nowait(job)
-        except queue.Full:
-            raise ApiError(429, "the server is busy: too many queued requests, retry later",
-                           type="rate_limit_error", code="queue_full") from None
-
-    def _start(self, job: Job, slot: int) -> tuple[Running, str | None]:
-        """Prefill the prompt into `slot` and sample the first token; -> (the run, why it already finished)."""
-        s, model = job.sampling, self.model
-        prompt = [int(t) for t in job.prompt_ids]
-        model.check_generation(prompt, s.temperature, s.top_k, s.top_p, s.repetition_penalty)
-        device = model.lm_head.weight.device
-        seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
-        seen[torch.tensor(prompt, device=device)] = True
-        run = Running(job, StreamDecoder(self.tokenizer), StopMatcher(s.stop), seeded_generator(model, s.seed), seen,
-                      frozenset(() if s.ignore_eos else self.tokenizer.stop_ids()),
-                      min(s.max_tokens, model.config.max_seq_len - len(prompt)), len(prompt))
-        if run.limit <= 0:
-            return run, "stop"
-        self.cache.reserve(len(prompt) + run.limit - 1)   # the last new token is never fed back
-        ids = torch.tensor([prompt], dtype=torch.long, device=device)
-        logits = model.forward_with_cache(ids, self.cache.slot(slot), 0, last_only=True)[0, -1].float()
-        return run, self._accept(run, logits)
-
-    def _accept(self, run: Running, logits) -> str | None:
-        """Sample the run's next token from fp32 logits [V] and emit its text; -> why it finished, or None."""
-        job, s = run.job, run.job.sampling
-        token = sample_next(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty, run.seen, run.generator)
-        if token in run.stop_ids:
-            return "stop"
-        job.completion_tokens += 1
-        self.stats["tokens_generated"] += 1
-        run.seen[token] = True
-        text, stopped = run.stops.push(run.decoder.push(token))
-        if text:
-            job.emit("text", text)
-        if stopped:
-            return "stop_string"
-        if job.completion_tokens >= s.max_tokens:
-            return "length"
-        if job.completion_tokens >= run.limit:   # the context is full: generate() ends there too
-            return "stop"
-        run.token = token
-        return None
-
-    def _finish(self, run: Running, reason: str | None, error: str | None = None):
-        job = run.job
-        if reason == "cancelled":
-            self.stats["requests_cancelled"] += 1
-            return
-        if error is not None:
-            job.emit("error", error)
-            return
-        tail = run.stops.flush() if reason != "stop_string" else ""
-        if tail:
-            job.emit("text", tail)
-        self.stats["requests_finished"] += 1
-        job.emit("done", "length" if reason == "length" else "stop")
-
-    def _remove(self, active: list[Running], i: int) -> Running:
-        """Take run i out of the batch; the last run moves into its slot, so slots stay 0..n-1."""
-        run, last = active[i], active.pop()
-        if last is not run:
-            active[i] = last
-            self.cache.move(len(active), i, last.position)
-        return run
-
-    def _step(self, active: list[Running]) -> None:
-        """One token for every active run, in one forward."""
-        logits = self.model.decode_step([r.token for r in active], [r.position for r in active], self.cache).float()
-        finished = []
-        for i, run in enumerate(active):
-            run.position += 1
-            reason = self._accept(run, logits[i])
-            if reason is not None:
-                finished.append((run, reason))
-        for run, reason in finished:
-            self._finish(self._remove(active, active.index(run)), reason)
-
-    def _run(self):
-        with torch.inference_mode():
-            active: list[Running] = []
-            while True:
-                while len(active) < self.max_active:
-                    try:
-                        job = self.waiting.get(block=not active)
-                    except queue.Empty:
-                        break
-                    if job.cancelled.is_set():
-                        self.stats["requests_cancelled"] += 1
-                        continue
-                    try:
-                        run, reason = self._start(job, len(active))
-                    except Exception as e:   # a bug or a bad prompt must fail its request, not the engine
-                        job.emit("error", f"{type(e).__name__}: {e}")
-                        continue
-                    if reason is None:
-                        active.append(run)
-                    else:
-                        self._finish(run, reason)
-                for run in [r for r in active if r.job.cancelled.is_set()]:
-                    self._finish(self._remove(active, active.index(run)), "cancelled")
-                self.stats["active"] = len(active)
-                if not active:
-                    continue
-                try:
-                    self._step(active)
-                except Exception as e:   # the batch failed: fail its requests, keep serving
-                    for run in active:
-                        self._finish(run, "error", f"{type(e).__name__}: {e}")
-                    active.clear()
-                self.stats["active"] = len(active)
-
-
 # ----------------------------------------------------------------------------- the app
+
+@dataclass
+class HttpJob(Job):
+    """A Job whose events land in an asyncio queue of the server's event loop (the engine runs in its thread)."""
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    @classmethod
+    def create(cls, prompt_ids: list[int], sampling: Sampling) -> "HttpJob":
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        return cls(prompt_ids, sampling, lambda *event: loop.call_soon_threadsafe(events.put_nowait, event),
+                   events=events)
+
 
 @dataclass
 class ServerSettings:
@@ -426,7 +232,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise ApiError(404, f"the model '{name}' does not exist; this server has '{settings.model_name}'",
                            param="model", code="model_not_found")
 
-    def make_job(req: SamplingRequest, prompt_ids: list[int], max_tokens: int | None) -> Job:
+    def make_job(req: SamplingRequest, prompt_ids: list[int], max_tokens: int | None) -> HttpJob:
         room = settings.max_seq_len - len(prompt_ids)
         if max_tokens is not None and max_tokens > settings.max_seq_len:
             raise ApiError(400, f"max_tokens is {max_tokens}; this model's context is {settings.max_seq_len} tokens",
@@ -437,14 +243,14 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                            param="messages" if isinstance(req, ChatRequest) else "prompt",
                            code="context_length_exceeded")
         sampling = Sampling(
-            max_tokens=max_tokens or min(settings.default_max_tokens, room),
+            max_new_tokens=max_tokens or min(settings.default_max_tokens, room),
             temperature=settings.default_temperature if req.temperature is None else req.temperature,
             top_p=settings.default_top_p if req.top_p is None else req.top_p,
             top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed,
             stop=req.stop_strings(), ignore_eos=req.ignore_eos)
-        return Job(prompt_ids, sampling, asyncio.get_running_loop(), asyncio.Queue())
+        return HttpJob.create(prompt_ids, sampling)
 
-    async def next_event(job: Job, request: Request):
+    async def next_event(job: HttpJob, request: Request):
         """The job's next event; None when the client went away (its generation is then cancelled)."""
         while True:
             try:
@@ -454,12 +260,15 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                     job.cancelled.set()
                     return None
 
-    def usage(job: Job) -> dict:
+    def usage(job: HttpJob) -> dict:
         return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.completion_tokens,
                 "total_tokens": len(job.prompt_ids) + job.completion_tokens}
 
-    async def respond(request: Request, req: SamplingRequest, job: Job, chat: bool):
-        engine.submit(job)
+    async def respond(request: Request, req: SamplingRequest, job: HttpJob, chat: bool):
+        try:
+            engine.submit(job)
+        except EngineBusy as e:
+            raise ApiError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full") from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": settings.model_name}

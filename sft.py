@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -274,7 +273,8 @@ def stage_done(out_dir) -> bool:
 
 def run_stage(cfg: StageConfig) -> dict:
     """Train one SFT stage through train_loop.train; returns the loop's summary (+ data and padding figures)."""
-    from train_loop import load_checkpoint, save_checkpoint, train, verify_checkpoint
+    from checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+    from train_loop import dist_env, train
     out_dir = Path(cfg.out_dir)
     if stage_done(out_dir):
         print(f"{out_dir}/final already holds the merged LoRA model; nothing to train")
@@ -290,10 +290,9 @@ def run_stage(cfg: StageConfig) -> dict:
         val = load_sft_set(tokenizer, cfg.val_data, max_tokens, cfg.tag_weight, cache_dir=out_dir / "data")
     batch_size = int(train_table.get("batch_size", 8))
     grad_accum = int(train_table.get("grad_accum", 1))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))   # as train_loop.init_distributed reads them
-    rank = int(os.environ.get("RANK", "0"))
+    env = dist_env()
     batches = SFTBatches(data, batch_size, tokenizer.pad_id, seed=int(train_table.get("seed", 1337)),
-                         grad_accum=grad_accum, rank=rank, world_size=world_size, pad_multiple=cfg.pad_multiple)
+                         grad_accum=grad_accum, rank=env.rank, world_size=env.world_size, pad_multiple=cfg.pad_multiple)
     total_steps = int(train_table.get("total_steps") or max(1, math.ceil(cfg.epochs * batches.steps_per_epoch())))
     padding = batches.padding_fraction()
     settings = None
@@ -317,7 +316,7 @@ def run_stage(cfg: StageConfig) -> dict:
     val_fn = make_val_fn(val, tokenizer.pad_id, cfg.stage, batch_size, cfg.max_val_examples)
     summary = train(train_cfg, model, tokenizer, batches, val_fn=val_fn, meta=meta,
                     trainable_params=lora_lib.lora_parameters(model) if settings else None)
-    if settings is not None and rank == 0:
+    if settings is not None and env.is_main:
         # the loop's final holds LoRA-named weights (what it resumes from); replace it by the adapter alone
         # (peft format, out/sft/<stage>/adapter) and the merged full model as a normal checkpoint
         final = Path(summary["final_dir"])
@@ -341,7 +340,7 @@ def load_stage_config(stage_or_path: str, config_dir="config/sft", overrides: li
 
 def merge_adapter(base_dir, adapter_dir, out_dir) -> Path:
     """Fold a saved LoRA adapter into its base checkpoint and write a full checkpoint (kind "sft", chat)."""
-    from train_loop import load_checkpoint, save_checkpoint
+    from checkpoint import load_checkpoint, save_checkpoint
     import lora as lora_lib
     model, tokenizer, meta = load_checkpoint(base_dir)
     lora_lib.load_adapter(model, adapter_dir)

@@ -3,7 +3,8 @@
 It owns everything a run needs besides its data and its loss: the Warmup-Stable-Decay learning rate
 (MiniCPM, arXiv 2404.06395), AdamW, mixed precision, gradient accumulation and clipping, DDP under torchrun,
 atomic checkpoints with exact resume, a NaN stop, and what the user watches (tqdm bar, metrics.jsonl,
-metrics.png). It also owns the checkpoint format and `load_checkpoint`, the one loader everybody uses.
+metrics.png). Checkpoints are written and verified by checkpoint.py (its `load_checkpoint` is the one loader
+everybody uses).
 
     cfg = TrainConfig(out_dir="out/pretrain/stable", total_steps=1000, lr=1e-3, warmup_steps=10, ...)
     train(cfg, model, tokenizer, batches, val_fn=val_fn, meta={"kind": "base", "phase": "stable"})
@@ -12,17 +13,11 @@ metrics.png). It also owns the checkpoint format and `load_checkpoint`, the one 
 (seed, step, micro_step, rank), which is what makes resume exact), `state_dict()` and `load_state_dict()`.
 Steps are global: a run that continues another (`init_from`) starts at that checkpoint's step and ends at
 `total_steps`, so the schedule is one curve across runs (pretrain phases use this).
-
-Checkpoint directory (`<out_dir>/step-000123/`, `<out_dir>/final/`): model.safetensors + config.json (the model's
-save_pretrained), tokenizer.model + tokenizer_meta.json (a copy), meta.json (tokenizer hash, step, tokens, kind,
-phase/stage, chat, the sizes and sha256 of every file), and train_state.pt (optimizer, grad scaler, loader,
-RNG states; plain tensors and Python values only, so it loads with `torch.load(weights_only=True)`).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -37,14 +32,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_process.records import file_sha256
-
-CHECKPOINT_FORMAT = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupted or does not belong to this run."""
-
+from checkpoint import (CheckpointError, clean_stale_tmp, latest_checkpoint, list_checkpoints, load_train_state,
+                        param_digest, prune_checkpoints, save_checkpoint, verify_checkpoint)
+from fileio import atomic_file, atomic_write_text
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the run stopped without applying that step."""
@@ -135,13 +125,19 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def dist_env() -> DistInfo:
+    """Rank, local rank and world size as torchrun sets them (1 process when it did not); the one place that
+    reads RANK/LOCAL_RANK/WORLD_SIZE. Joins nothing: see init_distributed."""
+    return DistInfo(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                    world_size=int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the torchrun process group if there is one (WORLD_SIZE > 1): NCCL on GPU, gloo on CPU.
     Multi-node is torchrun's business (--nnodes, --node_rank, --rdzv_endpoint); nothing changes here."""
     device = resolve_device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    env = dist_env()
+    world_size, rank, local_rank = env.world_size, env.rank, env.local_rank
     if device.startswith("cuda") and world_size > 1:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -239,151 +235,6 @@ def default_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     return out.loss + aux, metrics
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def save_checkpoint(ckpt_dir, model, tokenizer, meta: dict, train_state: dict | None = None) -> Path:
-    """Write a self-contained checkpoint atomically: everything goes to a temp dir beside it, is fsynced, and
-    the dir is renamed into place, so a kill at any moment leaves either the old checkpoint or the new one."""
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_dir.parent / f".tmp-{ckpt_dir.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    model.save_pretrained(tmp)
-    tokenizer.save(tmp)
-    if train_state is not None:
-        torch.save(train_state, tmp / "train_state.pt")
-    files = {}
-    for p in sorted(tmp.iterdir()):
-        if p.is_file():
-            files[p.name] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-    meta = {**meta, "format": CHECKPOINT_FORMAT, "tokenizer_sha256": tokenizer.sha256, "files": files}
-    with open(tmp / "meta.json", "w", encoding="utf-8") as f:
-        json.dump(meta, f, ensure_ascii=False, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    old = ckpt_dir.parent / f".old-{ckpt_dir.name}"
-    if ckpt_dir.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(ckpt_dir, old)
-    os.rename(tmp, ckpt_dir)
-    _fsync_dir(ckpt_dir.parent)
-    if old.exists():
-        shutil.rmtree(old)
-    return ckpt_dir
-
-
-def verify_checkpoint(ckpt_dir) -> dict:
-    """Check that a checkpoint is complete and intact (every file present with the size and sha256 recorded
-    in meta.json, and the tokenizer copy is the one the model was trained with); return its meta."""
-    ckpt_dir = Path(ckpt_dir)
-    meta_path = ckpt_dir / "meta.json"
-    if not meta_path.is_file():
-        raise CheckpointError(f"{ckpt_dir} is not a checkpoint: meta.json is missing")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_path} is corrupted: {e}") from None
-    for name in ("model.safetensors", "config.json", "tokenizer.model"):
-        if name not in meta.get("files", {}):
-            raise CheckpointError(f"{ckpt_dir}: meta.json lists no {name}; not a checkpoint written by train_loop")
-    for name, info in meta["files"].items():
-        path = ckpt_dir / name
-        if not path.is_file():
-            raise CheckpointError(f"{ckpt_dir}: {name} is missing")
-        size = path.stat().st_size
-        if size != info["bytes"]:
-            raise CheckpointError(f"{ckpt_dir}: {name} is {size} bytes, expected {info['bytes']} "
-                                  f"(truncated or overwritten); refusing to load it")
-        if file_sha256(path) != info["sha256"]:
-            raise CheckpointError(f"{ckpt_dir}: {name} does not match its recorded sha256 (corrupted); "
-                                  f"refusing to load it")
-    tok_sha = file_sha256(ckpt_dir / "tokenizer.model")
-    if tok_sha != meta.get("tokenizer_sha256"):
-        raise CheckpointError(f"{ckpt_dir}: the tokenizer copy (sha256 {tok_sha[:12]}) is not the tokenizer the "
-                              f"model was trained with ({str(meta.get('tokenizer_sha256'))[:12]})")
-    return meta
-
-
-def load_checkpoint(ckpt_dir, device: str = "cpu"):
-    """The one checkpoint loader: -> (model, tokenizer, meta). Verifies the checkpoint first (see
-    verify_checkpoint) and refuses a corrupted or mismatched one with a CheckpointError."""
-    from model import Transformer
-    from tokenizer import Tokenizer
-    meta = verify_checkpoint(ckpt_dir)
-    tokenizer = Tokenizer.load(ckpt_dir)
-    if tokenizer.sha256 != meta["tokenizer_sha256"]:
-        raise CheckpointError(f"{ckpt_dir}: tokenizer hash {tokenizer.sha256[:12]} != meta.json's "
-                              f"{meta['tokenizer_sha256'][:12]}")
-    try:
-        model = Transformer.from_pretrained(ckpt_dir, device=device)
-    except Exception as e:   # safetensors/config errors: say which checkpoint
-        raise CheckpointError(f"{ckpt_dir}: cannot load the model: {e}") from e
-    return model, tokenizer, meta
-
-
-def load_train_state(ckpt_dir) -> dict:
-    path = Path(ckpt_dir) / "train_state.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt_dir} has no train_state.pt (a weights-only checkpoint cannot be resumed)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} cannot be read: {e}") from e
-
-
-def list_checkpoints(out_dir) -> list[tuple[int, Path]]:
-    """(step, dir) of the checkpoints in out_dir, oldest first (final/ after step-* of the same step)."""
-    found = []
-    for d in Path(out_dir).glob("step-*"):
-        if d.is_dir() and d.name[5:].isdigit():
-            found.append((int(d.name[5:]), 0, d))
-    final = Path(out_dir) / "final"
-    if (final / "meta.json").is_file():
-        with contextlib.suppress(Exception):
-            found.append((int(json.loads((final / "meta.json").read_text())["step"]), 1, final))
-    return [(s, d) for s, _, d in sorted(found)]
-
-
-def latest_checkpoint(out_dir) -> Path | None:
-    ckpts = list_checkpoints(out_dir)
-    return ckpts[-1][1] if ckpts else None
-
-
-def _clean_stale_tmp(out_dir: Path) -> None:
-    """Remove what a killed save left behind; put back a checkpoint caught between its two renames."""
-    for old in out_dir.glob(".old-*"):
-        target = out_dir / old.name[len(".old-"):]
-        if target.exists():
-            shutil.rmtree(old)
-        else:
-            os.rename(old, target)
-    for tmp in out_dir.glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _prune(out_dir: Path, keep_last: int) -> None:
-    steps = [d for s, d in list_checkpoints(out_dir) if d.name.startswith("step-")]
-    for d in steps[:-keep_last] if keep_last > 0 else steps:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 def _rng_state() -> dict:
     np_state = np.random.get_state()
     state = {"python": list(random.getstate()[1]),
@@ -411,15 +262,6 @@ def _gather_rng(world_size: int) -> list:
     return every
 
 
-def param_digest(model) -> str:
-    """sha256 of all parameters, to check that DDP replicas are identical."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- metrics
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -444,9 +286,7 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     metrics.jsonl reads as one uninterrupted run."""
     if path.is_file():
         kept = [r for r in read_jsonl(path) if r.get("step", -1) < after_step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
 
 
 def plot_metrics(jsonl_path: Path, png_path: Path) -> None:
@@ -470,10 +310,9 @@ def plot_metrics(jsonl_path: Path, png_path: Path) -> None:
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_file(png_path) as f:
+        fig.savefig(f, format="png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, png_path)
 
 
 class _ExternalLoggers:
@@ -534,7 +373,7 @@ def train(cfg: TrainConfig, model, tokenizer, batches, *, loss_fn=None, val_fn=N
     out_dir = Path(cfg.out_dir)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _clean_stale_tmp(out_dir)
+        clean_stale_tmp(out_dir)
         old = list_checkpoints(out_dir) if not cfg.resume else []
         if old:   # starting over: a later resume must never pick up a checkpoint of the abandoned run
             print(f"resume disabled: removing {len(old)} old checkpoint(s) in {out_dir}")
@@ -626,7 +465,7 @@ def train(cfg: TrainConfig, model, tokenizer, batches, *, loss_fn=None, val_fn=N
             ckpt_meta = {**meta, "step": step, "tokens_seen": tokens_seen, "param_sha256": digests[0],
                          "world_size": info.world_size, "train_config": dataclasses.asdict(cfg)}
             save_checkpoint(path, raw_model, tokenizer, ckpt_meta, state)
-            _prune(out_dir, cfg.keep_last)
+            prune_checkpoints(out_dir, cfg.keep_last)
         _barrier(info.world_size)
         return path
 

@@ -44,7 +44,7 @@ def train_tokenizer():
 
 def make_checkpoint(out_dir: Path, preset: str, tok, **overrides) -> Path:
     from model import Transformer, make_config
-    from train_loop import save_checkpoint
+    from checkpoint import save_checkpoint
     torch.manual_seed(0)
     model = Transformer(make_config(preset, tok.vocab_size, **overrides))
     with torch.no_grad():   # scaled up so greedy decoding wanders instead of repeating one token

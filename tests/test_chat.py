@@ -24,12 +24,12 @@ def one_torch_thread():
 
 def make_checkpoint(out_dir: Path, preset: str = "tiny", chat: bool = True, seed: int = 0, scale: float = 20.0,
                     **overrides) -> Path:
-    """A random-init model + the real ChatGLM2 tokenizer, written by train_loop.save_checkpoint.
+    """A random-init model + the real ChatGLM2 tokenizer, written by checkpoint.save_checkpoint.
     Matrices are scaled up (x`scale`) so that, as in a trained model, what it generates depends on the prompt
     (at init scale the output distribution is nearly the same whatever the context)."""
     from model import Transformer, make_config
     from tokenizer import Tokenizer
-    from train_loop import save_checkpoint
+    from checkpoint import save_checkpoint
     tok = Tokenizer.load(SAMPLES / "chatglm2-tokenizer" / "tokenizer.model")
     torch.manual_seed(seed)
     model = Transformer(make_config(preset, tok.vocab_size, **overrides))

@@ -44,7 +44,7 @@ def test_log_probs_count_only_the_response_tokens(tmp_path):
 
 
 def test_sequence_log_probs_and_loss_match_a_hand_computation(tmp_path):
-    from train_loop import load_checkpoint
+    from checkpoint import load_checkpoint
     tok = real_tokenizer()
     model, _, _ = load_checkpoint(base_checkpoint(tmp_path / "base"))
     model.eval()
@@ -69,7 +69,7 @@ def test_sequence_log_probs_and_loss_match_a_hand_computation(tmp_path):
 
 
 def test_cached_reference_log_probs_equal_a_fresh_reference_pass(tmp_path, capsys):
-    from train_loop import load_checkpoint
+    from checkpoint import load_checkpoint
     tok = real_tokenizer()
     base = base_checkpoint(tmp_path / "base")
     model, _, _ = load_checkpoint(base)
@@ -115,7 +115,8 @@ def test_bad_lines_are_counted_and_empty_data_is_an_error(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_dpo_raises_the_chosen_minus_rejected_margin(tmp_path):
-    from train_loop import load_checkpoint, read_jsonl
+    from checkpoint import load_checkpoint
+    from train_loop import read_jsonl
     tok = real_tokenizer()
     base = base_checkpoint(tmp_path / "base")
     path = stage(tmp_path, read_records("pref_messages_jsonl", FIREFLY_DPO, "firefly_dpo") +

@@ -232,7 +232,7 @@ def test_parse_scores_rejects_out_of_range_and_garbage():
 
 @pytest.mark.slow
 def test_eval_main_writes_json_and_markdown_reports_and_compares_checkpoints(tmp_path, glm, tiny, capsys):
-    from train_loop import save_checkpoint
+    from checkpoint import save_checkpoint
     base = save_checkpoint(tmp_path / "base", tiny, glm, {"kind": "base", "step": 0, "tokens_seen": 0,
                                                            "chat": False})
     chat = save_checkpoint(tmp_path / "chat", tiny, glm, {"kind": "sft", "step": 0, "tokens_seen": 0,

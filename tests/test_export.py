@@ -177,7 +177,7 @@ def test_a_tokenizer_trained_by_the_project_exports_with_the_same_ids(tmp_path):
     from model import Transformer, make_config
     from data_process.train_tokenizer import train_sentencepiece
     from tokenizer import Tokenizer
-    from train_loop import save_checkpoint
+    from checkpoint import save_checkpoint
     texts = real_chinese_texts()
     tok = Tokenizer(train_sentencepiece(texts, 2000))
     assert tok.bos_id is None

@@ -13,7 +13,7 @@ from test_sft_fixtures import (FAST_TRAIN, MEDICAL_SFT, base_checkpoint, read_re
 
 
 def test_settings_validate_and_select_the_named_projections(tmp_path):
-    from train_loop import load_checkpoint
+    from checkpoint import load_checkpoint
     model, _, _ = load_checkpoint(base_checkpoint(tmp_path / "base"))
     settings = lora.LoraSettings(rank=4, alpha=8, dropout=0.0, targets="q,v,down")
     assert settings.module_names() == ["down_proj", "q_proj", "v_proj", "w2"]
@@ -32,7 +32,7 @@ def test_settings_validate_and_select_the_named_projections(tmp_path):
 
 @pytest.mark.slow
 def test_lora_stage_trains_adapters_only_and_merged_outputs_equal_adapter_outputs(tmp_path):
-    from train_loop import load_checkpoint
+    from checkpoint import load_checkpoint
     base_dir = base_checkpoint(tmp_path / "base")
     csv = stage(tmp_path, read_records("sharegpt_jsonl", MEDICAL_SFT, "medical_sft", limit=60),
                 "medical_dialogue", max_tokens=96)
@@ -85,7 +85,7 @@ def test_adapter_loads_with_peft_onto_the_hugging_face_llama(tmp_path):
     """Our parameter names are LlamaForCausalLM's, so peft's own loader applies our adapter file unchanged."""
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
-    from train_loop import load_checkpoint
+    from checkpoint import load_checkpoint
     base_dir = base_checkpoint(tmp_path / "base")
     model, tok, _ = load_checkpoint(base_dir)
     settings = lora.LoraSettings(rank=4, alpha=8, dropout=0.0)

@@ -20,6 +20,7 @@ import torch
 from conftest import ROOT, SAMPLES
 
 import pretrain
+import checkpoint
 import train_loop
 
 # the phase corpora the samples stand in for; baidubaike, wudao, skypile are absent on purpose (a user
@@ -174,7 +175,7 @@ def test_every_phase_end_to_end_and_phase_by_phase_equals_all(data, tmp_path, ca
             phase_records = _metrics(tmp_path / run / phase / "metrics.jsonl")
             assert [r["step"] for r in phase_records] == list(range(*plan.bounds[phase]))
             records += phase_records
-            model, tok, meta = train_loop.load_checkpoint(tmp_path / run / phase / "final")
+            model, tok, meta = checkpoint.load_checkpoint(tmp_path / run / phase / "final")
             assert meta["phase"] == phase and meta["kind"] == "base" and meta["step"] == plan.bounds[phase][1]
             assert tok.sha256 == data["tok"].sha256 and model.config.vocab_size == tok.vocab_size
             vals = [r for r in train_loop.read_jsonl(tmp_path / run / phase / "metrics.jsonl") if r.get("kind") == "val"]
@@ -333,8 +334,8 @@ def test_resume_after_kill_9_gives_identical_losses(data, tmp_path):
     ref_losses = [(r["step"], r["loss"]) for r in _metrics(tmp_path / "ref/main/metrics.jsonl")]
     got = [(r["step"], r["loss"]) for r in _metrics(out / "main/metrics.jsonl")]
     assert got == ref_losses and len(got) == 60
-    a = train_loop.verify_checkpoint(tmp_path / "ref/main/final")
-    b = train_loop.verify_checkpoint(out / "main/final")
+    a = checkpoint.verify_checkpoint(tmp_path / "ref/main/final")
+    b = checkpoint.verify_checkpoint(out / "main/final")
     assert a["param_sha256"] == b["param_sha256"]
     assert not list((out / "main").glob(".tmp-*"))
 
@@ -353,12 +354,12 @@ def test_ddp_two_processes_on_cpu_train_identical_replicas_and_save_once(data, t
     records = _metrics(out / "main/metrics.jsonl")
     assert [r["step"] for r in records] == list(range(12))   # logged once per step, not per rank
     assert records[0]["tokens"] == 4 * 2 * 32 * 2
-    meta = train_loop.verify_checkpoint(out / "main/final")
+    meta = checkpoint.verify_checkpoint(out / "main/final")
     assert meta["world_size"] == 2 and meta["step"] == 12
-    state = train_loop.load_train_state(out / "main/final")
+    state = checkpoint.load_train_state(out / "main/final")
     assert len(state["rng"]) == 2                               # each rank's RNG, for exact resume
     assert sorted(p.name for p in (out / "main").iterdir() if p.is_dir()) == ["final", "step-000005", "step-000010"]
     # the loop all-gathers a parameter digest at every save and stops if the replicas differ; it saved
-    model, _, _ = train_loop.load_checkpoint(out / "main/final")
-    assert train_loop.param_digest(model) == meta["param_sha256"]
+    model, _, _ = checkpoint.load_checkpoint(out / "main/final")
+    assert checkpoint.param_digest(model) == meta["param_sha256"]
     assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]

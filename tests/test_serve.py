@@ -436,7 +436,7 @@ def test_web_page_streams_multi_turn_chinese_replies_in_headless_chromium(server
 # ----------------------------------------------------------------------------- pieces, in-process
 
 def test_stop_matcher_holds_back_a_possible_stop_prefix_across_pieces():
-    from serve import StopMatcher
+    from engine import StopMatcher
     m = StopMatcher(["<END>", "停止"])
     assert m.push("你好<E") == ("你好", False)        # "<E" might begin "<END>": held back
     assert m.push("X") == ("<EX", False)             # it did not
@@ -448,28 +448,26 @@ def test_stop_matcher_holds_back_a_possible_stop_prefix_across_pieces():
 
 def test_full_queue_is_a_429_not_a_hang(ckpt):
     from inference import load_model
-    from serve import ApiError, Engine, Job, Sampling
+    from engine import Engine, EngineBusy, Job
+    from inference import Sampling
     model, tok, _ = load_model(ckpt)
     engine = Engine(model, tok, max_active=1, max_queue=1)
-    loop = asyncio.new_event_loop()
-    jobs = [Job(tok.encode("发热"), Sampling(max_tokens=1500, temperature=1.0, top_p=1.0, ignore_eos=True), loop,
-                asyncio.Queue()) for _ in range(3)]
+    jobs = [Job(tok.encode("发热"), Sampling(max_new_tokens=1500, temperature=1.0, top_p=1.0, ignore_eos=True),
+                lambda *event: None) for _ in range(3)]
     try:
         engine.submit(jobs[0])
         deadline = time.time() + 30
         while engine.stats["active"] == 0 and time.time() < deadline:   # the engine took it: the queue is empty
             time.sleep(0.01)
         engine.submit(jobs[1])                                         # waits in the queue
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(EngineBusy):
             engine.submit(jobs[2])
-        assert err.value.status == 429 and err.value.type == "rate_limit_error"
     finally:
         for job in jobs:
             job.cancelled.set()
         deadline = time.time() + 30
         while (engine.stats["active"] or engine.waiting.qsize()) and time.time() < deadline:
             time.sleep(0.05)
-        loop.close()
     assert engine.stats["requests_cancelled"] == 2 and engine.stats["active"] == 0
 
 
@@ -478,30 +476,31 @@ def test_batched_engine_gives_each_request_the_reply_it_gets_alone(ckpt, referen
     seeds, sampling settings and stop strings, so requests finish at different steps, their slots are
     refilled and late requests join a running batch. Each reply is the one model.generate gives alone."""
     from inference import load_model
-    from serve import Engine, Job, Sampling
+    from engine import Engine
+    from inference import Sampling
+    from serve import HttpJob
     _, chat_ids, tok = reference
     model, _, _ = load_model(ckpt)
-    cases = [("感冒了怎么办？", dict(max_tokens=24, temperature=0.0, top_p=1.0)),
-             ("高血压吃什么好？", dict(max_tokens=9, temperature=0.9, top_p=0.8, seed=3)),
-             ("失眠的原因有哪些？", dict(max_tokens=30, temperature=1.2, top_p=1.0, top_k=20, seed=11,
+    cases = [("感冒了怎么办？", dict(max_new_tokens=24, temperature=0.0, top_p=1.0)),
+             ("高血压吃什么好？", dict(max_new_tokens=9, temperature=0.9, top_p=0.8, seed=3)),
+             ("失眠的原因有哪些？", dict(max_new_tokens=30, temperature=1.2, top_p=1.0, top_k=20, seed=11,
                                    repetition_penalty=1.3)),
-             ("How to treat a cough?", dict(max_tokens=5, temperature=0.7, top_p=0.95, seed=5)),
-             ("孩子发烧39度怎么办？", dict(max_tokens=18, temperature=0.0, top_p=1.0, repetition_penalty=1.2))]
+             ("How to treat a cough?", dict(max_new_tokens=5, temperature=0.7, top_p=0.95, seed=5)),
+             ("孩子发烧39度怎么办？", dict(max_new_tokens=18, temperature=0.0, top_p=1.0, repetition_penalty=1.2))]
     prompts = [chat_ids([{"role": "user", "content": q}]) for q, _ in cases]
     from inference import seeded_generator
     from tokenizer import StreamDecoder
 
-    def alone(prompt, max_tokens, seed=None, **sampling):
+    def alone(prompt, max_new_tokens, seed=None, **sampling):
         decoder = StreamDecoder(tok)
-        ids = model.generate(prompt, max_new_tokens=max_tokens, generator=seeded_generator(model, seed), **sampling)
+        ids = model.generate(prompt, max_new_tokens=max_new_tokens, generator=seeded_generator(model, seed), **sampling)
         return "".join(decoder.push(t) for t in ids)
     expected = [alone(p, **s) for p, (_, s) in zip(prompts, cases)]
     assert len(set(expected)) == 5
     engine = Engine(model, tok, max_active=3, max_queue=8)
 
     async def run_all():
-        loop = asyncio.get_running_loop()
-        jobs = [Job(p, Sampling(ignore_eos=True, **s), loop, asyncio.Queue()) for p, (_, s) in zip(prompts, cases)]
+        jobs = [HttpJob.create(p, Sampling(ignore_eos=True, **s)) for p, (_, s) in zip(prompts, cases)]
         for job in jobs:
             engine.submit(job)
 
@@ -518,5 +517,5 @@ def test_batched_engine_gives_each_request_the_reply_it_gets_alone(ckpt, referen
 
     results = asyncio.run(run_all())
     assert [text for text, _ in results] == expected
-    assert [n for _, n in results] == [s["max_tokens"] for _, s in cases]
+    assert [n for _, n in results] == [s["max_new_tokens"] for _, s in cases]
     assert engine.stats["requests_finished"] == 5 and engine.stats["active"] == 0

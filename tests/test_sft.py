@@ -162,7 +162,8 @@ def test_bad_rows_are_counted_and_logged_not_fatal(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_sft_stage_trains_through_the_loop_and_writes_a_chat_checkpoint(tmp_path, capsys):
-    from train_loop import load_checkpoint, read_jsonl
+    from checkpoint import load_checkpoint
+    from train_loop import read_jsonl
     base = base_checkpoint(tmp_path / "base")
     csv = stage(tmp_path, read_records("sharegpt_jsonl", MEDICAL_SFT, "medical_sft", limit=80), "medical", max_tokens=96)
     val = tmp_path / "data" / "sft" / "medical.val.csv"

@@ -28,7 +28,7 @@ def real_tokenizer():
 def base_checkpoint(path, seed: int = 0, max_seq_len: int = 128, **overrides) -> Path:
     """A tiny random base model (narrowed: the 64,796-token vocabulary dominates its cost) as a checkpoint."""
     from model import Transformer, make_config
-    from train_loop import save_checkpoint
+    from checkpoint import save_checkpoint
     tok = real_tokenizer()
     torch.manual_seed(seed)
     config = make_config("tiny", tok.vocab_size, **{"dim": 32, "ffn_dim": 64, "max_seq_len": max_seq_len,

@@ -9,8 +9,11 @@ import torch
 
 from conftest import SAMPLES
 
+import checkpoint
 import train_loop
-from train_loop import CheckpointError, TrainConfig, TrainingDiverged, wsd_lr
+from checkpoint import CheckpointError
+from fileio import file_sha256
+from train_loop import TrainConfig, TrainingDiverged, wsd_lr
 
 
 @pytest.fixture(autouse=True)
@@ -127,10 +130,10 @@ def test_train_writes_metrics_plot_and_verified_checkpoints_keeping_the_last_k(t
     assert [r["lr"] for r in steps] == pytest.approx([train_loop.lr_at(_cfg(out), s) for s in range(8)])
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] and r["grad_norm"] > 0 for r in steps)
     assert [r["step"] for r in records if r.get("kind") == "val"] == [4, 8]
-    model, tok2, meta = train_loop.load_checkpoint(out / "final")
+    model, tok2, meta = checkpoint.load_checkpoint(out / "final")
     assert meta["step"] == 8 and meta["phase"] == "p" and meta["kind"] == "base" and meta["chat"] is False
     assert meta["tokenizer_sha256"] == tok.sha256 == tok2.sha256
-    assert train_loop.param_digest(model) == summary["param_sha256"] == meta["param_sha256"]
+    assert checkpoint.param_digest(model) == summary["param_sha256"] == meta["param_sha256"]
     state = torch.load(out / "final/train_state.pt", weights_only=True)   # plain tensors and values only
     assert {"optimizer", "loader", "rng", "step", "tokens_seen"} <= set(state)
 
@@ -144,7 +147,7 @@ def test_resume_with_fp16_scaler_and_grad_accum_is_exact(tok, tmp_path):
     shutil.rmtree(tmp_path / "cut/final")          # as if killed after step 3 was logged, before it was saved
     summary = train_loop.train(_cfg(tmp_path / "cut", **cfg), _model(tok, seed=123), tok, TextBatches(tok))
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "ref")
-    assert summary["param_sha256"] == train_loop.verify_checkpoint(tmp_path / "ref/final")["param_sha256"]
+    assert summary["param_sha256"] == checkpoint.verify_checkpoint(tmp_path / "ref/final")["param_sha256"]
 
 
 def test_init_from_continues_step_and_optimizer_but_not_the_data_position(tok, tmp_path):
@@ -169,7 +172,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4.*last good checkpoint is .*step-000003"):
         train_loop.train(_cfg(out), _model(tok), tok, Batches(tok), loss_fn=loss_fn)
     assert not (out / "final").exists()
-    meta = train_loop.verify_checkpoint(out / "step-000003")
+    meta = checkpoint.verify_checkpoint(out / "step-000003")
     assert meta["step"] == 3
     assert max(r["step"] for r in train_loop.read_jsonl(out / "metrics.jsonl")) == 3   # the NaN step not logged
 
@@ -186,7 +189,7 @@ def test_truncated_weights_are_refused(ckpt):
     path = ckpt / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="model.safetensors is .* bytes, expected .*truncated"):
-        train_loop.load_checkpoint(ckpt)
+        checkpoint.load_checkpoint(ckpt)
 
 
 def test_a_flipped_byte_is_refused(ckpt):
@@ -195,16 +198,16 @@ def test_a_flipped_byte_is_refused(ckpt):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="train_state.pt does not match its recorded sha256"):
-        train_loop.verify_checkpoint(ckpt)
+        checkpoint.verify_checkpoint(ckpt)
 
 
 def test_missing_meta_or_file_is_refused(ckpt):
     (ckpt / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json is missing"):
-        train_loop.load_checkpoint(ckpt)
+        checkpoint.load_checkpoint(ckpt)
     (ckpt / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="meta.json is missing"):
-        train_loop.load_checkpoint(ckpt)
+        checkpoint.load_checkpoint(ckpt)
 
 
 def test_checkpoint_with_another_tokenizer_is_refused(ckpt, tok, other_tok, tmp_path):
@@ -217,10 +220,10 @@ def test_checkpoint_with_another_tokenizer_is_refused(ckpt, tok, other_tok, tmp_
     meta = json.loads((ckpt / "meta.json").read_text())
     for name in ("tokenizer.model", "tokenizer_meta.json"):
         meta["files"][name] = {"bytes": (ckpt / name).stat().st_size,
-                               "sha256": train_loop.file_sha256(ckpt / name)}
+                               "sha256": file_sha256(ckpt / name)}
     (ckpt / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="not the tokenizer the model was trained with"):
-        train_loop.load_checkpoint(ckpt)
+        checkpoint.load_checkpoint(ckpt)
 
 
 def test_resume_refuses_a_corrupted_latest_checkpoint(tok, tmp_path):
@@ -237,7 +240,7 @@ def test_no_resume_starts_over_and_removes_the_abandoned_checkpoints(tok, tmp_pa
     summary = train_loop.train(_cfg(out, total_steps=2, resume=False, tensorboard=True), _model(tok), tok,
                                TextBatches(tok))
     assert summary["step"] == 2
-    assert [(s, d.name) for s, d in train_loop.list_checkpoints(out)] == [(2, "final")]
+    assert [(s, d.name) for s, d in checkpoint.list_checkpoints(out)] == [(2, "final")]
     assert [r["step"] for r in train_loop.read_jsonl(out / "metrics.jsonl")] == [0, 1]
     captured = capsys.readouterr()
     assert "removing 2 old checkpoint(s)" in captured.out   # step-000003 and final
