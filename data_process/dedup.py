@@ -30,7 +30,6 @@ layout and every question printed with its options (the misses are short stems s
 from __future__ import annotations
 
 import collections
-import csv
 import hashlib
 import json
 import logging
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from data_process import minhash
+from data_process import evalsets, minhash
 from data_process.records import iter_records, write_parts
 from fileio import atomic_write_bytes
 
@@ -89,55 +88,37 @@ def decontam_text(record: dict, text: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Eval sets (C-Eval: CRLF, id,question,A,B,C,D,answer[,explanation]; CMMLU: LF, ,Question,A,B,C,D,Answer)
-EVAL_COLUMNS = {"ceval": ("question", "A", "B", "C", "D", "answer"),
-                "cmmlu": ("Question", "A", "B", "C", "D", "Answer")}
+# Eval sets: parsed by data_process/evalsets.py, the parser eval.py uses too
 BLANK = re.compile(r"_{2,}|（\s*）|\(\s*\)")
 
 
-def read_eval_questions(path: Path, fmt: str) -> tuple[list[dict], int]:
-    """Questions of one C-Eval/CMMLU CSV as dicts {question, options: [A..D], answer}; plus the number of
-    malformed rows (logged and counted, not fatal)."""
-    q_col, *opt_cols, ans_col = EVAL_COLUMNS[fmt]
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return _read_eval_rows(csv.DictReader(f), path, fmt, q_col, opt_cols, ans_col)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: eval CSVs must be UTF-8 (as C-Eval and CMMLU ship them): {e}") from None
+def read_eval_questions(path: Path, fmt: str) -> tuple[list[evalsets.Question], int]:
+    """Every question of one C-Eval/CMMLU CSV, answered or not (C-Eval's test split has no answers: its
+    question and options are what can leak), plus the number of rows dropped as malformed."""
+    result = evalsets.read_questions(path, fmt, need_answer=False)
+    return result.questions, sum(result.dropped.values())
 
 
-def _read_eval_rows(reader, path, fmt, q_col, opt_cols, ans_col) -> tuple[list[dict], int]:
-    questions, bad = [], 0
-    missing = [c for c in (q_col, *opt_cols, ans_col) if c not in (reader.fieldnames or [])]
-    if missing:
-        raise ValueError(f"{path}: not a {fmt} CSV, missing column(s) {missing} in header {reader.fieldnames}")
-    for row in reader:
-        question = (row.get(q_col) or "").strip()
-        answer = (row.get(ans_col) or "").strip()
-        if not question or None in row or answer not in ("A", "B", "C", "D"):
-            bad += 1
-            log.warning("%s:%d: malformed %s row skipped", path, reader.line_num, fmt)
-            continue
-        questions.append({"question": question, "options": [row[c] or "" for c in opt_cols],
-                          "answer": answer, "file": str(path), "row": reader.line_num})
-    return questions, bad
-
-
-def question_variants(q: dict, n: int) -> list[tuple[str, int | None]]:
+def question_variants(q: evalsets.Question, n: int) -> list[tuple[str, int | None]]:
     """Alnum-normalized forms in which a question shows up in training text, each with how many of its
     n-character windows count (None: all): the question; the question with its blank filled by (or followed
-    by) the right answer; the question followed by its options, with and without their letters (how exam
-    dumps on the web print them). In the options forms a window must hold at least half a window (or the
-    whole stem, if shorter) of question text, so a run of options such as 'a是b否c...' never matches alone."""
-    question = q["question"]
-    options = q["options"]
-    answer = options["ABCD".index(q["answer"])]
+    by) the right answer, when the answer is known; the question followed by its options, with and without
+    their letters (how exam dumps on the web print them). In the options forms a window must hold at least
+    half a window (or the whole stem, if shorter) of question text, so a run of options such as 'a是b否c...'
+    never matches alone."""
+    question, options = q.question, q.option_list
     stem = minhash.normalize_alnum(BLANK.sub("", question))
-    filled = (BLANK.sub(answer, question, count=1) if BLANK.search(question) else question + answer)
     labeled = stem + "".join(minhash.normalize_alnum(letter + opt) for letter, opt in zip("ABCD", options))
     bare = stem + "".join(minhash.normalize_alnum(opt) for opt in options)
     windows = len(stem) - min(len(stem), (n + 1) // 2) + 1 if stem else 0
-    return [(stem, None), (minhash.normalize_alnum(filled), None), (labeled, windows), (bare, windows)]
+    variants = [(stem, None), (labeled, windows), (bare, windows)]
+    answer = q.answer_text
+    if answer is not None:
+        # a function, not a template: an answer such as "$\\mathrm{e}$" holds backslashes that re.sub would
+        # read as escapes ("bad escape \\m")
+        filled = BLANK.sub(lambda _: answer, question, count=1) if BLANK.search(question) else question + answer
+        variants.insert(1, (minhash.normalize_alnum(filled), None))
+    return variants
 
 
 def eval_index(question_sets: list[list[dict]], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -414,7 +395,9 @@ def _example(kind, kept, dropped, est, ngram, contam_pos=None, question=None, ev
                                     "text": dedup_text(dropped)}}
     if kind == "decontam":
         ex["eval_set"] = eval_set
-        ex["question"] = {k: question[k] for k in ("question", "options", "answer", "file", "row")}
+        ex["question"] = {"subject": question.subject, "split": question.split, "id": question.id,
+                          "question": question.question, "options": question.options, "answer": question.answer,
+                          "file": question.file, "line": question.line}
         return ex
     a, b = (set(minhash.shingles(minhash.normalize(dedup_text(r)), ngram)) for r in (kept, dropped))
     ex["kept"] = {"id": kept.get("id"), "corpus": kept.get("corpus"), "text": dedup_text(kept)}

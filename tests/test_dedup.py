@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLES, edit
-from data_process import dedup, minhash
+from data_process import dedup, evalsets, minhash
 from data_process.recipe import parse_recipe
 from data_process.records import iter_records, write_parts
 
@@ -193,27 +193,26 @@ def cmmlu_questions():
 
 def test_decontamination_on_real_ceval_and_cmmlu_samples_removes_planted_questions_only(tmp_path):
     ceval, cmmlu = ceval_questions(), cmmlu_questions()
-    long_ceval = [q for q in ceval if len(minhash.normalize_alnum(q["question"])) >= 20]
+    long_ceval = [q for q in ceval if len(minhash.normalize_alnum(q.question)) >= 20]
     cq, mq = long_ceval[3], cmmlu[7]
     clean_texts = skywork(120) + toyhom(200)
     web = docs("web", clean_texts)
     # a C-Eval question pasted into a page; a CMMLU question with its options as exam dumps print them;
     # a C-Eval question stated with its blank filled in by the answer
     page = clean_texts[0][:300]
-    web.append(docs("web", [page + cq["question"] + page[:50]], 1000)[0])
-    opts = " ".join(f"{letter}. {o}" for letter, o in zip("ABCD", mq["options"]))
-    web.append(docs("web", [f"第{7}题：{mq['question']}（ ）\n{opts}\n答案：{mq['answer']}"], 1001)[0])
+    web.append(docs("web", [page + cq.question + page[:50]], 1000)[0])
+    opts = " ".join(f"{letter}. {o}" for letter, o in mq.options.items())
+    web.append(docs("web", [f"第{7}题：{mq.question}（ ）\n{opts}\n答案：{mq.answer}"], 1001)[0])
     filled = long_ceval[5]
-    answer = filled["options"]["ABCD".index(filled["answer"])]
-    statement = dedup.BLANK.sub(answer, filled["question"], count=1)
+    statement = filled.question.replace("____", filled.answer_text, 1)
     web.append(docs("web", ["复习要点：" + statement + "。" + clean_texts[1][:200]], 1002)[0])
     sft = [{"id": "s:0", "corpus": "sft", "kind": "conv", "messages": [
-        {"role": "user", "content": "请回答：" + cq["question"]}, {"role": "assistant", "content": "选B。"}]}]
+        {"role": "user", "content": "请回答：" + cq.question}, {"role": "assistant", "content": "选B。"}]}]
     # preference pairs are checked on their prompt only
     pref = lambda i, prompt, chosen: {"id": f"p:{i}", "corpus": "dpo", "kind": "pref", "chosen": chosen,
                                       "rejected": "不清楚。", "prompt": [{"role": "user", "content": prompt}]}
-    dpo = [pref(0, "考考你：" + mq["question"] + "？" + opts, "选" + mq["answer"]),
-           pref(1, "请解释一下这个知识点。", "原题是：" + cq["question"])]
+    dpo = [pref(0, "考考你：" + mq.question + "？" + opts, "选" + mq.answer),
+           pref(1, "请解释一下这个知识点。", "原题是：" + cq.question)]
     eval_sets = [{"name": "ceval", "format": "ceval", "paths": [str(SAMPLES / "ceval-medical/val/*.csv")]},
                  {"name": "cmmlu", "format": "cmmlu", "paths": [str(SAMPLES / "cmmlu-medical/test/*.csv")]}]
     recipe, clean, out = make_run(tmp_path, {"web": web, "sft": sft, "dpo": dpo}, {"web": 30, "sft": 60, "dpo": 40},
@@ -231,7 +230,7 @@ def test_decontamination_on_real_ceval_and_cmmlu_samples_removes_planted_questio
     assert report["corpora"]["web"]["decontaminated"] == 3
     examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
     hits = {e["dropped"]["id"]: e for e in examples if e["kind"] == "decontam"}
-    assert hits["web.jsonl:1001"]["question"]["question"] == mq["question"]
+    assert hits["web.jsonl:1001"]["question"]["question"] == mq.question
 
 
 def _dup_positions(texts):
@@ -247,9 +246,9 @@ def _dup_positions(texts):
 
 def test_eval_reader_handles_real_crlf_ceval_and_lf_cmmlu_and_the_project_files():
     q, bad = dedup.read_eval_questions(SAMPLES / "ceval-medical/dev/physician_dev.csv", "ceval")
-    assert bad == 0 and len(q) == 5 and q[0]["answer"] in "ABCD" and not q[0]["question"].endswith("\r")
+    assert bad == 0 and len(q) == 5 and q[0].answer in "ABCD" and not q[0].question.endswith("\r")
     q, bad = dedup.read_eval_questions(SAMPLES / "cmmlu-medical/test/anatomy.csv", "cmmlu")
-    assert bad == 0 and len(q) > 100 and q[0]["question"] == "女性生殖腺是"
+    assert bad == 0 and len(q) > 100 and q[0].question == "女性生殖腺是"
     root = dedup.Path(__file__).resolve().parents[1] / "corpora" / "eval"
     for f in sorted(root.glob("ceval/*/*.csv")):
         assert f.read_bytes().count(b"\r\n") == f.read_bytes().count(b"\n")    # CRLF like the real C-Eval
@@ -270,7 +269,7 @@ def test_bad_eval_files_give_a_clear_error_or_a_counted_reject(tmp_path):
     broken.write_text(",Question,A,B,C,D,Answer\n0,好的问题是什么呢,a,b,c,d,A\n1,缺答案的问题,a,b,c,d,\n"
                       "2,多了一列,a,b,c,d,A,extra\n", encoding="utf-8")
     q, bad = dedup.read_eval_questions(broken, "cmmlu")
-    assert len(q) == 1 and bad == 2
+    assert len(q) == 2 and bad == 1 and q[1].answer is None     # an answerless question is still decontaminated
     gbk = tmp_path / "gbk.csv"
     gbk.write_bytes(",Question,A,B,C,D,Answer\n0,女性生殖腺是,卵巢,前庭大腺,前庭球,乳腺,A\n".encode("gbk"))
     with pytest.raises(ValueError, match="must be UTF-8"):
@@ -308,8 +307,8 @@ def test_a_run_killed_while_writing_is_redone_and_gives_the_same_output(tmp_path
 
 
 def test_decontam_options_alone_never_match_but_a_short_question_with_its_options_does():
-    q = {"question": "女性生殖腺是", "options": ["卵巢巢巢巢巢巢巢巢", "前庭大腺腺腺腺腺腺腺", "前庭球球球球球球", "乳腺腺腺腺腺腺"],
-         "answer": "A"}
+    q = evalsets.Question("anatomy", "test", "0", "女性生殖腺是", dict(zip("ABCD", [
+        "卵巢巢巢巢巢巢巢巢", "前庭大腺腺腺腺腺腺腺", "前庭球球球球球球", "乳腺腺腺腺腺腺"])), "A")
     h, _, _, too_short = dedup.eval_index([[q]], 13)
     assert too_short == 0 and len(h) > 0
 
@@ -319,3 +318,59 @@ def test_decontam_options_alone_never_match_but_a_short_question_with_its_option
     assert hit("第3题 女性生殖腺是（ ）A. 卵巢巢巢巢巢巢巢巢 B. 前庭大腺腺腺腺腺腺腺 C. 前庭球球球球球球 D. 乳腺腺腺腺腺腺")
     assert not hit("A. 卵巢巢巢巢巢巢巢巢 B. 前庭大腺腺腺腺腺腺腺 C. 前庭球球球球球球 D. 乳腺腺腺腺腺腺")
     assert not hit("女性生殖腺是卵巢，男性生殖腺是睾丸。")     # a short stem alone is a common phrase, not a leak
+
+
+LATEX_ROWS = [  # hand-written, in C-Eval's layout; answers whose text is LaTeX with backslashes
+    ("0", "在微积分中，以某个常数为底的指数函数的导数等于它本身，这个常数通常记作____",
+     "$\\pi$", "$\\mathrm{e}$", "$\\gamma$", "$\\varphi$", "B"),
+    ("1", "血浆中含量最多的阳离子是维持细胞外液渗透压的主要因素，这种阳离子是____",
+     "$\\mathrm{K}^{+}$", "$\\mathrm{Ca}^{2+}$", "$\\mathrm{Na}^{+}$", "$\\mathrm{Mg}^{2+}$", "C"),
+]
+
+
+def write_ceval(root, split, subject, rows, answers=True):
+    """A C-Eval-layout file: <root>/<split>/<subject>_<split>.csv, UTF-8, CRLF."""
+    path = root / split / f"{subject}_{split}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, lineterminator="\r\n")
+        w.writerow(["id", "question", "A", "B", "C", "D", "answer"])
+        for r in rows:
+            w.writerow([*r[:6], r[6] if answers else ""])
+    return path
+
+
+def test_latex_answers_do_not_crash_and_their_filled_statements_are_caught(tmp_path):
+    write_ceval(tmp_path / "ceval", "val", "basic_medicine", LATEX_ROWS)
+    stated = [q[1].replace("____", q[2 + "ABCD".index(q[6])]) for q in LATEX_ROWS]
+    texts = skywork(20)
+    web = docs("web", texts) + docs("web", ["复习：" + stated[0] + "。" + texts[0][:100],
+                                            texts[1][:120] + stated[1]], 100)
+    eval_sets = [{"name": "ceval", "format": "ceval", "paths": [str(tmp_path / "ceval/*/*.csv")]}]
+    recipe, clean, out = make_run(tmp_path, {"web": web}, {"web": 30}, eval_sets)
+    report = dedup.run(recipe, clean, out, workers=1)
+    assert not {"web.jsonl:100", "web.jsonl:101"} & set(kept_ids(out, "web"))
+    assert report["eval_sets"]["ceval"]["removed"] == 2 and report["corpora"]["web"]["decontaminated"] == 2
+
+
+def test_answerless_test_split_questions_are_decontaminated(tmp_path):
+    write_ceval(tmp_path / "ceval", "test", "basic_medicine", LATEX_ROWS, answers=False)
+    texts = skywork(20)
+    web = docs("web", texts) + docs("web", [texts[2][:150] + LATEX_ROWS[0][1] + texts[3][:80]], 100)
+    eval_sets = [{"name": "ceval", "format": "ceval", "paths": [str(tmp_path / "ceval/*/*.csv")]}]
+    recipe, clean, out = make_run(tmp_path, {"web": web}, {"web": 30}, eval_sets)
+    report = dedup.run(recipe, clean, out, workers=1)
+    assert "web.jsonl:100" not in kept_ids(out, "web")
+    assert report["eval_sets"]["ceval"]["questions"] == 2 and report["eval_sets"]["ceval"]["removed"] == 1
+
+
+def test_default_recipe_decontaminates_every_split_that_exists():
+    from data_process.recipe import load_recipe, resolve_paths
+    recipe = load_recipe(dedup.Path(__file__).resolve().parents[1] / "config/recipe.toml",
+                         root=dedup.Path(__file__).resolve().parents[1])
+    for spec in recipe.eval_sets:
+        files = resolve_paths(recipe, spec.paths)
+        bench = evalsets.discover(recipe.root / "corpora/eval" / spec.name)
+        assert sorted(files) == sorted(bench.files())
+        assert {evalsets.split_of(f) for f in files} == set(bench.splits)
+    assert "test" in evalsets.discover(recipe.root / "corpora/eval/ceval").splits
