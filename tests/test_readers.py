@@ -242,8 +242,14 @@ JSONL_GOOD = {
     "sharegpt_pref_jsonl": {"conversations": [{"from": "human", "value": "q"}], "chosen": "a", "rejected": "b"},
     "wiki_json_array": {"completion": "文本", "source": "s"},
     "wudao_json_array": {"id": 1, "title": "t", "content": "正文"},
+    "sharegpt_pref_msg": {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
+                          "rejected": {"from": "gpt", "value": "b"}},
+    "moss_firefly_jsonl": {"conversation_id": 1, "category": "Brainstorming", "dataset": "moss",
+                           "conversation": [{"human": "问", "assistant": "答"}]},
 }
-MISSING = {"text_jsonl": {"url": "x"}, "baidubaike_jsonl": {}, "guidelines_jsonl": {"id": "1"},
+MISSING = {"sharegpt_pref_msg": {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"}},
+           "moss_firefly_jsonl": {"conversation_id": 1, "category": "x"},
+           "text_jsonl": {"url": "x"}, "baidubaike_jsonl": {}, "guidelines_jsonl": {"id": "1"},
            "minimind_pretrain_jsonl": {}, "instruction_json": {"instruction": "q"}, "sharegpt_jsonl": {},
            "minimind_sft_jsonl": {"messages": []}, "qa_jsonl": {"问": "q"}, "medical_reward_jsonl": {"question": "q"},
            "pref_messages_jsonl": {"chosen": []}, "sharegpt_pref_jsonl": {"conversations": []},
@@ -254,7 +260,9 @@ WRONG_TYPE = {"text_jsonl": {"text": ["a"]}, "baidubaike_jsonl": {"title": "t", 
               "sharegpt_jsonl": {"conversations": "hi"}, "minimind_sft_jsonl": {"conversations": [["user", "hi"]]},
               "qa_jsonl": {"问": "q", "答": {"x": 1}}, "medical_reward_jsonl": {"question": "q", "response_chosen": [], "response_rejected": "b"},
               "pref_messages_jsonl": {"chosen": "a", "rejected": "b"}, "sharegpt_pref_jsonl": {"conversations": [{"from": "human", "value": "q"}], "chosen": ["a"], "rejected": "b"},
-              "wiki_json_array": {"completion": ["x"]}, "wudao_json_array": {"content": {"x": 1}}}
+              "wiki_json_array": {"completion": ["x"]}, "wudao_json_array": {"content": {"x": 1}},
+              "sharegpt_pref_msg": {"conversations": [{"from": "human", "value": "q"}], "chosen": "a", "rejected": "b"},
+              "moss_firefly_jsonl": {"conversation": "hi"}}
 
 
 @pytest.mark.parametrize("reader", sorted(JSONL_GOOD))
@@ -379,7 +387,8 @@ def test_plain_text_undecodable_line(tmp_path):
 
 
 def test_every_reader_has_a_malformed_input_test():
-    tested = set(JSONL_GOOD) | {"medical_dialogue_csv", "magpie_parquet", "qa_parquet", "plain_text"}
+    tested = set(JSONL_GOOD) | {"medical_dialogue_csv", "magpie_parquet", "qa_parquet", "plain_text",
+                                "medical_dialogue_txt"}
     assert tested == set(READERS)
 
 
@@ -424,3 +433,124 @@ def test_json_array_or_jsonl_is_sniffed_from_the_first_line(tmp_path, content, i
     path = tmp_path / "f.json"
     path.write_bytes(content)
     assert sniff_json_array(path) is is_array
+
+
+# ---------------------------------------------------------------- byte-order marks (issue 14.1)
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("name,pack", [("a.jsonl", bytes), ("a.jsonl.gz", gzip.compress),
+                                       ("a.jsonl.zst", lambda b: zstandard.ZstdCompressor().compress(b))])
+def test_bom_at_the_start_of_a_jsonl_file_keeps_its_first_record(tmp_path, samples, name, pack):
+    src = samples / "medicalgpt/reward/dpo_zh_500.jsonl"
+    (tmp_path / name).write_bytes(pack(BOM + src.read_bytes()))
+    plain, _ = read_all("sharegpt_pref_jsonl", src, "x")
+    records, rejects = read_all("sharegpt_pref_jsonl", tmp_path / name, "x")
+    assert not rejects and len(records) == 500 and records == plain
+
+
+@pytest.mark.parametrize("name,pack", [("w.json", bytes), ("w.json.gz", gzip.compress)])
+def test_bom_at_the_start_of_a_json_array_keeps_the_whole_array(tmp_path, name, pack):
+    items = [{"completion": f"第{i}条", "source": "wikipedia.zh2307"} for i in range(50)]
+    (tmp_path / name).write_bytes(pack(BOM + json.dumps(items, ensure_ascii=False, indent=2).encode()))
+    records, rejects = read_all("wiki_json_array", tmp_path / name)
+    assert not rejects and [r["text"] for r in records] == [o["completion"] for o in items]
+
+
+def test_bom_in_byte_range_spans_only_at_byte_zero(tmp_path, samples):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(BOM + (samples / "skywork-zh-web/alpaca_data_zh_51k_sample_1k.jsonl").read_bytes())
+    whole, rejects = read_all("instruction_json", path, "a.jsonl")
+    assert not rejects and len(whole) == 1000
+    spans = line_spans(path, 100_000)
+    assert len(spans) > 2 and spans[0][0] == 0
+    pieces = [r for span in spans for r in read_all("instruction_json", path, "a.jsonl", span)[0]]
+    assert pieces == whole
+    book = tmp_path / "b.txt"
+    book.write_bytes(BOM + (samples / "medicalgpt/pretrain/fever.txt").read_bytes())
+    plain, _ = read_all("plain_text", samples / "medicalgpt/pretrain/fever.txt", "b.txt")
+    assert read_all("plain_text", book, "b.txt") == (plain, [])
+    spans = line_spans(book, 50_000)
+    pieces = [r for span in spans for r in read_all("plain_text", book, "b.txt", span)[0]]
+    # spans group lines into documents at their own cuts, so compare the lines
+    assert [line for r in pieces for line in r["text"].split("\n")] == \
+        [line for r in plain for line in r["text"].split("\n")]
+
+
+def test_bom_at_the_start_of_a_csv_or_text_file(tmp_path, samples):
+    csv_text = (samples / "toyhom-medical-dialogue/样例_内科5000-6000.csv").read_bytes().decode("gb18030")
+    want, _ = read_all("medical_dialogue_csv", samples / "toyhom-medical-dialogue/样例_内科5000-6000.csv", "t.csv")
+    # a UTF-8 re-export with Excel's BOM (the mark says UTF-8, whatever the reader's GB18030 default)
+    (tmp_path / "t.csv").write_bytes(BOM + csv_text.encode("utf-8"))
+    records, rejects = read_all("medical_dialogue_csv", tmp_path / "t.csv")
+    assert not rejects and records == want
+    # GB18030's own BOM (U+FEFF encoded, 84 31 95 33)
+    (tmp_path / "t.csv").write_bytes(("\ufeff" + csv_text).encode("gb18030"))
+    assert read_all("medical_dialogue_csv", tmp_path / "t.csv") == (want, [])
+    (tmp_path / "b.txt").write_bytes(BOM + "第一段。\n第二段。\n".encode())
+    records, rejects = read_all("plain_text", tmp_path / "b.txt")
+    assert [r["text"] for r in records] == ["第一段。\n第二段。"] and not rejects
+
+
+# ---------------------------------------------------------------- wrong types (issue 14.3)
+
+NUMBER_WHERE_TEXT = {
+    "text_jsonl": {"text": 12345},
+    "wiki_json_array": {"completion": 12345, "source": "s"},
+    "baidubaike_jsonl": {"title": "词条", "summary": 12345, "sections": []},
+    "wudao_json_array": {"title": "t", "content": 12345},
+    "guidelines_jsonl": {"title": "t", "clean_text": 1.5},
+    "minimind_pretrain_jsonl": {"text": 12345},
+    "instruction_json": {"instruction": "问", "input": "", "output": 12345},
+    "sharegpt_jsonl": {"conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": 12345}]},
+    "minimind_sft_jsonl": {"conversations": [{"role": "user", "content": "问"}, {"role": "assistant", "content": 7}]},
+    "qa_jsonl": {"问": "问题", "答": 12345},
+    "medical_reward_jsonl": {"question": "q", "response_chosen": 12345, "response_rejected": "b"},
+    "pref_messages_jsonl": {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 1.0}],
+                            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
+    "sharegpt_pref_jsonl": {"conversations": [{"from": "human", "value": "q"}], "chosen": 12345, "rejected": "b"},
+    "sharegpt_pref_msg": {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": 1},
+                          "rejected": {"from": "gpt", "value": "b"}},
+    "moss_firefly_jsonl": {"conversation": [{"human": "问", "assistant": 12345}]},
+}
+
+
+@pytest.mark.parametrize("reader", sorted(NUMBER_WHERE_TEXT))
+@pytest.mark.parametrize("odd", [12345, 1.5, True, ["x"], {"x": "y"}])
+def test_a_number_bool_list_or_dict_where_text_belongs_is_wrong_type(tmp_path, reader, odd):
+    record = json.loads(json.dumps(NUMBER_WHERE_TEXT[reader]))
+    text = json.dumps(record)
+    for number in ("12345", "1.5", " 7}", " 1}", "1.0"):
+        text = text.replace(number, json.dumps(odd) + ("}" if number.endswith("}") else ""), 1) if number in text else text
+    path = tmp_path / "n.jsonl"
+    path.write_text(text + "\n" + json.dumps(JSONL_GOOD[reader], ensure_ascii=False) + "\n")
+    records, rejects = read_all(reader, path)
+    assert [(x.where, x.reason) for x in rejects] == [({"line": 1}, "wrong_type")], (text, rejects)
+    assert len(records) == (2 if reader == "minimind_pretrain_jsonl" else 1)
+
+
+def test_wrong_types_in_parquet_columns_and_baidubaike_sections(tmp_path):
+    path = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"prompt": ["问题一", "问题二"], "response": pa.array([1, 2], pa.int64())}), path)
+    records, rejects = read_all("qa_parquet", path)
+    assert not records and [x.reason for x in rejects] == ["wrong_type", "wrong_type"]
+    path = tmp_path / "b.jsonl"
+    path.write_text("\n".join(json.dumps({"title": "词条", "summary": "摘要", "sections": v}) for v in (0, "", False, None)))
+    records, rejects = read_all("baidubaike_jsonl", path)
+    assert [x.where["line"] for x in rejects if x.reason == "wrong_type"] == [1, 2, 3]
+    assert [r["text"] for r in records] == ["词条\n摘要"]        # null sections: the entry without sections
+
+
+# ---------------------------------------------------------------- epfl guidelines (issue 14.2)
+
+def test_guidelines_empty_clean_text_is_an_empty_record_never_raw_text(tmp_path):
+    rows = [{"id": "a", "source": "who", "title": "T", "clean_text": "", "raw_text": "<p>raw</p>", "url": "u"},
+            {"id": "b", "source": "who", "title": "T", "clean_text": "  \n ", "raw_text": "<p>raw</p>"},
+            {"id": "c", "source": "who", "title": "T", "raw_text": "<p>raw</p>"},
+            {"id": "d", "source": "who", "title": "T", "clean_text": "Wash hands.", "raw_text": "<p>Wash hands.</p>"}]
+    path = tmp_path / "open_guidelines.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    records, rejects = read_all("guidelines_jsonl", path)
+    assert [r["text"] for r in records] == ["Wash hands."] and records[0]["title"] == "T"
+    assert [(x.where["line"], x.reason) for x in rejects] == [(1, "empty"), (2, "empty"), (3, "missing_field")]
