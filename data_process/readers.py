@@ -275,6 +275,28 @@ def check_conversation(messages: list[dict]) -> list[dict]:
     return system + body
 
 
+ZERO_WIDTH = re.compile("[\u200b-\u200d\u2060\ufeff]")
+
+
+def is_blank(text: str) -> bool:
+    """Empty, whitespace or zero-width characters only (a reply that is one U+200B is no reply)."""
+    return not ZERO_WIDTH.sub("", text).strip()
+
+
+def valid_prefix(messages: list[dict]) -> tuple[list[dict], int]:
+    """The part of a user/assistant-alternating conversation worth keeping: the optional system message, then the
+    pairs up to the first blank turn (is_blank); returns (kept messages, turns cut after them). No pair is kept
+    when the first user or assistant turn is blank: the caller rejects that conversation."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(system):]
+    n = 0
+    while n + 1 < len(body) and not is_blank(body[n]["content"]) and not is_blank(body[n + 1]["content"]):
+        n += 2
+    if system and is_blank(system[0]["content"]):
+        system = []
+    return system + body[:n], len(body) - n
+
+
 def _prompt(messages: list[dict]) -> list[dict]:
     """A preference prompt: optional system, alternating turns, ending with a user turn."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
