@@ -764,3 +764,29 @@ def test_read_step_warns_about_a_file_the_reader_rejects_whole(tmp_path):
     assert warning.startswith("dpo/dpo_zh_demo.json: reader 'sharegpt_pref_jsonl' rejected every record (3: wrong_type 3)")
     assert "use reader sharegpt_pref_msg" in warning
     assert f"warning: dpo: {warning}" in format_read_table(result)
+
+
+# ---------------------------------------------------------------- conversations keep their valid prefix (issue 14.6)
+
+def test_read_step_keeps_the_pairs_before_a_zero_width_reply_and_counts_the_cut(tmp_path, samples):
+    from data_process.pipeline import read_step
+    from data_process.records import iter_records
+    from data_process.recipe import parse_recipe
+
+    real = [json.loads(x) for x in (samples / "medicalgpt/sft/medical_sft_1K_format.jsonl").read_text().splitlines()]
+    turns = [t for o in real[:14] for t in o["conversations"][:2]]              # 28 turns of real dialogue
+    assert len(turns) == 28 and [t["from"] for t in turns[:2]] == ["human", "gpt"]
+    broken = [dict(t) for t in turns]
+    broken[9]["value"] = "\u200b"                                               # the 5th reply: a zero-width space
+    (tmp_path / "sg").mkdir()
+    (tmp_path / "sg" / "a.jsonl").write_text("\n".join(json.dumps({"conversations": c}, ensure_ascii=False)
+                                                       for c in (broken, turns)) + "\n", encoding="utf-8")
+    recipe = parse_recipe({"run": {"data_dir": "data"}, "corpus": [
+        {"name": "sg", "reader": "sharegpt_jsonl", "paths": ["sg/*.jsonl"], "role": "sft", "stage": "general"}]},
+        tmp_path)
+    counts = read_step(recipe, workers=1, progress=False)["corpora"]["sg"]
+    assert (counts["read"], counts["kept"]) == (2, 2)
+    assert counts["clean"]["convs_truncated_empty_turn"] == 1 and counts["clean"]["turns_cut_empty_turn"] == 20
+    first, second = iter_records(tmp_path / "data" / "clean" / "sg")
+    assert [m["content"] for m in first["messages"]] == [t["value"].strip() for t in turns[:8]]
+    assert len(second["messages"]) == 28
