@@ -566,6 +566,27 @@ def check_encoding(encoding: str) -> str:
     return name
 
 
+def gb18030_or_utf8(path: Path, head_bytes: int = 1 << 16) -> str:
+    """The Toyhom readers' default encoding: GB18030 (the upstream files), but UTF-8 when the file's first 64 KB
+    hold non-ASCII text that is valid UTF-8 (re-exports such as shibing624/medical's are). Decoding UTF-8 Chinese
+    as GB18030 does not always fail: some lines come out as plausible-looking garbage, so guessing is safer than
+    trusting the default. GB18030 Chinese text is practically never valid UTF-8."""
+    try:
+        with open_binary(path) as f:
+            head = f.read(head_bytes).removeprefix(UTF8_BOM)
+    except DECOMPRESS_ERRORS:
+        return "gb18030"
+    if len(head) == head_bytes:
+        head = head[:head.rfind(b"\n") + 1]
+    if head.isascii():
+        return "gb18030"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "gb18030"
+    return "utf-8"
+
+
 def _starts_with_bom(path: Path) -> bool:
     with open_binary(path) as f:
         return f.read(3) == UTF8_BOM
@@ -632,11 +653,12 @@ def _dialogue(title: str, ask: str, answer: str) -> dict:
     return conv([{"role": "user", "content": user}, {"role": "assistant", "content": answer}])
 
 
-def read_medical_dialogue_txt(path: Path, src: str, span=None, encoding: str = "gb18030") -> Iterator[dict | Reject]:
+def read_medical_dialogue_txt(path: Path, src: str, span=None, encoding: str | None = None) -> Iterator[dict | Reject]:
     """Toyhom Chinese-medical-dialogue-data department .txt (Data_数据/IM_内科/内科.txt, written from the CSVs by the
-    repository's 数据处理.py as `title + ',' + ask + '\\n' + answer + '\\n\\n\\n'`): GB18030 unless the corpus sets
-    `encoding`; one dialogue per block of two lines, a "title,ask" line and the answer line, blocks separated by
-    blank lines. id = the block's first line."""
+    repository's 数据处理.py as `title + ',' + ask + '\\n' + answer + '\\n\\n\\n'`): GB18030 (or UTF-8, see
+    gb18030_or_utf8) unless the corpus sets `encoding`; one dialogue per block of two lines, a "title,ask" line and
+    the answer line, blocks separated by blank lines. id = the block's first line."""
+    encoding = encoding or gb18030_or_utf8(path)
     block: list[str] = []
     first, bad = 0, None
 
@@ -699,11 +721,12 @@ class _GbLines:
                 yield raw.decode(self.encoding, "replace")
 
 
-def read_medical_dialogue_csv(path: Path, src: str, span=None, encoding: str = "gb18030") -> Iterator[dict | Reject]:
+def read_medical_dialogue_csv(path: Path, src: str, span=None, encoding: str | None = None) -> Iterator[dict | Reject]:
     """Toyhom Chinese-medical-dialogue-data: GB18030 (not gb2312: real files use GBK-only characters),
     header department,title,ask,answer; quoted fields may span lines. id = first physical line of the row.
-    The corpus may set another `encoding`; a leading byte-order mark is dropped (a UTF-8 one means UTF-8)."""
-    lines = _GbLines(None, check_encoding(encoding))
+    The corpus may set another `encoding` (default: gb18030_or_utf8); a leading byte-order mark is dropped (a UTF-8
+    one means UTF-8)."""
+    lines = _GbLines(None, check_encoding(encoding or gb18030_or_utf8(path)))
     try:
         with open_binary(path) as f:
             lines.f = f
@@ -852,6 +875,23 @@ def _sample(path: Path, kind: str, n: int) -> list:
     return values
 
 
+def _encodings_that_decode(path: Path, head_bytes: int = 1 << 16) -> list[str]:
+    """Which of UTF-8 and GB18030 decode the file's first bytes (a cut multi-byte character at the end allowed)."""
+    try:
+        with open_binary(path) as f:
+            head = f.read(head_bytes).removeprefix(UTF8_BOM)
+    except DECOMPRESS_ERRORS:
+        return []
+    fits = []
+    for encoding in ("utf-8", "gb18030"):
+        try:
+            head.decode(encoding) if len(head) < head_bytes else head[:head.rfind(b"\n") + 1].decode(encoding)
+            fits.append(encoding)
+        except UnicodeDecodeError:
+            pass
+    return fits
+
+
 def _converts(convert: Callable, value) -> bool:
     try:
         convert(value)
@@ -871,8 +911,15 @@ def explain_all_rejected(reader: str, path: Path, src: str, rejected: dict, firs
     if first is not None:
         where = ", ".join(f"{k} {v}" for k, v in first.where.items())
         parts.append(f"first ({where}): {first.reason}: {first.detail[:160]}")
-    parts.append(f"{reader} expects " + " ".join((read_fn.__doc__ or "").split())[:240])
+    parts.append(f"{reader} expects " + " ".join((read_fn.__doc__ or "").split())[:240].rstrip("."))
     kind = "parquet" if path.name.endswith(".parquet") else "json"
+    if rejected.get("bad_encoding", 0) + rejected.get("bad_utf8", 0) * 2 > total:   # mostly undecodable
+        fits = _encodings_that_decode(path)
+        if fits and reader in ENCODING_READERS:
+            parts.append(f"the text decodes as {' and '.join(fits)}: set encoding = {fits[0]!r} on the corpus")
+        elif fits:
+            parts.append(f"the text decodes as {' and '.join(fits)}, not UTF-8: JSON must be UTF-8 (iconv -f "
+                         f"{fits[0]} -t utf-8)")
     values = _sample(path, kind, sample)
     if values:
         parts.append(f"the records here look like {_describe(values[0])}"[:300])

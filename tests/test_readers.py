@@ -739,6 +739,14 @@ def test_all_rejected_file_says_what_the_reader_expects_and_which_reader_fits(tm
     records, rejects = read_all("text_jsonl", book)
     message = explain_all_rejected("text_jsonl", book, "book.jsonl", dict(reasons(rejects)), rejects[0])
     assert "no JSON records" in message and "plain_text" in message
+    for reader, name, data, hint in (
+            ("plain_text", "g.txt", "第一段。\n第二段。\n".encode("gb18030") * 20, "set encoding = 'gb18030'"),
+            ("text_jsonl", "g.jsonl", json.dumps({"text": "正文内容"}, ensure_ascii=False).encode("gb18030") + b"\n",
+             "JSON must be UTF-8")):
+        (tmp_path / name).write_bytes(data)
+        records, rejects = read_all(reader, tmp_path / name)
+        assert not records and rejects
+        assert hint in explain_all_rejected(reader, tmp_path / name, name, dict(reasons(rejects)), rejects[0])
     odd = tmp_path / "odd.jsonl"
     odd.write_text(json.dumps({"foo": "bar"}) + "\n")
     rejects = read_all("text_jsonl", odd)[1]
@@ -790,3 +798,18 @@ def test_read_step_keeps_the_pairs_before_a_zero_width_reply_and_counts_the_cut(
     first, second = iter_records(tmp_path / "data" / "clean" / "sg")
     assert [m["content"] for m in first["messages"]] == [t["value"].strip() for t in turns[:8]]
     assert len(second["messages"]) == 28
+
+
+def test_toyhom_readers_read_a_utf8_reexport_without_mojibake(tmp_path, samples):
+    """Decoding UTF-8 Chinese as GB18030 does not always fail (some lines come out as other characters), so the
+    Toyhom readers' default is GB18030 unless the file is valid UTF-8; an explicit encoding is obeyed."""
+    src = samples / "toyhom-medical-dialogue/样例_内科5000-6000.csv"
+    want, _ = read_all("medical_dialogue_csv", src, "t.csv")
+    (tmp_path / "t.csv").write_bytes(src.read_bytes().decode("gb18030").encode("utf-8"))
+    assert read_all("medical_dialogue_csv", tmp_path / "t.csv") == (want, [])
+    text, _ = toyhom_txt_from_csv(src)
+    (tmp_path / "g.txt").write_bytes(text.encode("gb18030"))
+    (tmp_path / "u.txt").write_bytes(text.encode("utf-8"))
+    assert read_all("medical_dialogue_txt", tmp_path / "u.txt", "x") == read_all("medical_dialogue_txt", tmp_path / "g.txt", "x")
+    forced = list(READERS["medical_dialogue_txt"](tmp_path / "u.txt", "x", None, encoding="gb18030"))
+    assert forced != read_all("medical_dialogue_txt", tmp_path / "u.txt", "x")[0]
