@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from model import TokenNLL
 from finetune import (IGNORE, add_train_args, bucket_batches, check_init_from, fit_seq_len, load_config,
-                      make_train_config, pad_length, train_overrides)
-from settings import ConfigError, limits
+                      cli_overrides, make_train_config, pad_length, run_cli)
+from settings import limits
 
 log = logging.getLogger("dpo")
 CACHE_VERSION = "dpo-ref-v1"
@@ -428,20 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    overrides = train_overrides(args) + list(args.sets)
-    for key, value in (("data", args.data), ("init_from", args.init_from), ("out_dir", args.out_dir),
-                       ("beta", args.beta)):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
+    overrides = cli_overrides(args, ("data", "init_from", "out_dir", "beta"))
     if args.no_ref_cache:
         overrides.append("ref_cache=false")
-    try:
-        summary = run_dpo(load_dpo_config(args.name, args.config_dir, overrides))
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "param_sha256"}, default=str))
-    return 0
+    return run_cli(lambda: run_dpo(load_dpo_config(args.name, args.config_dir, overrides)))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ import torch
 
 from data_process.stage import SFT_COLUMNS, row_messages
 from finetune import (IGNORE, add_train_args, bucket_batches, check_init_from, fit_seq_len, load_config,
-                      make_train_config, pad_length, train_overrides)
-from settings import ConfigError, limits
+                      cli_overrides, make_train_config, pad_length, run_cli)
+from settings import limits
 
 log = logging.getLogger("sft")
 
@@ -391,11 +391,9 @@ def main(argv=None) -> int:
             return 2
         print(f"merged checkpoint written to {merge_adapter(args.base, args.adapter, args.out)}")
         return 0
-    overrides = train_overrides(args) + list(args.sets)
-    for key, value in (("data", args.data), ("init_from", args.init_from), ("out_dir", args.out_dir)):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    try:
+    overrides = cli_overrides(args)
+
+    def job():
         cfg = load_stage_config(args.stage, args.config_dir, overrides)
         if args.no_lora:
             cfg.lora = None
@@ -406,12 +404,8 @@ def main(argv=None) -> int:
                 if value is not None:
                     lora[key] = value
             cfg.lora = lora
-        summary = run_stage(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "param_sha256"}, default=str))
-    return 0
+        return run_stage(cfg)
+    return run_cli(job)
 
 
 if __name__ == "__main__":

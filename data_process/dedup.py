@@ -390,7 +390,7 @@ def _example_picks(d: dict) -> list[tuple]:
     return picks
 
 
-def _example(kind, kept, dropped, est, ngram, contam_pos=None, question=None, eval_set=None) -> dict:
+def _example(kind, kept, dropped, est, ngram, question=None, eval_set=None) -> dict:
     ex = {"kind": kind, "dropped": {"id": dropped.get("id"), "corpus": dropped.get("corpus"),
                                     "text": dedup_text(dropped)}}
     if kind == "decontam":
