@@ -44,7 +44,7 @@ import xxhash
 
 from data_process import evalsets, minhash
 from data_process.records import iter_records, write_parts
-from fileio import atomic_write_bytes
+from fileio import atomic_write_bytes, check_files, describe_files
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,13 @@ def _done(out_root: Path, fingerprint: str, corpora) -> dict | None:
         if report.get("fingerprint") != fingerprint:
             return None
         for c in corpora:
-            if json.loads((out_root / c.name / "manifest.json").read_text()).get("fingerprint") != fingerprint:
+            m = json.loads((out_root / c.name / "manifest.json").read_text())
+            if m.get("fingerprint") != fingerprint:
+                return None
+            # the parts it lists must be there as written: a deleted or damaged part redoes dedup (issue 14 #12)
+            problems = check_files(out_root / c.name, m.get("part_info", {}), exact_glob="part-*.jsonl.zst")
+            if problems or "part_info" not in m:
+                log.warning("dedup: %s; running dedup again", problems[0] if problems else "an older manifest")
                 return None
         return report
     except (OSError, ValueError):
@@ -465,6 +471,7 @@ def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) ->
                                  offset, wanted, seen)
         manifest = {"fingerprint": fingerprint, "corpus": c.name, "kind": "dedup",
                     "records": report_corpora[c.name]["kept"], "parts": [p.name for p in paths],
+                    "part_info": describe_files(out_root / c.name, [p.name for p in paths]),
                     "dedup": report_corpora[c.name]}
         atomic_write_bytes(out_root / c.name / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode())
         offset += count

@@ -17,6 +17,7 @@ import settings
 class RunConfig:
     data_dir: str = "data"
     workers: int = 2
+    fingerprint: str = "stat"       # how the read step tells changed inputs: "stat" (name, size, mtime) | "content" (sha256)
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Recipe:
 
 
 ROLES = ("pretrain", "sft", "dpo")
+FINGERPRINTS = ("stat", "content")
 LANGS = ("zh", "en", "mixed")
 EVAL_FORMATS = ("ceval", "cmmlu")
 
@@ -147,6 +149,8 @@ def parse_recipe(raw: dict, root: Path, path: Path | None = None) -> Recipe:
     if unknown:
         raise RecipeError(f"recipe: unknown table(s) {unknown}; allowed: {list(TOP_LEVEL)}")
     run = _build(RunConfig, raw.get("run", {}), "[run]")
+    if run.fingerprint not in FINGERPRINTS:
+        raise RecipeError(f"[run].fingerprint: {run.fingerprint!r} is not one of {FINGERPRINTS}")
     clean = _build(CleanConfig, raw.get("clean", {}), "[clean]")
     corpora = []
     for i, table in enumerate(raw.get("corpus", [])):
