@@ -17,6 +17,7 @@ import settings
 class RunConfig:
     data_dir: str = "data"
     workers: int = 2
+    fingerprint: str = "stat"       # how the read step tells changed inputs: "stat" (name, size, mtime) | "content" (sha256)
 
 
 @dataclass
@@ -50,6 +51,11 @@ class DedupConfig:
     num_perm: int = 128
     ngram: int = 5
     decontam_ngram: int = 13
+    # share of a question's n-grams (in one of its printed forms) a text must hold to be contamination
+    # (dedup.py's docstring says how the default was chosen)
+    decontam_min_share: float = field(default=0.5, metadata=settings.limits(gt=0, le=1))
+    # memory the dedup step may use, all its workers together; signatures and band partitions live on disk
+    memory_gb: float = field(default=2.0, metadata=settings.limits(gt=0))
 
 
 @dataclass
@@ -103,6 +109,7 @@ class Recipe:
 
 
 ROLES = ("pretrain", "sft", "dpo")
+FINGERPRINTS = ("stat", "content")
 LANGS = ("zh", "en", "mixed")
 EVAL_FORMATS = ("ceval", "cmmlu")
 
@@ -147,6 +154,8 @@ def parse_recipe(raw: dict, root: Path, path: Path | None = None) -> Recipe:
     if unknown:
         raise RecipeError(f"recipe: unknown table(s) {unknown}; allowed: {list(TOP_LEVEL)}")
     run = _build(RunConfig, raw.get("run", {}), "[run]")
+    if run.fingerprint not in FINGERPRINTS:
+        raise RecipeError(f"[run].fingerprint: {run.fingerprint!r} is not one of {FINGERPRINTS}")
     clean = _build(CleanConfig, raw.get("clean", {}), "[clean]")
     corpora = []
     for i, table in enumerate(raw.get("corpus", [])):
