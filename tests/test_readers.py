@@ -292,7 +292,7 @@ def test_jsonl_reader_rejects_each_malformation_and_keeps_going(tmp_path, reader
 
 
 @pytest.mark.parametrize("reader", ["text_jsonl", "instruction_json", "wiki_json_array", "medical_dialogue_csv",
-                                    "plain_text", "pref_messages_jsonl"])
+                                    "plain_text", "pref_messages_jsonl", "medical_dialogue_txt"])
 @pytest.mark.parametrize("codec", ["gz", "zst"])
 def test_truncated_compressed_file_is_a_counted_reject(tmp_path, samples, reader, codec):
     if reader == "medical_dialogue_csv":
@@ -301,6 +301,8 @@ def test_truncated_compressed_file_is_a_counted_reject(tmp_path, samples, reader
         data = json.dumps([{"completion": f"条目{i}" * 40} for i in range(2000)], ensure_ascii=False).encode()
     elif reader == "plain_text":
         data = (samples / "medicalgpt/pretrain/fever.txt").read_bytes()
+    elif reader == "medical_dialogue_txt":
+        data = toyhom_txt_from_csv(samples / "toyhom-medical-dialogue/样例_内科5000-6000.csv")[0].encode("gb18030")
     elif reader == "pref_messages_jsonl":
         data = (samples / "firefly/dummy_dpo.jsonl").read_bytes()
     elif reader == "instruction_json":
