@@ -571,20 +571,30 @@ def gb18030_or_utf8(path: Path, head_bytes: int = 1 << 16) -> str:
     hold non-ASCII text that is valid UTF-8 (re-exports such as shibing624/medical's are). Decoding UTF-8 Chinese
     as GB18030 does not always fail: some lines come out as plausible-looking garbage, so guessing is safer than
     trusting the default. GB18030 Chinese text is practically never valid UTF-8."""
+    head = _head_lines(path, head_bytes)
+    return "utf-8" if not head.isascii() and "utf-8" in _decoding(head) else "gb18030"
+
+
+def _head_lines(path: Path, head_bytes: int) -> bytes:
+    """The file's first complete lines in about `head_bytes` (decompressed, without a BOM); b"" if unreadable."""
     try:
         with open_binary(path) as f:
             head = f.read(head_bytes).removeprefix(UTF8_BOM)
     except DECOMPRESS_ERRORS:
-        return "gb18030"
-    if len(head) == head_bytes:
-        head = head[:head.rfind(b"\n") + 1]
-    if head.isascii():
-        return "gb18030"
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return "gb18030"
-    return "utf-8"
+        return b""
+    return head[:head.rfind(b"\n") + 1] if len(head) >= head_bytes - 3 else head
+
+
+def _decoding(data: bytes) -> list[str]:
+    """Which of UTF-8 and GB18030 decode `data`."""
+    fits = []
+    for encoding in ("utf-8", "gb18030"):
+        try:
+            data.decode(encoding)
+            fits.append(encoding)
+        except UnicodeDecodeError:
+            pass
+    return fits
 
 
 def _starts_with_bom(path: Path) -> bool:
@@ -827,7 +837,8 @@ READERS: dict[str, Callable] = {
     "magpie_parquet": parquet_reader(convert_magpie),
 }
 # Readers that decode text themselves and so take the corpus's `encoding` setting (JSON is UTF-8 by its RFC 8259).
-ENCODING_READERS = {"plain_text": "utf-8", "medical_dialogue_csv": "gb18030", "medical_dialogue_txt": "gb18030"}
+# Defaults: plain_text UTF-8, the Toyhom readers gb18030_or_utf8.
+ENCODING_READERS = {"plain_text", "medical_dialogue_csv", "medical_dialogue_txt"}
 
 # Readers that may split one uncompressed file into byte ranges at line boundaries (JSONL and plain text).
 # JSON arrays, CSV (quoted fields span lines), parquet and compressed files are read whole by one process.
@@ -875,23 +886,6 @@ def _sample(path: Path, kind: str, n: int) -> list:
     return values
 
 
-def _encodings_that_decode(path: Path, head_bytes: int = 1 << 16) -> list[str]:
-    """Which of UTF-8 and GB18030 decode the file's first bytes (a cut multi-byte character at the end allowed)."""
-    try:
-        with open_binary(path) as f:
-            head = f.read(head_bytes).removeprefix(UTF8_BOM)
-    except DECOMPRESS_ERRORS:
-        return []
-    fits = []
-    for encoding in ("utf-8", "gb18030"):
-        try:
-            head.decode(encoding) if len(head) < head_bytes else head[:head.rfind(b"\n") + 1].decode(encoding)
-            fits.append(encoding)
-        except UnicodeDecodeError:
-            pass
-    return fits
-
-
 def _converts(convert: Callable, value) -> bool:
     try:
         convert(value)
@@ -913,11 +907,11 @@ def explain_all_rejected(reader: str, path: Path, src: str, rejected: dict, firs
         parts.append(f"first ({where}): {first.reason}: {first.detail[:160]}")
     parts.append(f"{reader} expects " + " ".join((read_fn.__doc__ or "").split())[:240].rstrip("."))
     kind = "parquet" if path.name.endswith(".parquet") else "json"
-    if rejected.get("bad_encoding", 0) + rejected.get("bad_utf8", 0) * 2 > total:   # mostly undecodable
-        fits = _encodings_that_decode(path)
+    if 2 * (rejected.get("bad_encoding", 0) + rejected.get("bad_utf8", 0)) > total:   # mostly undecodable
+        fits = _decoding(_head_lines(path, 1 << 16))
         if fits and reader in ENCODING_READERS:
             parts.append(f"the text decodes as {' and '.join(fits)}: set encoding = {fits[0]!r} on the corpus")
-        elif fits:
+        elif fits and "utf-8" not in fits:
             parts.append(f"the text decodes as {' and '.join(fits)}, not UTF-8: JSON must be UTF-8 (iconv -f "
                          f"{fits[0]} -t utf-8)")
     values = _sample(path, kind, sample)
