@@ -24,7 +24,8 @@ each corpus and why it gave nothing); a stage none of whose corpora exist in doc
 dedup step has not run), and a stage no corpus feeds is skipped. The validation split is by a hash of the id (deterministic, stable
 when other records come or go; a small stage that drew no validation row gets its smallest-hash row moved there,
 so every stage of two or more rows can report a validation loss). Every file is written under a temporary name and renamed; a `<stage>.manifest.json`
-written last records the inputs and settings, so a re-run with the same ones keeps the finished stage.
+written last records the inputs and settings and the outputs' sizes and sha256, so a re-run with the same inputs
+keeps the finished stage only while its files are as written (a truncated or altered output is redone).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import pandas as pd
 
 from data_process.readers import is_blank, valid_prefix
 from data_process.records import corpus_fingerprint, iter_records
-from fileio import AtomicWriter, atomic_write_json
+from fileio import AtomicWriter, atomic_write_json, check_files, describe_files
 from tokenizer import Tokenizer
 
 log = logging.getLogger("stage")
@@ -276,6 +277,8 @@ def _inputs_fingerprint(docs_root: Path, corpora: list[str]) -> dict:
 
 
 def _up_to_date(manifest_path: Path, fingerprint: dict, outputs: list[Path]) -> dict | None:
+    """The manifest's counts when the stage is finished with these inputs and its outputs are as it recorded them
+    (sizes and sha256: a truncated, edited or corrupted CSV/JSONL is redone, not trusted); else None."""
     if not manifest_path.is_file():
         return None
     try:
@@ -287,7 +290,14 @@ def _up_to_date(manifest_path: Path, fingerprint: dict, outputs: list[Path]) -> 
         return None
     if counts.get("empty"):   # an empty stage has no outputs, and must not have stale ones
         return None if any(p.exists() for p in outputs) else counts
-    return counts if all(p.is_file() for p in outputs) else None
+    recorded = manifest.get("outputs")
+    if not isinstance(recorded, dict) or set(recorded) != {p.name for p in outputs}:
+        return None
+    problems = check_files(manifest_path.parent, recorded, content=True)
+    if problems:
+        print(f"stage: {problems[0]}: redoing the stage", flush=True)
+        return None
+    return counts
 
 
 def _records(docs_root: Path, corpora: list[str], missing: list[str], seen: Counter):
@@ -521,7 +531,9 @@ def run(recipe, docs_root, tokenizer_dir, data_dir) -> dict:
                     for stale in outputs:
                         stale.unlink(missing_ok=True)
                     counts["empty"] = [_corpus_note(c, counts, docs_root, data_dir) for c in corpora]
-                atomic_write_json(manifest_path, {"fingerprint": fingerprint, "counts": counts}, indent=2)
+                recorded = {} if counts.get("empty") else describe_files(out_dir, [p.name for p in outputs])
+                atomic_write_json(manifest_path, {"fingerprint": fingerprint, "counts": counts, "outputs": recorded},
+                                  indent=2)
                 print(_summary_line(kind, stage, corpora, counts), flush=True)
             if counts.get("empty"):
                 print(f"warning: stage {kind}/{stage} is empty, no {kind}/{stage}{ext} written: "

@@ -387,3 +387,21 @@ def test_a_stage_with_no_input_at_all_is_an_error_naming_the_step_to_run(tmp_pat
     with pytest.raises(StageInputError, match=r"sft/medical \(corpora \['gone'\]\), dpo/gone_too .*--steps read,dedup"):
         run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")
     assert not (tmp_path / "data" / "sft" / "general.csv").exists()   # checked before anything is written
+
+
+def test_a_truncated_or_altered_staged_file_is_redone_not_trusted(tmp_path, glm, capsys):
+    write_parts([{**r, "corpus": "minimind_sft"} for r in general_sft()], tmp_path / "dedup" / "minimind_sft")
+    glm.save(tmp_path / "tokenizer")
+    recipe = one_stage_recipe(tmp_path, ["minimind_sft"])
+    run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")
+    csv = tmp_path / "data" / "sft" / "general.csv"
+    good = csv.read_bytes()
+    for damage in (good[: len(good) // 2], good.replace("多轮".encode(), "多伦".encode(), 1)):   # cut; same size
+        csv.write_bytes(damage)
+        capsys.readouterr()
+        run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")
+        out = capsys.readouterr().out
+        assert "redoing the stage" in out and "up to date" not in out
+        assert csv.read_bytes() == good
+    run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")
+    assert "sft/general is up to date" in capsys.readouterr().out
