@@ -481,12 +481,13 @@ def _corpus_note(corpus: str, counts: dict, docs_root: Path, data_dir: Path) -> 
 
 
 def _summary_line(kind: str, stage: str, corpora: list[str], counts: dict) -> str:
-    rejected = ", ".join(f"{k} {v}" for k, v in counts["rejected"].items()) or "none"
+    rejected = ", ".join(f"{k} {v}" for k, v in counts["rejected"].items())
+    rejected = f"; rejected: {rejected}" if rejected else ("" if counts.get("empty") else "; rejected: none")
     missing = f"; missing corpora: {counts['missing_corpora']}" if counts["missing_corpora"] else ""
     truncated = ", ".join(f"{k} {v} ({counts['turns_cut'][k]} turns)" for k, v in counts.get("truncated", {}).items())
     truncated = f"; truncated: {truncated}" if truncated else ""
-    return (f"stage: {kind}/{stage}: {counts['train']} train + {counts['val']} val from {corpora}; "
-            f"rejected: {rejected}{truncated}{missing} ({counts.get('seconds', 0)}s)")
+    return (f"stage: {kind}/{stage}: {counts['train']} train + {counts['val']} val from {corpora}"
+            f"{rejected}{truncated}{missing} ({counts.get('seconds', 0)}s)")
 
 
 def run(recipe, docs_root, tokenizer_dir, data_dir) -> dict:
