@@ -27,6 +27,7 @@ TMP_MARK = ".tmp-"   # every temporary file or dir written here has this in its 
 
 class DiskFullError(OSError):
     """A write failed because the disk (or a quota) is full."""
+    need_bytes: int | None = None
 
 
 class LockedError(RuntimeError):
@@ -60,8 +61,11 @@ def disk_full_as_error(path, need_bytes: int | None = None):
     try:
         yield
     except OSError as e:
-        if is_disk_full(e) and not isinstance(e, DiskFullError):
-            raise DiskFullError(e.errno, disk_full_message(path, need_bytes)) from None
+        # an inner block that did not know the size needed gets it from an outer one that does
+        if is_disk_full(e) and not (isinstance(e, DiskFullError) and (e.need_bytes or not need_bytes)):
+            err = DiskFullError(e.errno, disk_full_message(path, need_bytes))
+            err.need_bytes = need_bytes
+            raise err from None
         raise
 
 

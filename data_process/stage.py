@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_process.records import corpus_fingerprint, iter_records
-from fileio import AtomicWriter, atomic_write_json
+from data_process.records import checked_parts, corpus_fingerprint, iter_records
+from fileio import AtomicWriter, atomic_write_json, check_files, describe_files
 from tokenizer import Tokenizer
 
 SFT_COLUMNS = ["id", "source", "system", "conversation", "answer", "n_tokens"]
@@ -181,7 +181,14 @@ def _up_to_date(manifest_path: Path, fingerprint: dict, outputs: list[Path]) -> 
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except ValueError:
         return None
-    return manifest.get("counts") if manifest.get("fingerprint") == fingerprint else None
+    if manifest.get("fingerprint") != fingerprint:
+        return None
+    # the outputs must be the ones this manifest recorded: a truncated or edited CSV is staged again
+    problems = check_files(manifest_path.parent, manifest.get("outputs", {}))
+    if problems or "outputs" not in manifest:
+        print(f"stage: {problems[0] if problems else 'an older manifest'}; staging again", flush=True)
+        return None
+    return manifest.get("counts")
 
 
 def _records(docs_root: Path, corpora: list[str], missing: list[str]):
@@ -190,7 +197,7 @@ def _records(docs_root: Path, corpora: list[str], missing: list[str]):
         if not d.is_dir():
             missing.append(name)
             continue
-        for record in iter_records(d):
+        for record in iter_records(checked_parts(d)):   # the parts its manifest lists, all there (else an error)
             yield name, record
 
 
@@ -340,7 +347,8 @@ def run(recipe, docs_root, tokenizer_dir, data_dir) -> dict:
                 counts = stage_fn(tok, docs_root, corpora, out_dir, stage, recipe.sft.max_tokens,
                                   recipe.sft.val_fraction)
                 counts["seconds"] = round(time.time() - t0, 2)
-                atomic_write_json(manifest_path, {"fingerprint": fingerprint, "counts": counts}, indent=2)
+                atomic_write_json(manifest_path, {"fingerprint": fingerprint, "counts": counts,
+                                                  "outputs": describe_files(out_dir, [p.name for p in outputs])}, indent=2)
                 rejected = ", ".join(f"{k} {v}" for k, v in counts["rejected"].items()) or "none"
                 missing = f"; missing corpora: {counts['missing_corpora']}" if counts["missing_corpora"] else ""
                 print(f"stage: {kind}/{stage}: {counts['train']} train + {counts['val']} val from {corpora}; "
