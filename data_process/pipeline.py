@@ -60,6 +60,7 @@ class Unit:
     src: str                   # input path relative to the project root (record ids, rejects)
     span: tuple | None         # (start, end, first_line) or None for the whole file
     size: int                  # bytes of input this unit covers
+    encoding: str = ""         # the corpus's `encoding` for text readers ("" = the reader's default)
 
 
 # ---------------------------------------------------------------- planning
@@ -95,9 +96,9 @@ def plan_units(recipe: Recipe, spec: CorpusSpec, files: list[Path], chunk_bytes:
         src = source_name(recipe, path)
         if size > chunk_bytes and readers_mod.splittable(spec.reader, path):
             for span in line_spans(path, chunk_bytes):
-                units.append(Unit(spec.name, len(units), str(path), src, span, span[1] - span[0]))
+                units.append(Unit(spec.name, len(units), str(path), src, span, span[1] - span[0], spec.encoding))
         else:
-            units.append(Unit(spec.name, len(units), str(path), src, None, size))
+            units.append(Unit(spec.name, len(units), str(path), src, None, size, spec.encoding))
     return units
 
 
@@ -130,6 +131,8 @@ def fingerprint(recipe: Recipe, spec: CorpusSpec, files: list[Path], chunk_bytes
     inputs = [tuple(s.values()) for s in stamps]
     settings = {"reader": spec.reader, "lang": spec.lang, "clean": dataclasses.asdict(spec.clean),
                 "chunk_bytes": chunk_bytes, "code": code_version(), "inputs": inputs, "format": PART_FORMAT}
+    if spec.encoding:
+        settings["encoding"] = spec.encoding
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -161,14 +164,18 @@ def run_unit(unit: Unit, reader: str, lang: str, settings: CleanConfig, staging:
     counts = {"read": 0, "kept": 0, "rejected": Counter(), "kinds": Counter(), "chars": 0}
     rejects = []
     span = tuple(unit.span) if unit.span else None
+    options = {"encoding": unit.encoding} if unit.encoding else {}
+    reader_rejects, first_reject = 0, None
     # need: the unit's input size bounds what its compressed records and rejects take on disk
     with disk_full_as_error(out_path, unit.size), atomic_file(out_path) as raw:
         # the frame checksum (xxh64 of the content) makes a flipped bit a read error, not a changed record
         writer = zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(raw, closefd=False)
         buf = []
-        for item in read_fn(Path(unit.path), unit.src, span):
+        for item in read_fn(Path(unit.path), unit.src, span, **options):
             counts["read"] += 1
             if isinstance(item, Reject):
+                reader_rejects += 1
+                first_reject = first_reject or item
                 counts["rejected"][item.reason] += 1
                 rejects.append(reject_entry(unit.src, item.where, item.reason, item.detail))
                 continue
@@ -194,6 +201,9 @@ def run_unit(unit: Unit, reader: str, lang: str, settings: CleanConfig, staging:
     result = {"corpus": unit.corpus, "index": unit.index, "src": unit.src, "size": unit.size, "read": counts["read"],
               "kept": counts["kept"], "rejected": dict(counts["rejected"]), "kinds": dict(counts["kinds"]),
               "chars": counts["chars"], "clean": dict(cleaner.stats), "seconds": round(time.time() - t0, 3)}
+    if counts["read"] and reader_rejects == counts["read"]:   # the reader fits none of it: say what would
+        result["all_rejected"] = readers_mod.explain_all_rejected(reader, Path(unit.path), unit.src,
+                                                                  dict(counts["rejected"]), first_reject)
     atomic_write_bytes(staging / f"{stem}.json", orjson.dumps(result))  # written last: the unit is done
     return result
 
@@ -273,6 +283,9 @@ def corpus_counts(spec: CorpusSpec, files: list[Path], results: list[dict]) -> d
         "chars": sum(r["chars"] for r in results),
         "clean": dict(sorted(clean_stats.items())),
     }
+    warnings = list(dict.fromkeys(r["all_rejected"] for r in results if r.get("all_rejected")))
+    if warnings:
+        counts["warnings"] = warnings
     assert counts["kept"] + counts["rejected"] == counts["read"], f"accounting broken for {spec.name}"
     return counts
 
@@ -413,6 +426,8 @@ def format_read_table(read: dict) -> str:
                      + "  " + r[6])
         if i == 0 or i == len(rows) - 2:
             lines.append("-" * (sum(widths) + 2 * 6 + 18))
+    for name, c in read["corpora"].items():
+        lines += [f"warning: {name}: {w}" for w in c.get("warnings", [])]
     return "\n".join(lines)
 
 
@@ -553,4 +568,5 @@ def _nothing_read_message(recipe: Recipe, result: dict) -> str:
         else:
             lines.append(f"  {spec.name}: {c['files']} file(s), {c['read']} read, all rejected "
                          f"({c['rejected_by_reason']}); see {recipe.data_dir / 'rejects' / (spec.name + '.jsonl')}")
+            lines += [f"    {w}" for w in c.get("warnings", [])]
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 import orjson
 import zstandard
 
-from fileio import atomic_write_bytes, disk_full_as_error, file_sha256, fsync_dir, tmp_path_for  # noqa: F401  (atomic_write_bytes: old import path)
+from fileio import disk_full_as_error, file_sha256, fsync_dir, tmp_path_for
 
 PART_GLOB = "part-*.jsonl.zst"
 ZSTD_LEVEL = 3
