@@ -12,9 +12,15 @@ The read step, per corpus:
   `unit-NNNNN.jsonl.zst`, its rejects and its counts into a staging folder (each file atomically, counts last);
 - when all units of a corpus are done, moves them into `data/clean/<corpus>/part-NNNNN.jsonl.zst`, writes
   `data/rejects/<corpus>.jsonl`, and writes `manifest.json` last, with a fingerprint of the inputs (name,
-  size, mtime), the settings and the reader/cleaner code. A manifest with a matching fingerprint means the
-  corpus is done and is skipped; a killed run resumes from the units it finished.
+  size, mtime; or sha256 with `[run] fingerprint = "content"`), the settings and the reader/cleaner code, and
+  each part's size and sha256. A manifest with a matching fingerprint whose parts are all there as recorded
+  means the corpus is done and is skipped (a missing, truncated or corrupted part redoes it); a killed run
+  resumes from the units it finished. Parts carry the zstd content checksum.
 Accounting: every upstream record read becomes exactly one of kept or rejected (by reason), per corpus.
+
+`run` holds the data dir's lock (fileio.DirLock) for the whole run, removes what killed runs left (`.*.tmp-*`),
+and before each step checks that the step's input is there as its manifests recorded (MissingInputError naming
+the step to run otherwise).
 """
 from __future__ import annotations
 
@@ -112,9 +118,9 @@ def code_version() -> str:
 
 
 def input_stamps(recipe: Recipe, files: list[Path], mode: str = "stat") -> list[dict]:
-    """What the fingerprint knows of each input file. "stat": name, size and mtime (free, but an edited file copied
-    back with its old mtime, as `rsync -a` or `cp -p` do, looks unchanged); "content": name, size and sha256 (every
-    input is read once more on every run, about 1 s per GB on one core, but any edit is seen)."""
+    """What the fingerprint knows of each input file. "stat" (the default): name, size and mtime, free, but an edited
+    file copied back with its old mtime (`rsync -a`, `cp -p`) looks unchanged; "content": name, size and sha256, so
+    any edit is seen, at the price of reading every input once more on every run (bench/bench_faults.py)."""
     stamps = []
     for p in files:
         st = p.stat()
