@@ -308,3 +308,13 @@ def test_content_fingerprint_sees_an_edit_that_keeps_size_and_mtime(tmp_path, sa
     assert clean_text().count("\u9f10") == edited.count("\u9f10") + 1
     manifest = json.loads((tmp_path / "data/clean/web/manifest.json").read_text())
     assert set(manifest["inputs"][0]) == {"path", "bytes", "sha256"}
+
+
+def test_corrupted_tokenizer_model_is_made_again_and_the_shards_kept(data, capsys):
+    model = data / "tokenizer/tokenizer.model"
+    before, shards = model.read_bytes(), tree_bytes(data / "pretrain", "*/*")
+    flip_bit(model, len(before) // 2)
+    assert run_cli(data, "--steps", "tokenizer,tokenize") == 0
+    assert "tokenizer: trained" in capsys.readouterr().out
+    assert model.read_bytes() == before                # the same recipe makes the same model ...
+    assert tree_bytes(data / "pretrain", "*/*") == shards   # ... so the shards made with it stand
