@@ -528,7 +528,11 @@ def run(recipe: Recipe, steps=STEPS, workers: int | None = None, force: bool = F
         if stale:
             print(f"note: removed {stale} temporary file(s) left under {recipe.data_dir} by a killed run",
                   file=sys.stderr, flush=True)
-        return _run_steps(recipe, steps, workers, force, progress, chunk_bytes)
+        try:
+            return _run_steps(recipe, steps, workers, force, progress, chunk_bytes)
+        except BaseException:   # a full disk, Ctrl-C: workers stopped mid-write leave temporaries; still locked
+            remove_stale_temporaries(recipe.data_dir)
+            raise
 
 
 def _run_steps(recipe: Recipe, steps: list[str], workers, force: bool, progress: bool, chunk_bytes: int) -> dict:

@@ -230,7 +230,7 @@ def test_full_disk_is_one_line_naming_the_path_with_its_own_exit_code(data, monk
         return f
 
     monkeypatch.setattr(builtins, "open", open_on_a_full_disk)
-    assert run_cli(data, "--steps", step, "--workers", "1") == cli.EXIT_DISK_FULL
+    assert run_cli(data, "--steps", step) == cli.EXIT_DISK_FULL   # the read step: in its pool workers
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("error: the disk is full: could not write " + str(target)) and "free on that filesystem" in err
