@@ -504,6 +504,11 @@ def check_step_inputs(recipe: Recipe, step: str, docs_root: Path, tokenizer_dir:
             checked_parts(d, require_manifest=True)
     except MissingInputError as e:
         raise MissingInputError(f"the {step} step cannot run: {e}") from None
+    dedup_dir = recipe.data_dir / "dedup"
+    if step in ("tokenizer", "tokenize", "stage") and docs_root != dedup_dir and any(dedup_dir.glob("*/manifest.json")):
+        # dedup started here and did not finish: the clean records would silently stand in for deduplicated ones
+        raise MissingInputError(f"the {step} step cannot run: {dedup_dir} has no report.json (the dedup step did "
+                                f"not finish): run `python data_process.py --steps dedup` first")
     if step in ("tokenize", "stage") and not (tokenizer_dir / "tokenizer.model").is_file():
         raise MissingInputError(f"the {step} step cannot run: {tokenizer_dir / 'tokenizer.model'} is missing: "
                                 f"run `python data_process.py --steps tokenizer` first")

@@ -318,3 +318,12 @@ def test_corrupted_tokenizer_model_is_made_again_and_the_shards_kept(data, capsy
     assert "tokenizer: trained" in capsys.readouterr().out
     assert model.read_bytes() == before                # the same recipe makes the same model ...
     assert tree_bytes(data / "pretrain", "*/*") == shards   # ... so the shards made with it stand
+
+
+def test_unfinished_dedup_is_not_silently_replaced_by_the_clean_records(data, capsys):
+    shards = tree_bytes(data / "pretrain", "*/*")
+    (data / "dedup/report.json").unlink()   # what a dedup killed before its last write leaves
+    assert run_cli(data, "--steps", "tokenize") == cli.EXIT_MISSING_INPUT
+    assert "(the dedup step did not finish): run `python data_process.py --steps dedup`" in capsys.readouterr().err
+    assert run_cli(data, "--steps", "dedup,tokenize") == 0
+    assert tree_bytes(data / "pretrain", "*/*") == shards
