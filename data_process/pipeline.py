@@ -12,9 +12,15 @@ The read step, per corpus:
   `unit-NNNNN.jsonl.zst`, its rejects and its counts into a staging folder (each file atomically, counts last);
 - when all units of a corpus are done, moves them into `data/clean/<corpus>/part-NNNNN.jsonl.zst`, writes
   `data/rejects/<corpus>.jsonl`, and writes `manifest.json` last, with a fingerprint of the inputs (name,
-  size, mtime), the settings and the reader/cleaner code. A manifest with a matching fingerprint means the
-  corpus is done and is skipped; a killed run resumes from the units it finished.
+  size, mtime; or sha256 with `[run] fingerprint = "content"`), the settings and the reader/cleaner code, and
+  each part's size and sha256. A manifest with a matching fingerprint whose parts are all there as recorded
+  means the corpus is done and is skipped (a missing, truncated or corrupted part redoes it); a killed run
+  resumes from the units it finished. Parts carry the zstd content checksum.
 Accounting: every upstream record read becomes exactly one of kept or rejected (by reason), per corpus.
+
+`run` holds the data dir's lock (fileio.DirLock) for the whole run, removes what killed runs left (`.*.tmp-*`),
+and before each step checks that the step's input is there as its manifests recorded (MissingInputError naming
+the step to run otherwise).
 """
 from __future__ import annotations
 
@@ -112,9 +118,9 @@ def code_version() -> str:
 
 
 def input_stamps(recipe: Recipe, files: list[Path], mode: str = "stat") -> list[dict]:
-    """What the fingerprint knows of each input file. "stat": name, size and mtime (free, but an edited file copied
-    back with its old mtime, as `rsync -a` or `cp -p` do, looks unchanged); "content": name, size and sha256 (every
-    input is read once more on every run, about 1 s per GB on one core, but any edit is seen)."""
+    """What the fingerprint knows of each input file. "stat" (the default): name, size and mtime, free, but an edited
+    file copied back with its old mtime (`rsync -a`, `cp -p`) looks unchanged; "content": name, size and sha256, so
+    any edit is seen, at the price of reading every input once more on every run (bench/bench_faults.py)."""
     stamps = []
     for p in files:
         st = p.stat()
@@ -498,6 +504,11 @@ def check_step_inputs(recipe: Recipe, step: str, docs_root: Path, tokenizer_dir:
             checked_parts(d, require_manifest=True)
     except MissingInputError as e:
         raise MissingInputError(f"the {step} step cannot run: {e}") from None
+    dedup_dir = recipe.data_dir / "dedup"
+    if step in ("tokenizer", "tokenize", "stage") and docs_root != dedup_dir and any(dedup_dir.glob("*/manifest.json")):
+        # dedup started here and did not finish: the clean records would silently stand in for deduplicated ones
+        raise MissingInputError(f"the {step} step cannot run: {dedup_dir} has no report.json (the dedup step did "
+                                f"not finish): run `python data_process.py --steps dedup` first")
     if step in ("tokenize", "stage") and not (tokenizer_dir / "tokenizer.model").is_file():
         raise MissingInputError(f"the {step} step cannot run: {tokenizer_dir / 'tokenizer.model'} is missing: "
                                 f"run `python data_process.py --steps tokenizer` first")
@@ -522,7 +533,11 @@ def run(recipe: Recipe, steps=STEPS, workers: int | None = None, force: bool = F
         if stale:
             print(f"note: removed {stale} temporary file(s) left under {recipe.data_dir} by a killed run",
                   file=sys.stderr, flush=True)
-        return _run_steps(recipe, steps, workers, force, progress, chunk_bytes)
+        try:
+            return _run_steps(recipe, steps, workers, force, progress, chunk_bytes)
+        except BaseException:   # a full disk, Ctrl-C: workers stopped mid-write leave temporaries; still locked
+            remove_stale_temporaries(recipe.data_dir)
+            raise
 
 
 def _run_steps(recipe: Recipe, steps: list[str], workers, force: bool, progress: bool, chunk_bytes: int) -> dict:

@@ -39,7 +39,7 @@ from pathlib import Path
 import pandas as pd
 
 from data_process.readers import is_blank, valid_prefix
-from data_process.records import corpus_fingerprint, iter_records
+from data_process.records import checked_parts, corpus_fingerprint, iter_records
 from fileio import AtomicWriter, atomic_write_json, check_files, describe_files
 from tokenizer import Tokenizer
 
@@ -290,12 +290,11 @@ def _up_to_date(manifest_path: Path, fingerprint: dict, outputs: list[Path]) -> 
         return None
     if counts.get("empty"):   # an empty stage has no outputs, and must not have stale ones
         return None if any(p.exists() for p in outputs) else counts
+    # the outputs must be the ones this manifest recorded: a truncated or edited CSV is staged again
     recorded = manifest.get("outputs")
-    if not isinstance(recorded, dict) or set(recorded) != {p.name for p in outputs}:
-        return None
-    problems = check_files(manifest_path.parent, recorded, content=True)
-    if problems:
-        print(f"stage: {problems[0]}: redoing the stage", flush=True)
+    problems = check_files(manifest_path.parent, recorded) if isinstance(recorded, dict) else []
+    if problems or not isinstance(recorded, dict) or set(recorded) != {p.name for p in outputs}:
+        print(f"stage: {problems[0] if problems else 'an older manifest'}; staging again", flush=True)
         return None
     return counts
 
@@ -306,7 +305,7 @@ def _records(docs_root: Path, corpora: list[str], missing: list[str], seen: Coun
         if not d.is_dir():
             missing.append(name)
             continue
-        for record in iter_records(d):
+        for record in iter_records(checked_parts(d)):   # the parts its manifest lists, all there (else an error)
             seen[name] += 1
             yield name, record
 

@@ -401,7 +401,7 @@ def test_a_truncated_or_altered_staged_file_is_redone_not_trusted(tmp_path, glm,
         capsys.readouterr()
         run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")
         out = capsys.readouterr().out
-        assert "redoing the stage" in out and "up to date" not in out
+        assert "staging again" in out and "up to date" not in out
         assert csv.read_bytes() == good
     run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")
     assert "sft/general is up to date" in capsys.readouterr().out
