@@ -15,7 +15,8 @@ What it does, and why:
   and obvious web boilerplate lines (copyright, "点击阅读全文", "扫一扫关注") are dropped.
   Conversations and preference pairs keep their inner spacing and punctuation runs (code, markdown tables).
 - Conversations: a turn left empty by cleaning ends the conversation; the complete user/assistant pairs before
-  it are kept (stats convs_truncated_empty_turn, turns_cut_empty_turn), none left is "empty_message".
+  it are kept (stats convs_truncated_empty_turn, turns_cut_empty_turn), none left is "empty_message". What the
+  reader cut (a turn breaking the alternation, a trailing user turn: the record's "cut") is counted the same way.
 - Filters: min/max characters, and for lang="zh" the share of Han characters among Han + Latin letters.
 Unlike baby-llama2-chinese's punctuation cleaner (which turned "blood pressure" into "blood，presure"),
 nothing here touches letters or the spaces between English words.
@@ -232,6 +233,9 @@ class Cleaner:
                 record["title"] = clean_message(record["title"], s, self.stats)
             return _length_and_lang(record["text"], s, self.lang)
         if kind == "conv":
+            for reason, turns in record.pop("cut", {}).items():   # what the reader cut (readers.conv)
+                self.stats[f"convs_truncated_{reason}"] += 1
+                self.stats[f"turns_cut_{reason}"] += turns
             for m in record["messages"]:
                 if len(m["content"]) > s.max_chars * 2:
                     return "too_long"

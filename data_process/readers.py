@@ -261,18 +261,33 @@ def _messages(value, where: str) -> list[dict]:
     return out
 
 
-def check_conversation(messages: list[dict]) -> list[dict]:
-    """Optional system, then user/assistant alternating, ending with assistant (a trailing user turn is dropped)."""
+def conversation_prefix(messages: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Optional system, then user/assistant alternating, ending with assistant: the valid prefix of `messages` and
+    the turns cut after it by reason. A turn that breaks the alternation ends the conversation after the complete
+    pairs before it ("bad_roles"); a trailing user turn has no answer and is dropped ("trailing_user"). BadRecord
+    when no complete pair is left."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     body = messages[len(system):]
-    while body and body[-1]["role"] == "user":
-        body = body[:-1]
-    if not body:
-        raise BadRecord("no_answer", "no assistant turn")
+    cut: dict[str, int] = {}
     for i, m in enumerate(body):
         if m["role"] != ("user" if i % 2 == 0 else "assistant"):
-            raise BadRecord("bad_roles", f"turn {i} is {m['role']}")
-    return system + body
+            keep = i - i % 2
+            if keep == 0 and not any(t["role"] == "assistant" for t in body):
+                raise BadRecord("no_answer", "no assistant turn")
+            if keep == 0:
+                raise BadRecord("bad_roles", f"turn {i} is {m['role']}")
+            cut["bad_roles"], body = len(body) - keep, body[:keep]
+            break
+    if body and body[-1]["role"] == "user":
+        cut["trailing_user"], body = 1, body[:-1]
+    if not body:
+        raise BadRecord("no_answer", "no assistant turn")
+    return system + body, cut
+
+
+def check_conversation(messages: list[dict]) -> list[dict]:
+    """The valid prefix of a conversation (conversation_prefix), without the counts."""
+    return conversation_prefix(messages)[0]
 
 
 ZERO_WIDTH = re.compile("[\u200b-\u200d\u2060\ufeff]")
@@ -316,7 +331,10 @@ def doc(text: str, title: str | None = None) -> dict:
 
 
 def conv(messages: list[dict]) -> dict:
-    return {"kind": "conv", "messages": check_conversation(messages)}
+    """A conversation record; "cut" ({reason: turns}) says what conversation_prefix dropped, for the cleaner to
+    count (Cleaner.clean removes the key)."""
+    kept, cut = conversation_prefix(messages)
+    return {"kind": "conv", "messages": kept, **({"cut": cut} if cut else {})}
 
 
 def pref(prompt: list[dict], chosen: str, rejected: str) -> dict:

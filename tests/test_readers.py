@@ -815,3 +815,33 @@ def test_toyhom_readers_read_a_utf8_reexport_without_mojibake(tmp_path, samples)
     assert read_all("medical_dialogue_txt", tmp_path / "u.txt", "x") == read_all("medical_dialogue_txt", tmp_path / "g.txt", "x")
     forced = list(READERS["medical_dialogue_txt"](tmp_path / "u.txt", "x", None, encoding="gb18030"))
     assert forced != read_all("medical_dialogue_txt", tmp_path / "u.txt", "x")[0]
+
+
+def test_a_turn_that_breaks_the_alternation_keeps_the_pairs_before_it_and_is_counted(tmp_path):
+    from data_process.pipeline import read_step
+    from data_process.recipe import parse_recipe
+
+    def turns(*roles):
+        return [{"from": r, "value": f"第{i}轮的内容，足够长的一句话。"} for i, r in enumerate(roles)]
+
+    convs = [turns("human", "gpt", "human", "gpt", "gpt", "human", "gpt"),    # a doubled reply at turn 4
+             turns("human", "gpt", "human"),                                   # no answer to the last question
+             turns("gpt", "human", "gpt"),                                     # starts with the assistant
+             turns("human", "human")]                                          # no answer at all
+    (tmp_path / "sg").mkdir()
+    (tmp_path / "sg" / "a.jsonl").write_text("\n".join(json.dumps({"conversations": c}, ensure_ascii=False)
+                                                       for c in convs) + "\n")
+    records, rejects = read_all("sharegpt_jsonl", tmp_path / "sg" / "a.jsonl")
+    assert [len(r["messages"]) for r in records] == [4, 2]
+    assert [r["cut"] for r in records] == [{"bad_roles": 3}, {"trailing_user": 1}]
+    assert [(x.where["line"], x.reason) for x in rejects] == [(3, "bad_roles"), (4, "no_answer")]
+    recipe = parse_recipe({"run": {"data_dir": "data"}, "corpus": [
+        {"name": "sg", "reader": "sharegpt_jsonl", "paths": ["sg/*.jsonl"], "role": "sft", "stage": "general"}]},
+        tmp_path)
+    counts = read_step(recipe, workers=1, progress=False)["corpora"]["sg"]
+    assert (counts["read"], counts["kept"], counts["rejected"]) == (4, 2, 2)
+    assert {k: v for k, v in counts["clean"].items() if "cut" in k or "truncated" in k} == {
+        "convs_truncated_bad_roles": 1, "turns_cut_bad_roles": 3,
+        "convs_truncated_trailing_user": 1, "turns_cut_trailing_user": 1}
+    from data_process.records import iter_records
+    assert all("cut" not in r for r in iter_records(tmp_path / "data" / "clean" / "sg"))
