@@ -582,7 +582,7 @@ def pool_mapper(workers: int):
 def partitions_for(rows: int, bytes_per_row: int, memory_gb: float, fixed_bytes: int, workers: int) -> int:
     """How many ranges a stage cuts `rows` into so that `workers` ranges at once fit in memory_gb beside the
     driver's `fixed_bytes`."""
-    budget = max(memory_gb * 2**30 - fixed_bytes, 2**24) / max(1, workers)
+    budget = max(memory_gb * 2**30 - fixed_bytes, 2**12) / max(1, workers)
     return int(min(MAX_PARTITIONS, max(1, math.ceil(rows * bytes_per_row / budget))))
 
 
@@ -884,13 +884,14 @@ def _run(recipe, clean_root: Path, out_root: Path, workers, mapper) -> dict:
             status[offset:offset + int(sizes[k])][z["contam"] >= 0] = CONTAMINATED
 
     # stage 2: exact duplicates
-    exact_files = []
+    exact_files, layout = [], {"exact_partitions": 0, "bucket_partitions": 0, "decide_ranges": 0}
     if cfg.exact and n_docs:
         parts = partitions_for(sum(m["exact_rows"] for m in metas), ROW_BYTES, cfg.memory_gb, fixed, workers)
         tasks = [{"work": str(work), "j": j, "parts": parts, "units": unit_offsets} for j in range(parts)]
         for _ in mapper(exact_partition, tasks):
             pass
         exact_files = [work / "exact" / f"{parts}-p{j:05d}.npy" for j in range(parts)]
+        layout["exact_partitions"] = parts
         for f in exact_files:
             status[np.array(_load(f, True)["v"])] = EXACT
     _save(work / "exact_dups.npy", np.packbits(status == EXACT))
@@ -908,10 +909,12 @@ def _run(recipe, clean_root: Path, out_root: Path, workers, mapper) -> dict:
             progress.update(1)
         progress.close()
         edge_files = [work / "edges" / f"{parts}-p{j:05d}.npy" for j in range(parts)]
+        layout["bucket_partitions"] = parts
         # stage 4: decisions, range by range in keep order (each range needs the ones before it)
         ranges = partitions_for(n_edges, EDGE_BYTES, cfg.memory_gb, fixed, 1)
         step = -(-n_docs // ranges)
         near_starts = list(range(0, n_docs, step))
+        layout["decide_ranges"] = len(near_starts)
         for r, lo in enumerate(near_starts):
             hi = min(n_docs, lo + step)
             matches = resolve(lo, hi, _unique_edges(_edges_in(edge_files, lo, hi)), status)
@@ -968,7 +971,7 @@ def _run(recipe, clean_root: Path, out_root: Path, workers, mapper) -> dict:
         "totals": {"in": n_docs, "kept": int((status == KEPT).sum()), "decontaminated": totals[CONTAMINATED],
                    "exact_dups": totals[EXACT], "near_dups": totals[NEAR],
                    "lsh_candidate_pairs": candidates, "verified_pairs": n_edges,
-                   "units": len(units), "chars": int(chars), "hash_seconds": round(hash_seconds, 2),
+                   "units": len(units), **layout, "chars": int(chars), "hash_seconds": round(hash_seconds, 2),
                    "seconds": round(seconds, 2), "mchars_per_s": round(chars / max(hash_seconds, 1e-9) / 1e6, 2)},
     }
     atomic_write_bytes(out_root / "report.json", json.dumps(report, ensure_ascii=False, indent=1).encode())
