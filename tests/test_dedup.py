@@ -601,3 +601,29 @@ def test_a_stock_phrase_shared_with_a_question_is_not_contamination_but_the_ques
     # matching on any one shared window (the old rule) removes the news text
     question, _ = dedup.find_contamination(cps, lengths, index, 13, 1e-9)
     assert question[0] == 0
+
+
+def test_inspect_dedup_summarizes_the_audit_and_shows_pairs_side_by_side(tmp_path, capsys):
+    import data_process as _  # noqa: F401
+    from data_process import dedup_audit
+    sys_path_main = dedup.Path(__file__).resolve().parents[1] / "data_process.py"
+    corpora, prio = mixed_corpora()
+    recipe, clean, out = make_run(tmp_path, corpora, prio)
+    report = dedup.run(recipe, clean, out, workers=1)
+    capsys.readouterr()
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("data_process_cli", sys_path_main)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["inspect", "dedup", "--dir", str(out), "--examples", "2", "--width", "30"]) == 0
+    text = capsys.readouterr().out
+    t = report["totals"]
+    assert f"removed records: {t['in'] - t['kept']:,} of {t['in']:,} read" in text
+    a = report["corpora"]["a"]
+    assert any(line.split() == ["a", f"{a['exact_dups']:,}", f"{a['near_dups']:,}"] for line in text.splitlines())
+    assert f"a -> b: {a['exact_dups_of']['b'] + a['near_dups_of']['b']:,}" in text
+    examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    near = [e for e in examples if e["kind"] == "near"][0]
+    first_line = dedup_audit.wrap(near["dropped"]["text"], 30, 3)[0]
+    assert any(line.startswith(first_line) and " | " in line for line in text.splitlines())
+    assert dedup_audit.main(["--dir", str(tmp_path / "nowhere")]) == 1
