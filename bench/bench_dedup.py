@@ -335,42 +335,73 @@ def eval_questions() -> dict[str, list[dict]]:
     return sets
 
 
-def plant(q: dict, style: int, filler: str) -> str:
-    answer = q["options"]["ABCD".index(q["answer"])]
+PLANT_STYLES = ("pasted", "exam dump", "answer filled", "1 char changed", "5% chars changed")
+
+
+def plant(q, style: int, filler: str, rng: random.Random) -> str:
+    """A training text holding eval question q in one of PLANT_STYLES."""
+    question, options = q.question, q.option_list
     if style == 0:    # the question alone inside other text
-        return filler[:200] + q["question"] + filler[200:300]
+        return filler[:200] + question + filler[200:300]
     if style == 1:    # exam-dump layout with lettered options
-        opts = "  ".join(f"{letter}.{o}" for letter, o in zip("ABCD", q["options"]))
-        return f"{filler[:100]}\n1. {q['question']}（  ）\n{opts}\n答案：{q['answer']}\n{filler[100:200]}"
-    # the question turned into a statement with its answer
-    stated = dedup.BLANK.sub(answer, q["question"], count=1) if dedup.BLANK.search(q["question"]) else q["question"] + answer
-    return filler[:150] + stated + "。" + filler[150:250]
+        opts = "  ".join(f"{letter}.{o}" for letter, o in zip("ABCD", options))
+        return f"{filler[:100]}\n1. {question}（  ）\n{opts}\n答案：{q.answer or ''}\n{filler[100:200]}"
+    if style == 2:    # the question turned into a statement with its answer
+        answer = q.answer_text or options[0]
+        stated = dedup.BLANK.sub(lambda _: answer, question, count=1) if dedup.BLANK.search(question) else question + answer
+        return filler[:150] + stated + "。" + filler[150:250]
+    chars = list(question)
+    for _ in range(1 if style == 3 else max(1, round(0.05 * len(chars)))):
+        chars[rng.randrange(len(chars))] = rng.choice(filler[:300] or "的")
+    return filler[:200] + "".join(chars) + filler[200:300]
+
+
+def shared_phrase(q, filler: str, rng: random.Random) -> str | None:
+    """Clean text that shares one phrase (13-20 characters, at most 40% of the question) with a question: what
+    a stock phrase of a politics or law question does to news text. Not a leak."""
+    stem = q.question
+    span = rng.randint(13, 20)
+    if len(stem) < span / 0.4:
+        return None
+    start = rng.randrange(len(stem) - span + 1)
+    return filler[:200] + stem[start:start + span] + filler[200:400]
 
 
 def bench_decontam(quick: bool) -> dict:
+    """Catch rate vs false removals for decontamination settings: n-gram length x the share of a question
+    form's n-grams a text must hold (1e-9: any single shared n-gram, the old rule)."""
     sets = eval_questions()
     clean = clean_corpus_texts(quick)
     rng = random.Random(4)
-    planted = []
-    for qs in sets.values():
-        for q in qs:
-            planted.append(plant(q, rng.randrange(3), rng.choice(clean)))
-    ccps, clens = minhash.fold_batch(*minhash.encode_batch(clean), alnum=True)
-    pcps, plens = minhash.fold_batch(*minhash.encode_batch(planted), alnum=True)
-    print(f"\n[5] decontamination: {sum(map(len, sets.values()))} C-Eval/CMMLU questions (real samples + ours) "
-          f"vs {len(clean)} clean real documents; {len(planted)} documents with a planted question")
-    print(f"    {'n':>3} {'false hits':>10} {'recall':>7} {'questions w/o n-gram':>21}")
+    questions = [q for qs in sets.values() for q in qs]
+    planted = {s: [plant(q, i, rng.choice(clean), rng) for q in questions] for i, s in enumerate(PLANT_STYLES)}
+    phrases = [t for t in (shared_phrase(q, rng.choice(clean), rng) for q in questions) if t]
+
+    def batch(texts):
+        return minhash.fold_batch(*minhash.encode_batch(texts), alnum=True)
+    clean_b, phrase_b = batch(clean), batch(phrases)
+    planted_b = {s: batch(t) for s, t in planted.items()}
+    print(f"\n[5] decontamination: {len(questions)} C-Eval/CMMLU questions (real samples + ours); catch rate on "
+          f"{len(questions)} planted texts per style; false removals on {len(clean)} clean real documents and on "
+          f"{len(phrases)} clean texts sharing one 13-20 character phrase with a question")
+    print(f"    {'n':>3} {'share':>6} " + " ".join(f"{s:>17}" for s in PLANT_STYLES) + f" {'clean FP':>9} {'phrase FP':>9}")
     out = {}
-    for n in (8, 10, 12, 13, 15, 20):
-        h, s, qi, too_short = dedup.eval_index(list(sets.values()), n)
-        false_hits = dedup.find_contamination(ccps, clens, h, n) >= 0
-        recall = float((dedup.find_contamination(pcps, plens, h, n) >= 0).mean())
-        print(f"    {n:>3} {false_hits.sum():>10} {recall:7.4f} {too_short:>21}")
-        if n in (10, 13):
-            for i in np.flatnonzero(false_hits)[:3]:
-                print(f"        hit at n={n}: {clean[i][:80]!r}")
-        out[f"decontam_n{n}_false_hits"] = int(false_hits.sum())
-        out[f"decontam_n{n}_recall"] = round(recall, 4)
+    for n in (8, 10, 13):
+        index = dedup.eval_index(list(sets.values()), n)
+        for share in (1e-9, 0.2, 0.3, 0.5, 0.7, 0.9):
+            catch = {s: float((dedup.find_contamination(*b, index, n, share)[0] >= 0).mean())
+                     for s, b in planted_b.items()}
+            fp_clean = int((dedup.find_contamination(*clean_b, index, n, share)[0] >= 0).sum())
+            fp_phrase = float((dedup.find_contamination(*phrase_b, index, n, share)[0] >= 0).mean())
+            label = "any" if share < 0.01 else f"{share:.1f}"
+            print(f"    {n:>3} {label:>6} " + " ".join(f"{catch[s]:>17.3f}" for s in PLANT_STYLES)
+                  + f" {fp_clean:>9} {fp_phrase:>9.3f}")
+            key = f"decontam_n{n}_share_{label}"
+            out[f"{key}_catch_pasted"] = round(catch["pasted"], 4)
+            out[f"{key}_catch_5pct_changed"] = round(catch["5% chars changed"], 4)
+            out[f"{key}_catch_all_styles"] = round(float(np.mean(list(catch.values()))), 4)
+            out[f"{key}_fp_clean_docs"] = fp_clean
+            out[f"{key}_fp_shared_phrase"] = round(fp_phrase, 4)
     return out
 
 
