@@ -20,7 +20,8 @@ Ray tasks under `--engine ray`), with everything between stages in files under `
                not connectivity: with A~B and B~C, C stays when A and C differ, because B is gone). Keep order:
                corpora by `priority` (higher first), ties by recipe order, then the order records were read,
                so a group keeps its highest-priority, earliest (original) copy.
-  5. write     survivors per corpus, `removed.parquet` (every removed record: corpus, id, reason
+  5. write     one unit per clean part file: its survivors into the output part of the same name; and
+               `removed.parquet` (every removed record: corpus, id, reason
                exact/near/contamination, the kept record or eval question it matched, the similarity),
                examples, the report (the done-marker, written last).
 
@@ -68,8 +69,8 @@ import numpy as np
 import xxhash
 
 from data_process import evalsets, minhash
-from data_process.records import iter_records, list_parts, write_parts
-from fileio import DirLock, atomic_file, atomic_write_bytes
+from data_process.records import ZSTD_LEVEL, iter_records, list_parts
+from fileio import AtomicWriter, DirLock, atomic_file, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ EXAMPLES_PER_KIND = 30       # example pairs written to examples.jsonl per kind 
 BUCKET_PAIR_CAP = 16         # a bucket member is paired with this many first members + its predecessor
 VERIFY_PAIRS = 200_000       # candidate pairs verified at once (their sketches gathered from disk)
 AUDIT_CHUNK = 500_000        # removed records per chunk of removed.parquet
-ROW_BYTES = 64               # working memory of one band/exact row in stages 2-3 (load, sort, pairs)
+ROW_BYTES = 96               # working memory of one band/exact row in stages 2-3 (load, sort, pair blocks)
 EDGE_BYTES = 80              # working memory of one verified edge in stage 4
 MAX_PARTITIONS = 1 << 14
 # fork: workers start in milliseconds and need no `if __name__ == "__main__"` guard in the caller; the
@@ -799,21 +800,44 @@ def _example(kind, kept, dropped, est, ngram, question=None, eval_set=None) -> d
     return ex
 
 
-def _write_survivors(corpus, corpus_dir: Path, out_dir: Path, keep_c: np.ndarray, base: int, wanted: set,
-                     seen: dict) -> list[Path]:
-    """Pass 2 for one corpus: reread its records, write the kept ones, remember the example records."""
-    def survivors():
-        j = -1
-        for j, record in enumerate(iter_records(corpus_dir)):
-            if j >= len(keep_c):
-                raise RuntimeError(f"dedup: {corpus.name} changed between passes (more records than counted)")
-            if base + j in wanted:
-                seen[base + j] = record
-            if keep_c[j]:
-                yield record
-        if j + 1 != len(keep_c):
-            raise RuntimeError(f"dedup: {corpus.name} changed between passes (fewer records than counted)")
-    return write_parts(survivors(), out_dir)
+def write_unit(task: dict) -> dict:
+    """Stage 5 for one clean part file: its kept records into the corpus's output part of the same name (zstd
+    JSONL with the content checksum, written atomically; no part when nothing is kept), and the records the
+    examples need. The record count is checked against the signature stage's."""
+    import orjson
+    import zstandard
+    work, offset, n = Path(task["work"]), task["offset"], task["n"]
+    keep = np.array(_load(work / "status.npy", True)[offset:offset + n]) == KEPT
+    wanted, seen = set(task["wanted"]), {}
+    out = Path(task["out_dir"]) / Path(task["part"]).name
+    writer = compressor = None
+    j, kept = -1, 0
+    try:
+        for j, record in enumerate(iter_records(Path(task["part"]))):
+            if j >= n:
+                raise RuntimeError(f"dedup: {task['part']} changed between stages (more records than counted)")
+            if offset + j in wanted:
+                seen[offset + j] = record
+            if keep[j]:
+                if writer is None:
+                    writer = AtomicWriter(out)
+                    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).stream_writer(
+                        writer.f, closefd=False)
+                compressor.write(orjson.dumps(record) + b"\n")
+                kept += 1
+        if j + 1 != n:
+            raise RuntimeError(f"dedup: {task['part']} changed between stages (fewer records than counted)")
+        if writer is not None:
+            compressor.close()
+            writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is None:
+        out.unlink(missing_ok=True)
+    return {"index": task["index"], "part": out.name if writer else None, "kept": kept,
+            "size": out.stat().st_size if writer else 0, "seen": seen}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -941,14 +965,34 @@ def _run(recipe, clean_root: Path, out_root: Path, workers, mapper) -> dict:
             "exact_dups": int((st == EXACT).sum()), "exact_dups_of": counts[c.name]["exact_dups_of"],
             "near_dups": int((st == NEAR).sum()), "near_dups_of": counts[c.name]["near_dups_of"],
             "kept": int((st == KEPT).sum())}
-    wanted = {i for p in picks for i in p[1:3] if i >= 0}
+    wanted = np.array(sorted({i for p in picks for i in p[1:3] if i >= 0}), np.int64)
+    _save(work / "status.npy", status)
     seen = {}
+    for c in corpora:
+        (out_root / c.name).mkdir(parents=True, exist_ok=True)
+        (out_root / c.name / "manifest.json").unlink(missing_ok=True)
+    tasks = [{"work": str(work), "index": k, "part": u["part"], "out_dir": str(out_root / u["corpus"]),
+              "offset": int(offsets[k]), "n": int(sizes[k]),
+              "wanted": wanted[(wanted >= offsets[k]) & (wanted < offsets[k + 1])].tolist()}
+             for k, u in enumerate(units)]
+    written = [None] * len(units)
+    progress = _progress("dedup: writing", len(units))
+    for got in mapper(write_unit, tasks):
+        seen.update(got.pop("seen"))
+        written[got["index"]] = got
+        progress.update(1)
+    progress.close()
     for ci, c in enumerate(corpora):
-        lo, hi = int(offsets[units_of_corpus[ci].start]), int(offsets[units_of_corpus[ci].stop])
-        paths = _write_survivors(c, clean_root / c.name, out_root / c.name, status[lo:hi] == KEPT, lo, wanted, seen)
+        mine = [written[k] for k in units_of_corpus[ci] if written[k]["part"]]
+        names = {w["part"] for w in mine}
+        for old in (out_root / c.name).glob("part-*.jsonl.zst"):   # an earlier run's parts that are not ours
+            if old.name not in names:
+                old.unlink()
+        if sum(w["kept"] for w in mine) != report_corpora[c.name]["kept"]:
+            raise RuntimeError(f"dedup: {c.name}: written records do not match the decisions")
         manifest = {"fingerprint": fingerprint, "corpus": c.name, "kind": "dedup",
-                    "records": report_corpora[c.name]["kept"], "parts": [p.name for p in paths],
-                    "part_sizes": {p.name: p.stat().st_size for p in paths}, "dedup": report_corpora[c.name]}
+                    "records": report_corpora[c.name]["kept"], "parts": [w["part"] for w in mine],
+                    "part_sizes": {w["part"]: w["size"] for w in mine}, "dedup": report_corpora[c.name]}
         atomic_write_bytes(out_root / c.name / "manifest.json",
                            json.dumps(manifest, ensure_ascii=False, indent=1).encode())
     lines = []

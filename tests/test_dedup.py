@@ -289,18 +289,18 @@ def test_a_run_killed_while_writing_is_redone_and_gives_the_same_output(tmp_path
     texts = skywork(30)
     corpora = {"a": docs("a", texts[:20]), "b": docs("b", texts[10:30] + [edit(texts[0], 0.01, rng)])}
     recipe, clean, out = make_run(tmp_path, corpora, {"a": 50, "b": 40})
-    real_write = dedup.write_parts
+    real_write = dedup.write_unit
 
-    def dies_on_b(records, out_dir, **kw):
-        if out_dir.name == "b":
-            next(iter(records))
+    def dies_on_b(task):
+        if task["out_dir"].endswith("b"):
             raise KeyboardInterrupt("killed")
-        return real_write(records, out_dir, **kw)
-    monkeypatch.setattr(dedup, "write_parts", dies_on_b)
+        return real_write(task)
+    monkeypatch.setattr(dedup, "write_unit", dies_on_b)
     with pytest.raises(KeyboardInterrupt):
         dedup.run(recipe, clean, out, workers=1)
     assert not (out / "report.json").exists()      # the done-marker is written last
-    monkeypatch.setattr(dedup, "write_parts", real_write)
+    assert not (out / "a" / "manifest.json").exists()
+    monkeypatch.setattr(dedup, "write_unit", real_write)
     report = dedup.run(recipe, clean, out, workers=1)
     assert kept_ids(out, "a") == [f"a.jsonl:{i}" for i in range(20)]
     assert kept_ids(out, "b") == [f"b.jsonl:{i}" for i in range(10, 20)]
@@ -627,3 +627,16 @@ def test_inspect_dedup_summarizes_the_audit_and_shows_pairs_side_by_side(tmp_pat
     first_line = dedup_audit.wrap(near["dropped"]["text"], 30, 3)[0]
     assert any(line.startswith(first_line) and " | " in line for line in text.splitlines())
     assert dedup_audit.main(["--dir", str(tmp_path / "nowhere")]) == 1
+
+
+def test_a_deleted_or_truncated_output_part_is_noticed_and_redone(tmp_path):
+    corpora, prio = mixed_corpora()
+    recipe, clean, out = make_run(tmp_path, corpora, prio, part_records=40)
+    dedup.run(recipe, clean, out, workers=1)
+    before = {n: kept_ids(out, n) for n in corpora}
+    parts = sorted((out / "a").glob("part-*.jsonl.zst"))
+    assert len(parts) >= 2 and [p.name for p in parts] == json.loads((out / "a" / "manifest.json").read_text())["parts"]
+    parts[0].unlink()
+    parts[1].write_bytes(parts[1].read_bytes()[:-10])
+    dedup.run(recipe, clean, out, workers=1)
+    assert {n: kept_ids(out, n) for n in corpora} == before
