@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "data/pretrain/<corpus>/), stage (SFT CSVs -> data/sft/, DPO JSONL -> data/dpo/). "
                     "Finished work is kept: re-running skips it. A summary goes to data/summary.json.",
         epilog="Sub-commands: `python data_process.py inspect ...` looks inside token shards "
-               "(see `python data_process.py inspect --help`); `python data_process.py download ...` fetches the "
+               "(see `python data_process.py inspect --help`); `python data_process.py inspect dedup` shows what "
+               "dedup removed and why; `python data_process.py download ...` fetches the "
                "real corpora (see `python data_process.py download --help`). Exit status: 0 on success, 1 when nothing at all "
                "could be read, 2 on a bad recipe or arguments.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

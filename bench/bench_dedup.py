@@ -10,8 +10,14 @@ Prints:
   2. LSH accuracy: recall at J >= 0.85 (target >= 0.95), false-positive rate at J <= 0.5 (target <= 1%)
   3. throughput in M chars/s: our signatures vs datasketch's per-document MinHash.update_batch (sha1) on the
      same shingles, measured in this run (target >= 10x), on one core and on both
-  4. index bytes per document and what 10M documents need
-  5. decontamination n-gram length: false hits on clean real text vs recall of planted exam questions
+  5. decontamination: catch rate on questions planted in real clean text (5 styles) vs false removals (clean
+     documents; texts sharing one phrase with a question), over n-gram length x required share
+  6. the whole step on a generated corpus (real sentences, planted exact/near/heavy copies and chains; default
+     1M documents, --docs): peak RSS of its process tree vs [dedup] memory_gb, documents per CPU-second,
+     stage files on disk, recall/FP, removed documents without a kept one within true J 0.7; projections
+  7. (--sections 7) datatrove's MinHash pipeline on the same generated corpus: its default for Chinese (jieba
+     words) and character 5-grams, against our whole step (needs /work/bench-venvs/datatrove: see
+     bench/datatrove_minhash.py)
 """
 from __future__ import annotations
 
@@ -362,9 +368,9 @@ def bench_decontam(quick: bool) -> dict:
           f"{len(phrases)} clean texts sharing one 13-20 character phrase with a question")
     print(f"    {'n':>3} {'share':>6} " + " ".join(f"{s:>17}" for s in PLANT_STYLES) + f" {'clean FP':>9} {'phrase FP':>9}")
     out = {}
-    for n in (8, 10, 13):
+    for n in ((10, 13) if quick else (8, 10, 13)):
         index = dedup.eval_index(list(sets.values()), n)
-        for share in (1e-9, 0.2, 0.3, 0.5, 0.7, 0.9):
+        for share in ((1e-9, 0.3) if quick else (1e-9, 0.2, 0.3, 0.5, 0.7, 0.9)):
             catch = {s: float((dedup.find_contamination(*b, index, n, share)[0] >= 0).mean())
                      for s, b in planted_b.items()}
             fp_clean = int((dedup.find_contamination(*clean_b, index, n, share)[0] >= 0).sum())
@@ -497,7 +503,10 @@ raw = {{"corpus": [{{"name": "gen", "reader": "jsonl", "paths": [], "priority": 
 recipe = parse_recipe(raw, Path({tmp!r}))
 t0 = time.perf_counter()
 report = dedup.run(recipe, Path({clean!r}), Path({out!r}), workers={workers})
-print("RESULT " + json.dumps({{"wall": time.perf_counter() - t0, "totals": report["totals"]}}))
+import resource
+me = resource.getrusage(resource.RUSAGE_SELF)
+print("RESULT " + json.dumps({{"wall": time.perf_counter() - t0, "totals": report["totals"],
+                              "driver_cpu": me.ru_utime + me.ru_stime}}))
 """
 
 
@@ -603,16 +612,21 @@ def bench_scale(n_docs: int, memory_gbs=(0.25, 1.0)) -> dict:
                                 f"{key}_fp_at_j050": round(acc["fp_at_j050"], 5),
                                 f"{key}_removed_without_kept_within_07": round(acc["removed_without_kept_within_07"], 4),
                                 f"{key}_bucket_partitions": t["bucket_partitions"]})
-        per_core = n_docs / r["cpu_seconds"]
         disk = r["peak_disk"] / n_docs
-        print(f"    projection at {per_core:,.0f} docs per CPU-second (every stage is a map over units; the decide "
-              f"pass is one status byte per document), on free cores: 10M documents on 2 cores {1e7 / per_core / 2 / 60:.0f} "
-              f"min, stage files {disk * 1e7 / 2**30:.0f} GiB; SkyPile's 233M on 16 nodes x 32 cores "
-              f"{233e6 / per_core / 512 / 60:.0f} min, stage files {disk * 233e6 / 2**40:.2f} TiB on the shared "
+        # the driver's own CPU (decisions, audit file, bookkeeping) does not spread over workers; the rest does
+        serial, parallel = r["driver_cpu"] / n_docs, (r["cpu_seconds"] - r["driver_cpu"]) / n_docs
+        t10 = 1e7 * (serial + parallel / 2)
+        t233 = 233e6 * (serial + parallel / 512)
+        print(f"    projection, CPU-seconds per document: driver (serial) {serial * 1e6:.1f} us, work units (parallel) "
+              f"{parallel * 1e6:.1f} us; on free cores: 10M documents on 2 cores {t10 / 60:.0f} min, stage files "
+              f"{disk * 1e7 / 2**30:.0f} GiB; SkyPile's 233M on 16 nodes x 32 cores {t233 / 60:.0f} min (the driver "
+              f"{233e6 * serial / 60:.0f} of them), stage files {disk * 233e6 / 2**40:.2f} TiB on the shared "
               f"filesystem, the driver {233e6 * 2 / 2**30:.1f} GiB of status bytes")
         out_figures["scale_docs"] = n_docs
-        out_figures["projected_10m_minutes_2cores"] = round(1e7 / per_core / 2 / 60, 1)
-        out_figures["projected_233m_minutes_512cores"] = round(233e6 / per_core / 512 / 60, 1)
+        out_figures["driver_cpu_us_per_doc"] = round(serial * 1e6, 2)
+        out_figures["units_cpu_us_per_doc"] = round(parallel * 1e6, 2)
+        out_figures["projected_10m_minutes_2cores"] = round(t10 / 60, 1)
+        out_figures["projected_233m_minutes_512cores"] = round(t233 / 60, 1)
         return out_figures, (tmp, texts, planted)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
