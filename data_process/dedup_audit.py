@@ -5,7 +5,8 @@
     python data_process.py inspect dedup --corpus skypile --width 60
 
 Reads `data/dedup/removed.parquet` (one row per removed record: corpus, id, reason exact/near/contamination,
-similarity, the kept record or the eval question it matched; written by dedup.py) with pyarrow, and the example
+similarity, the kept record or the eval question it matched; written by dedup.py) with pyarrow, a million rows
+at a time (bounded memory for an audit of any size), and the example
 pairs of `data/dedup/examples.jsonl` (texts included), and prints: removals by corpus and reason, which corpus
 kept the copies, similarity histograms, contamination by eval set and subject, and example pairs side by side.
 """
@@ -23,49 +24,70 @@ REASONS = ("exact", "near", "contamination")
 KIND_OF_REASON = {"exact": "exact", "near": "near", "contamination": "decontam"}
 
 
-def load_audit(dedup_dir: Path):
-    """removed.parquet as a pandas DataFrame."""
+COLUMNS = ["corpus", "reason", "similarity", "kept_corpus", "eval_set", "eval_subject"]
+BINS = np.array([0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0 + 1e-9])
+
+
+def audit_batches(dedup_dir: Path, corpus: str | None = None, batch_rows: int = 1 << 20):
+    """removed.parquet as pandas DataFrames of at most batch_rows rows (the summary columns only), so a
+    audit of any size is summarized in bounded memory."""
     import pyarrow.parquet as pq
     path = Path(dedup_dir) / "removed.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `python data_process.py --steps dedup` first")
-    return pq.read_table(path).to_pandas()
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=COLUMNS):
+        df = batch.to_pandas()
+        yield df if corpus is None else df[df["corpus"] == corpus]
 
 
-def summarize(audit, report: dict | None = None, top: int = 10) -> list[str]:
+def tally(batches) -> dict:
+    """Counts of the audit: by (corpus, reason), by (corpus, kept corpus), by (eval set, subject), similarity
+    histograms by reason."""
+    t = {"rows": 0, "by_reason": {}, "kept_in": {}, "by_subject": {}, "hist": {}}
+
+    def add(d, counts):
+        for k, v in counts.items():
+            d[k] = d.get(k, 0) + int(v)
+    for df in batches:
+        t["rows"] += len(df)
+        add(t["by_reason"], df.groupby(["corpus", "reason"]).size().to_dict())
+        dups = df[df["reason"] != "contamination"]
+        add(t["kept_in"], dups.groupby(["corpus", "kept_corpus"]).size().to_dict())
+        hits = df[df["reason"] == "contamination"]
+        add(t["by_subject"], hits.groupby(["eval_set", "eval_subject"]).size().to_dict())
+        for reason in ("near", "contamination"):
+            counts, _ = np.histogram(df.loc[df["reason"] == reason, "similarity"].to_numpy(), BINS)
+            t["hist"][reason] = t["hist"].get(reason, 0) + counts
+    return t
+
+
+def summarize(t: dict, report: dict | None = None, top: int = 10) -> list[str]:
     """The summary tables, as lines."""
-    lines = [f"removed records: {len(audit):,}" + (f" of {report['totals']['in']:,} read"
-                                                   if report else "")]
-    if not len(audit):
+    lines = [f"removed records: {t['rows']:,}" + (f" of {report['totals']['in']:,} read" if report else "")]
+    if not t["rows"]:
         return lines
-    table = audit.groupby(["corpus", "reason"]).size().unstack(fill_value=0)
-    cols = [r for r in REASONS if r in table.columns]
+    corpora = sorted({c for c, _ in t["by_reason"]})
+    cols = [r for r in REASONS if any(reason == r for _, reason in t["by_reason"])]
     lines.append(f"{'corpus':<22}" + "".join(f"{c:>15}" for c in cols))
-    for corpus, row in table.iterrows():
-        lines.append(f"{corpus:<22}" + "".join(f"{int(row[c]):>15,}" for c in cols))
-    dups = audit[audit["reason"] != "contamination"]
-    if len(dups):
+    for corpus in corpora:
+        lines.append(f"{corpus:<22}" + "".join(f"{t['by_reason'].get((corpus, c), 0):>15,}" for c in cols))
+    if t["kept_in"]:
         lines.append("\nkept copy lives in (removed corpus -> kept corpus: records)")
-        pairs = dups.groupby(["corpus", "kept_corpus"]).size().sort_values(ascending=False)
-        for (a, b), n in pairs.head(top).items():
+        for (a, b), n in sorted(t["kept_in"].items(), key=lambda kv: -kv[1])[:top]:
             lines.append(f"  {a} -> {b}: {n:,}")
-    bins = np.array([0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0 + 1e-9])
     for reason in ("near", "contamination"):
-        s = audit.loc[audit["reason"] == reason, "similarity"].to_numpy()
-        if not len(s):
+        counts = t["hist"].get(reason)
+        if counts is None or not counts.sum():
             continue
         what = "estimated Jaccard to the kept record" if reason == "near" else "share of the question's n-grams held"
         lines.append(f"\n{reason}: {what}")
-        counts, _ = np.histogram(s, bins)
-        for lo, hi, n in zip(bins[:-1], bins[1:], counts):
+        for lo, hi, n in zip(BINS[:-1], BINS[1:], counts):
             if n:
                 bar = "#" * max(1, int(40 * n / counts.max()))
                 lines.append(f"  [{lo:.2f}, {min(hi, 1.0):.2f}{']' if hi > 1 else ')'} {n:>9,} {bar}")
-    hits = audit[audit["reason"] == "contamination"]
-    if len(hits):
+    if t["by_subject"]:
         lines.append("\ncontamination by eval set and subject")
-        for (es, subject), n in hits.groupby(["eval_set", "eval_subject"]).size().sort_values(
-                ascending=False).head(top).items():
+        for (es, subject), n in sorted(t["by_subject"].items(), key=lambda kv: -kv[1])[:top]:
             lines.append(f"  {es} / {subject}: {n:,}")
     return lines
 
@@ -142,12 +164,10 @@ def main(argv=None) -> int:
     p.add_argument("--lines", type=int, default=8, help="lines of text per side (default 8)")
     args = p.parse_args(argv)
     try:
-        audit = load_audit(args.dir)
+        counts = tally(audit_batches(args.dir, args.corpus))
     except (FileNotFoundError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.corpus is not None:
-        audit = audit[audit["corpus"] == args.corpus]
     report = None
     try:
         report = json.loads((args.dir / "report.json").read_text())
@@ -158,7 +178,7 @@ def main(argv=None) -> int:
         examples = [json.loads(line) for line in (args.dir / "examples.jsonl").read_text().splitlines() if line]
     except (OSError, ValueError):
         pass
-    print("\n".join(summarize(audit, report if args.corpus is None else None)))
+    print("\n".join(summarize(counts, report if args.corpus is None else None)))
     print("\n".join(example_lines(examples, args.reason, args.corpus, args.examples, args.width, args.lines)))
     return 0
 
