@@ -70,7 +70,7 @@ import xxhash
 
 from data_process import evalsets, minhash
 from data_process.records import ZSTD_LEVEL, iter_records, list_parts
-from fileio import AtomicWriter, DirLock, atomic_file, atomic_write_bytes
+from fileio import AtomicWriter, DirLock, atomic_file, atomic_write_bytes, check_files, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -616,11 +616,11 @@ def _done(out_root: Path, fingerprint: str, corpora) -> dict | None:
             m = json.loads((out_root / c.name / "manifest.json").read_text())
             if m.get("fingerprint") != fingerprint:
                 return None
-            sizes = m.get("part_sizes") or {}
-            for p in m.get("parts", []):
-                f = out_root / c.name / p
-                if not f.is_file() or (p in sizes and f.stat().st_size != sizes[p]):
-                    return None
+            # the parts it lists must be there as written: a deleted or damaged part redoes dedup (issue 14 #12)
+            problems = check_files(out_root / c.name, m.get("part_info", {}), exact_glob="part-*.jsonl.zst")
+            if problems or "part_info" not in m:
+                log.warning("dedup: %s; running dedup again", problems[0] if problems else "an older manifest")
+                return None
         return report
     except (OSError, ValueError):
         return None
@@ -837,7 +837,8 @@ def write_unit(task: dict) -> dict:
     if writer is None:
         out.unlink(missing_ok=True)
     return {"index": task["index"], "part": out.name if writer else None, "kept": kept,
-            "size": out.stat().st_size if writer else 0, "seen": seen}
+            "size": out.stat().st_size if writer else 0, "sha256": file_sha256(out) if writer else None,
+            "seen": seen}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -992,7 +993,9 @@ def _run(recipe, clean_root: Path, out_root: Path, workers, mapper) -> dict:
             raise RuntimeError(f"dedup: {c.name}: written records do not match the decisions")
         manifest = {"fingerprint": fingerprint, "corpus": c.name, "kind": "dedup",
                     "records": report_corpora[c.name]["kept"], "parts": [w["part"] for w in mine],
-                    "part_sizes": {w["part"]: w["size"] for w in mine}, "dedup": report_corpora[c.name]}
+                    # what fileio.describe_files records, computed by the write units
+                    "part_info": {w["part"]: {"bytes": w["size"], "sha256": w["sha256"]} for w in mine},
+                    "dedup": report_corpora[c.name]}
         atomic_write_bytes(out_root / c.name / "manifest.json",
                            json.dumps(manifest, ensure_ascii=False, indent=1).encode())
     lines = []
