@@ -604,7 +604,6 @@ def test_a_stock_phrase_shared_with_a_question_is_not_contamination_but_the_ques
 
 
 def test_inspect_dedup_summarizes_the_audit_and_shows_pairs_side_by_side(tmp_path, capsys):
-    import data_process as _  # noqa: F401
     from data_process import dedup_audit
     sys_path_main = dedup.Path(__file__).resolve().parents[1] / "data_process.py"
     corpora, prio = mixed_corpora()

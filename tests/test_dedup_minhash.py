@@ -104,7 +104,7 @@ def test_lsh_bands_make_pairs_at_the_threshold_almost_surely_candidates_and_fit_
 
 
 def test_candidate_pairs_find_documents_sharing_a_band():
-    from data_process.dedup import bucket_pairs, verified_edges
+    from data_process.dedup import verified_edges
     bands = np.array([[1, 2], [3, 2], [5, 6], [1, 7], [8, 9], [8, 6]], dtype=np.uint64)
     sk = np.zeros((6, 16), np.uint8)            # identical sketches: every candidate verifies
     e, n = verified_edges(bands, sk, np.ones(6, bool), 0.8)
