@@ -4,6 +4,7 @@
     python data_process.py --steps read         # only read + clean
     python data_process.py --recipe my.toml --workers 8 --data-dir /big/data
     python data_process.py inspect --help       # look inside token shards (data_process/inspect_data.py)
+    python data_process.py inspect dedup        # what dedup removed and why (data_process/dedup_audit.py)
     python data_process.py download --list      # where every real corpus comes from (data_process/download.py)
     python data_process.py --steps read --corpus wiki_zh --corpus wudao   # one machine's share of a split run
 
@@ -24,7 +25,8 @@ DEFAULT_RECIPE = ROOT / "config" / "recipe.toml"
 EXIT_LOCKED, EXIT_DISK_FULL, EXIT_MISSING_INPUT = 3, 4, 5
 EPILOG = "\n\n".join(textwrap.fill(paragraph, 100) for paragraph in (
     "Sub-commands: `python data_process.py inspect ...` looks inside token shards (see `python data_process.py "
-    "inspect --help`); `python data_process.py download ...` fetches the real corpora (see `python data_process.py "
+    "inspect --help`); `python data_process.py inspect dedup` shows what dedup removed and why; "
+    "`python data_process.py download ...` fetches the real corpora (see `python data_process.py "
     "download --help`).",
     "A run locks its data dir (<data dir>/.lock): a second run on the same dir is refused, naming the first (pid, "
     "host, command, start time); the lock of a run that died is taken over. Temporary files (.*.tmp-*) that killed "
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["inspect", "dedup"]:
+        from data_process import dedup_audit
+        return dedup_audit.main(argv[2:])
     if argv and argv[0] == "inspect":
         from data_process import inspect_data
         return inspect_data.main(argv[1:])

@@ -50,10 +50,10 @@ class DedupConfig:
     threshold: float = 0.8
     num_perm: int = 128
     ngram: int = 5
-    decontam_ngram: int = 13
+    decontam_ngram: int = 10
     # share of a question's n-grams (in one of its printed forms) a text must hold to be contamination
     # (dedup.py's docstring says how the default was chosen)
-    decontam_min_share: float = field(default=0.5, metadata=settings.limits(gt=0, le=1))
+    decontam_min_share: float = field(default=0.3, metadata=settings.limits(gt=0, le=1))
     # memory the dedup step may use, all its workers together; signatures and band partitions live on disk
     memory_gb: float = field(default=2.0, metadata=settings.limits(gt=0))
 
