@@ -29,7 +29,6 @@ layout and every question printed with its options (the misses are short stems s
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import logging
@@ -43,6 +42,7 @@ import numpy as np
 import xxhash
 
 from data_process import evalsets, minhash
+from data_process.executor import Executor
 from data_process.records import iter_records, write_parts
 from fileio import atomic_write_bytes
 
@@ -207,19 +207,6 @@ def _batches(corpora_dirs: list[Path], stats: list[dict]):
         yield texts, dtexts
 
 
-def _ordered_map(pool, fn, items, ahead: int):
-    """Results of fn over items in input order (so the outcome never depends on the worker count), with at
-    most `ahead` items in flight: unlike Pool.imap, which queues the whole input at once, memory stays at a
-    few batches however large the corpora are."""
-    pending = collections.deque()
-    for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
-        if len(pending) >= ahead:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Decisions over the compact arrays (pure functions, tested directly)
 def exact_duplicates(exact: np.ndarray, alive: np.ndarray) -> np.ndarray:
@@ -305,21 +292,19 @@ def _load_eval_sets(recipe, eval_files: list[list[Path]]) -> tuple[list[list[dic
     return question_sets, eval_report
 
 
-def _hash_pass(corpus_dirs: list[Path], init: tuple, workers: int) -> tuple[dict, list[int], int]:
-    """Pass 1: the compact per-record arrays of all corpora (in keep order), records per corpus, characters."""
+def _hash_pass(corpus_dirs: list[Path], init: tuple, workers: int, executor=None) -> tuple[dict, list[int], int]:
+    """Pass 1: the compact per-record arrays of all corpora (in keep order), records per corpus, characters.
+    Batches run on `executor` (data_process/executor.py; None: a local pool of `workers`), results in order."""
     from tqdm import tqdm
     stats = [{"in": 0} for _ in corpus_dirs]
     parts = {k: [] for k in ("exact", "bands", "sketch", "contam", "has_shingles")}
     chars = 0
     batches = _batches(corpus_dirs, stats)
     progress = tqdm(desc="dedup: hashing", unit=" chars", unit_scale=True, disable=None)
-    pool = None
-    if workers == 1:
-        _init_worker(*init)
-        results = map(process_batch, batches)
-    else:
-        pool = multiprocessing.get_context(_START_METHOD).Pool(workers, initializer=_init_worker, initargs=init)
-        results = _ordered_map(pool, process_batch, batches, ahead=2 * workers)
+    ex = executor or Executor("local", workers=workers)
+    results = ex.map(process_batch, batches, ordered=True, initializer=_init_worker, initargs=init,
+                     describe=lambda b: f"dedup batch of {len(b[0])} records starting {b[0][0][:40]!r}",
+                     start_method=_START_METHOD)
     try:
         for r in results:
             for k in parts:
@@ -328,9 +313,6 @@ def _hash_pass(corpus_dirs: list[Path], init: tuple, workers: int) -> tuple[dict
             progress.update(r["chars"])
     finally:
         progress.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
     num_perm, bands_n = init[0], init[2]
     empty = {"exact": np.empty(0, np.uint64), "bands": np.empty((0, bands_n), np.uint64),
              "sketch": np.empty((0, num_perm), np.uint8), "contam": np.empty(0, np.int64),
@@ -423,9 +405,10 @@ def _write_survivors(corpus, corpus_dir: Path, out_dir: Path, keep_c: np.ndarray
     return write_parts(survivors(), out_dir)
 
 
-def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) -> dict:
+def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None, executor=None) -> dict:
     """Run the dedup step; returns the report (also written to out_root/report.json). Re-running with the
-    same inputs and settings returns the saved report without recomputing."""
+    same inputs and settings returns the saved report without recomputing. `executor` runs the hashing
+    batches (data_process/executor.py: the local pool or Ray); None: a local pool of `workers`."""
     from data_process.recipe import resolve_paths
 
     t0 = time.time()
@@ -445,7 +428,7 @@ def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) ->
     minhash._tables()   # built once here, inherited by forked workers
     bands_n, rows_n = minhash.lsh_params(cfg.threshold, cfg.num_perm)
     init = (cfg.num_perm, cfg.ngram, bands_n, rows_n, cfg.decontam_ngram, index_hashes)
-    arrays, counts, chars = _hash_pass([clean_root / c.name for c in corpora], init, workers)
+    arrays, counts, chars = _hash_pass([clean_root / c.name for c in corpora], init, workers, executor)
     hash_seconds = time.time() - t0
     d = decide(arrays, cfg.exact, cfg.near, cfg.threshold)
     contam = arrays["contam"]
