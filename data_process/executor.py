@@ -54,7 +54,7 @@ class Executor:
             raise ValueError("--ray-address needs --engine ray")
         self.engine, self.workers, self.max_retries = engine, max(1, int(workers)), max_retries
         self.ray_address, self.object_store_bytes = ray_address, object_store_bytes
-        self._ray = None
+        self._ray, self._owned = None, False
         self._remote = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -67,9 +67,9 @@ class Executor:
         self.close()
 
     def close(self) -> None:
-        if self._ray is not None:
+        if self._ray is not None and self._owned:
             self._ray.shutdown()   # a local instance stops; a cluster we joined keeps running
-            self._ray = None
+        self._ray = None
 
     @property
     def parallelism(self) -> int:
@@ -83,9 +83,17 @@ class Executor:
             import ray
         except ImportError:
             raise EngineError("--engine ray needs the ray package: pip install -r requirements.txt") from None
+        self._remote = ray.remote(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)(_call_unit)
         address = self.ray_address
         if address and address != "auto":
             check_reachable(address)
+        if ray.is_initialized():   # inside a Ray job, or a caller that connected already: use that, leave it up
+            current = ray.get_runtime_context().gcs_address
+            if address and address != "auto" and not _same_address(address, current):
+                raise EngineError(f"this process is already connected to the Ray cluster at {current}, "
+                                  f"not {address}")
+            self._ray, self._owned = ray, False
+            return
         # Workers import data_process, fileio and tokenizer from the project root: on a cluster the checkout must
         # be at the same path on every node (docs/scaling.md), like the data dir.
         pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -100,8 +108,7 @@ class Executor:
         except (ConnectionError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EngineError(f"cannot reach a Ray cluster at {address!r}: {first}") from None
-        self._ray = ray
-        self._remote = ray.remote(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)(_call_unit)
+        self._ray, self._owned = ray, True
 
     # ------------------------------------------------------------------------------------------ mapping
     def map(self, fn: Callable, items: Iterable, *, ordered: bool = True, ahead: int | None = None,
@@ -249,6 +256,16 @@ def _add_unit_note(e: BaseException, describe, item) -> None:
     note = f"in work unit {_describe(describe, item)}"
     if note not in getattr(e, "__notes__", ()):
         e.add_note(note)
+
+
+def _same_address(a: str, b: str) -> bool:
+    def norm(addr):
+        host, _, port = addr.rpartition(":")
+        try:
+            return socket.gethostbyname(host), port
+        except OSError:
+            return host, port
+    return norm(a) == norm(b)
 
 
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
