@@ -270,6 +270,30 @@ def test_a_killed_driver_resumes_on_rerun_and_the_output_is_identical(cluster, t
     assert output_bytes(tmp_path / "data") == output_bytes(tmp_path / "reference")
 
 
+def _kill_node_once_then_run(marker: str, head_node: str, task):
+    """A read unit that, the first time it runs on the worker node, SIGKILLs that node's raylet (its parent)."""
+    if ray.get_runtime_context().get_node_id() != head_node and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getppid()))
+        os.kill(os.getppid(), signal.SIGKILL)
+    return pipeline.run_unit(*task)
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_run_does_not_corrupt_the_outputs(cluster, reference, tmp_path, samples, monkeypatch):
+    """Last of the cluster tests: the cluster has one node left afterwards."""
+    marker = tmp_path / "node-killed"
+    head = ray.get_runtime_context().get_node_id()
+    monkeypatch.setattr(pipeline, "_run_unit_task", functools.partial(_kill_node_once_then_run, str(marker), head))
+    recipe = make_recipe(tmp_path, samples)
+    pipeline.run(recipe, steps=["read"], engine="ray", ray_address=cluster, progress=False,
+                 chunk_bytes=CHUNK_BYTES)
+    assert marker.exists()                                               # a node really died mid-run
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 1
+    got = output_bytes(recipe.data_dir)
+    assert got == {k: v for k, v in reference.items() if k.startswith(("clean/", "rejects/"))}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
