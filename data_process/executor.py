@@ -132,6 +132,10 @@ class Executor:
                 progress(result)
             yield result
 
+    def mapper(self, fn: Callable, units: Iterable) -> Iterator:
+        """`mapper(fn, units)`: fn over units, results in input order (the form data_process/dedup.py takes)."""
+        return self.map(fn, units, ordered=True)
+
     def _map_local(self, fn, items, ordered, ahead, initializer, initargs, describe, start_method):
         if self.workers == 1:
             if initializer is not None:
