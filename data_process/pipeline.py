@@ -35,7 +35,7 @@ import zstandard
 
 from data_process import clean as clean_mod
 from data_process import readers as readers_mod
-from data_process.executor import Executor
+from data_process.executor import Executor, check_reachable
 from data_process.readers import READERS, Reject
 from data_process.recipe import CleanConfig, CorpusSpec, Recipe, resolve_paths
 from data_process.records import MissingInputError, checked_parts
@@ -509,6 +509,8 @@ def run(recipe: Recipe, steps=STEPS, workers: int | None = None, force: bool = F
     if unknown:
         raise ValueError(f"unknown step(s) {unknown}; steps are {list(STEPS)}")
     steps = [s for s in STEPS if s in steps]
+    if engine == "ray" and ray_address and ray_address != "auto":
+        check_reachable(ray_address)   # a one-line error before the data dir is touched
     with DirLock(recipe.data_dir) as lock:
         if lock.took_over:
             print(f"note: took over the lock of a run that died: {describe_holder(lock.took_over)}",

@@ -124,7 +124,7 @@ def output_bytes(data_dir: Path) -> dict:
     out = {}
     for p in sorted(data_dir.rglob("*")):
         rel = str(p.relative_to(data_dir))
-        if not p.is_file() or rel == "summary.json":
+        if not p.is_file() or rel in ("summary.json", ".lock"):   # .lock: the run's DirLock
             continue
         if p.suffix == ".json":
             out[rel] = _strip_timings(json.loads(p.read_text()))
@@ -288,8 +288,8 @@ def test_a_node_lost_mid_run_does_not_corrupt_the_outputs(cluster, reference, tm
     recipe = make_recipe(tmp_path, samples)
     pipeline.run(recipe, steps=["read"], engine="ray", ray_address=cluster, progress=False,
                  chunk_bytes=CHUNK_BYTES)
-    assert marker.exists()                                               # a node really died mid-run
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 1
+    raylet = Path(f"/proc/{marker.read_text()}/status")                   # the node's raylet really died
+    assert not raylet.exists() or "State:\tZ" in raylet.read_text()
     got = output_bytes(recipe.data_dir)
     assert got == {k: v for k, v in reference.items() if k.startswith(("clean/", "rejects/"))}
 
