@@ -460,8 +460,12 @@ def _run_phase_locked(name, args, schedule, info, phase, t, plan, start_step, en
               f"({tokens_per_step:,} tokens/step, {(end_step - start_step) * tokens_per_step:,} tokens), "
               f"model {model.num_params() / 1e6:.1f}M params, {cfg.dtype} on {info.device} x{info.world_size}")
     val_fn = make_val_fn(corpora, t["seq_len"], t["val_windows"], t["batch_size"], info.device, tokenizer)
+    # what trained it: carried on by every later phase, SFT stage and DPO run, read back by eval.py
+    init_meta = checkpoint.verify_checkpoint(init_dir) if init_dir and (init_dir / "meta.json").is_file() else None
+    provenance = checkpoint.provenance_chain(init_meta, checkpoint.data_provenance(f"pretrain {name}", data_dir,
+                                                                                   args.recipe))
     return train_loop.train(cfg, model, tokenizer, loader, val_fn=val_fn,
-                            meta={"kind": "base", "phase": name, "chat": False})
+                            meta={"kind": "base", "phase": name, "chat": False, "provenance": provenance})
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -475,6 +479,9 @@ def parse_args(argv=None):
     which.add_argument("--all", action="store_true", help="every phase in order")
     p.add_argument("--config-dir", default="config/pretrain", help="schedule.toml + <phase>.toml")
     p.add_argument("--data-dir", default="data/pretrain", help="token shards, one dir per corpus")
+    p.add_argument("--recipe", default="config/recipe.toml",
+                   help="the data recipe that made --data-dir (recorded in each checkpoint's provenance, with its "
+                        "eval sets, for eval.py's contamination report)")
     p.add_argument("--tokenizer", default="data/tokenizer", help="tokenizer dir or .model the shards were made with")
     p.add_argument("--out-dir", default="out/pretrain", help="checkpoints go to <out-dir>/<phase>/")
     p.add_argument("--preset", help="model preset for a fresh model (model.PRESETS: tiny, 26m, 100m, deep, "
