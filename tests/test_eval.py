@@ -404,6 +404,64 @@ def test_parse_scores_rejects_out_of_range_and_garbage():
     assert ev.parse_scores('x {"language": "5", "knowledge": 0} y') == {"language": 5.0, "knowledge": 0.0}
 
 
+def _decontaminated_data(tmp_path):
+    """A data dir whose dedup report comes from the real dedup step, run from a recipe file whose eval set is
+    the C-Eval sample's val/ split, over a corpus with one C-Eval question pasted into it."""
+    from data_process import dedup
+    from data_process.recipe import load_recipe
+    from data_process.records import write_parts
+    q = ev.load_benchmark(CEVAL).subjects["physician"].questions[10]
+    texts = [json.loads(l)["text"] for l in open(SAMPLES / "skywork-zh-web/zh_general.jsonl", encoding="utf-8")][:30]
+    texts.append(texts[0][:200] + q.question + "（ ）" + texts[1][:100])
+    recipe_path = tmp_path / "recipe.toml"
+    recipe_path.write_text(
+        f'[run]\ndata_dir = "{tmp_path / "data"}"\n[[corpus]]\nname = "web"\nreader = "jsonl"\npaths = []\n'
+        f'[[eval_set]]\nname = "ceval"\nformat = "ceval"\npaths = ["{CEVAL}/val/*.csv"]\n', encoding="utf-8")
+    recipe = load_recipe(recipe_path, root=tmp_path)
+    clean = tmp_path / "data/clean"
+    write_parts([{"id": f"web:{i}", "corpus": "web", "kind": "doc", "text": t} for i, t in enumerate(texts)],
+                clean / "web")
+    (clean / "web/manifest.json").write_text(json.dumps({"records": len(texts)}))
+    report = dedup.run(recipe, clean, tmp_path / "data/dedup", workers=1)
+    assert report["eval_sets"]["ceval"]["removed"] == 1
+    (tmp_path / "data/pretrain").mkdir()
+    return recipe_path
+
+
+def test_eval_says_per_benchmark_split_whether_training_was_decontaminated_against_it(tmp_path, glm, tiny, capsys):
+    from checkpoint import data_provenance, load_checkpoint, provenance_chain, save_checkpoint
+    recipe_path = _decontaminated_data(tmp_path)
+    pre = data_provenance("pretrain warmup", tmp_path / "data/pretrain", recipe_path)
+    assert pre["recipe"]["sha256"] == __import__("fileio").file_sha256(recipe_path)
+    assert pre["dedup_report"]["path"] == str(tmp_path / "data/dedup/report.json")
+    sft = data_provenance("sft medical", tmp_path / "data/sft/medical.csv")   # same data dir, no recipe given
+    meta = {"kind": "sft", "step": 0, "tokens_seen": 0, "chat": True,
+            "provenance": provenance_chain({"provenance": [pre]}, sft)}
+    ckpt = save_checkpoint(tmp_path / "ck", tiny, glm, meta)
+    _, _, loaded = load_checkpoint(ckpt)
+    assert [r["job"] for r in loaded["provenance"]] == ["pretrain warmup", "sft medical"]   # carried through
+    ceval, cmmlu = ev.load_benchmark(CEVAL), ev.load_benchmark(CMMLU)
+    c = ev.contamination({"provenance": [pre]}, ceval)
+    assert c["status"] == "checked" and c["jobs"][0]["files_in_eval_sets"] == 4 and c["jobs"][0]["removed"] == 1
+    line = ev.contamination_line("ceval", "val", c)
+    assert line.startswith("ceval val: decontaminated — pretrain warmup: 4/4 files in decontamination eval set(s) "
+                           "'ceval', 1 training docs removed against them")
+    assert ev.contamination({"provenance": [pre]}, cmmlu)["status"] == "not checked"   # not in its eval sets
+    assert ev.contamination(loaded, ceval)["status"] == "partial"   # the SFT job's record has no eval files
+    none = ev.contamination({}, ceval)
+    assert none["status"] == "not checked" and "records no data provenance" in ev.contamination_line("c", "v", none)
+    # through main: printed per benchmark split, and in report.md
+    args = ["--data-dir", str(tmp_path / "nodata"), "--ceval", str(CEVAL), "--cmmlu", str(CMMLU), "--shots", "0",
+            "--max-questions", "1", "--no-gen", "--no-lm", "--out", str(tmp_path / "out")]
+    assert ev.main([str(save_checkpoint(tmp_path / "base", tiny, glm, {"kind": "base", "step": 0, "tokens_seen": 0,
+                                                                       "chat": False, "provenance": [pre]})),
+                    *args]) == 0
+    out, err = capsys.readouterr()
+    assert "ceval val: decontaminated" in out and "warning: cmmlu test: NOT checked for contamination" in err
+    md = (tmp_path / "out/report.md").read_text()
+    assert "ceval val: decontaminated" in md and "cmmlu test: NOT checked" in md
+
+
 @pytest.mark.slow
 def test_eval_main_writes_json_and_markdown_reports_and_compares_checkpoints(tmp_path, glm, tiny, capsys):
     from checkpoint import save_checkpoint
@@ -412,13 +470,20 @@ def test_eval_main_writes_json_and_markdown_reports_and_compares_checkpoints(tmp
     chat = save_checkpoint(tmp_path / "chat", tiny, glm, {"kind": "sft", "step": 0, "tokens_seen": 0,
                                                            "chat": True})
     args = ["--data-dir", str(tmp_path / "nodata"), "--ceval", str(CEVAL), "--cmmlu", str(CMMLU),
-            "--shots", "0,1", "--max-questions", "1", "--max-new-tokens", "2", "--dtype", "fp32"]
+            "--shots", "0,1", "--max-questions", "1", "--max-new-tokens", "2"]
     assert ev.main([str(base), *args, "--out", str(tmp_path / "one")]) == 0
+    out, err = capsys.readouterr()
+    assert f"ceval: {CEVAL}: scoring split val/ (4 subjects, 113 questions; dropped none)" in out
+    assert f"cmmlu: {CMMLU}: scoring split test/" in out and "cmmlu prompt format, fp32" in out
     report = json.loads((tmp_path / "one" / "report.json").read_text())
     assert set(report["mc"]) == {"ceval 0-shot", "ceval 1-shot", "cmmlu 0-shot", "cmmlu 1-shot"}
     assert report["mc"]["ceval 0-shot"]["overall"]["n"] == 4  # 4 subjects x 1 question
+    assert len(report["mc"]["ceval 0-shot"]["predictions"]) == 4 and report["dtype"] == "fp32"
+    assert report["benchmarks"]["cmmlu"]["prompt_format"].startswith("CMMLU")
     assert report["chat"] is False and len(report["generation"]["samples"]) == len(ev.BASE_PROMPTS)
-    assert "chance 25%" in (tmp_path / "one" / "report.md").read_text()
+    md = (tmp_path / "one" / "report.md").read_text()
+    assert "chance 25%, majority letter" in md and "scored in fp32 on cpu" in md
+    assert "split val/ of" in md and "prompt: CMMLU (haonan-li/CMMLU" in md
     assert ev.main([str(base), str(chat), *args, "--shots", "1", "--no-gen", "--out", str(tmp_path / "two")]) == 0
     md = (tmp_path / "two" / "compare.md").read_text()
     assert str(base) in md and str(chat) in md and "cmmlu 1-shot" in md
