@@ -319,6 +319,14 @@ def data_provenance(job: str, data_path, recipe_path=None) -> dict:
                                     for e in recipe.eval_sets}
         except Exception as e:   # a recipe that no longer loads: recorded as such, not fatal to training
             print(f"warning: {recipe_path}: cannot read its eval sets ({e})", file=sys.stderr)
+    if record["eval_files"] is not None and record["dedup_report"] is not None:   # the recipe that made this data?
+        in_report = record["dedup_report"]["eval_sets"]
+        differ = [n for n in set(in_report) | set(record["eval_files"])
+                  if in_report.get(n, {}).get("files") != len(record["eval_files"].get(n, {}))]
+        if differ:
+            record["recipe_matches_report"] = False
+            print(f"warning: {recipe_path}'s eval sets {sorted(differ)} do not match {report_path} (another recipe "
+                  f"made this data?); pass the recipe that made it with --recipe", file=sys.stderr)
     return record
 
 

@@ -28,7 +28,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -443,7 +442,7 @@ def contamination(meta: dict, bench: BenchmarkData) -> dict:
         removed = sum(report["eval_sets"].get(n, {}).get("removed", 0) for n in sets) if report else None
         jobs.append({"job": rec.get("job"), "data": rec.get("data"), "files_in_eval_sets": matched,
                      "eval_sets": sets, "removed": removed, "dedup_report": bool(report),
-                     "checked": bool(report) and matched == len(files)})
+                     "checked": bool(report) and matched == len(files) and rec.get("recipe_matches_report", True)})
     status = "not checked" if not jobs or not any(j["checked"] for j in jobs) else \
         "checked" if all(j["checked"] for j in jobs) else "partial"
     return {"status": status, "files": len(files), "jobs": jobs}
@@ -595,8 +594,8 @@ def to_markdown(reports: list) -> str:
             lines.append(f"\n### Samples from {r['checkpoint']} ({'chat' if r['chat'] else 'continuation'}; "
                          f"sampling {json.dumps(gen['sampling'])})\n")
             for s in gen["samples"]:
-                score = f" — judge {s['scores']}" if s.get("scores") else \
-                    " — judge failed" if s.get("judge_error") else " — judge reply unreadable" if "scores" in s else ""
+                score = f" — judge {s['scores']}" if s.get("scores") else " — judge failed" \
+                    if s.get("judge_error") else " — judge reply unreadable" if "scores" in s else ""
                 lines.append(f"- **{s['prompt']}** → {s['output'].strip()}{score}")
     return "\n".join(lines) + "\n"
 
