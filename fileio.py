@@ -236,3 +236,36 @@ def describe_holder(holder: dict) -> str:
         return "a process that has not written its name yet"
     return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
             f"`{holder.get('command', '?')}`, started {holder.get('started', '?')}")
+
+
+# ----------------------------------------------------------------------------- files as a manifest recorded them
+
+def describe_files(directory, names) -> dict[str, dict]:
+    """{name: {"bytes", "sha256"}} of files in `directory`: what a manifest records so that a later "already done"
+    check can tell a missing, truncated or corrupted output from a finished one (`check_files`)."""
+    directory = Path(directory)
+    return {name: {"bytes": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
+            for name in names}
+
+
+def check_files(directory, recorded: dict[str, dict], *, content: bool = True, exact_glob: str | None = None) -> list[str]:
+    """What differs between the files in `directory` and `recorded` (as `describe_files` wrote it): a file that is
+    missing, has another size, or (content=True) another sha256. With `exact_glob`, files matching it that the
+    record does not list are problems too (a reader globbing the directory would pick them up). [] = as recorded."""
+    directory = Path(directory)
+    problems = []
+    for name, want in recorded.items():
+        path = directory / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{path}: missing")
+            continue
+        if "bytes" in want and size != want["bytes"]:
+            problems.append(f"{path}: {size} bytes, the manifest recorded {want['bytes']} (truncated or rewritten)")
+        elif content and "sha256" in want and file_sha256(path) != want["sha256"]:
+            problems.append(f"{path}: content differs from the sha256 its manifest recorded (corrupted)")
+    if exact_glob is not None:
+        problems += [f"{p}: not listed in the manifest" for p in sorted(directory.glob(exact_glob))
+                     if p.name not in recorded]
+    return problems
