@@ -2,6 +2,7 @@
 
     python export.py out/sft/medical/final hf/medical-26m
     python export.py out/sft/medical_dialogue/final hf/dialogue --lora out/sft/medical_dialogue/adapter
+    python export.py out/sft/medical/final hf/base --lora out/sft/medical_dialogue/adapter --adapter-out hf/lora
 
 Then, anywhere `transformers` is installed:
     tok = AutoTokenizer.from_pretrained("hf/medical-26m"); model = AutoModelForCausalLM.from_pretrained("hf/medical-26m")
@@ -16,7 +17,11 @@ tokenizer.model (for SentencePiece-based tools such as llama.cpp's converter).
 Differences from our Tokenizer: the HF tokenizer turns a literal "<|im_end|>" in text into the special token
 (that is how chat templates work there); ours keeps it text. tests/test_export.py checks logits (fp32, max abs
 difference < 1e-4), greedy generation, token ids on real Chinese text and the rendered chat template.
-The folder is written beside its destination and renamed into place, so it is complete or absent.
+The folder is written beside its destination and renamed into place, so it is complete or absent; it and its
+files get the modes of a normal mkdir/create (0755/0644 under umask 022), not mkdtemp's private 0700/0600.
+`--adapter-out DIR` keeps a LoRA adapter apart instead of merging it: the base is exported to out_dir and DIR holds
+the adapter in peft's layout with `task_type: CAUSAL_LM` and out_dir's absolute path as its base, so
+`AutoPeftModelForCausalLM.from_pretrained(DIR)` loads base + adapter.
 """
 from __future__ import annotations
 
@@ -99,7 +104,7 @@ def _converted_backend(model_bytes: bytes) -> str:
     return backend.to_str()
 
 
-def export_tokenizer(tokenizer, out_dir: Path, chat: bool) -> None:
+def export_tokenizer(tokenizer, out_dir: Path, chat: bool, context: int | None = None) -> None:
     """tokenizer.json + tokenizer_config.json (+ chat_template.jinja, tokenizer.model) that AutoTokenizer loads
     and that give our ids."""
     from tokenizers import Tokenizer as BackendTokenizer
@@ -112,7 +117,7 @@ def export_tokenizer(tokenizer, out_dir: Path, chat: bool) -> None:
         tokenizer_object=backend, eos_token=eos, pad_token=pieces["pad"], unk_token=tokenizer.id_to_piece(0),
         bos_token=tokenizer.id_to_piece(tokenizer.bos_id) if tokenizer.bos_id is not None else None,
         additional_special_tokens=extra, chat_template=tokenizer.meta_dict()["chat_template"],
-        clean_up_tokenization_spaces=False, model_max_length=None)
+        clean_up_tokenization_spaces=False, model_max_length=context)
     hf.save_pretrained(out_dir)
     # tokenizer_config.json readable by transformers 4.x too: a class name both know, the list-valued field name
     # 4.x expects, and the chat template inline (newer versions also read chat_template.jinja)
@@ -148,13 +153,51 @@ def export(ckpt_dir, out_dir, lora_dir=None, dtype: str = "fp32", overwrite: boo
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(hf_state_dict(model, torch_dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(tokenizer, chat), indent=2) + "\n")
-        export_tokenizer(tokenizer, tmp, chat)
+        export_tokenizer(tokenizer, tmp, chat, context=model.config.max_seq_len)
         source = {"checkpoint": str(Path(ckpt_dir).resolve()), "lora": str(lora_dir) if lora_dir else None,
                   "meta": {k: v for k, v in meta.items() if k != "files"}}
         (tmp / "export_source.json").write_text(json.dumps(source, ensure_ascii=False, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: Path, out_dir: Path) -> None:
+    """Give the temp folder (mkdtemp: 0700) and its files the modes a plain mkdir/open would, then rename it
+    into place (replacing an older out_dir)."""
+    mask = current_umask()
+    for path in tmp.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    tmp.chmod(0o777 & ~mask)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+
+
+def export_adapter(lora_dir, base_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """A peft adapter folder for the exported base: the adapter weights as they are (peft's key names already),
+    adapter_config.json with task_type CAUSAL_LM and base_model_name_or_path = base_dir's absolute path."""
+    from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    out_dir, lora_dir = Path(out_dir), Path(lora_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
+    config = json.loads((lora_dir / ADAPTER_CONFIG).read_text())
+    config.update(task_type="CAUSAL_LM", base_model_name_or_path=str(Path(base_dir).resolve()))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        shutil.copyfile(lora_dir / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -167,11 +210,19 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", type=Path, help="checkpoint directory (model.safetensors, config.json, tokenizer)")
     p.add_argument("out_dir", type=Path, help="the folder to write (written beside and renamed into place)")
     p.add_argument("--lora", type=Path, default=None, help="LoRA adapter directory to merge into the weights")
+    p.add_argument("--adapter-out", type=Path, default=None,
+                   help="with --lora: do not merge; export the base to out_dir and the adapter (peft, CAUSAL_LM, "
+                        "based on out_dir) to this folder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the exported weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty out_dir")
     args = p.parse_args(argv)
+    if args.adapter_out and not args.lora:
+        p.error("--adapter-out needs --lora (the adapter to export)")
     try:
-        out = export(args.checkpoint, args.out_dir, lora_dir=args.lora, dtype=args.dtype, overwrite=args.overwrite)
+        merged = None if args.adapter_out else args.lora
+        out = export(args.checkpoint, args.out_dir, lora_dir=merged, dtype=args.dtype, overwrite=args.overwrite)
+        if args.adapter_out:
+            print(f"adapter {args.lora} -> {export_adapter(args.lora, out, args.adapter_out, args.overwrite)}")
     except (OSError, ValueError, RuntimeError) as e:
         print(f"export.py: {e}", file=sys.stderr)
         return 1
