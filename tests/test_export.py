@@ -122,6 +122,19 @@ def test_chat_template_renders_identically(exported):
         assert ids["input_ids"] == tok.render_chat(messages, add_generation_prompt=gen).ids
 
 
+def test_thinking_switch_renders_identically_in_transformers(exported):
+    """apply_chat_template(..., enable_thinking=...) (the kwarg Qwen3's template takes) gives our ids."""
+    _, tok, _, hf_tok, _ = exported
+    messages = [{"role": "user", "content": "发烧三天了，要紧吗？"}]
+    for thinking in (None, True, False):
+        kwargs = {} if thinking is None else {"enable_thinking": thinking}
+        text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        assert text == tok.render_text(messages, add_generation_prompt=True, enable_thinking=thinking)
+        ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, **kwargs)
+        assert ids["input_ids"] == tok.render_chat(messages, add_generation_prompt=True, enable_thinking=thinking).ids
+    assert text.endswith("<|im_start|>assistant\n<think></think>")
+
+
 def test_moe_checkpoint_exports_to_mixtral_with_matching_logits(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", preset="moe", chat=False, seed=1, dim=64, n_layers=2, n_heads=4,
                            n_kv_heads=2, ffn_dim=32, n_experts=4, n_experts_per_tok=2, max_seq_len=128)

@@ -815,3 +815,56 @@ def test_a_request_whose_sampling_fails_ends_alone_and_the_batch_goes_on(ckpt, r
     last = max(range(4), key=lambda i: jobs[i].completion_tokens if results[i]["end"][0] == "done" else -1)
     assert results[last]["active_at_end"] == 0            # the last one to finish sees an idle engine
     assert all(r["active_at_end"] < 4 for r in results)
+
+
+def test_reasoning_parser_splits_think_and_answer_however_the_text_is_cut():
+    from serve import ReasoningParser
+    text = "<think>先想：发热 38.5℃，<可能>是感冒</think><answer>多喝水，必要时就医。</answer>"
+    expected = [("reasoning_content", "先想：发热 38.5℃，<可能>是感冒"), ("content", "多喝水，必要时就医。")]
+    for size in range(1, len(text) + 1):   # every piece size, so a tag is split at every place
+        parser, fields = ReasoningParser(), {"reasoning_content": "", "content": ""}
+        for i in range(0, len(text), size):
+            for field, piece in parser.push(text[i:i + size]):
+                fields[field] += piece
+        for field, piece in parser.flush():
+            fields[field] += piece
+        assert [(k, v) for k, v in fields.items() if v] == expected, size
+    assert ReasoningParser(thinking=True).push("还在想</think>答") == [("reasoning_content", "还在想"),
+                                                                  ("content", "答")]
+    parser = ReasoningParser()
+    assert parser.push("没有标签 <thi") == [("content", "没有标签 ")] and parser.flush() == [("content", "<thi")]
+
+
+def _split_reasoning(text: str, thinking: bool) -> tuple[str, str]:
+    """The reference split, by regular expressions: what is inside <think>…</think> (or before </think> when the
+    prompt opened it) is reasoning; the rest is content, <answer> tags removed."""
+    import re
+    if thinking:
+        text = "<think>" + text
+    reasoning = "".join(re.findall(r"<think>(.*?)(?:</think>|$)", text, flags=re.S))
+    content = re.sub(r"<think>.*?(?:</think>|$)", "", text, flags=re.S)
+    return reasoning, re.sub(r"</?answer>", "", content)
+
+
+def test_enable_thinking_switch_and_reasoning_content_streamed_and_whole(client, reference):
+    """chat_template_kwargs.enable_thinking puts <think> (or <think></think>) after the generation prompt; with it on
+    the reply is reasoning until </think>, returned as reasoning_content, streamed as delta.reasoning_content."""
+    reply, _, tok = reference
+    messages = [{"role": "user", "content": "胸口疼是怎么回事？"}]
+    for thinking in (True, False):
+        ids = tok.render_chat(messages, add_generation_prompt=True, enable_thinking=thinking).ids
+        think = [tok.special["think_start"]] + ([] if thinking else [tok.special["think_end"]])
+        assert ids[-len(think):] == think
+        reasoning, content = _split_reasoning(reply(ids, 20), thinking)
+        kwargs = dict(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                      extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
+        r = client.chat.completions.create(**kwargs)
+        assert r.usage.prompt_tokens == len(ids)
+        assert r.choices[0].message.content == content
+        assert (getattr(r.choices[0].message, "reasoning_content", None) or "") == reasoning
+        if thinking:
+            assert reasoning        # the whole reply was reasoning (the model never closed it)
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.content or "" for d in deltas) == content
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
