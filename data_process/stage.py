@@ -347,3 +347,50 @@ def run(recipe, docs_root, tokenizer_dir, data_dir) -> dict:
                       f"rejected: {rejected}{missing} ({counts['seconds']}s)", flush=True)
             summary[kind][stage] = counts
     return summary
+
+
+# ------------------------------------------------------------------------------------------------ RL prompt sets
+
+def check_rl_item(record) -> str | None:
+    """None if `record` is a usable RL prompt {prompt: [messages ending with user], answer: non-empty str}."""
+    if not isinstance(record, dict):
+        return "malformed"
+    reason = check_prompt(record.get("prompt"))
+    if reason is not None:
+        return reason
+    answer = record.get("answer")
+    if not isinstance(answer, str) or not answer.strip():
+        return "no_answer"
+    return None
+
+
+def read_rl_jsonl(path) -> tuple[list[dict], dict]:
+    """RL prompts of a JSONL file: staged lines {id, source, prompt, answer} (stage_rl), or MedicalGPT's GRPO
+    layout {question, answer} as it is (the question becomes one user turn). -> (records, rejects by reason);
+    a bad line is counted and logged (the first few), never fatal."""
+    import logging
+    log = logging.getLogger("stage")
+    records, rejects = [], Counter()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                reason, r = "bad_json", None
+                detail = str(e)
+            else:
+                if isinstance(r, dict) and "prompt" not in r and isinstance(r.get("question"), str):
+                    r = {**r, "prompt": [{"role": "user", "content": r["question"]}]}
+                if isinstance(r, dict) and isinstance(r.get("answer"), (int, float)) and not isinstance(r["answer"], bool):
+                    r["answer"] = str(r["answer"])
+                reason = check_rl_item(r)
+                detail = str(r)[:120]
+            if reason is not None:
+                rejects[reason] += 1
+                if rejects[reason] <= 3:
+                    log.warning("%s:%d rejected (%s): %s", path, lineno, reason, detail)
+                continue
+            records.append({**r, "id": str(r.get("id", f"{Path(path).name}:{lineno}"))})
+    return records, dict(rejects)
