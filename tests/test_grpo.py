@@ -100,6 +100,15 @@ def grpo_config(tmp_path, name, items, init, **top):
                               "reward": [RewardSpec("choice")], "train": dict(FAST_TRAIN), **top})
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and on a busy machine a second one spins for minutes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------------------ objective
 
 def test_group_advantages_match_a_hand_computation():
@@ -326,7 +335,7 @@ def test_rl_prompts_read_staged_and_medicalgpt_layouts_and_count_bad_lines(tmp_p
 
 # ------------------------------------------------------------------------------------------------ rollouts
 
-def test_batched_rollouts_equal_one_at_a_time_generation_with_the_same_seeds():
+def test_batched_rollouts_equal_one_at_a_time_generation_with_the_same_seeds(one_thread):
     from engine import Engine
     from inference import Sampling
     from model import Transformer, make_config
@@ -361,7 +370,7 @@ def _train_rewards(tmp_path, name, init, **top):
 
 
 @pytest.mark.slow
-def test_mean_reward_rises_and_with_shuffled_rewards_it_does_not(tmp_path):
+def test_mean_reward_rises_and_with_shuffled_rewards_it_does_not(tmp_path, one_thread):
     init = policy_checkpoint(tmp_path / "sft", letter_task())
     real, records = _train_rewards(tmp_path, "real", init)
     shuffled, _ = _train_rewards(tmp_path, "shuffled", init, shuffle_rewards=True)
@@ -421,7 +430,7 @@ def test_resume_after_kill_9_gives_identical_losses(tmp_path, updates_per_rollou
     assert [r["step"] for r in val] == [2, 4, 5] and "killed/choice" in val[0]
 
 
-def test_a_run_with_an_unreachable_reward_url_goes_on(tmp_path):
+def test_a_run_with_an_unreachable_reward_url_goes_on(tmp_path, one_thread):
     from train_loop import read_jsonl
     init = policy_checkpoint(tmp_path / "sft", letter_task(4), sft_steps=5)
     data = write_items(tmp_path / "rl.jsonl", letter_task(4))
