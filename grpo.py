@@ -285,7 +285,11 @@ class GRPOBatches:
     def get_engine(self):
         if self.engine is None:   # made on first use: the model is on its training device by then
             from engine import Engine
-            self.engine = Engine(self.model, self.tokenizer, max_active=self.batch_size * self.cfg.group_size)
+            slots = self.batch_size * self.cfg.group_size
+            self.engine = Engine(self.model, self.tokenizer, max_active=slots)
+            half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.dtype)
+            if half is not None:   # rollouts run under autocast: keys/values arrive in that dtype
+                self.engine.cache = self.model.new_slot_cache(slots, dtype=half)
         return self.engine
 
     def steps_per_epoch(self) -> int:
@@ -329,6 +333,11 @@ class GRPOBatches:
 
         t0 = time.perf_counter()
         ok = [c.error is None for c in completions]
+        if not any(ok):   # the engine failed every sequence: a bug or a broken model, not a reward problem
+            raise RuntimeError(f"every rollout failed at step {rollout}: {completions[0].error}")
+        if not all(ok):
+            log.warning("%d of %d rollouts failed (zero advantage): %s", ok.count(False), len(ok),
+                        next(c.error for c in completions if c.error))
         scores = score_batch(cfg.reward, [c.text for c in completions], items,
                              [len(c.tokens) for c in completions], self.scorers)
         reward_s = time.perf_counter() - t0
