@@ -35,7 +35,7 @@ class CorpusSpec:
     reader: str
     paths: list[str]
     lang: str = "zh"                # "zh" | "en" | "mixed"
-    role: str = "pretrain"          # "pretrain" | "sft" | "dpo"
+    role: str = "pretrain"          # "pretrain" | "sft" | "dpo" | "rl" (GRPO prompt sets: data/rl/<stage>.jsonl)
     stage: str = ""
     priority: int = 50
     clean: CleanConfig = field(default_factory=CleanConfig)   # [clean] defaults merged with [corpus.clean]
@@ -101,7 +101,7 @@ class Recipe:
         raise KeyError(f"no corpus named {name!r} in the recipe")
 
 
-ROLES = ("pretrain", "sft", "dpo")
+ROLES = ("pretrain", "sft", "dpo", "rl")
 LANGS = ("zh", "en", "mixed")
 EVAL_FORMATS = ("ceval", "cmmlu")
 

@@ -2,6 +2,7 @@
 
     data/sft/<stage>.csv, <stage>.val.csv        one per stage of recipe.sft.stages, in that (curriculum) order
     data/dpo/<stage>.jsonl, <stage>.val.jsonl     one per stage named by the "dpo" corpora (corpus name if none)
+    data/rl/<task>.jsonl, <task>.val.jsonl        one per task named by the "rl" corpora (GRPO prompt sets)
 
 SFT CSV columns (pandas; read them back with `read_sft_csv`, which keeps empty strings and parses the turns):
     id            "<corpus>:<record id>", unique across corpora
@@ -13,6 +14,9 @@ SFT CSV columns (pandas; read them back with `read_sft_csv`, which keeps empty s
     n_tokens      length of the conversation rendered with the chat template (tokenizer.render_chat)
 DPO JSONL lines: {"id", "source", "prompt": [messages, optional system first, ends with user], "chosen": str,
 "rejected": str}.
+RL JSONL lines (grpo.py): {"id", "source", "prompt": [messages, ends with user], "answer": the reference answer}:
+the conversations of "rl" corpora (e.g. qa_jsonl on MedicalGPT's {question, answer} GRPO data), last assistant
+turn = the answer. They pass the same read, clean and dedup steps (eval-set decontamination included) as SFT.
 
 Records come from `docs_root/<corpus>/part-*.jsonl.zst` (CONTRACTS.md record format). A record that is malformed,
 has an empty turn or renders longer than recipe.sft.max_tokens is dropped, counted by reason and logged to
@@ -319,10 +323,14 @@ def run(recipe, docs_root, tokenizer_dir, data_dir) -> dict:
     docs_root, data_dir = Path(docs_root), Path(data_dir)
     tok = Tokenizer.load(tokenizer_dir)
     sft_groups, dpo_groups = _stage_groups(recipe)
+    rl_groups = _rl_groups(recipe)
     settings = {"max_tokens": recipe.sft.max_tokens, "val_fraction": recipe.sft.val_fraction,
                 "tokenizer_sha256": tok.sha256}
-    summary: dict = {"sft": {}, "dpo": {}}
-    for kind, groups, stage_fn, ext in (("sft", sft_groups, stage_sft, ".csv"), ("dpo", dpo_groups, stage_dpo, ".jsonl")):
+    summary: dict = {"sft": {}, "dpo": {}, "rl": {}}
+    for kind, groups, stage_fn, ext in (("sft", sft_groups, stage_sft, ".csv"), ("dpo", dpo_groups, stage_dpo, ".jsonl"),
+                                        ("rl", rl_groups, stage_rl, ".jsonl")):
+        if kind == "rl" and not groups:
+            continue
         out_dir = data_dir / kind
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob(".*.tmp-*"):   # left by a killed run
@@ -394,3 +402,46 @@ def read_rl_jsonl(path) -> tuple[list[dict], dict]:
                 continue
             records.append({**r, "id": str(r.get("id", f"{Path(path).name}:{lineno}"))})
     return records, dict(rejects)
+
+
+def _rl_groups(recipe) -> dict[str, list[str]]:
+    """{task: [corpus names in recipe order]} of the "rl" corpora (task = their stage, or the corpus name)."""
+    groups: dict[str, list[str]] = {}
+    for c in recipe.corpora:
+        if c.role == "rl":
+            groups.setdefault(c.stage or c.name, []).append(c.name)
+    return groups
+
+
+def stage_rl(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path, stage: str,
+             max_tokens: int, val_fraction: float) -> dict:
+    """Write out_dir/<stage>.jsonl and <stage>.val.jsonl (RL prompt sets) from the conversations of `corpora`:
+    prompt = every turn before the last, answer = the last assistant turn. Rejects (counted, logged to
+    <stage>.rejects.jsonl): not a conversation, malformed, empty turn, a prompt longer than max_tokens."""
+    counts = {"train": 0, "val": 0, "rejected": Counter(), "sources": Counter(), "missing_corpora": []}
+    train, val = _JsonlWriter(out_dir / f"{stage}.jsonl"), _JsonlWriter(out_dir / f"{stage}.val.jsonl")
+    rejects = _JsonlWriter(out_dir / f"{stage}.rejects.jsonl")
+
+    def produce():
+        for corpus, record in _records(docs_root, corpora, counts["missing_corpora"]):
+            rid = f"{corpus}:{record.get('id')}"
+            messages = record.get("messages")
+            reason = "not_a_conversation" if record.get("kind") != "conv" else check_conversation(messages)
+            n_tokens = 0
+            if reason is None:
+                prompt = messages[:-1]
+                n_tokens = len(tok.render_chat(prompt, add_generation_prompt=True).ids)
+                if n_tokens > max_tokens:
+                    reason = "too_long"
+            if reason is not None:
+                _reject(counts, rejects, rid, corpus, reason, n_tokens, max_tokens, messages)
+                continue
+            split = "val" if is_val(rid, val_fraction) else "train"
+            (val if split == "val" else train).add(
+                {"id": rid, "source": corpus, "prompt": prompt, "answer": messages[-1]["content"]})
+            counts[split] += 1
+            counts["sources"][corpus] += 1
+        _ensure_one_val(train, val, counts, val_fraction)
+
+    _write_all([train, val, rejects], produce)
+    return {**counts, "rejected": dict(counts["rejected"]), "sources": dict(counts["sources"])}

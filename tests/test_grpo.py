@@ -442,3 +442,48 @@ def test_a_run_with_an_unreachable_reward_url_goes_on(tmp_path, one_thread):
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert len(records) == 2 and all(r["reward_failures"] == 4 for r in records)
     assert all(r["loss"] == 0.0 and r["reward/mean"] == 0.0 for r in records)   # every advantage zeroed
+
+
+# ------------------------------------------------------------------------------------------------ staging
+
+def test_rl_prompt_sets_are_staged_decontaminated_and_every_record_accounted_for(tmp_path):
+    """Real MedicalGPT {问, 答} records through the qa_jsonl reader, one C-Eval question planted among them:
+    dedup drops it (decontamination, as for SFT), stage_rl writes the rest as RL prompts or counted rejects."""
+    from data_process import dedup, stage
+    from data_process.recipe import parse_recipe
+    from data_process.records import iter_records, write_parts
+    from test_sft_fixtures import read_records, real_tokenizer
+    records = read_records("qa_jsonl", SAMPLES / "medicalgpt/rag/medical_corpus.txt", "med_qa", limit=60)
+    ceval = [q for f in sorted((SAMPLES / "ceval-medical/val").glob("*.csv"))
+             for q in dedup.read_eval_questions(f, "ceval")[0]]
+    planted = next(q for q in ceval if len(q.question) >= 30)
+    records.append({"id": "planted", "corpus": "med_qa", "kind": "conv", "messages": [
+        {"role": "user", "content": planted.question}, {"role": "assistant", "content": planted.answer}]})
+    records.append({"id": "long", "corpus": "med_qa", "kind": "conv", "messages": [
+        {"role": "user", "content": "请详细解释：" + "发热的病因与诊断" * 80}, {"role": "assistant", "content": "A"}]})
+    write_parts(iter(records), tmp_path / "clean" / "med_qa")
+    (tmp_path / "clean" / "med_qa" / "manifest.json").write_text(json.dumps({"records": len(records)}))
+    recipe = parse_recipe({"corpus": [{"name": "med_qa", "reader": "qa_jsonl", "paths": [], "role": "rl",
+                                       "stage": "medical_qa"}],
+                           "eval_set": [{"name": "ceval", "format": "ceval",
+                                         "paths": [str(SAMPLES / "ceval-medical/val/*.csv")]}]}, tmp_path)
+    report = dedup.run(recipe, tmp_path / "clean", tmp_path / "dedup", workers=1)
+    kept = [r["id"] for r in iter_records(tmp_path / "dedup" / "med_qa")]
+    assert "planted" not in kept and "long" in kept and report["corpora"]["med_qa"]["decontaminated"] == 1
+    tok = real_tokenizer()
+    out = tmp_path / "data" / "rl"
+    out.mkdir(parents=True)
+    assert stage._rl_groups(recipe) == {"medical_qa": ["med_qa"]}
+    counts = stage.stage_rl(tok, tmp_path / "dedup", ["med_qa"], out, "medical_qa", max_tokens=256,
+                            val_fraction=0.1)
+    assert counts["train"] + counts["val"] + sum(counts["rejected"].values()) == len(kept)
+    assert counts["rejected"].get("too_long") == 1 and counts["val"] >= 1
+    items, bad = stage.read_rl_jsonl(out / "medical_qa.jsonl")
+    val, _ = stage.read_rl_jsonl(out / "medical_qa.val.jsonl")
+    assert bad == {} and len(items) == counts["train"] and len(val) == counts["val"]
+    by_id = {f"med_qa:{r['id']}": r for r in records}
+    for it in items + val:
+        src = by_id[it["id"]]["messages"]
+        assert it["prompt"] == src[:-1] and it["answer"] == src[-1]["content"]
+    rejects = [json.loads(line) for line in (out / "medical_qa.rejects.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rejects if r["reason"] == "too_long"] == ["med_qa:long"]
