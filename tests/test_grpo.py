@@ -487,3 +487,19 @@ def test_rl_prompt_sets_are_staged_decontaminated_and_every_record_accounted_for
         assert it["prompt"] == src[:-1] and it["answer"] == src[-1]["content"]
     rejects = [json.loads(line) for line in (out / "medical_qa.rejects.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rejects if r["reason"] == "too_long"] == ["med_qa:long"]
+
+
+def test_default_recipe_stages_two_rl_tasks_from_the_embedded_samples():
+    from data_process import stage
+    from data_process.readers import READERS
+    from data_process.recipe import load_recipe
+    recipe = load_recipe(ROOT / "config/recipe.toml", root=ROOT)
+    assert stage._rl_groups(recipe) == {"medical_qa": ["medical_qa_rl"], "medical_choice": ["medical_choice_rl"]}
+    for spec in recipe.corpora:
+        if spec.role == "rl":
+            records = [r for path in spec.paths for r in READERS[spec.reader](ROOT / path, spec.name)
+                       if isinstance(r, dict)]
+            assert len(records) >= 16 and all(r["kind"] == "conv" for r in records)
+    for task in ("medical_qa", "medical_choice"):   # the configs point at what the recipe stages
+        cfg = grpo.load_grpo_config(task)
+        assert cfg.data == [f"data/rl/{task}.jsonl"] and cfg.val_data == [f"data/rl/{task}.val.jsonl"]
