@@ -36,7 +36,7 @@ class CorpusSpec:
     reader: str
     paths: list[str]
     lang: str = "zh"                # "zh" | "en" | "mixed"
-    role: str = "pretrain"          # "pretrain" | "sft" | "dpo"
+    role: str = "pretrain"          # "pretrain" | "sft" | "dpo" | "rl" (GRPO prompt sets: data/rl/<stage>.jsonl)
     stage: str = ""
     priority: int = 50
     encoding: str = ""              # text readers (plain_text, medical_dialogue_csv/_txt): "" = the reader's default
@@ -108,7 +108,7 @@ class Recipe:
         raise KeyError(f"no corpus named {name!r} in the recipe")
 
 
-ROLES = ("pretrain", "sft", "dpo")
+ROLES = ("pretrain", "sft", "dpo", "rl")
 FINGERPRINTS = ("stat", "content")
 LANGS = ("zh", "en", "mixed")
 EVAL_FORMATS = ("ceval", "cmmlu")

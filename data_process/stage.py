@@ -2,6 +2,7 @@
 
     data/sft/<stage>.csv, <stage>.val.csv        one per stage of recipe.sft.stages, in that (curriculum) order
     data/dpo/<stage>.jsonl, <stage>.val.jsonl     one per stage named by the "dpo" corpora (corpus name if none)
+    data/rl/<task>.jsonl, <task>.val.jsonl        one per task named by the "rl" corpora (GRPO prompt sets)
 
 SFT CSV columns (pandas; read them back with `read_sft_csv`, which keeps empty strings and parses the turns, or
 `read_sft_conversations`, the trainers' tolerant view; DPO files with `read_dpo_pairs`):
@@ -14,6 +15,9 @@ SFT CSV columns (pandas; read them back with `read_sft_csv`, which keeps empty s
     n_tokens      length of the conversation rendered with the chat template (tokenizer.render_chat)
 DPO JSONL lines: {"id", "source", "prompt": [messages, optional system first, ends with user], "chosen": str,
 "rejected": str}.
+RL JSONL lines (grpo.py): {"id", "source", "prompt": [messages, ends with user], "answer": the reference answer}:
+the conversations of "rl" corpora (e.g. qa_jsonl on MedicalGPT's {question, answer} GRPO data), last assistant
+turn = the answer. They pass the same read, clean and dedup steps (eval-set decontamination included) as SFT.
 
 Records come from `docs_root/<corpus>/part-*.jsonl.zst` (CONTRACTS.md record format). A conversation with an empty
 (or zero-width-only) turn keeps the complete user/assistant pairs before it, and one that renders longer than
@@ -493,8 +497,9 @@ def run(recipe, docs_root, tokenizer_dir, data_dir) -> dict:
     """The pipeline's stage step. Returns {"sft": {stage: counts}, "dpo": {stage: counts}} for the run summary."""
     docs_root, data_dir = Path(docs_root), Path(data_dir)
     sft_groups, dpo_groups = _stage_groups(recipe)
+    rl_groups = _rl_groups(recipe)
     no_input = [f"{kind}/{stage} (corpora {corpora})"
-                for kind, groups in (("sft", sft_groups), ("dpo", dpo_groups))
+                for kind, groups in (("sft", sft_groups), ("dpo", dpo_groups), ("rl", rl_groups))
                 for stage, corpora in groups.items() if corpora and not any((docs_root / c).is_dir() for c in corpora)]
     if no_input:
         raise StageInputError(f"stage step: no input at all for {', '.join(no_input)}: none of their corpora is in "
@@ -503,8 +508,11 @@ def run(recipe, docs_root, tokenizer_dir, data_dir) -> dict:
     tok = Tokenizer.load(tokenizer_dir)
     settings = {"max_tokens": recipe.sft.max_tokens, "val_fraction": recipe.sft.val_fraction,
                 "tokenizer_sha256": tok.sha256}
-    summary: dict = {"sft": {}, "dpo": {}}
-    for kind, groups, stage_fn, ext in (("sft", sft_groups, stage_sft, ".csv"), ("dpo", dpo_groups, stage_dpo, ".jsonl")):
+    summary: dict = {"sft": {}, "dpo": {}, "rl": {}}
+    for kind, groups, stage_fn, ext in (("sft", sft_groups, stage_sft, ".csv"), ("dpo", dpo_groups, stage_dpo, ".jsonl"),
+                                        ("rl", rl_groups, stage_rl, ".jsonl")):
+        if kind == "rl" and not groups:
+            continue
         out_dir = data_dir / kind
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob(".*.tmp-*"):   # left by a killed run
@@ -540,3 +548,93 @@ def run(recipe, docs_root, tokenizer_dir, data_dir) -> dict:
                       + "; ".join(counts["empty"]), flush=True)
             summary[kind][stage] = counts
     return summary
+
+
+# ------------------------------------------------------------------------------------------------ RL prompt sets
+
+def check_rl_item(record) -> str | None:
+    """None if `record` is a usable RL prompt {prompt: [messages ending with user], answer: non-empty str}."""
+    if not isinstance(record, dict):
+        return "malformed"
+    reason = check_prompt(record.get("prompt"))
+    if reason is not None:
+        return reason
+    answer = record.get("answer")
+    if not isinstance(answer, str) or not answer.strip():
+        return "no_answer"
+    return None
+
+
+def read_rl_jsonl(path) -> tuple[list[dict], dict]:
+    """RL prompts of a JSONL file: staged lines {id, source, prompt, answer} (stage_rl), or MedicalGPT's GRPO
+    layout {question, answer} as it is (the question becomes one user turn). -> (records, rejects by reason);
+    a bad line is counted and logged (the first few), never fatal."""
+    import logging
+    log = logging.getLogger("stage")
+    records, rejects = [], Counter()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                reason, r = "bad_json", None
+                detail = str(e)
+            else:
+                if isinstance(r, dict) and "prompt" not in r and isinstance(r.get("question"), str):
+                    r = {**r, "prompt": [{"role": "user", "content": r["question"]}]}
+                if isinstance(r, dict) and isinstance(r.get("answer"), (int, float)) and not isinstance(r["answer"], bool):
+                    r["answer"] = str(r["answer"])
+                reason = check_rl_item(r)
+                detail = str(r)[:120]
+            if reason is not None:
+                rejects[reason] += 1
+                if rejects[reason] <= 3:
+                    log.warning("%s:%d rejected (%s): %s", path, lineno, reason, detail)
+                continue
+            records.append({**r, "id": str(r.get("id", f"{Path(path).name}:{lineno}"))})
+    return records, dict(rejects)
+
+
+def _rl_groups(recipe) -> dict[str, list[str]]:
+    """{task: [corpus names in recipe order]} of the "rl" corpora (task = their stage, or the corpus name)."""
+    groups: dict[str, list[str]] = {}
+    for c in recipe.corpora:
+        if c.role == "rl":
+            groups.setdefault(c.stage or c.name, []).append(c.name)
+    return groups
+
+
+def stage_rl(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path, stage: str,
+             max_tokens: int, val_fraction: float) -> dict:
+    """Write out_dir/<stage>.jsonl and <stage>.val.jsonl (RL prompt sets) from the conversations of `corpora`:
+    prompt = every turn before the last, answer = the last assistant turn. Rejects (counted, logged to
+    <stage>.rejects.jsonl): not a conversation, malformed, empty turn, a prompt longer than max_tokens."""
+    counts = {"train": 0, "val": 0, "rejected": Counter(), "sources": Counter(), "missing_corpora": []}
+    train, val = _JsonlWriter(out_dir / f"{stage}.jsonl"), _JsonlWriter(out_dir / f"{stage}.val.jsonl")
+    rejects = _JsonlWriter(out_dir / f"{stage}.rejects.jsonl")
+
+    def produce():
+        for corpus, record in _records(docs_root, corpora, counts["missing_corpora"]):
+            rid = f"{corpus}:{record.get('id')}"
+            messages = record.get("messages")
+            reason = "not_a_conversation" if record.get("kind") != "conv" else check_conversation(messages)
+            n_tokens = 0
+            if reason is None:
+                prompt = messages[:-1]
+                n_tokens = len(tok.render_chat(prompt, add_generation_prompt=True).ids)
+                if n_tokens > max_tokens:
+                    reason = "too_long"
+            if reason is not None:
+                _reject(counts, rejects, rid, corpus, reason, n_tokens, max_tokens, messages)
+                continue
+            split = "val" if is_val(rid, val_fraction) else "train"
+            (val if split == "val" else train).add(
+                {"id": rid, "source": corpus, "prompt": prompt, "answer": messages[-1]["content"]})
+            counts[split] += 1
+            counts["sources"][corpus] += 1
+        _ensure_one_val(train, val, counts, val_fraction)
+
+    _write_all([train, val, rejects], produce)
+    return {**counts, "rejected": dict(counts["rejected"]), "sources": dict(counts["sources"])}
