@@ -35,6 +35,8 @@ import orjson
 import zstandard
 
 from data_process import clean as clean_mod
+from data_process import pii as pii_mod
+from data_process import quality as quality_mod
 from data_process import readers as readers_mod
 from data_process.readers import READERS, Reject
 from data_process.recipe import CleanConfig, CorpusSpec, Recipe, resolve_paths
@@ -102,7 +104,7 @@ def plan_units(recipe: Recipe, spec: CorpusSpec, files: list[Path], chunk_bytes:
 def code_version() -> str:
     """Hash of the reader and cleaner source: changing either invalidates finished corpora."""
     h = hashlib.sha256()
-    for mod in (readers_mod, clean_mod):
+    for mod in (readers_mod, clean_mod, quality_mod, pii_mod):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 
@@ -138,6 +140,7 @@ def run_unit(unit: Unit, reader: str, lang: str, settings: CleanConfig, staging:
     stem = f"unit-{unit.index:05d}"
     out_path, rej_path = staging / f"{stem}.jsonl.zst", staging / f"{stem}.rejects.jsonl"
     cleaner = clean_mod.Cleaner(settings, lang)
+    audit_path = staging / f"{stem}.audit.jsonl"
     read_fn = READERS[reader]
     counts = {"read": 0, "kept": 0, "rejected": Counter(), "kinds": Counter(), "chars": 0}
     rejects = []
@@ -170,6 +173,7 @@ def run_unit(unit: Unit, reader: str, lang: str, settings: CleanConfig, staging:
         writer.flush(zstandard.FLUSH_FRAME)
         writer.close()
     atomic_write_bytes(rej_path, b"".join(orjson.dumps(r) + b"\n" for r in rejects))
+    atomic_write_bytes(audit_path, b"".join(orjson.dumps({"file": unit.src, **a}) + b"\n" for a in cleaner.audit))
     result = {"corpus": unit.corpus, "index": unit.index, "src": unit.src, "size": unit.size, "read": counts["read"],
               "kept": counts["kept"], "rejected": dict(counts["rejected"]), "kinds": dict(counts["kinds"]),
               "chars": counts["chars"], "clean": dict(cleaner.stats), "seconds": round(time.time() - t0, 3)}
@@ -274,6 +278,7 @@ def finalize_corpus(job: CorpusJob, rejects_dir: Path) -> dict:
         for r in results:
             with open(staging / f"unit-{r['index']:05d}.rejects.jsonl", "rb") as f:
                 shutil.copyfileobj(f, out)
+    write_audit(job, rejects_dir.parent / "audit" / f"{job.spec.name}.jsonl")
     counts = corpus_counts(job.spec, job.files, results)
     spec = job.spec
     manifest = {
@@ -287,6 +292,23 @@ def finalize_corpus(job: CorpusJob, rejects_dir: Path) -> dict:
     atomic_write_bytes(manifest_path(out_dir), json.dumps(manifest, ensure_ascii=False, indent=1).encode())
     shutil.rmtree(staging, ignore_errors=True)
     return counts
+
+
+def write_audit(job: CorpusJob, path: Path) -> None:
+    """data/audit/<corpus>.jsonl: the units' before/after samples, at most `audit_samples` per operator (units in
+    order), so a user can see what t2s, PII, langid and the rules did. Always written, empty when nothing changed."""
+    limit, taken, lines = job.spec.clean.audit_samples, Counter(), []
+    for u in job.units:
+        unit_audit = job.staging / f"unit-{u.index:05d}.audit.jsonl"
+        if not unit_audit.exists():   # a unit finished by a run before audits existed
+            continue
+        for line in unit_audit.read_bytes().splitlines():
+            op = orjson.loads(line)["op"]
+            if taken[op] < limit:
+                taken[op] += 1
+                lines.append(line + b"\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, b"".join(lines))
 
 
 # ---------------------------------------------------------------- the read step

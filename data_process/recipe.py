@@ -20,6 +20,33 @@ class RunConfig:
 
 
 @dataclass
+class RulesConfig:
+    """Thresholds of the repetition and quality rules (data_process/quality.py); the measured figures behind
+    each default are in config/recipe.toml and docs/cleaning.md. A document fails at the first rule it breaks."""
+    min_lines: int = field(default=3, metadata=settings.limits(ge=1))           # line rules need this many lines
+    min_ngram_chars: int = field(default=200, metadata=settings.limits(ge=1))   # n-gram rules need this many chars
+    short_line_chars: int = field(default=10, metadata=settings.limits(ge=1))   # a "short line" has <= this many
+    max_dup_line_frac: float = field(default=0.30, metadata=settings.limits(ge=0, le=1))
+    max_dup_line_chars: float = field(default=0.20, metadata=settings.limits(ge=0, le=1))
+    max_dup_para_frac: float = field(default=0.30, metadata=settings.limits(ge=0, le=1))
+    max_dup_para_chars: float = field(default=0.20, metadata=settings.limits(ge=0, le=1))
+    max_top_ngram: list[float] = field(default_factory=lambda: [0.20, 0.18, 0.16],   # n = 2, 3, 4
+                                       metadata=settings.limits(ge=0, le=1))
+    max_dup_ngram: list[float] = field(default_factory=lambda: [0.80, 0.78, 0.76, 0.74, 0.72, 0.70],  # n = 5..10
+                                       metadata=settings.limits(ge=0, le=1))
+    min_punct_end_lines: float = field(default=0.12, metadata=settings.limits(ge=0, le=1))
+    max_short_lines: float = field(default=0.67, metadata=settings.limits(ge=0, le=1))
+    max_bullet_lines: float = field(default=0.90, metadata=settings.limits(ge=0, le=1))
+    max_ellipsis_lines: float = field(default=0.30, metadata=settings.limits(ge=0, le=1))
+    max_symbol_ratio: float = field(default=0.05, metadata=settings.limits(ge=0, le=1))
+    max_flagged_per_kchar: float = field(default=3.0, metadata=settings.limits(ge=0))
+
+    def __post_init__(self):
+        if len(self.max_top_ngram) != 3 or len(self.max_dup_ngram) != 6:
+            raise ValueError("max_top_ngram takes 3 values (n = 2, 3, 4) and max_dup_ngram 6 (n = 5..10)")
+
+
+@dataclass
 class CleanConfig:
     min_chars: int = 10
     max_chars: int = 1_000_000
@@ -27,6 +54,15 @@ class CleanConfig:
     max_punct_repeat: int = 3       # runs of the same punctuation mark longer than this are shortened
     nfkc: bool = True               # NFKC-normalize, keeping Chinese full-width punctuation (see clean.py)
     boilerplate: bool = True        # drop lines that are obvious web boilerplate (pretrain docs only)
+    # Quality operators (data_process/quality.py, pii.py, quality_model.py; order and reasons: docs/cleaning.md)
+    t2s: bool = False               # OpenCC traditional -> simplified (documents and messages)
+    t2s_min_share: float = field(default=0.05, metadata=settings.limits(ge=0, le=1))  # share of traditional Han chars
+    langid: bool = False            # drop documents whose language (py3langid) the corpus lang does not take
+    langid_min_chars: int = field(default=20, metadata=settings.limits(ge=0))   # shorter documents are not judged
+    rules: bool = False             # the repetition and quality rules ([clean.quality_rules] thresholds)
+    quality_rules: RulesConfig = field(default_factory=RulesConfig)
+    pii: bool = False               # typed PII placeholders (<PHONE>, <ID>, ...) in documents and messages
+    audit_samples: int = field(default=20, metadata=settings.limits(ge=0))   # before/after samples kept per operator
 
 
 @dataclass
