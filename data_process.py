@@ -5,6 +5,7 @@
     python data_process.py --recipe my.toml --workers 8 --data-dir /big/data
     python data_process.py inspect --help       # look inside token shards (data_process/inspect_data.py)
     python data_process.py download --list      # where every real corpus comes from (data_process/download.py)
+    python data_process.py train-quality        # quality classifier + perplexity LM (data_process/quality_model.py)
     python data_process.py --steps read --corpus wiki_zh --corpus wudao   # one machine's share of a split run
 
 The code lives in the package data_process/ beside this script (Python imports the package, not this file);
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Finished work is kept: re-running skips it. A summary goes to data/summary.json.",
         epilog="Sub-commands: `python data_process.py inspect ...` looks inside token shards "
                "(see `python data_process.py inspect --help`); `python data_process.py download ...` fetches the "
-               "real corpora (see `python data_process.py download --help`). Exit status: 0 on success, 1 when nothing at all "
+               "real corpora (see `python data_process.py download --help`); `python data_process.py train-quality` trains "
+               "the quality classifier and perplexity model on data/clean/ (docs/cleaning.md). Exit status: 0 on success, 1 when nothing at all "
                "could be read, 2 on a bad recipe or arguments.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -69,6 +71,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "download":
         from data_process import download
         return download.main(argv[1:])
+    if argv and argv[0] == "train-quality":
+        from data_process import quality_model
+        return quality_model.main(argv[1:])
 
     args = build_parser().parse_args(argv)
     from data_process.pipeline import NothingReadError, run

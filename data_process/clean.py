@@ -315,10 +315,11 @@ class Cleaner:
                 record["text"] = self._pii(record["text"], rid)
                 if "title" in record:
                     record["title"] = self._pii(record["title"], rid)
-            if self.scorer is not None:
+            if self.scorer is not None:   # last: the scores describe the text as it is kept
                 record["scores"] = self.scorer.score(record["text"])
                 reason = self.scorer.keep_or_reason(record["scores"], rid)
                 if reason is not None:
+                    self._sample(reason, {"id": rid, **record["scores"], "text": record["text"][:AUDIT_CHARS]})
                     return reason
             return None
         if kind == "conv":

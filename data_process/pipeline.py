@@ -37,6 +37,7 @@ import zstandard
 from data_process import clean as clean_mod
 from data_process import pii as pii_mod
 from data_process import quality as quality_mod
+from data_process import quality_model as quality_model_mod
 from data_process import readers as readers_mod
 from data_process.readers import READERS, Reject
 from data_process.recipe import CleanConfig, CorpusSpec, Recipe, resolve_paths
@@ -104,15 +105,32 @@ def plan_units(recipe: Recipe, spec: CorpusSpec, files: list[Path], chunk_bytes:
 def code_version() -> str:
     """Hash of the reader and cleaner source: changing either invalidates finished corpora."""
     h = hashlib.sha256()
-    for mod in (readers_mod, clean_mod, quality_mod, pii_mod):
+    for mod in (readers_mod, clean_mod, quality_mod, pii_mod, quality_model_mod):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
+
+
+def quality_model_dir(recipe: Recipe, spec: CorpusSpec) -> Path | None:
+    """The corpus's trained quality model folder (absolute), or None when it records no model scores."""
+    if not spec.clean.quality_model:
+        return None
+    path = Path(spec.clean.quality_model)
+    path = path if path.is_absolute() else recipe.root / path
+    names = (quality_model_mod.CLASSIFIER, quality_model_mod.LM, quality_model_mod.CUTOFFS)
+    missing = [n for n in names if not (path / n).exists()]
+    if missing:
+        raise ValueError(f"corpus {spec.name}: quality_model {path} lacks {missing}; run "
+                         "`python data_process.py train-quality` after a read step first")
+    return path
 
 
 def fingerprint(recipe: Recipe, spec: CorpusSpec, files: list[Path], chunk_bytes: int) -> str:
     inputs = [(source_name(recipe, p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     settings = {"reader": spec.reader, "lang": spec.lang, "clean": dataclasses.asdict(spec.clean),
                 "chunk_bytes": chunk_bytes, "code": code_version(), "inputs": inputs}
+    model_dir = quality_model_dir(recipe, spec)
+    if model_dir is not None:   # a retrained model re-scores the corpus
+        settings["quality_model"] = quality_model_mod.model_digest(model_dir)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -139,7 +157,13 @@ def run_unit(unit: Unit, reader: str, lang: str, settings: CleanConfig, staging:
     staging = Path(staging)
     stem = f"unit-{unit.index:05d}"
     out_path, rej_path = staging / f"{stem}.jsonl.zst", staging / f"{stem}.rejects.jsonl"
-    cleaner = clean_mod.Cleaner(settings, lang)
+    scorer = None
+    if settings.quality_model:   # an absolute folder here (read_step resolved it)
+        from data_process.quality_model import Scorer
+
+        scorer = Scorer(Path(settings.quality_model), unit.corpus, settings.quality_keep, settings.quality_threshold,
+                        settings.pareto_alpha, settings.ppl_keep)
+    cleaner = clean_mod.Cleaner(settings, lang, scorer)
     audit_path = staging / f"{stem}.audit.jsonl"
     read_fn = READERS[reader]
     counts = {"read": 0, "kept": 0, "rejected": Counter(), "kinds": Counter(), "chars": 0}
@@ -348,7 +372,11 @@ def read_step(recipe: Recipe, workers: int | None = None, force: bool = False, c
         results = {u.index: r for u in units if (r := load_done_unit(staging, u.index)) is not None}
         jobs.append(CorpusJob(spec, files, units, fp, out_dir, staging, results, time.time(), chunk_bytes))
 
-    tasks = [(u, job.spec.reader, job.spec.lang, job.spec.clean, str(job.staging))
+    def unit_settings(spec: CorpusSpec) -> CleanConfig:
+        model_dir = quality_model_dir(recipe, spec)
+        return spec.clean if model_dir is None else dataclasses.replace(spec.clean, quality_model=str(model_dir))
+
+    tasks = [(u, job.spec.reader, job.spec.lang, unit_settings(job.spec), str(job.staging))
              for job in jobs for u in job.units if u.index not in job.results]
     by_name = {job.spec.name: job for job in jobs}
     total_bytes = sum(t[0].size for t in tasks)

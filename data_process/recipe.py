@@ -19,6 +19,9 @@ class RunConfig:
     workers: int = 2
 
 
+PPL_BUCKETS = ("head", "middle", "tail")   # CCNet's perplexity split (data_process/quality_model.py)
+
+
 @dataclass
 class RulesConfig:
     """Thresholds of the repetition and quality rules (data_process/quality.py); the measured figures behind
@@ -63,6 +66,17 @@ class CleanConfig:
     quality_rules: RulesConfig = field(default_factory=RulesConfig)
     pii: bool = False               # typed PII placeholders (<PHONE>, <ID>, ...) in documents and messages
     audit_samples: int = field(default=20, metadata=settings.limits(ge=0))   # before/after samples kept per operator
+    # Model scores (data_process/quality_model.py): the folder `python data_process.py train-quality` wrote
+    quality_model: str = ""         # "" = no scores; e.g. "data/quality" (relative to the project root)
+    quality_keep: str = field(default="all", metadata=settings.limits(choices=("all", "threshold", "pareto")))
+    quality_threshold: float = field(default=0.5, metadata=settings.limits(ge=0, le=1))   # for keep = "threshold"
+    pareto_alpha: float = field(default=9.0, metadata=settings.limits(gt=0))   # GPT-3's alpha, for keep = "pareto"
+    ppl_keep: list[str] = field(default_factory=list)   # perplexity buckets to keep (head/middle/tail); [] = all
+
+    def __post_init__(self):
+        bad = [b for b in self.ppl_keep if b not in PPL_BUCKETS]
+        if bad:
+            raise ValueError(f"ppl_keep: {bad} are not buckets; the buckets are {list(PPL_BUCKETS)}")
 
 
 @dataclass
