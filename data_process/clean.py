@@ -282,7 +282,7 @@ class Cleaner:
             failed = quality.check_rules(stats, s.quality_rules)
             if failed is not None:
                 reason = "rule_" + failed
-                self._sample(reason, {"id": record["id"], "value": round(stats[failed], 4),
+                self._sample(reason, {"id": record["id"], "value": round(quality.rule_value(stats, failed), 4),
                                       "text": text[:AUDIT_CHARS]})
                 return reason
         return None

@@ -63,11 +63,15 @@ def resident_id_valid(s: str) -> bool:
 
 
 IP_KEYWORD = re.compile(r"^(?:IP|ip|Ip)")
+IP_GATE = re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d")
 
 
 def _ip_sub(text: str, counts: Counter, found) -> str:
     """IPv4: after an "IP" keyword always; otherwise only with a 3-digit part (5.64.52.9 is a size in an
     ultrasound report, 1.2.3.4 a section number)."""
+    if IP_GATE.search(text) is None:
+        return text
+
     def repl(m: re.Match) -> str:
         whole = m.group()
         keyword = IP_KEYWORD.match(whole) is not None

@@ -39,8 +39,11 @@ def _t2s():
     chars = [chr(cp) for lo, hi in ((0x3400, 0x4DC0), (0x4E00, 0xA000), (0xF900, 0xFB00), (0x20000, 0x2A6E0))
              for cp in range(lo, hi)]
     out = converter.convert("\n".join(chars)).split("\n")
-    trad = "".join(a for a, b in zip(chars, out) if a != b)
-    return converter, re.compile("[" + re.escape(trad) + "]")
+    trad = [a for a, b in zip(chars, out) if a != b]
+    # Two classes, as in clean.py: sre tests a BMP-only class with a bitmap, a class with astral ranges slowly.
+    bmp = re.compile("[" + re.escape("".join(c for c in trad if ord(c) < 0x10000)) + "]")
+    astral = re.compile("[" + re.escape("".join(c for c in trad if ord(c) >= 0x10000)) + "]")
+    return converter, bmp, astral
 
 
 HAN = re.compile(f"[{HAN_ALL}]")
@@ -48,20 +51,24 @@ HAN = re.compile(f"[{HAN_ALL}]")
 
 def traditional_share(text: str) -> float:
     """Share of Han characters that OpenCC t2s converts (0 when there is no Han character)."""
-    _, trad = _t2s()
-    n_trad = len(trad.findall(text))
-    if n_trad == 0:
+    _, bmp, astral = _t2s()
+    has_astral = max(text, default="\0") > "\uffff"
+    if bmp.search(text) is None and not (has_astral and astral.search(text)):
         return 0.0
+    n_trad = len(bmp.findall(text)) + (len(astral.findall(text)) if has_astral else 0)
     return n_trad / max(1, len(HAN.findall(text)))
 
 
 def to_simplified(text: str, min_share: float) -> tuple[str, bool]:
-    """OpenCC t2s when at least `min_share` of the Han characters are traditional-only; (text, changed)."""
-    if text.isascii() or traditional_share(text) < min_share:
+    """OpenCC t2s when at least `min_share` of the Han characters are traditional-only; (text, changed).
+    OpenCC converts faster (~140 MB/s) than a regex can look for traditional characters, so it converts first
+    and measures the share only on the few documents it changed."""
+    if text.isascii():
         return text, False
-    converter, _ = _t2s()
-    out = converter.convert(text)
-    return out, out != text
+    out = _t2s()[0].convert(text)
+    if out == text or (min_share > 0 and traditional_share(text) < min_share):
+        return text, False
+    return out, True
 
 
 # ---------------------------------------------------------------- language identification (py3langid)
@@ -79,6 +86,10 @@ def _identifier():
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
+KANA_HANGUL = re.compile("[\u3040-\u30ff\u31f0-\u31ff\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
+FAST_ZH_MIN_HAN = 0.8   # Han share among letters above which a kana- and hangul-free text is Chinese
+
+
 def detect_language(text: str) -> tuple[str, float]:
     """(ISO 639-1 code, probability) of the text's head; py3langid's 97-language model."""
     lang, prob = _identifier().classify(text[:LANGID_CHARS])
@@ -90,7 +101,15 @@ def language_matches(text: str, corpus_lang: str, min_chars: int) -> tuple[bool,
     `min_chars` (after whitespace) are not judged: langid is unreliable on a few characters."""
     if len(text) < min_chars:
         return True, "", 0.0
-    lang, prob = detect_language(text)
+    head = text[:LANGID_CHARS]
+    if corpus_lang != "en" and KANA_HANGUL.search(head) is None:
+        from data_process.clean import zh_ratio   # (clean imports this module)
+
+        if zh_ratio(head) >= FAST_ZH_MIN_HAN:
+            # Script decides it: Han letters and no kana or hangul is Chinese (py3langid agrees on every such
+            # document of the samples, tests/test_quality.py); langid.py's Python DFA walk is the slowest step
+            return True, "zh", 1.0
+    lang, prob = detect_language(head)
     return lang in ACCEPT[corpus_lang], lang, prob
 
 
@@ -101,7 +120,7 @@ END_PUNCT = set("。！？；：…”’」』）)》.!?;:\"'")
 BULLETS = ("•", "●", "○", "■", "□", "◆", "◇", "▪", "►", "▶", "-", "*", "·", "★", "☆", "√", "→")
 # Gopher counts "#" and "..." per word; here the share of characters that are such symbols or decoration.
 # Not | = or arrows: a markdown table or a formula in a medical text is content.
-SYMBOLS = re.compile(r"[#\u2026★☆■□◆◇●○▲△▼▽►◄※❤♥♡]|\.\.\.")
+SYMBOL_CHARS = "#\u2026★☆■□◆◇●○▲△▼▽►◄※❤♥♡"       # and "...", counted as one
 # Flagged words written for this project: gambling, pornography and the spam adverts of Chinese web pages.
 # Two characters or more each, chosen so a medical text does not hit them (性 alone, 乳房, 阴道 are not here).
 FLAGGED_WORDS = (
@@ -116,37 +135,67 @@ FLAGGED_WORDS = (
     "代开发票", "发票代开", "办证", "刷单", "刷信誉", "网赚", "日赚", "躺赚", "兼职日结", "贷款秒批", "无抵押贷款",
     "网贷秒下", "私服", "外挂", "加微信", "加qq", "代孕", "香港六合", "壮阳", "增大增粗", "延时喷剂",
 )
-FLAGGED = re.compile("|".join(sorted(map(re.escape, FLAGGED_WORDS), key=len, reverse=True)), re.I)
+FLAGGED_LOWER = tuple(w.lower() for w in FLAGGED_WORDS)
+FLAGGED = re.compile("|".join(sorted(map(re.escape, FLAGGED_LOWER), key=len, reverse=True)))
 SPACE = re.compile(r"\s+")
 HASH_BASE = np.uint64(1_000_003)
 
 
-def _ngram_hashes(cps: np.ndarray, n: int) -> np.ndarray:
-    """A polynomial hash of every length-n window of code points (uint64 arithmetic wraps; collisions ~2^-64)."""
-    m = len(cps) - n + 1
-    h = np.zeros(m, dtype=np.uint64)
-    for k in range(n):
-        h = h * HASH_BASE + cps[k:k + m]
-    return h
+def _ngram_stats(cps: np.ndarray, stats: dict, orders=range(2, 11)) -> None:
+    """Gopher's top n-gram fraction (n = 2..4: characters covered by the most frequent n-gram / all characters)
+    and duplicated n-gram fraction (n = 5..10: characters inside any n-gram that occurs more than once), on a
+    polynomial hash of every window (uint64 arithmetic wraps; collisions ~2^-64), each order's hashes built from
+    the previous order's, one sort per order."""
+    n_chars = len(cps)
+    h = cps
+    for n in range(2, max(orders) + 1):
+        if n_chars < n:
+            return
+        h = h[:-1] * HASH_BASE + cps[n - 1:]
+        if n not in orders:
+            continue
+        if n <= 4:
+            s = np.sort(h)
+            bounds = np.flatnonzero(s[1:] != s[:-1])
+            runs = np.diff(np.concatenate(([-1], bounds, [len(s) - 1])))
+            stats[f"top_{n}gram"] = float(runs.max()) * n / n_chars
+            continue
+        order = np.argsort(h)
+        s = h[order]
+        eq = s[1:] == s[:-1]
+        if not eq.any():
+            stats[f"dup_{n}gram"] = 0.0
+            continue
+        dup_sorted = np.zeros(len(s), dtype=bool)
+        dup_sorted[1:] = eq
+        dup_sorted[:-1] |= eq
+        starts = order[dup_sorted]
+        cover = np.zeros(n_chars + 1, dtype=np.int32)
+        cover[starts] += 1          # starts are distinct, so plain fancy indexing adds once each
+        cover[starts + n] -= 1
+        stats[f"dup_{n}gram"] = float(np.count_nonzero(np.cumsum(cover[:-1]))) / n_chars
 
 
-def _top_ngram_share(h: np.ndarray, n: int, n_chars: int) -> float:
-    """Gopher's top n-gram fraction: characters covered by the most frequent n-gram / all characters."""
-    _, counts = np.unique(h, return_counts=True)
-    return float(counts.max()) * n / n_chars
+def symbol_ratio(chars: str) -> float:
+    """Share of characters that are #, …, ★, ■... ("..." counts as one), of a text without whitespace."""
+    return (sum(chars.count(c) for c in SYMBOL_CHARS) + chars.count("...")) / max(1, len(chars))
 
 
-def _dup_ngram_share(h: np.ndarray, n: int, n_chars: int) -> float:
-    """Gopher's duplicated n-gram fraction: characters inside any n-gram that occurs more than once."""
-    _, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
-    dup_start = counts[inverse] > 1
-    if not dup_start.any():
-        return 0.0
-    cover = np.zeros(n_chars + 1, dtype=np.int32)
-    starts = np.flatnonzero(dup_start)
-    cover[starts] += 1          # starts are distinct, so plain fancy indexing adds once each
-    cover[starts + n] -= 1
-    return float(np.count_nonzero(np.cumsum(cover[:-1]))) / n_chars
+def flagged_per_kchar(chars: str) -> float:
+    """Flagged words per 1000 characters, a text under 1000 counting as 1000 (one news story about a 赌场 case is
+    not spam). str `in` first (a C substring search per word): the regex alternation is slower and most text has
+    none."""
+    lowered = chars.lower()
+    hits = len(FLAGGED.findall(lowered)) if any(w in lowered for w in FLAGGED_LOWER) else 0
+    return hits * 1000 / max(len(chars), 1000)
+
+
+def dup_ngram_share(chars: str, n: int) -> float:
+    """The duplicated n-gram fraction of one order alone (what rule_stats computes for n = 5..10)."""
+    stats: dict = {}
+    _ngram_stats(np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64),
+                 stats, orders=(n,))
+    return stats.get(f"dup_{n}gram", 0.0)
 
 
 def _dup_share(items: list[str]) -> tuple[float, float]:
@@ -178,17 +227,20 @@ def rule_stats(text: str, rules: RulesConfig) -> dict:
     stats["short_lines"] = sum(len(ln) <= rules.short_line_chars for ln in lines) / len(lines)
     stats["bullet_lines"] = sum(ln.startswith(BULLETS) for ln in lines) / len(lines)
     stats["ellipsis_lines"] = sum(ln.endswith(("…", "...")) for ln in lines) / len(lines)
-    stats["symbol_ratio"] = len(SYMBOLS.findall(chars)) / n
-    # per 1000 characters, a document under 1000 counting as 1000: one news story about a 赌场 case is not spam
-    stats["flagged_per_kchar"] = len(FLAGGED.findall(chars)) * 1000 / max(n, 1000)
-    cps = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
-    for k in (2, 3, 4):
-        if n >= k:
-            stats[f"top_{k}gram"] = _top_ngram_share(_ngram_hashes(cps, k), k, n)
-    for k in range(5, 11):
-        if n >= k:
-            stats[f"dup_{k}gram"] = _dup_ngram_share(_ngram_hashes(cps, k), k, n)
+    stats["symbol_ratio"] = symbol_ratio(chars)
+    stats["flagged_per_kchar"] = flagged_per_kchar(chars)
+    if n >= rules.min_ngram_chars:   # the n-gram rules judge only documents this long
+        _ngram_stats(np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64),
+                     stats)
     return stats
+
+
+RULE_STAT = {"flagged_words": "flagged_per_kchar"}   # the rule names whose statistic is named otherwise
+
+
+def rule_value(stats: dict, rule: str) -> float:
+    """The statistic a failed rule judged (for audit samples)."""
+    return stats[RULE_STAT.get(rule, rule)]
 
 
 def check_rules(stats: dict, rules: RulesConfig) -> str | None:

@@ -166,6 +166,9 @@ def test_cleaner_rule_drop_is_named_and_sampled_with_its_value():
     text = "\n".join(["欢迎访问本站，最新优惠活动火热进行中！"] * 6 + [NEWS] * 2)
     assert cleaner.clean({"id": "spam:1", "kind": "doc", "text": text}) == "rule_dup_line_frac"
     assert cleaner.audit == [{"op": "rule_dup_line_frac", "id": "spam:1", "value": 0.75, "text": text[:300]}]
+    gambling = "线上娱乐城百家乐真人娱乐，首存送彩金，时时彩北京赛车，老虎机返水提款秒到。" + NEWS
+    assert cleaner.clean({"id": "spam:2", "kind": "doc", "text": gambling}) == "rule_flagged_words"
+    assert cleaner.audit[-1]["value"] == 10.0   # 线上娱乐城 百家乐 真人娱乐 首存 彩金 时时彩 北京赛车 老虎机 返水 提款秒到, per 1000 chars
 
 
 def test_rule_settings_come_from_the_recipe_and_bad_values_are_errors(tmp_path):
@@ -189,3 +192,16 @@ def test_rules_on_empty_whitespace_and_huge_repetitive_text_do_not_crash():
     big = "这是一段重复的文字。" * 50_000          # 500K characters
     assert quality.check_rules(quality.rule_stats(big, RULES), RULES) == "top_3gram"   # top 2-gram: exactly 0.20
     assert np.isfinite(quality.rule_stats("\x00\x01\ufffd" * 100, RULES)["dup_5gram"])
+
+
+def test_script_fast_path_agrees_with_py3langid_on_every_real_document_it_decides(samples):
+    docs = (real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
+            + real_docs(samples, "plain_text", "medicalgpt/pretrain/fever.txt")
+            + real_docs(samples, "text_jsonl", "firefly/dummy_pretrain.jsonl"))
+    from data_process.clean import zh_ratio
+
+    fast = [d for d in docs if len(d) >= 20 and quality.KANA_HANGUL.search(d[:quality.LANGID_CHARS]) is None
+            and zh_ratio(d[:quality.LANGID_CHARS]) >= quality.FAST_ZH_MIN_HAN]
+    assert len(fast) >= 0.8 * len(docs)
+    assert all(quality.detect_language(d)[0] in quality.ZH_CODES for d in fast)
+    assert not quality.language_matches(JA_LONG, "zh", 20)[0] and not quality.language_matches(KO_LONG, "zh", 20)[0]
