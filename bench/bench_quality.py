@@ -1,7 +1,7 @@
 """Benchmark of the quality operators (data_process/quality.py, pii.py, quality_model.py) on text made from the
 real samples, with a per-operator cost table, side by side with data-juicer's equivalent operators.
 
-    python bench/bench_quality.py                 # 40 MB of real-sample-derived text (a few minutes)
+    python bench/bench_quality.py                 # 60 MB of real-sample-derived text (3-5 minutes)
     python bench/bench_quality.py --mb 200        # the issue's scale
     python bench/bench_quality.py --quick         # 3 MB, < 60 s
     python bench/bench_quality.py --measure       # the rule statistics per sample set (thresholds in recipe.toml)
@@ -298,6 +298,68 @@ def compare_with_dj(docs, tmp: Path) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- language id accuracy
+
+# Self-written Japanese and Korean (no sample of either is in corpora-samples): everyday and medical sentences.
+JA = ["今日はとても良い天気ですね。", "この薬は食後に飲んでください。", "病院へ行く前に予約が必要です。",
+      "熱が三日続いています。", "血圧が高いと言われました。", "子供が夜に咳をしています。", "明日は雨が降るそうです。",
+      "駅までの道を教えてください。", "高血圧は自覚症状がほとんどないため、定期的に血圧を測ることが大切です。",
+      "塩分を控えた食事を心がけ、適度な運動を続けることで血圧を下げることができます。"]
+KO = ["오늘은 날씨가 정말 좋네요.", "이 약은 식후에 드세요.", "병원에 가기 전에 예약이 필요합니다.", "열이 사흘째 계속됩니다.",
+      "혈압이 높다고 들었어요.", "아이가 밤에 기침을 합니다.", "내일은 비가 온대요.", "역까지 가는 길을 알려 주세요.",
+      "고혈압은 자각 증상이 거의 없기 때문에 정기적으로 혈압을 측정하는 것이 중요합니다.",
+      "염분을 줄인 식사를 하고 적당한 운동을 꾸준히 하면 혈압을 낮출 수 있습니다."]
+
+
+def langid_accuracy(seed: int = 0) -> dict:
+    """Accuracy of the language decision (script fast path + py3langid) on a labelled set: short texts are one
+    sentence (10..60 chars), long ones whole documents or 4+ sentences. zh counts zh/wuu/yue as right; mixed
+    (Chinese and English sentences interleaved) counts zh or en as right, as a `mixed` corpus keeps both."""
+    import re as _re
+
+    rng = random.Random(seed)
+    sets = sample_sets()
+    zh_docs = sets["web:skywork"] + sets["curated:fever"] + sets["dialogue:toyhom"][:300]
+    en_docs = sets["en:c4"]
+
+    def sentences(docs, pattern):
+        out = []
+        for d in docs:
+            out += [x.strip() for x in _re.split(pattern, d) if 10 <= len(x.strip()) <= 60]
+        return out
+
+    zh_sent, en_sent = sentences(zh_docs, r"(?<=[。！？])"), sentences(en_docs, r"(?<=[.!?])\s+")
+    labelled = []
+    labelled += [("zh", "short", x) for x in rng.sample(zh_sent, 200)]
+    labelled += [("zh", "long", x) for x in rng.sample([d for d in zh_docs if len(d) >= 200], 200)]
+    labelled += [("en", "short", x) for x in rng.sample(en_sent, 200)]
+    labelled += [("en", "long", x) for x in rng.sample([d for d in en_docs if len(d) >= 200], 200)]
+    for lang, pool in (("ja", JA), ("ko", KO)):
+        labelled += [(lang, "short", x) for x in pool]
+        labelled += [(lang, "long", "".join(rng.sample(pool, 5))) for _ in range(20)]
+    for _ in range(100):
+        parts = rng.sample(zh_sent, 2) + rng.sample(en_sent, 2)
+        rng.shuffle(parts)
+        labelled.append(("mixed", "long", " ".join(parts)))
+        labelled.append(("mixed", "short", rng.choice(zh_sent)[:20] + " " + rng.choice(en_sent)[:30]))
+    right, total = Counter(), Counter()
+    for lang, length, text in labelled:
+        ok = quality.language_matches(text, "mixed", 0)[0] if lang == "mixed" else None
+        if lang != "mixed":
+            decided = quality.detect_language(text)[0] if not _fast_zh(text) else "zh"
+            ok = decided in (quality.ZH_CODES if lang == "zh" else {lang})
+        right[(lang, length)] += ok
+        total[(lang, length)] += 1
+    return {f"{lang}/{length}": (right[(lang, length)], total[(lang, length)]) for lang, length in sorted(total)}
+
+
+def _fast_zh(text: str) -> bool:
+    from data_process.clean import zh_ratio
+
+    head = text[:quality.LANGID_CHARS]
+    return quality.KANA_HANGUL.search(head) is None and zh_ratio(head) >= quality.FAST_ZH_MIN_HAN
+
+
 # ---------------------------------------------------------------- --measure
 
 
@@ -308,7 +370,7 @@ def measure() -> None:
     for name, docs in sample_sets().items():
         stats = [quality.rule_stats(d, rules) for d in docs]
         print(f"== {name}: {len(docs)} documents")
-        keys = [k for k in stats[0] if k not in ("chars", "lines")]
+        keys = list(dict.fromkeys(k for st in stats for k in st if k not in ("chars", "lines")))
         for k in keys:
             pool = [s for s in stats if k in s and (not k.endswith("gram") or s["chars"] >= rules.min_ngram_chars)]
             v = np.array([s[k] for s in pool])
@@ -323,8 +385,8 @@ def measure() -> None:
 
 
 def run(quick: bool = False, target_mb: float | None = None, dj_mb: float | None = None) -> dict:
-    target_mb = target_mb or (3.0 if quick else 40.0)
-    dj_mb = min(dj_mb or (1.0 if quick else 8.0), target_mb)
+    target_mb = target_mb or (3.0 if quick else 60.0)
+    dj_mb = min(dj_mb or (1.0 if quick else 20.0), target_mb)
     docs = build_corpus(target_mb)
     print(f"corpus: {len(docs)} documents, {mb(docs):.1f} MB (planted: "
           f"{dict(Counter(d['planted'] for d in docs if d['planted']))})")
@@ -351,6 +413,10 @@ def run(quick: bool = False, target_mb: float | None = None, dj_mb: float | None
     print(f"  {'operator':70s} {'MB/s':>8s} {'share':>7s}")
     for o in ops:
         print(f"  {o['op']:70s} {o['mb_per_s']:8.2f} {o['seconds'] / total:7.1%}")
+    accuracy = langid_accuracy()
+    print("\nlanguage id accuracy on a labelled set (script fast path, then py3langid):")
+    for key, (ok, n) in accuracy.items():
+        print(f"  {key:14s} {ok:4d}/{n:<4d} {ok / n:6.1%}")
     print(f"\nside by side with data-juicer on {mb(dj_docs):.1f} MB, same machine, same run, one core each:")
     for r in dj_rows:
         if "error" in r:
@@ -364,6 +430,8 @@ def run(quick: bool = False, target_mb: float | None = None, dj_mb: float | None
     result = {"corpus_mb": round(mb(docs), 1), "chain_mb_per_s_per_core": round(chain["mb_per_s"], 3)}
     for o in ops:
         result["op_mb_per_s:" + o["op"].split(" (")[0]] = round(o["mb_per_s"], 2)
+    for key, (ok, n) in accuracy.items():
+        result[f"langid_accuracy:{key}"] = round(ok / n, 4)
     for r in dj_rows:
         if "speedup" in r:
             result[f"vs_dj_speedup:{r['op']}"] = round(r["speedup"], 2)
@@ -375,8 +443,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="3 MB, data-juicer on 1 MB (< 60 s)")
-    p.add_argument("--mb", type=float, default=None, help="size of the benchmark text (default 40)")
-    p.add_argument("--dj-mb", type=float, default=None, help="size data-juicer runs on (default 8)")
+    p.add_argument("--mb", type=float, default=None, help="size of the benchmark text (default 60)")
+    p.add_argument("--dj-mb", type=float, default=None, help="size data-juicer runs on (default 20)")
     p.add_argument("--measure", action="store_true", help="print the rule statistics of every sample set")
     args = p.parse_args(argv)
     if args.measure:
