@@ -161,8 +161,8 @@ def run_unit(unit: Unit, reader: str, lang: str, settings: CleanConfig, staging:
     if settings.quality_model:   # an absolute folder here (read_step resolved it)
         from data_process.quality_model import Scorer
 
-        scorer = Scorer(Path(settings.quality_model), unit.corpus, settings.quality_keep, settings.quality_threshold,
-                        settings.pareto_alpha, settings.ppl_keep)
+        scorer = Scorer(Path(settings.quality_model), settings.ppl_reference or unit.corpus, settings.quality_keep,
+                        settings.quality_threshold, settings.pareto_alpha, settings.ppl_keep)
     cleaner = clean_mod.Cleaner(settings, lang, scorer)
     audit_path = staging / f"{stem}.audit.jsonl"
     read_fn = READERS[reader]

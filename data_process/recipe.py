@@ -72,6 +72,7 @@ class CleanConfig:
     quality_threshold: float = field(default=0.5, metadata=settings.limits(ge=0, le=1))   # for keep = "threshold"
     pareto_alpha: float = field(default=9.0, metadata=settings.limits(gt=0))   # GPT-3's alpha, for keep = "pareto"
     ppl_keep: list[str] = field(default_factory=list)   # perplexity buckets to keep (head/middle/tail); [] = all
+    ppl_reference: str = ""         # the corpus whose perplexity cutoffs define the buckets ("" = this corpus)
 
     def __post_init__(self):
         bad = [b for b in self.ppl_keep if b not in PPL_BUCKETS]

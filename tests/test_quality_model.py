@@ -140,3 +140,18 @@ clean = {{ rules = true }}
     counts = result["corpora"]["skypile"]
     assert not counts["skipped"] and counts["kept"] + counts["rejected"] == counts["read"]
     assert counts["rejected_by_reason"].get("quality_below_threshold", 0) > 0
+
+    # The top perplexity bucket as a corpus of its own (docs/cleaning.md): dedup splits the web text in two
+    from data_process import dedup
+
+    raw = tomllib.loads(recipe_toml.read_text())
+    raw["corpus"].append({**raw["corpus"][1], "name": "skypile_head", "priority": 60,
+                          "clean": {"quality_model": str(model_dir), "ppl_keep": ["head"],
+                                    "ppl_reference": "skypile"}})
+    split = parse_recipe(raw, tmp_path)
+    pipeline.read_step(split, workers=1, progress=False)
+    dedup.run(split, split.data_dir / "clean", split.data_dir / "dedup")
+    head = {r["text"] for r in iter_records(split.data_dir / "dedup" / "skypile_head")}
+    rest = {r["text"] for r in iter_records(split.data_dir / "dedup" / "skypile")}
+    assert head and rest and not head & rest
+    assert all(r["scores"]["ppl_bucket"] == "head" for r in iter_records(split.data_dir / "dedup" / "skypile_head"))
