@@ -273,7 +273,7 @@ def compare_with_dj(docs, tmp: Path) -> list[dict]:
                             lambda t: quality.dup_ngram_share(nows(t), 10) <= 0.5, "same keep/drop"),
         "special_chars": ("symbol_ratio <= 0.05, not DJ's character set",
                           lambda t: quality.symbol_ratio(nows(t)) <= 0.05, "same keep/drop"),
-        "flagged_words": ("flagged_per_kchar <= 3, the same word list",
+        "flagged_words": ("flagged_per_kchar <= 3; DJ: our word list, whole-token match (no SentencePiece)",
                           lambda t: quality.flagged_per_kchar(nows(t)) <= 3.0, "same keep/drop"),
         "langid": ("langid in {zh, en} (keep)", lambda t: quality.language_matches(t, "mixed", 20)[0],
                    "same keep/drop"),
@@ -422,8 +422,9 @@ def run(quick: bool = False, target_mb: float | None = None, dj_mb: float | None
         if "error" in r:
             print(f"  data-juicer: {r['error']}")
         elif "dj_error" in r:
-            print(f"  {r['op']:16s} ours {r.get('ours_mb_per_s', float('nan')):7.2f} MB/s; data-juicer could not run: "
-                  f"{r['dj_error'][:200]}")
+            ours = f"ours {r['ours_mb_per_s']:7.2f} MB/s; " if "ours_mb_per_s" in r else ""
+            reason = r["dj_error"].split(" Please retry")[0]     # (the rest names its download server)
+            print(f"  {r['op']:16s} {ours}data-juicer could not run: {reason[:160]}")
         else:
             print(f"  {r['op']:16s} ours {r['ours_mb_per_s']:7.2f} MB/s  data-juicer {r['dj_mb_per_s']:7.2f} MB/s  "
                   f"x{r['speedup']:.1f}  {r['agreement_kind']} {r['agreement']:.1%}   ({r['ours']})")
