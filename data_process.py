@@ -15,12 +15,30 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 import settings
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_RECIPE = ROOT / "config" / "recipe.toml"
+EXIT_LOCKED, EXIT_DISK_FULL, EXIT_MISSING_INPUT = 3, 4, 5
+EPILOG = "\n\n".join(textwrap.fill(paragraph, 100) for paragraph in (
+    "Sub-commands: `python data_process.py inspect ...` looks inside token shards (see `python data_process.py "
+    "inspect --help`); `python data_process.py download ...` fetches the real corpora (see `python data_process.py "
+    "download --help`); `python data_process.py train-quality` trains the quality classifier and perplexity model on "
+    "data/clean/ (docs/cleaning.md).",
+    "A run locks its data dir (<data dir>/.lock): a second run on the same dir is refused, naming the first (pid, "
+    "host, command, start time); the lock of a run that died is taken over. Temporary files (.*.tmp-*) that killed "
+    "runs left are removed at the start. Every step checks the files its \"done\" marker relies on (sizes and "
+    "sha256 as its manifest recorded) and redoes what is missing or damaged; a step whose input is missing stops "
+    "and names the step to run. Inputs are fingerprinted by name, size and mtime; `--set run.fingerprint=content` "
+    "hashes them instead (sees an edit copied back with its old mtime, costs a read of every input per run).",
+    f"Exit status: 0 success; 1 nothing at all could be read; 2 a bad recipe or arguments; {EXIT_LOCKED} the data "
+    f"dir is in use by another run; {EXIT_DISK_FULL} the disk is full (the message names the path, the free space "
+    f"and the space needed); {EXIT_MISSING_INPUT} a step's input is missing or damaged (the message names the "
+    "step to run).",
+))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(train or load SentencePiece -> data/tokenizer/), tokenize (uint16 .bin + .idx shards -> "
                     "data/pretrain/<corpus>/), stage (SFT CSVs -> data/sft/, DPO JSONL -> data/dpo/). "
                     "Finished work is kept: re-running skips it. A summary goes to data/summary.json.",
-        epilog="Sub-commands: `python data_process.py inspect ...` looks inside token shards "
-               "(see `python data_process.py inspect --help`); `python data_process.py download ...` fetches the "
-               "real corpora (see `python data_process.py download --help`); `python data_process.py train-quality` trains "
-               "the quality classifier and perplexity model on data/clean/ (docs/cleaning.md). Exit status: 0 on success, 1 when nothing at all "
-               "could be read, 2 on a bad recipe or arguments.",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--recipe", type=Path, default=None,
@@ -106,14 +120,30 @@ def main(argv=None) -> int:
                   "run those once over all corpora", file=sys.stderr)
             return 2
         recipe.corpora = [c for c in recipe.corpora if c.name in args.corpus]
+    from data_process.records import MissingInputError, RecordsError
+    from fileio import DiskFullError, LockedError, disk_full_message, is_disk_full
     try:
         summary = run(recipe, steps=steps, workers=args.workers, force=args.force, progress=not args.no_progress)
     except NothingReadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except LockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LOCKED
+    except (MissingInputError, RecordsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_MISSING_INPUT
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        # DiskFullError already names the path and the space; a bare ENOSPC from elsewhere gets the same line
+        message = e.strerror if isinstance(e, DiskFullError) else disk_full_message(e.filename or recipe.data_dir)
+        print(f"error: {message}. Free some space (or use --data-dir elsewhere) and re-run: finished work is kept",
+              file=sys.stderr)
+        return EXIT_DISK_FULL
     timings = ", ".join(f"{step} {result.get('seconds', 0):.1f}s" for step, result in summary.items())
     print(f"summary: {recipe.data_dir / 'summary.json'} ({timings})")
     return 0

@@ -1,8 +1,8 @@
 """Cleaning and filtering, per record kind. Fast (regexes and str methods only), and it never rewrites words.
 
-`clean_record(record, settings, lang, stats) -> reason | None` cleans a record in place and returns None when
+`Cleaner(settings, lang).clean(record) -> reason | None` cleans a record in place and returns None when
 it is kept, or the reason it is dropped ("too_short", "too_long", "low_zh_ratio", "empty_message",
-"chosen_equals_rejected"). `stats` (a Counter) counts what every filter changed or dropped.
+"chosen_equals_rejected"). `Cleaner.stats` (a Counter) counts what every filter changed or dropped.
 
 What it does, and why:
 - Unicode NFKC, except the characters where NFKC loses meaning in Chinese medical text: full-width Chinese
@@ -349,10 +349,3 @@ class Cleaner:
             return _length_and_lang(prompt_text + "\n" + record["chosen"], s, self.lang)
         raise ValueError(f"unknown record kind {kind!r}")
 
-
-def clean_record(record: dict, settings: CleanConfig, lang: str, stats: Counter) -> str | None:
-    """One-off form of Cleaner.clean (the pipeline keeps a Cleaner per corpus)."""
-    cleaner = Cleaner(settings, lang)
-    reason = cleaner.clean(record)
-    stats.update(cleaner.stats)
-    return reason

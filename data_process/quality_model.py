@@ -9,7 +9,8 @@ on this project's own cleaned text by `python data_process.py train-quality`, an
   quality classifiers): positives are documents of the curated corpora (Wikipedia, BaiduBaike, medical books,
   guidelines, the medical encyclopedia), negatives documents of the web corpora (C4_zh, WuDao, SkyPile,
   MiniMind pretrain); features are characters with word n-grams 1..3 over them (character n-grams: Chinese has no
-  spaces). One thread and a fixed seed: the same data gives the same model, bit for bit.
+  spaces). One thread and a fixed seed: the same data gives the same model, bit for bit (with the fasttext-wheel
+  0.9.2 build; PyPI's `fasttext` 0.9.3 gives a different model on every run, and sometimes "Encountered NaN").
 - Perplexity (CCNet, arXiv 1911.00359): an interpolated Kneser-Ney character n-gram model of the curated text,
   estimated here and written as an ARPA file, which KenLM loads and scores. KenLM's Python package has no
   estimator (lmplz is a C++ tool it does not ship), so estimation is the one piece written by hand; KenLM's
@@ -72,16 +73,8 @@ def train_classifier(pos_docs: list[str], neg_docs: list[str], path: Path, seed:
     train_txt = path.with_suffix(".train.txt")
     train_txt.write_text("\n".join(lines) + "\n", encoding="utf-8")
     try:
-        for attempt in range(5):
-            try:
-                model = fasttext.train_supervised(str(train_txt), epoch=epoch, lr=0.5, wordNgrams=3, dim=32,
-                                                  minCount=1, bucket=200_000, thread=1, seed=seed, verbose=0)
-                break
-            except RuntimeError as e:
-                # fastText's "Encountered NaN" on small sets comes from its progress thread dividing by a zero
-                # example count (a race, not divergence); one thread and a seed make a retry the same model
-                if "NaN" not in str(e) or attempt == 4:
-                    raise
+        model = fasttext.train_supervised(str(train_txt), epoch=epoch, lr=0.5, wordNgrams=3, dim=32, minCount=1,
+                                          bucket=200_000, thread=1, seed=seed, verbose=0)
     finally:
         train_txt.unlink(missing_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -17,6 +17,7 @@ import settings
 class RunConfig:
     data_dir: str = "data"
     workers: int = 2
+    fingerprint: str = "stat"       # how the read step tells changed inputs: "stat" (name, size, mtime) | "content" (sha256)
 
 
 PPL_BUCKETS = ("head", "middle", "tail")   # CCNet's perplexity split (data_process/quality_model.py)
@@ -89,6 +90,7 @@ class CorpusSpec:
     role: str = "pretrain"          # "pretrain" | "sft" | "dpo"
     stage: str = ""
     priority: int = 50
+    encoding: str = ""              # text readers (plain_text, medical_dialogue_csv/_txt): "" = the reader's default
     clean: CleanConfig = field(default_factory=CleanConfig)   # [clean] defaults merged with [corpus.clean]
 
 
@@ -100,6 +102,11 @@ class DedupConfig:
     num_perm: int = 128
     ngram: int = 5
     decontam_ngram: int = 13
+    # share of a question's n-grams (in one of its printed forms) a text must hold to be contamination
+    # (dedup.py's docstring says how the default was chosen)
+    decontam_min_share: float = field(default=0.5, metadata=settings.limits(gt=0, le=1))
+    # memory the dedup step may use, all its workers together; signatures and band partitions live on disk
+    memory_gb: float = field(default=2.0, metadata=settings.limits(gt=0))
 
 
 @dataclass
@@ -153,6 +160,7 @@ class Recipe:
 
 
 ROLES = ("pretrain", "sft", "dpo")
+FINGERPRINTS = ("stat", "content")
 LANGS = ("zh", "en", "mixed")
 EVAL_FORMATS = ("ceval", "cmmlu")
 
@@ -177,6 +185,18 @@ def _string_list(value, where: str) -> list[str]:
     return value
 
 
+def _check_encoding(spec: CorpusSpec, where: str) -> None:
+    from data_process.readers import ENCODING_READERS, check_encoding
+
+    if spec.reader not in ENCODING_READERS:
+        raise RecipeError(f"{where}.encoding: reader {spec.reader!r} reads JSON or parquet, which has no encoding "
+                          f"setting (JSON is UTF-8); readers that take one: {sorted(ENCODING_READERS)}")
+    try:
+        check_encoding(spec.encoding)
+    except ValueError as e:
+        raise RecipeError(f"{where}.encoding: {e}") from None
+
+
 TOP_LEVEL = ("run", "clean", "corpus", "dedup", "eval_set", "tokenizer", "tokenize", "sft")
 
 
@@ -185,6 +205,8 @@ def parse_recipe(raw: dict, root: Path, path: Path | None = None) -> Recipe:
     if unknown:
         raise RecipeError(f"recipe: unknown table(s) {unknown}; allowed: {list(TOP_LEVEL)}")
     run = _build(RunConfig, raw.get("run", {}), "[run]")
+    if run.fingerprint not in FINGERPRINTS:
+        raise RecipeError(f"[run].fingerprint: {run.fingerprint!r} is not one of {FINGERPRINTS}")
     clean = _build(CleanConfig, raw.get("clean", {}), "[clean]")
     corpora = []
     for i, table in enumerate(raw.get("corpus", [])):
@@ -202,6 +224,8 @@ def parse_recipe(raw: dict, root: Path, path: Path | None = None) -> Recipe:
             raise RecipeError(f"{where}.lang: {spec.lang!r} is not one of {LANGS}")
         if not spec.name or "/" in spec.name:
             raise RecipeError(f"{where}.name: must be a non-empty name without '/'")
+        if spec.encoding:
+            _check_encoding(spec, where)
         corpora.append(spec)
     names = [c.name for c in corpora]
     dupes = sorted({n for n in names if names.count(n) > 1})

@@ -3,7 +3,8 @@
     data/sft/<stage>.csv, <stage>.val.csv        one per stage of recipe.sft.stages, in that (curriculum) order
     data/dpo/<stage>.jsonl, <stage>.val.jsonl     one per stage named by the "dpo" corpora (corpus name if none)
 
-SFT CSV columns (pandas; read them back with `read_sft_csv`, which keeps empty strings and parses the turns):
+SFT CSV columns (pandas; read them back with `read_sft_csv`, which keeps empty strings and parses the turns, or
+`read_sft_conversations`, the trainers' tolerant view; DPO files with `read_dpo_pairs`):
     id            "<corpus>:<record id>", unique across corpora
     source        corpus name
     system        system prompt ("" if none)
@@ -25,15 +26,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 
-from data_process.records import corpus_fingerprint, iter_records
-from fileio import AtomicWriter, atomic_write_json
+from data_process.records import checked_parts, corpus_fingerprint, iter_records
+from fileio import AtomicWriter, atomic_write_json, check_files, describe_files
 from tokenizer import Tokenizer
+
+log = logging.getLogger("stage")
 
 SFT_COLUMNS = ["id", "source", "system", "conversation", "answer", "n_tokens"]
 CSV_CHUNK_ROWS = 10_000     # rows per pandas write: memory stays bounded whatever the corpus size
@@ -83,18 +87,82 @@ def row_messages(row) -> list[dict]:
     return ([{"role": "system", "content": row["system"]}] if row["system"] else []) + turns
 
 
-def read_sft_csv(path) -> pd.DataFrame:
-    """Read a staged SFT CSV: text columns stay str (empty system prompts stay "", not NaN), `conversation` parsed."""
+def _sft_frame(path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SFT data {path} not found (run `python data_process.py` to stage it)")
     df = pd.read_csv(path, dtype={c: str for c in SFT_COLUMNS if c != "n_tokens"}, keep_default_na=False,
                      encoding="utf-8")
-    df["conversation"] = df["conversation"].map(json.loads)
-    df["n_tokens"] = df["n_tokens"].astype("int64")
+    missing = [c for c in ("id", "system", "conversation") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing} (a staged SFT CSV has {SFT_COLUMNS})")
     return df
 
 
+def read_sft_csv(path) -> pd.DataFrame:
+    """Read a staged SFT CSV: text columns stay str (empty system prompts stay "", not NaN), `conversation`
+    parsed. Strict: a row that is not JSON raises (read_sft_conversations is the trainer's tolerant view)."""
+    df = _sft_frame(path)
+    df["conversation"] = df["conversation"].map(json.loads)
+    if "n_tokens" in df.columns:
+        df["n_tokens"] = df["n_tokens"].astype("int64")
+    return df
+
+
+def read_sft_conversations(path) -> tuple[list[list[dict]], dict[str, int]]:
+    """Every conversation of a staged SFT CSV as its full message list (system first), plus reject counts by
+    reason: a row that is not a well-formed conversation (say, edited by hand) is counted and logged, never fatal."""
+    conversations, rejects = [], Counter()
+    for row in _sft_frame(path).to_dict("records"):
+        try:
+            messages = row_messages(row)
+            reason = check_conversation(messages)
+        except ValueError as e:   # json.JSONDecodeError
+            reason, messages = "bad_json", e
+        if reason is None:
+            conversations.append(messages)
+            continue
+        rejects[reason] += 1
+        if rejects[reason] <= 3:
+            log.warning("%s: row id %s rejected (%s)%s", path, row.get("id"), reason,
+                        f": {messages}" if reason == "bad_json" else "")
+    return conversations, dict(rejects)
+
+
+def read_dpo_pairs(paths) -> tuple[list[dict], dict[str, int]]:
+    """Preference records from staged DPO JSONL files (ids default to `<file>:<line>`), plus reject counts by
+    reason: a malformed line is counted and logged, never fatal."""
+    records, rejects = [], Counter()
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                    reason = None if isinstance(r, dict) else "malformed"
+                except ValueError:
+                    r, reason = None, "bad_json"
+                if reason is None:
+                    reason = check_prompt(r.get("prompt"))
+                if reason is None and not (isinstance(r.get("chosen"), str) and isinstance(r.get("rejected"), str)):
+                    reason = "malformed"
+                if reason is None:
+                    records.append({**r, "id": str(r.get("id", f"{Path(path).name}:{lineno}"))})
+                    continue
+                rejects[reason] += 1
+                if rejects[reason] <= 3:
+                    log.warning("%s:%d rejected (%s): needs prompt (messages ending with user), chosen (str), "
+                                "rejected (str)", path, lineno, reason)
+    return records, dict(rejects)
+
+
 def read_dpo_jsonl(path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Strict form of read_dpo_pairs for one staged file: any malformed line raises."""
+    records, rejects = read_dpo_pairs([path])
+    if rejects:
+        raise ValueError(f"{path}: malformed lines {rejects}")
+    return records
 
 
 # ------------------------------------------------------------------------------------------------------- writers
@@ -181,7 +249,14 @@ def _up_to_date(manifest_path: Path, fingerprint: dict, outputs: list[Path]) -> 
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except ValueError:
         return None
-    return manifest.get("counts") if manifest.get("fingerprint") == fingerprint else None
+    if manifest.get("fingerprint") != fingerprint:
+        return None
+    # the outputs must be the ones this manifest recorded: a truncated or edited CSV is staged again
+    problems = check_files(manifest_path.parent, manifest.get("outputs", {}))
+    if problems or "outputs" not in manifest:
+        print(f"stage: {problems[0] if problems else 'an older manifest'}; staging again", flush=True)
+        return None
+    return manifest.get("counts")
 
 
 def _records(docs_root: Path, corpora: list[str], missing: list[str]):
@@ -190,7 +265,7 @@ def _records(docs_root: Path, corpora: list[str], missing: list[str]):
         if not d.is_dir():
             missing.append(name)
             continue
-        for record in iter_records(d):
+        for record in iter_records(checked_parts(d)):   # the parts its manifest lists, all there (else an error)
             yield name, record
 
 
@@ -340,7 +415,8 @@ def run(recipe, docs_root, tokenizer_dir, data_dir) -> dict:
                 counts = stage_fn(tok, docs_root, corpora, out_dir, stage, recipe.sft.max_tokens,
                                   recipe.sft.val_fraction)
                 counts["seconds"] = round(time.time() - t0, 2)
-                atomic_write_json(manifest_path, {"fingerprint": fingerprint, "counts": counts}, indent=2)
+                atomic_write_json(manifest_path, {"fingerprint": fingerprint, "counts": counts,
+                                                  "outputs": describe_files(out_dir, [p.name for p in outputs])}, indent=2)
                 rejected = ", ".join(f"{k} {v}" for k, v in counts["rejected"].items()) or "none"
                 missing = f"; missing corpora: {counts['missing_corpora']}" if counts["missing_corpora"] else ""
                 print(f"stage: {kind}/{stage}: {counts['train']} train + {counts['val']} val from {corpora}; "

@@ -13,7 +13,9 @@ conversations of the SFT corpora of that stage, rendered with the chat template,
   documents seen meanwhile are closed with it as the next val shard. Each closed pair is a checkpoint
   (`progress.json`: input position + counts), so a killed run resumes after the last one and never redoes
   a finished shard. `manifest.json` is written last; its presence (with the same fingerprint: tokenizer
-  hash, settings, input files) means the corpus is done.
+  hash, settings, input files) means the corpus is done, once every shard it lists has the sizes and sha256 it
+  recorded (a missing or damaged shard retokenizes the corpus). Input parts must be the ones their manifest
+  lists, with its sizes and sha256 (records.checked_parts): a deleted part is an error, never fewer documents.
 - Speed: documents are encoded in batches, in order, by SentencePiece's own C++ threads (`mode="threads"`,
   the GIL is released while it encodes) or by a process pool (`mode="processes"`); the output does not
   depend on either, nor on the worker count or the batch size. Each text is encoded to UTF-8 once, for
@@ -42,9 +44,9 @@ import orjson
 import sentencepiece as spm
 import xxhash
 
-from data_process.records import iter_records, list_parts
+from data_process.records import MissingInputError, checked_parts, iter_records, step_that_writes
 from fileio import atomic_write_json
-from data_process.shards import (ShardWriter, check_vocab_fits, is_complete, remove_shard, remove_temporaries)
+from data_process.shards import (ShardWriter, check_vocab_fits, remove_shard, remove_temporaries, verify_shard)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ SMALL_VAL_DOCS = 20   # below this many expected val documents, make sure there 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 BATCH_CHARS = 1_000_000   # ~650K tokens a batch: big enough to keep both cores busy, small enough for RAM
+SHARD_INFO_KEYS = ("documents", "tokens", "bin_sha256", "bin_bytes", "idx_sha256", "sample_sha256")
 
 
 class ManifestError(ValueError):
@@ -326,7 +329,7 @@ class CorpusWriter:
                 info = writer.close()
                 name = Path(info["prefix"]).name
                 self.state["splits"][split]["shards"].append(name)
-                self.state["shard_info"][name] = {k: info[k] for k in ("documents", "tokens", "bin_sha256")}
+                self.state["shard_info"][name] = {k: info[k] for k in SHARD_INFO_KEYS}
             self.open[split] = None
         for split, p in self.pending.items():
             for key in ("documents", "tokens", "chars"):
@@ -394,8 +397,20 @@ def _wipe(out_dir: Path) -> None:
     remove_temporaries(out_dir)
 
 
-def _listed_shards_complete(out_dir: Path, state: dict) -> bool:
-    return all(is_complete(out_dir / name) for split in state["splits"].values() for name in split["shards"])
+def shard_problems(out_dir: Path, state: dict, full: bool = False) -> list[str]:
+    """What is wrong with the shards a manifest (or progress.json) lists: missing, not opening, sizes, counts or the
+    sample digest not as recorded, and with full=True a .bin or .idx whose sha256 is not the recorded one."""
+    info = state.get("shard_info") or {}
+    return [problem for split in state["splits"].values() for name in split["shards"]
+            for problem in verify_shard(out_dir / name, info.get(name, {}), full=full)]
+
+
+def _listed_shards_complete(out_dir: Path, state: dict, full: bool = True) -> bool:
+    problems = shard_problems(out_dir, state, full=full)
+    if problems:
+        log.warning("%s: %s%s; tokenizing the corpus again", out_dir.name, problems[0],
+                    f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+    return not problems
 
 
 def tokenize_corpus(name: str, parts: list[Path], docs_root: Path, tok, tokenizer_dir, out_dir: Path,
@@ -406,6 +421,7 @@ def tokenize_corpus(name: str, parts: list[Path], docs_root: Path, tok, tokenize
     check_vocab_fits(tok.vocab_size, np.dtype(settings.dtype))
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = describe_sources(docs_root, parts)
+    _check_source_digests(sources, parts)
     fp = fingerprint(tok.sha256, settings, sources)
     manifest = _read_json(out_dir / MANIFEST)
     if manifest and manifest.get("fingerprint") == fp and _listed_shards_complete(out_dir, manifest):
@@ -538,9 +554,25 @@ def print_summary(reports: dict) -> None:
 
 
 def _parts_of(docs_root: Path, corpus_names: list[str]) -> list[Path] | None:
-    """The part files of these corpora in order, or None when none of their directories exists."""
+    """The part files of these corpora in order, or None when none of their directories exists. Each directory's
+    parts are the ones its manifest lists, all present with their recorded sizes (records.checked_parts raises
+    MissingInputError otherwise: tokenizing what is left would silently drop the missing documents)."""
     dirs = [docs_root / name for name in corpus_names if (docs_root / name).is_dir()]
-    return [part for d in dirs for part in list_parts(d)] if dirs else None
+    return [part for d in dirs for part in checked_parts(d)] if dirs else None
+
+
+def _check_source_digests(sources: list[dict], parts: list[Path]) -> None:
+    """The sha256 describe_sources just computed against the one each part's manifest recorded (free: the
+    fingerprint reads every input anyway). A part that changed since its step wrote it is damage, not input."""
+    manifests = {}
+    for source, part in zip(sources, parts):
+        if part.parent not in manifests:
+            manifests[part.parent] = _read_json(part.parent / MANIFEST) or {}
+        want = (manifests[part.parent].get("part_info") or {}).get(part.name, {}).get("sha256")
+        if want is not None and want != source["sha256"]:
+            step = step_that_writes(part.parent)
+            raise MissingInputError(f"{part}: content differs from the sha256 its manifest recorded (corrupted): "
+                                    f"re-run `python data_process.py --steps {step}`")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -554,17 +586,22 @@ def load_manifest(corpus_dir) -> dict:
     return manifest
 
 
-def check_manifest(corpus_dir, tokenizer_sha256: str | None = None, *, verify_shards: bool = True) -> dict:
-    """The corpus's manifest, after checking that it is finished, that its shards open and agree with
-    their .idx, and (when given) that it was made with the tokenizer whose sha256 is `tokenizer_sha256`.
+def check_manifest(corpus_dir, tokenizer_sha256: str | None = None, *, verify_shards: bool = True,
+                   full: bool = False) -> dict:
+    """The corpus's manifest, after checking that it is finished, that its shards open, agree with their .idx and
+    with the sizes, counts and sample digest the manifest recorded (full=True: their whole sha256 too, which reads
+    every byte), and (when given) that it was made with the tokenizer whose sha256 is `tokenizer_sha256`.
     Raises ManifestError otherwise."""
     corpus_dir = Path(corpus_dir)
     manifest = load_manifest(corpus_dir)
     if tokenizer_sha256 is not None and manifest.get("tokenizer_sha256") != tokenizer_sha256:
         raise ManifestError(f"{corpus_dir}: shards were made with tokenizer {manifest.get('tokenizer_sha256')}, "
                             f"not {tokenizer_sha256}; re-run the tokenize step with this tokenizer")
-    if verify_shards and not _listed_shards_complete(corpus_dir, manifest):
-        raise ManifestError(f"{corpus_dir}: a shard listed in the manifest is missing or inconsistent")
+    if verify_shards:
+        problems = shard_problems(corpus_dir, manifest, full=full)
+        if problems:
+            raise ManifestError(f"{corpus_dir}: a shard listed in the manifest is missing, inconsistent or "
+                                f"corrupted: {problems[0]}; re-run `python data_process.py --steps tokenize`")
     return manifest
 
 

@@ -119,8 +119,8 @@ def test_near_duplicates_from_real_samples_are_found_by_edit_rate():
     bands_n, rows_n = minhash.lsh_params(0.8, 128)
     sigs = minhash.MinHasher().signatures(norm)
     bands, sk = minhash.band_hashes(sigs, bands_n, rows_n), minhash.sketch(sigs)
-    _, (u, v, _), _ = dedup.near_duplicates(bands, sk, np.ones(len(texts), bool), 0.8)
-    found = set(zip(u.tolist(), v.tolist()))
+    edges, _ = dedup.verified_edges(bands, sk, np.ones(len(texts), bool), 0.8)
+    found = set(zip(edges["u"].tolist(), edges["v"].tolist()))
     high, low = [], []
     for a, b in pairs:
         j = minhash.jaccard(set(minhash.shingles(norm[a], 5)), set(minhash.shingles(norm[b], 5)))
@@ -309,12 +309,12 @@ def test_a_run_killed_while_writing_is_redone_and_gives_the_same_output(tmp_path
 def test_decontam_options_alone_never_match_but_a_short_question_with_its_options_does():
     q = evalsets.Question("anatomy", "test", "0", "女性生殖腺是", dict(zip("ABCD", [
         "卵巢巢巢巢巢巢巢巢", "前庭大腺腺腺腺腺腺腺", "前庭球球球球球球", "乳腺腺腺腺腺腺"])), "A")
-    h, _, _, too_short = dedup.eval_index([[q]], 13)
-    assert too_short == 0 and len(h) > 0
+    index = dedup.eval_index([[q]], 13)
+    assert index["too_short"] == 0 and len(index["hashes"]) > 0
 
     def hit(text):
         cps, lengths = minhash.fold_batch(*minhash.encode_batch([text]), alnum=True)
-        return dedup.find_contamination(cps, lengths, h, 13)[0] >= 0
+        return dedup.find_contamination(cps, lengths, index, 13, 0.5)[0][0] >= 0
     assert hit("第3题 女性生殖腺是（ ）A. 卵巢巢巢巢巢巢巢巢 B. 前庭大腺腺腺腺腺腺腺 C. 前庭球球球球球球 D. 乳腺腺腺腺腺腺")
     assert not hit("A. 卵巢巢巢巢巢巢巢巢 B. 前庭大腺腺腺腺腺腺腺 C. 前庭球球球球球球 D. 乳腺腺腺腺腺腺")
     assert not hit("女性生殖腺是卵巢，男性生殖腺是睾丸。")     # a short stem alone is a common phrase, not a leak

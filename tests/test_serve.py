@@ -2,6 +2,7 @@
 HTTP: chat and completions (streaming and not), sampling fields, every bad-request case, 8 concurrent streams,
 a client disconnect, the API key. Replies are checked against model.generate run here on the same checkpoint."""
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -234,6 +235,43 @@ BAD_REQUESTS = [
     ("logprobs asked for", "/v1/chat/completions", OK_CHAT | {"logprobs": True}, 400, "logprobs"),
     ("echo asked for", "/v1/completions", {"model": MODEL, "prompt": "a", "echo": True}, 400, "echo"),
     ("completions unknown model", "/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model"),
+    # malformed input that used to be a 500
+    ("seed of 5000 digits", "/v1/chat/completions",
+     b'{"model": "test-model", "messages": [{"role": "user", "content": "a"}], "seed": ' + b"1" * 5000 + b"}",
+     400, None),
+    ("30000-deep nested arrays", "/v1/chat/completions",
+     b'{"model": "test-model", "messages": ' + b"[" * 30000 + b"]" * 30000 + b"}", 400, None),
+    ("lone surrogate in content", "/v1/chat/completions",
+     b'{"model": "test-model", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400,
+     "messages[0].content"),
+    ("lone surrogate in system", "/v1/chat/completions",
+     b'{"model": "test-model", "messages": [{"role": "system", "content": "\\udfff"}, '
+     b'{"role": "user", "content": "a"}]}', 400, "messages[0].content"),
+    ("lone surrogate in a text part", "/v1/chat/completions",
+     b'{"model": "test-model", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}]}',
+     400, "messages[0].content[0].text"),
+    ("lone surrogate in model", "/v1/chat/completions",
+     b'{"model": "\\ud800", "messages": [{"role": "user", "content": "a"}]}', 400, "model"),
+    ("lone surrogate in prompt", "/v1/completions", b'{"model": "test-model", "prompt": "x\\udc00"}', 400, "prompt"),
+    ("repetition_penalty 1e-300", "/v1/chat/completions", OK_CHAT | {"repetition_penalty": 1e-300}, 400,
+     "repetition_penalty"),
+    ("prompt token id out of range", "/v1/completions", {"model": MODEL, "prompt": [1, 10 ** 7]}, 400, "prompt"),
+    ("two token-id prompts", "/v1/completions", {"model": MODEL, "prompt": [[1, 2], [3]]}, 400, "prompt"),
+    ("prefill without a user turn", "/v1/chat/completions",
+     OK_CHAT | {"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
+    # official parameters this server does not implement: a 400, not a silent 200
+    ("tools", "/v1/chat/completions", OK_CHAT | {"tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, "tools"),
+    ("tool_choice", "/v1/chat/completions", OK_CHAT | {"tool_choice": "required"}, 400, "tool_choice"),
+    ("response_format json", "/v1/chat/completions", OK_CHAT | {"response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ("frequency_penalty", "/v1/chat/completions", OK_CHAT | {"frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("presence_penalty", "/v1/chat/completions", OK_CHAT | {"presence_penalty": -1}, 400, "presence_penalty"),
+    ("logit_bias", "/v1/chat/completions", OK_CHAT | {"logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("top_logprobs without logprobs", "/v1/chat/completions", OK_CHAT | {"top_logprobs": 2}, 400, "top_logprobs"),
+    ("suffix", "/v1/completions", {"model": MODEL, "prompt": "a", "suffix": "b"}, 400, "suffix"),
+    ("best_of", "/v1/completions", {"model": MODEL, "prompt": "a", "best_of": 3}, 400, "best_of"),
+    ("an unknown argument", "/v1/chat/completions", OK_CHAT | {"temprature": 0.5}, 400, "temprature"),
 ]
 
 
@@ -270,6 +308,116 @@ def test_no_field_value_of_any_json_type_makes_a_500(server):
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     http.close()
     assert 200 in statuses and 400 in statuses
+
+
+def test_denormal_sampling_values_give_the_greedy_reply_streamed_or_not(client, reference):
+    """temperature 1e-320 and top_p 5e-324 pass the schema; their fp32 math would overflow, so they sample
+    greedily (as vLLM does below 1e-5): a 200 with the greedy reply, streamed too (no 200-then-error)."""
+    reply, chat_ids, _ = reference
+    messages = [{"role": "user", "content": "咳嗽有痰怎么办？"}]
+    greedy = reply(chat_ids(messages), 12)
+    for sampling in ({"temperature": 1e-320}, {"top_p": 5e-324, "temperature": 1.0}, {"temperature": 5e-324}):
+        r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, **sampling)
+        assert r.choices[0].message.content == greedy, sampling
+        chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, stream=True,
+                                                     **sampling))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == greedy
+
+
+def test_bad_requests_do_not_reset_the_keep_alive_connection(server):
+    """Every malformed body is answered on the same keep-alive connection, which then still serves a reply."""
+    import http.client
+    from urllib.parse import urlsplit
+    conn = http.client.HTTPConnection(urlsplit(server).netloc, timeout=60)
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    sock = None
+    for name, path, body, status, _ in BAD_REQUESTS:
+        conn.request("POST", path, body=body if isinstance(body, bytes) else json.dumps(body), headers=headers)
+        r = conn.getresponse()
+        r.read()
+        assert r.status == status and r.getheader("connection") != "close", name
+        sock = sock or conn.sock
+        assert conn.sock is sock, f"the connection was closed after {name!r}"
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(OK_CHAT), headers=headers)
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["choices"][0]["message"]["role"] == "assistant"
+    assert conn.sock is sock
+    conn.close()
+
+
+def test_unsupported_parameters_are_refused_unless_neutral(client):
+    messages = [{"role": "user", "content": "你好"}]
+    with pytest.raises(openai.BadRequestError, match="unsupported parameter"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, frequency_penalty=1.0)
+    with pytest.raises(openai.BadRequestError, match="unsupported parameter"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
+                                       response_format={"type": "json_object"})
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, frequency_penalty=0,
+                                       presence_penalty=0.0, response_format={"type": "text"}, logit_bias={},
+                                       user="someone", metadata={"k": "v"}, store=False)
+    assert r.choices[0].message.role == "assistant"
+
+
+def test_models_retrieve_fingerprint_and_null_usage_on_stream_chunks(client, server):
+    m = client.models.retrieve(MODEL)
+    assert m.id == MODEL and m.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    messages = [{"role": "user", "content": "你好"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+    assert r.system_fingerprint and r.system_fingerprint.startswith("fp_")
+    body = {"model": MODEL, "messages": messages, "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}}
+    raw = httpx.post(server + "/v1/chat/completions", json=body, timeout=60,
+                     headers={"Authorization": f"Bearer {API_KEY}"})
+    chunks = [json.loads(e[6:]) for e in raw.text.split("\n\n") if e and e != "data: [DONE]"]
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])        # OpenAI's layout
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+    assert {c["system_fingerprint"] for c in chunks} == {r.system_fingerprint}
+    plain = httpx.post(server + "/v1/chat/completions", json=body | {"stream_options": None}, timeout=60,
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+    assert all("usage" not in json.loads(e[6:]) for e in plain.text.split("\n\n") if e and e != "data: [DONE]")
+
+
+def test_assistant_prefill_continues_the_last_message(client, reference):
+    reply, _, tok = reference
+    messages = [{"role": "user", "content": "发烧了怎么办？"}, {"role": "assistant", "content": "首先，"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    rendered = tok.render_chat(messages).ids
+    assert rendered[-1] == tok.special["im_end"]
+    assert r.choices[0].message.content == reply(rendered[:-1], 12)
+    assert r.usage.prompt_tokens == len(rendered) - 1
+
+
+def test_completion_prompt_as_token_ids_equals_the_text_prompt(client, reference):
+    _, _, tok = reference
+    prompt = "高血压患者应当"
+    ids = [tok.eos_id] + tok.encode(prompt)
+    as_text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0)
+    for as_ids in (ids, [ids]):
+        r = client.completions.create(model=MODEL, prompt=as_ids, max_tokens=10, temperature=0)
+        assert r.choices[0].text == as_text.choices[0].text and r.usage.prompt_tokens == len(ids)
+
+
+def test_cors_is_off_by_default_and_opt_in(ckpt):
+    """In-process (the app itself): no CORS headers unless --cors-origin names the origin."""
+    from fastapi.testclient import TestClient
+    from engine import Engine
+    from inference import load_model
+    from serve import ServerSettings, create_app
+    model, tok, _ = load_model(ckpt)
+    engine = Engine(model, tok, max_active=1)
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    closed = TestClient(create_app(engine, ServerSettings(MODEL, CONTEXT)))
+    assert "access-control-allow-origin" not in closed.get("/v1/models", headers={"Origin": preflight["Origin"]}).headers
+    opened = TestClient(create_app(engine, ServerSettings(MODEL, CONTEXT, cors_origins=["http://localhost:3000"])))
+    r = opened.options("/v1/chat/completions", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = opened.get("/v1/models", headers={"Origin": "http://localhost:3000"})
+    assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "access-control-allow-origin" not in opened.get("/v1/models", headers={"Origin": "http://evil.test"}).headers
 
 
 def test_unknown_route_wrong_method_and_missing_key_are_openai_errors(server):
@@ -356,6 +504,24 @@ def test_client_disconnect_stops_its_generation(server):
     assert after["tokens_generated"] == stopped["tokens_generated"]     # the counter no longer moves
     assert after["tokens_generated"] - before["tokens_generated"] < 1000  # far from the 1500 asked for
     assert after["requests_cancelled"] == before["requests_cancelled"] + 1
+
+
+def test_non_streaming_client_that_times_out_cancels_every_try(server):
+    """The official client with timeout=2 and its default 2 retries hangs up three times; each of the three
+    generations (1500 tokens, ~20 s at this model's speed) is cancelled, none is left running."""
+    before = health(server)
+    impatient = openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, timeout=2)   # default max_retries=2
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "请详细介绍肺炎。"}],
+                                          max_tokens=1500, temperature=1.0, extra_body={"ignore_eos": True})
+    deadline = time.time() + 30
+    while (health(server)["active"] or health(server)["requests_cancelled"] < before["requests_cancelled"] + 3) \
+            and time.time() < deadline:
+        time.sleep(0.2)
+    after = health(server)
+    assert after["active"] == 0 and after["requests_cancelled"] == before["requests_cancelled"] + 3
+    assert after["requests_finished"] == before["requests_finished"]      # none ran to its end
+    assert after["tokens_generated"] - before["tokens_generated"] < 3 * 1500
 
 
 def test_server_survived_everything(server):
@@ -519,3 +685,57 @@ def test_batched_engine_gives_each_request_the_reply_it_gets_alone(ckpt, referen
     assert [text for text, _ in results] == expected
     assert [n for _, n in results] == [s["max_new_tokens"] for _, s in cases]
     assert engine.stats["requests_finished"] == 5 and engine.stats["active"] == 0
+
+
+def test_a_request_whose_sampling_fails_ends_alone_and_the_batch_goes_on(ckpt, reference):
+    """In one batch of four: one job's temperature turns denormal after its third token (its fp32 sampling then
+    overflows to nan mid-batch), another has one from the start (fails at its first token). Each of those ends
+    alone with a clear error; the other two give exactly the replies they get alone. The stats are updated
+    before each job's last event (the event's listener sees its job no longer counted as active)."""
+    from engine import Engine, Job
+    from inference import Sampling, load_model, seeded_generator
+    from tokenizer import StreamDecoder
+    _, chat_ids, tok = reference
+    model, _, _ = load_model(ckpt)
+    prompts = [chat_ids([{"role": "user", "content": q}]) for q in QUESTIONS[:4]]
+    settings = [dict(max_new_tokens=20, temperature=0.0, top_p=1.0), dict(max_new_tokens=16, temperature=0.9,
+                                                                           top_p=0.9, seed=4),
+                dict(max_new_tokens=20, temperature=0.8, top_p=1.0, seed=1),
+                dict(max_new_tokens=20, temperature=1e-320, top_p=1.0, seed=2)]
+
+    def alone(prompt, max_new_tokens, seed=None, **sampling):
+        decoder = StreamDecoder(tok)
+        ids = model.generate(prompt, max_new_tokens=max_new_tokens, generator=seeded_generator(model, seed),
+                             **sampling)
+        return "".join(decoder.push(t) for t in ids)
+    expected = [alone(p, **s) for p, s in zip(prompts[:2], settings[:2])]
+    engine = Engine(model, tok, max_active=4)
+    results = [{"text": [], "end": None, "active_at_end": None} for _ in prompts]
+
+    def listener(i):
+        def on_event(kind, value):
+            out = results[i]
+            if kind == "text":
+                out["text"].append(value)
+                if i == 2 and len(out["text"]) == 3:   # engine thread, between two batched steps
+                    jobs[2].sampling.temperature = 1e-320
+            else:
+                out["end"], out["active_at_end"] = (kind, value), engine.stats["active"]
+                finished.release()
+        return on_event
+    import threading
+    finished = threading.Semaphore(0)
+    jobs = [Job(p, Sampling(ignore_eos=True, **s), listener(i)) for i, (p, s) in enumerate(zip(prompts, settings))]
+    for job in jobs:
+        engine.submit(job)
+    for _ in jobs:
+        assert finished.acquire(timeout=120)
+    assert ["".join(r["text"]) for r in results[:2]] == expected
+    assert [r["end"] for r in results[:2]] == [("done", "length")] * 2
+    for r in results[2:]:
+        assert r["end"][0] == "error" and "sampling failed with temperature=1e-320" in r["end"][1]
+    assert len(results[2]["text"]) == 3 and results[3]["text"] == []
+    assert engine.stats["requests_failed"] == 2 and engine.stats["requests_finished"] == 2
+    last = max(range(4), key=lambda i: jobs[i].completion_tokens if results[i]["end"][0] == "done" else -1)
+    assert results[last]["active_at_end"] == 0            # the last one to finish sees an idle engine
+    assert all(r["active_at_end"] < 4 for r in results)
