@@ -6,6 +6,7 @@
     python data_process.py inspect --help       # look inside token shards (data_process/inspect_data.py)
     python data_process.py inspect dedup        # what dedup removed and why (data_process/dedup_audit.py)
     python data_process.py download --list      # where every real corpus comes from (data_process/download.py)
+    python data_process.py train-quality        # quality classifier + perplexity LM (data_process/quality_model.py)
     python data_process.py --steps read --corpus wiki_zh --corpus wudao   # one machine's share of a split run
     python data_process.py --engine ray --ray-address auto    # every step's work units as Ray tasks on a cluster
 
@@ -28,7 +29,8 @@ EPILOG = "\n\n".join(textwrap.fill(paragraph, 100) for paragraph in (
     "Sub-commands: `python data_process.py inspect ...` looks inside token shards (see `python data_process.py "
     "inspect --help`); `python data_process.py inspect dedup` shows what dedup removed and why; "
     "`python data_process.py download ...` fetches the real corpora (see `python data_process.py "
-    "download --help`).",
+    "download --help`); `python data_process.py train-quality` trains the quality classifier and perplexity model "
+    "on data/clean/ (docs/cleaning.md).",
     "A run locks its data dir (<data dir>/.lock): a second run on the same dir is refused, naming the first (pid, "
     "host, command, start time); the lock of a run that died is taken over. Temporary files (.*.tmp-*) that killed "
     "runs left are removed at the start. Every step checks the files its \"done\" marker relies on (sizes and "
@@ -96,6 +98,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "download":
         from data_process import download
         return download.main(argv[1:])
+    if argv and argv[0] == "train-quality":
+        from data_process import quality_model
+        return quality_model.main(argv[1:])
 
     args = build_parser().parse_args(argv)
     from data_process.pipeline import NothingReadError, run

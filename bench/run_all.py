@@ -26,6 +26,7 @@ for p in (str(ROOT), str(HERE)):
 # (module, what it measures) in pipeline order
 BENCHES = [
     ("read", "corpus read + clean"),
+    ("quality", "quality operators vs data-juicer"),
     ("dedup", "exact + MinHash dedup"),
     ("tokenizer", "tokenizer compression"),
     ("tokenize", "tokenize to .bin/.idx"),
