@@ -632,9 +632,10 @@ def bench_scale(n_docs: int, memory_gbs=(0.25, 1.0)) -> dict:
             acc = accuracy(texts, planted, set(kept_of), ours_groups(kept_of), random.Random(1), kept_of)
             per_core = n_docs / r["cpu_seconds"]
             rss_gb = r["peak_rss"] / 2**30
-            print(f"    memory_gb {memory_gb}: {r['wall']:.0f} s wall, {r['cpu_seconds']:.0f} CPU-s ({per_core:,.0f} docs "
-                  f"per CPU-second = per core, {chars / r['cpu_seconds'] / 1e6:.2f} M chars per CPU-s), peak RSS {rss_gb:.2f} GiB (limit memory_gb + 1 = "
-                  f"{memory_gb + 1:.2f}), stage files {r['peak_disk'] / 2**30:.2f} GiB "
+            print(f"    memory_gb {memory_gb}: {r['wall']:.0f} s wall, {r['cpu_seconds']:.0f} CPU-s ({per_core:,.0f} "
+                  f"docs per CPU-second = per core, {chars / r['cpu_seconds'] / 1e6:.2f} M chars per CPU-s), peak RSS "
+                  f"{rss_gb:.2f} GiB (limit memory_gb + 1 = {memory_gb + 1:.2f}), stage files "
+                  f"{r['peak_disk'] / 2**30:.2f} GiB "
                   f"({r['peak_disk'] / n_docs:.0f} B/doc); partitions: exact {t['exact_partitions']}, buckets "
                   f"{t['bucket_partitions']}, decide ranges {t['decide_ranges']}")
             print(f"      removed {t['in'] - t['kept']:,} (exact {t['exact_dups']:,}, near {t['near_dups']:,}); "
