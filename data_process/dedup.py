@@ -316,9 +316,12 @@ def hash_batch(texts: list[str], dtexts: list[str], cfg: dict, index: dict) -> d
                         np.uint64, len(texts))
     sigs = _hasher(cfg["num_perm"], cfg["ngram"]).signatures_cps(cps, lengths)
     n, share = cfg["decontam_ngram"], cfg["decontam_min_share"]
-    contam, score = find_contamination(*minhash.alnum_only(cps, lengths), index, n, share)
+    if len(index["hashes"]):
+        contam, score = find_contamination(*minhash.alnum_only(cps, lengths), index, n, share)
+    else:                                        # no eval set: nothing to look for
+        contam, score = np.full(len(texts), -1, np.int64), np.zeros(len(texts), np.float32)
     own = [i for i, (t, d) in enumerate(zip(texts, dtexts)) if d is not t]   # preference pairs: prompt only
-    if own:
+    if own and len(index["hashes"]):
         dcps, dlengths = minhash.fold_batch(*minhash.encode_batch([dtexts[i] for i in own]), alnum=True)
         contam[own], score[own] = find_contamination(dcps, dlengths, index, n, share)
     return {"exact": exact, "bands": minhash.band_hashes(sigs, cfg["bands"], cfg["rows"]),
