@@ -523,8 +523,9 @@ print("RESULT " + json.dumps({{"wall": time.perf_counter() - t0, "totals": repor
 
 def write_clean(texts: list[str], clean: Path) -> None:
     from data_process.records import write_parts
+    # at least 4 clean parts (signature units), so a small run uses the pool as a large one does
     write_parts(({"id": f"gen:{i}", "corpus": "gen", "kind": "doc", "text": t} for i, t in enumerate(texts)),
-                clean / "gen")
+                clean / "gen", part_records=min(100_000, max(1_000, -(-len(texts) // 4))))
     (clean / "gen" / "manifest.json").write_text(json.dumps({"records": len(texts)}))
 
 
