@@ -69,6 +69,7 @@ import numpy as np
 import xxhash
 
 from data_process import evalsets, minhash
+from data_process.executor import Executor
 from data_process.records import ZSTD_LEVEL, iter_records, list_parts
 from fileio import AtomicWriter, DirLock, atomic_file, atomic_write_bytes, check_files, file_sha256
 
@@ -606,15 +607,13 @@ def keep_greedy(n: int, edges: np.ndarray, excluded: np.ndarray | None = None) -
 # ---------------------------------------------------------------------------------------------------------
 # The map every stage runs through
 def pool_mapper(workers: int):
-    """`mapper(fn, units)` over a process pool of `workers` (results in input order, so the outcome never
-    depends on the worker count); a plain map for one worker. Ray's engine passes its own mapper."""
+    """`mapper(fn, units)` over a process pool of `workers` (data_process/executor.py; results in input order,
+    so the outcome never depends on the worker count); a plain map for one worker. Ray's engine passes its own
+    mapper (`Executor.mapper`)."""
     def mapper(fn, units):
         units = list(units)
-        if workers <= 1 or len(units) <= 1:
-            yield from map(fn, units)
-            return
-        with multiprocessing.get_context(_START_METHOD).Pool(min(workers, len(units))) as pool:
-            yield from pool.imap(fn, units)
+        ex = Executor("local", workers=min(workers, len(units)))
+        yield from ex.map(fn, units, ordered=True, start_method=_START_METHOD)
     return mapper
 
 
