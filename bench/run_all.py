@@ -29,6 +29,7 @@ BENCHES = [
     ("dedup", "exact + MinHash dedup"),
     ("tokenizer", "tokenizer compression"),
     ("tokenize", "tokenize to .bin/.idx"),
+    ("ray", "Ray engine vs local"),
     ("model", "model fwd+bwd, decode"),
     ("pretrain", "pretrain step"),
     ("sft", "SFT and DPO"),
