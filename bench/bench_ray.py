@@ -16,7 +16,7 @@ estimate uses them), and that every run wrote byte-identical shards.
 
     python bench/bench_ray.py                 # 200 MB, 2 runs per engine (about 5 minutes)
     python bench/bench_ray.py --size-mb 1000  # 1 GB
-    python bench/bench_ray.py --quick         # 20 MB, under a minute or two (Ray start-up dominates)
+    python bench/bench_ray.py --quick         # 20 MB, one run each, about a minute (Ray start-up dominates)
 """
 from __future__ import annotations
 
@@ -109,8 +109,9 @@ def run_engine(recipe: Path, engine: str) -> dict:
     return result
 
 
-def run(quick: bool = False, size_mb: int | None = None, repeat: int = 2) -> dict:
+def run(quick: bool = False, size_mb: int | None = None, repeat: int | None = None) -> dict:
     size_mb = size_mb or (20 if quick else 200)
+    repeat = repeat or (1 if quick else 2)
     tmp = Path(tempfile.mkdtemp(prefix="bench_ray_"))
     runs = {"local": [], "ray": []}
     try:
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="20 MB of input")
     p.add_argument("--size-mb", type=int, default=None, help="input size in MB (default 200; 20 with --quick)")
-    p.add_argument("--repeat", type=int, default=2, help="runs per engine, alternating (default 2)")
+    p.add_argument("--repeat", type=int, default=None, help="runs per engine, alternating (default 2; 1 with --quick)")
     args = p.parse_args(argv)
     print(json.dumps(run(quick=args.quick, size_mb=args.size_mb, repeat=args.repeat), indent=1))
     return 0
