@@ -287,6 +287,9 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 
 def print_engine(ex: Executor, file=sys.stderr) -> None:
+    """One line saying what will run the units: `engine: ray, 2 node(s), 64 CPUs (cluster at 10.0.0.1:6379)`."""
     if ex.engine == "ray" and ex._ray is not None:
         nodes = [n for n in ex._ray.nodes() if n.get("Alive")]
-        print(f"engine: ray, {len(nodes)} node(s), {ex.parallelism} CPUs", file=file, flush=True)
+        where = "a local instance for this run" if ex._owned and not ex.ray_address else \
+            f"cluster at {ex._ray.get_runtime_context().gcs_address}"
+        print(f"engine: ray, {len(nodes)} node(s), {ex.parallelism} CPUs ({where})", file=file, flush=True)

@@ -35,7 +35,7 @@ import zstandard
 
 from data_process import clean as clean_mod
 from data_process import readers as readers_mod
-from data_process.executor import Executor, check_reachable
+from data_process.executor import Executor, check_reachable, print_engine
 from data_process.readers import READERS, Reject
 from data_process.recipe import CleanConfig, CorpusSpec, Recipe, resolve_paths
 from data_process.records import MissingInputError, checked_parts
@@ -522,6 +522,7 @@ def run(recipe: Recipe, steps=STEPS, workers: int | None = None, force: bool = F
         if engine == "local" and not ray_address:
             return _run_steps(recipe, steps, workers, force, progress, chunk_bytes, None)
         with Executor(engine, workers=workers or recipe.run.workers, ray_address=ray_address) as executor:
+            print_engine(executor)
             return _run_steps(recipe, steps, workers, force, progress, chunk_bytes, executor)
 
 
