@@ -27,6 +27,7 @@ TMP_MARK = ".tmp-"   # every temporary file or dir written here has this in its 
 
 class DiskFullError(OSError):
     """A write failed because the disk (or a quota) is full."""
+    need_bytes: int | None = None
 
 
 class LockedError(RuntimeError):
@@ -60,8 +61,11 @@ def disk_full_as_error(path, need_bytes: int | None = None):
     try:
         yield
     except OSError as e:
-        if is_disk_full(e) and not isinstance(e, DiskFullError):
-            raise DiskFullError(e.errno, disk_full_message(path, need_bytes)) from None
+        # an inner block that did not know the size needed gets it from an outer one that does
+        if is_disk_full(e) and not (isinstance(e, DiskFullError) and (e.need_bytes or not need_bytes)):
+            err = DiskFullError(e.errno, disk_full_message(path, need_bytes))
+            err.need_bytes = need_bytes
+            raise err from None
         raise
 
 
@@ -174,8 +178,9 @@ class DirLock:
     a live one: the next run takes it over and says so. A second live run is refused with a LockedError that
     names the holder.
 
-    fcntl locks are per process: a forked child shares nothing of it, and a lock on a filesystem that does not
-    support them (some network mounts) fails loudly rather than silently."""
+    The lock is a flock on the open file, so processes forked while it is held (a worker pool) hold it too, until
+    the last of them exits: workers that outlive a killed parent still keep a second run out of the directory.
+    A lock on a filesystem that does not support them (some network mounts) fails loudly rather than silently."""
 
     def __init__(self, directory, what: str = ""):
         self.directory = Path(directory)
@@ -234,8 +239,16 @@ def _read_holder(fd: int) -> dict:
 def describe_holder(holder: dict) -> str:
     if not holder:
         return "a process that has not written its name yet"
+    gone = ""
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:   # the run died; processes it forked still hold the lock
+            gone = " (that process has exited; processes it started still hold the lock and will exit soon)"
+        except OSError:
+            pass
     return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
-            f"`{holder.get('command', '?')}`, started {holder.get('started', '?')}")
+            f"`{holder.get('command', '?')}`, started {holder.get('started', '?')}{gone}")
 
 
 # ----------------------------------------------------------------------------- files as a manifest recorded them

@@ -13,7 +13,9 @@ conversations of the SFT corpora of that stage, rendered with the chat template,
   documents seen meanwhile are closed with it as the next val shard. Each closed pair is a checkpoint
   (`progress.json`: input position + counts), so a killed run resumes after the last one and never redoes
   a finished shard. `manifest.json` is written last; its presence (with the same fingerprint: tokenizer
-  hash, settings, input files) means the corpus is done.
+  hash, settings, input files) means the corpus is done, once every shard it lists has the sizes and sha256 it
+  recorded (a missing or damaged shard retokenizes the corpus). Input parts must be the ones their manifest
+  lists, with its sizes and sha256 (records.checked_parts): a deleted part is an error, never fewer documents.
 - Speed: documents are encoded in batches, in order, by SentencePiece's own C++ threads (`mode="threads"`,
   the GIL is released while it encodes) or by a process pool (`mode="processes"`); the output does not
   depend on either, nor on the worker count or the batch size. Each text is encoded to UTF-8 once, for
