@@ -242,7 +242,7 @@ pipeline.run(recipe, steps=["read"], engine="ray", ray_address={address!r}, prog
 @pytest.mark.slow
 def test_a_killed_driver_resumes_on_rerun_and_the_output_is_identical(cluster, tmp_path, samples):
     # the killed driver joins the cluster: a kill -9'd driver's own local Ray would leave its agents behind
-    recipe = make_recipe(tmp_path, samples, copies=3)
+    recipe = make_recipe(tmp_path, samples, copies=2)
     recipe.corpora = [c for c in recipe.corpora if c.name == "web"]
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT.format(root=str(ROOT), recipe=str(tmp_path / "recipe.toml"), tmp=str(tmp_path),
