@@ -30,6 +30,7 @@ BENCHES = [
     ("dedup", "exact + MinHash dedup"),
     ("tokenizer", "tokenizer compression"),
     ("tokenize", "tokenize to .bin/.idx"),
+    ("ray", "Ray engine vs local"),
     ("faults", "fault checks (verify done work)"),
     ("model", "model fwd+bwd, decode"),
     ("pretrain", "pretrain step"),
