@@ -452,17 +452,18 @@ def contamination_line(name: str, split: str, c: dict) -> str:
     head = f"{name} {split}: "
     if not c["jobs"]:
         return head + "NOT checked for contamination: the checkpoint records no data provenance"
-    parts = []
+    groups: dict[str, list[str]] = {}   # what was found -> the jobs it holds for, in training order
     for j in c["jobs"]:
         if not j["dedup_report"]:
-            parts.append(f"{j['job']}: no dedup report for {j['data']}")
+            what = f"no dedup report for {j['data']}"
         else:
             sets = ", ".join(repr(s) for s in j["eval_sets"]) or "none"
-            parts.append(f"{j['job']}: {j['files_in_eval_sets']}/{c['files']} files in decontamination eval set(s) "
-                         f"{sets}, {j['removed']} training docs removed against them (all their splits)")
+            what = (f"{j['files_in_eval_sets']}/{c['files']} files in decontamination eval set(s) {sets}, "
+                    f"{j['removed']} training docs removed against them (all their splits)")
+        groups.setdefault(what, []).append(str(j["job"]))
     verdict = {"checked": "decontaminated", "partial": "only PARTLY checked for contamination",
                "not checked": "NOT checked for contamination"}[c["status"]]
-    return head + verdict + " — " + "; ".join(parts)
+    return head + verdict + " — " + "; ".join(f"{', '.join(jobs)}: {what}" for what, jobs in groups.items())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -447,7 +447,13 @@ def test_eval_says_per_benchmark_split_whether_training_was_decontaminated_again
     assert line.startswith("ceval val: decontaminated — pretrain warmup: 4/4 files in decontamination eval set(s) "
                            "'ceval', 1 training docs removed against them")
     assert ev.contamination({"provenance": [pre]}, cmmlu)["status"] == "not checked"   # not in its eval sets
-    assert ev.contamination(loaded, ceval)["status"] == "partial"   # the SFT job's record has no eval files
+    # the SFT job read the same data dir (same dedup report): it inherits the recipe's eval files
+    assert loaded["provenance"][1]["recipe_from"] == "pretrain warmup"
+    assert ev.contamination(loaded, ceval)["status"] == "checked"
+    assert "pretrain warmup, sft medical: 4/4 files" in ev.contamination_line("ceval", "val",
+                                                                            ev.contamination(loaded, ceval))
+    other = data_provenance("sft other", tmp_path / "elsewhere")          # data without a dedup report
+    assert ev.contamination({"provenance": [pre, other]}, ceval)["status"] == "partial"
     none = ev.contamination({}, ceval)
     assert none["status"] == "not checked" and "records no data provenance" in ev.contamination_line("c", "v", none)
     # through main: printed per benchmark split, and in report.md
