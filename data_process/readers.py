@@ -354,6 +354,24 @@ def convert_conversations(o) -> dict:
     return conv(_messages(_obj(o).get("conversations"), "conversations"))
 
 
+def convert_openai_tools(o) -> dict:
+    """OpenAI chat layout with tool calls: {"messages": [... assistant "tool_calls", "tool" results ...],
+    "tools": [function schemas]} -> our turns, written by the chat template's one converter
+    (tokenizer.openai_to_chat: tools in the system turn, <tool_call> blocks, <tool_response> user turns)."""
+    from tokenizer import openai_to_chat
+    o = _obj(o)
+    messages, tools = o.get("messages"), o.get("tools")
+    if messages is None:
+        raise BadRecord("missing_field", "no messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages) or \
+            not isinstance(tools, (list, type(None))):
+        raise BadRecord("wrong_type", "messages must be a list of objects and tools a list")
+    try:
+        return conv(openai_to_chat(messages, tools))
+    except (ValueError, KeyError, TypeError) as e:   # unknown role, arguments that are not JSON, a call without name
+        raise BadRecord("bad_record", f"tool conversation: {type(e).__name__}: {e}") from None
+
+
 QUESTION_KEYS = ("问", "question", "prompt", "query", "instruction")
 ANSWER_KEYS = ("答", "answer", "response", "output")
 
@@ -582,13 +600,15 @@ READERS: dict[str, Callable] = {
     "pref_messages_jsonl": json_reader(convert_pref_messages),
     "sharegpt_pref_jsonl": json_reader(convert_sharegpt_pref),
     "magpie_parquet": parquet_reader(convert_magpie),
+    "openai_tools_jsonl": json_reader(convert_openai_tools),
 }
 
 # Readers that may split one uncompressed file into byte ranges at line boundaries (JSONL and plain text).
 # JSON arrays, CSV (quoted fields span lines), parquet and compressed files are read whole by one process.
 LINE_READERS = {"text_jsonl", "baidubaike_jsonl", "guidelines_jsonl", "minimind_pretrain_jsonl", "plain_text",
                 "instruction_json", "sharegpt_jsonl", "minimind_sft_jsonl", "qa_jsonl", "medical_reward_jsonl",
-                "pref_messages_jsonl", "sharegpt_pref_jsonl", "wiki_json_array", "wudao_json_array"}
+                "pref_messages_jsonl", "sharegpt_pref_jsonl", "wiki_json_array", "wudao_json_array",
+                "openai_tools_jsonl"}
 
 
 def splittable(reader: str, path: Path) -> bool:
