@@ -1,6 +1,6 @@
 """Benchmark CPU decode: the server's batched decode (engine.Engine) against llama.cpp on the same weights.
 
-    python bench/bench_decode.py [--preset 26m] [--threads 1] [--new-tokens 64] [--batches 1 4 8] [--rounds 2]
+    python bench/bench_decode.py [--preset 26m] [--threads 1] [--new-tokens 48] [--batches 1 4 8] [--rounds 2]
 
 Needs llama-cpp-python (`bash script/setup.sh --with-llama-cpp`). The model: the given preset with the real
 ChatGLM2 tokenizer (65K vocabulary, as the issue measured), random init scaled up so greedy decoding wanders.
@@ -124,22 +124,14 @@ class LlamaBatched:
         return self.batch * (n_new - 1) / (time.perf_counter() - start), tokens[0]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="26m")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
-    p.add_argument("--rounds", type=int, default=2)
-    args = p.parse_args(argv)
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        print("bench_decode.py needs llama-cpp-python: bash script/setup.sh --with-llama-cpp", file=sys.stderr)
-        return 2
+def measure(preset: str = "26m", threads: int = 1, new_tokens: int = 64, batches=(1, 4, 8), rounds: int = 2) -> dict:
+    """Prints one line per batch size; -> the figures by name (bench/run_all.py's format)."""
+    from types import SimpleNamespace
     from export import export_gguf
     from inference import load_model
+    args = SimpleNamespace(preset=preset, threads=threads, new_tokens=new_tokens, batches=batches, rounds=rounds)
     torch.set_num_threads(args.threads)
+    figures = {"preset": preset, "threads": threads, "new_tokens": new_tokens}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = make_checkpoint(tmp / "ckpt", args.preset)
@@ -170,9 +162,35 @@ def main(argv=None) -> int:
                   f"ours bf16 / llama.cpp bf16 {ratio:.2f}  fp32 / f32 {best['ours_fp32'] / best['llama_f32']:.2f}"
                   f" | llama.cpp f32 greedy tokens == ours: {same}")
             results[batch] = best
+            figures |= {f"b{batch}_{k}_tok_s": round(v, 1) for k, v in best.items()}
+            figures[f"b{batch}_ratio_ours_bf16_vs_llama_bf16"] = round(ratio, 2)
+            figures[f"b{batch}_ratio_ours_fp32_vs_llama_f32"] = round(best["ours_fp32"] / best["llama_f32"], 2)
+            figures[f"b{batch}_llama_f32_same_greedy_tokens"] = same
             for llm in llamas.values():
                 llm.lib.llama_batch_free(llm.b)
                 llm.llm.close()
+    return figures
+
+
+def run(quick: bool = False) -> dict:
+    """bench/run_all.py's entry: the 26m preset (tiny when quick), 1 thread, batch 1, 4, 8."""
+    return measure("tiny" if quick else "26m", 1, 16 if quick else 48, (1, 4, 8), 1 if quick else 2)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="26m")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args(argv)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("bench_decode.py needs llama-cpp-python: bash script/setup.sh --with-llama-cpp", file=sys.stderr)
+        return 2
+    measure(args.preset, args.threads, args.new_tokens, args.batches, args.rounds)
     return 0
 
 
