@@ -47,7 +47,7 @@ def check_record(r):
 RECIPE = load_recipe(ROOT / "config" / "recipe.toml", root=ROOT)
 # (records, {reason: count}) each embedded corpus must give: pins the deliberate problems in the samples
 EXPECTED_REJECTS = {"c4_zh": {"bad_json": 1}, "wudao": {"missing_field": 2}, "medical_finetune": {"missing_field": 1},
-                    "sharegpt": {"no_answer": 1}}
+                    "sharegpt": {"no_answer": 1}, "medical_qa_rl": {"missing_field": 1}}
 
 
 @pytest.mark.parametrize("spec", RECIPE.corpora, ids=lambda s: s.name)
@@ -65,7 +65,7 @@ def test_every_embedded_corpus_reads_in_its_format(spec):
             assert r["id"] not in ids
             ids.add(r["id"])
         rejects.update(x.reason for x in rej)
-    want_kind = {"pretrain": "doc", "sft": "conv", "dpo": "pref"}[spec.role]
+    want_kind = {"pretrain": "doc", "sft": "conv", "dpo": "pref", "rl": "conv"}[spec.role]
     assert set(kinds) == {want_kind} and kinds[want_kind] >= 5
     assert dict(rejects) == EXPECTED_REJECTS.get(spec.name, {})
 
