@@ -37,6 +37,7 @@ BENCHES = [
     ("sft", "SFT and DPO"),
     ("eval", "evaluation"),
     ("serve", "decode vs transformers, server"),
+    ("decode", "decode vs llama.cpp"),
 ]
 
 
