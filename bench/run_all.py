@@ -32,6 +32,7 @@ BENCHES = [
     ("model", "model fwd+bwd, decode"),
     ("pretrain", "pretrain step"),
     ("sft", "SFT and DPO"),
+    ("grpo", "GRPO rollouts and step"),
     ("eval", "evaluation"),
     ("serve", "decode vs transformers, server"),
 ]
