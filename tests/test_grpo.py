@@ -408,22 +408,28 @@ def test_resume_after_kill_9_gives_identical_losses(tmp_path):
                               [{"kind": "choice", "weight": 1.0}, {"kind": "length", "weight": 0.1,
                                                                     "target_tokens": 2}])
         cmds[name] = [sys.executable, "grpo.py", str(config), "--steps", str(steps)]
-    straight = subprocess.run(cmds["straight"], cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(cmds["killed"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=ONE_THREAD)
-    deadline = time.time() + 120
-    while not (out / "step-000003").is_dir():   # odd: with 2 updates per rollout, mid-rollout
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "final").exists(), "the run ended before the kill; the test proves nothing"
-    done = subprocess.run(cmds["killed"], cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming" in done.stdout
+    straight = subprocess.Popen(cmds["straight"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=ONE_THREAD)   # the uninterrupted reference run, alongside
+    try:
+        out = tmp_path / "killed"
+        proc = subprocess.Popen(cmds["killed"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=ONE_THREAD)
+        deadline = time.time() + 240
+        while not (out / "step-000003").is_dir():   # odd: with 2 updates per rollout, mid-rollout
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (out / "final").exists(), "the run ended before the kill; the test proves nothing"
+        done = subprocess.run(cmds["killed"], cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "resuming" in done.stdout
+        assert straight.wait(timeout=300) == 0, straight.stderr.read().decode()[-2000:]
+    finally:
+        if straight.poll() is None:
+            straight.kill()
+            straight.wait()
     reference = _losses(tmp_path / "straight")
     assert [s for s, _, _ in reference] == list(range(steps))
     assert _losses(out) == reference
