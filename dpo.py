@@ -30,10 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_process.stage import read_dpo_pairs
 from model import TokenNLL
 from finetune import (IGNORE, add_train_args, bucket_batches, check_init_from, fit_seq_len, load_config,
-                      make_train_config, pad_length, train_overrides)
-from settings import ConfigError, limits
+                      cli_overrides, make_train_config, pad_length, run_cli)
+from settings import limits
 
 log = logging.getLogger("dpo")
 CACHE_VERSION = "dpo-ref-v1"
@@ -65,28 +66,6 @@ class PreferenceSet:
     def lengths(self) -> np.ndarray:
         """Input length of a pair: the longer side minus one (targets are shifted)."""
         return np.array([max(len(c), len(r)) - 1 for c, r in zip(*self.ids)], dtype=np.int64)
-
-
-def read_pairs(paths) -> tuple[list[dict], dict]:
-    """Preference records from JSONL files; malformed lines are counted and logged, never fatal."""
-    records, rejects = [], {}
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                    if not (isinstance(r.get("prompt"), list) and isinstance(r.get("chosen"), str)
-                            and isinstance(r.get("rejected"), str)):
-                        raise ValueError("needs prompt (list of messages), chosen (str), rejected (str)")
-                    records.append({**r, "id": str(r.get("id", f"{Path(path).name}:{lineno}"))})
-                except (ValueError, AttributeError) as e:
-                    reason = "bad_json" if isinstance(e, json.JSONDecodeError) else "malformed"
-                    rejects[reason] = rejects.get(reason, 0) + 1
-                    if rejects[reason] <= 3:
-                        log.warning("%s:%d rejected: %s", path, lineno, e)
-    return records, rejects
 
 
 def tokenize_pairs(tokenizer, records, max_tokens: int, rejects: dict | None = None) -> PreferenceSet:
@@ -125,7 +104,7 @@ def tokenize_pairs(tokenizer, records, max_tokens: int, rejects: dict | None = N
 
 def load_pairs(tokenizer, patterns, max_tokens: int) -> PreferenceSet:
     paths = expand(patterns)
-    records, rejects = read_pairs(paths)
+    records, rejects = read_dpo_pairs(paths)
     data = tokenize_pairs(tokenizer, records, max_tokens, rejects)
     log.info("%s: %d pairs, rejected %s", [str(p) for p in paths], len(data), data.rejects or "none")
     return data
@@ -352,15 +331,23 @@ def make_val_fn(data: PreferenceSet | None, ref_logps, pad_id: int, beta: float,
 
 
 def run_dpo(cfg: DPOConfig) -> dict:
+    """One DPO run with its out dir locked (train_loop.rank0_lock) from before its data caches are written until
+    it ends: a second run on the same out dir is refused, naming this one."""
+    from train_loop import rank0_lock
+    with rank0_lock(cfg.out_dir):
+        return _run_dpo_locked(cfg)
+
+
+def _run_dpo_locked(cfg: DPOConfig) -> dict:
     """Train one DPO run through train_loop.train; returns the loop's summary."""
     import copy
-    from checkpoint import load_checkpoint
+    from checkpoint import data_provenance, load_checkpoint, provenance_chain
     from train_loop import dist_env, resolve_device, train
     if not cfg.init_from:
         raise ValueError(f"DPO run {cfg.name!r}: init_from (the starting/reference checkpoint) is required")
     check_init_from(cfg.init_from, "run `sh script/sft.sh` first; each DPO config names the run it starts from")
     out_dir = Path(cfg.out_dir)
-    model, tokenizer, _ = load_checkpoint(cfg.init_from)
+    model, tokenizer, init_meta = load_checkpoint(cfg.init_from)
     train_table = dict(cfg.train)
     max_tokens = fit_seq_len(train_table, model)
     data = load_pairs(tokenizer, cfg.data, max_tokens)
@@ -396,6 +383,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     print(f"dpo {cfg.name}: {len(data):,} pairs ({data.rejects or 'no rejects'}), beta {cfg.beta}, "
           f"{total_steps} steps, reference {'cached' if cfg.ref_cache else 'run every step'}, from {cfg.init_from}")
     meta = {"kind": "dpo", "stage": cfg.name, "chat": True, "init_from": str(cfg.init_from), "beta": cfg.beta}
+    meta["provenance"] = provenance_chain(init_meta, data_provenance(f"dpo {cfg.name}", expand(cfg.data)[0]))
     val_fn = make_val_fn(val, val_ref, tokenizer.pad_id, cfg.beta, batch_size, f"dpo_{cfg.name}")
     summary = train(train_cfg, model, tokenizer, batches, loss_fn=make_loss_fn(cfg.beta, ref_model),
                     val_fn=val_fn, meta=meta)
@@ -428,20 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    overrides = train_overrides(args) + list(args.sets)
-    for key, value in (("data", args.data), ("init_from", args.init_from), ("out_dir", args.out_dir),
-                       ("beta", args.beta)):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
+    overrides = cli_overrides(args, ("data", "init_from", "out_dir", "beta"))
     if args.no_ref_cache:
         overrides.append("ref_cache=false")
-    try:
-        summary = run_dpo(load_dpo_config(args.name, args.config_dir, overrides))
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "param_sha256"}, default=str))
-    return 0
+    return run_cli(lambda: run_dpo(load_dpo_config(args.name, args.config_dir, overrides)))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 One background thread owns the model. Up to `max_active` generations advance together, one token each per
 batched forward (Transformer.decode_step over a SlotCache, generation i in slot i); a new request is prefilled
 between steps and joins the batch. Each request samples with its own settings and seeded generator, so its reply
-is the one `model.generate` gives it alone. A cancelled job stops at the next token.
+is the one `model.generate` gives it alone. A cancelled job stops at the next token. A request whose sampling
+fails (e.g. settings that overflow to inf/nan) ends alone with an ("error", message) event; the others go on.
 
     engine = Engine(model, tokenizer, max_active=8)
     job = Job(prompt_ids, Sampling(max_new_tokens=64, temperature=0.7), on_event=lambda kind, value: ...)
@@ -27,6 +28,10 @@ from tokenizer import StreamDecoder
 
 class EngineBusy(RuntimeError):
     """The engine's queue is full."""
+
+
+class SamplingError(RuntimeError):
+    """One request's sampling failed (its settings overflowed to inf/nan): that request ends, the batch goes on."""
 
 
 class StopMatcher:
@@ -102,7 +107,8 @@ class Engine:
         self.max_active = max_active
         self.cache = model.new_slot_cache(max_active)
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.stats = {"tokens_generated": 0, "requests_finished": 0, "requests_cancelled": 0, "active": 0}
+        self.stats = {"tokens_generated": 0, "requests_finished": 0, "requests_cancelled": 0,
+                      "requests_failed": 0, "active": 0}
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -133,7 +139,12 @@ class Engine:
     def _accept(self, run: Running, logits) -> str | None:
         """Sample the run's next token from fp32 logits [V] and emit its text; -> why it finished, or None."""
         job, s = run.job, run.job.sampling
-        token = sample_next(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty, run.seen, run.generator)
+        try:
+            token = sample_next(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty, run.seen,
+                                run.generator)
+        except RuntimeError as e:   # torch's "probability tensor contains either inf, nan or element < 0"
+            raise SamplingError(f"sampling failed with temperature={s.temperature}, top_p={s.top_p}, "
+                                f"top_k={s.top_k}, repetition_penalty={s.repetition_penalty}: {e}") from None
         if token in run.stop_ids:
             job.stop_token = token
             return "stop"
@@ -159,6 +170,7 @@ class Engine:
             self.stats["requests_cancelled"] += 1
             return
         if error is not None:
+            self.stats["requests_failed"] += 1
             job.emit("error", error)
             return
         tail = run.stops.flush() if reason != "stop_string" else ""
@@ -173,6 +185,7 @@ class Engine:
         if last is not run:
             active[i] = last
             self.cache.move(len(active), i, last.position)
+        self.stats["active"] = len(active)   # before the run's done event: whoever it wakes sees the count
         return run
 
     def _step(self, active: list[Running]) -> None:
@@ -181,11 +194,14 @@ class Engine:
         finished = []
         for i, run in enumerate(active):
             run.position += 1
-            reason = self._accept(run, logits[i])
+            try:
+                reason, error = self._accept(run, logits[i]), None
+            except SamplingError as e:   # this request alone fails
+                reason, error = "error", str(e)
             if reason is not None:
-                finished.append((run, reason))
-        for run, reason in finished:
-            self._finish(self._remove(active, active.index(run)), reason)
+                finished.append((run, reason, error))
+        for run, reason, error in finished:
+            self._finish(self._remove(active, active.index(run)), reason, error)
 
     def _run(self):
         with torch.inference_mode():
@@ -202,24 +218,26 @@ class Engine:
                     try:
                         run, reason = self._start(job, len(active))
                     except Exception as e:   # a bug or a bad prompt must fail its request, not the engine
-                        job.emit("error", f"{type(e).__name__}: {e}")
+                        self.stats["requests_failed"] += 1
+                        job.emit("error", str(e) if isinstance(e, SamplingError) else f"{type(e).__name__}: {e}")
                         continue
                     if reason is None:
                         active.append(run)
+                        self.stats["active"] = len(active)
                     else:
                         self._finish(run, reason)
                 for run in [r for r in active if r.job.cancelled.is_set()]:
                     self._finish(self._remove(active, active.index(run)), "cancelled")
-                self.stats["active"] = len(active)
                 if not active:
                     continue
                 try:
                     self._step(active)
-                except Exception as e:   # the batch failed: fail its requests, keep serving
-                    for run in active:
-                        self._finish(run, "error", f"{type(e).__name__}: {e}")
+                except Exception as e:   # the batched forward itself failed: fail its requests, keep serving
+                    failed = list(active)
                     active.clear()
-                self.stats["active"] = len(active)
+                    self.stats["active"] = 0
+                    for run in failed:
+                        self._finish(run, "error", f"{type(e).__name__}: {e}")
 
 
 def run_jobs(engine: Engine, jobs: list[Job]) -> list[Job]:

@@ -27,6 +27,7 @@ TMP_MARK = ".tmp-"   # every temporary file or dir written here has this in its 
 
 class DiskFullError(OSError):
     """A write failed because the disk (or a quota) is full."""
+    need_bytes: int | None = None
 
 
 class LockedError(RuntimeError):
@@ -60,8 +61,11 @@ def disk_full_as_error(path, need_bytes: int | None = None):
     try:
         yield
     except OSError as e:
-        if is_disk_full(e) and not isinstance(e, DiskFullError):
-            raise DiskFullError(e.errno, disk_full_message(path, need_bytes)) from None
+        # an inner block that did not know the size needed gets it from an outer one that does
+        if is_disk_full(e) and not (isinstance(e, DiskFullError) and (e.need_bytes or not need_bytes)):
+            err = DiskFullError(e.errno, disk_full_message(path, need_bytes))
+            err.need_bytes = need_bytes
+            raise err from None
         raise
 
 
@@ -174,8 +178,9 @@ class DirLock:
     a live one: the next run takes it over and says so. A second live run is refused with a LockedError that
     names the holder.
 
-    fcntl locks are per process: a forked child shares nothing of it, and a lock on a filesystem that does not
-    support them (some network mounts) fails loudly rather than silently."""
+    The lock is a flock on the open file, so processes forked while it is held (a worker pool) hold it too, until
+    the last of them exits: workers that outlive a killed parent still keep a second run out of the directory.
+    A lock on a filesystem that does not support them (some network mounts) fails loudly rather than silently."""
 
     def __init__(self, directory, what: str = ""):
         self.directory = Path(directory)
@@ -234,5 +239,46 @@ def _read_holder(fd: int) -> dict:
 def describe_holder(holder: dict) -> str:
     if not holder:
         return "a process that has not written its name yet"
+    gone = ""
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:   # the run died; processes it forked still hold the lock
+            gone = " (that process has exited; processes it started still hold the lock and will exit soon)"
+        except OSError:
+            pass
     return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
-            f"`{holder.get('command', '?')}`, started {holder.get('started', '?')}")
+            f"`{holder.get('command', '?')}`, started {holder.get('started', '?')}{gone}")
+
+
+# ----------------------------------------------------------------------------- files as a manifest recorded them
+
+def describe_files(directory, names) -> dict[str, dict]:
+    """{name: {"bytes", "sha256"}} of files in `directory`: what a manifest records so that a later "already done"
+    check can tell a missing, truncated or corrupted output from a finished one (`check_files`)."""
+    directory = Path(directory)
+    return {name: {"bytes": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
+            for name in names}
+
+
+def check_files(directory, recorded: dict[str, dict], *, content: bool = True, exact_glob: str | None = None) -> list[str]:
+    """What differs between the files in `directory` and `recorded` (as `describe_files` wrote it): a file that is
+    missing, has another size, or (content=True) another sha256. With `exact_glob`, files matching it that the
+    record does not list are problems too (a reader globbing the directory would pick them up). [] = as recorded."""
+    directory = Path(directory)
+    problems = []
+    for name, want in recorded.items():
+        path = directory / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{path}: missing")
+            continue
+        if "bytes" in want and size != want["bytes"]:
+            problems.append(f"{path}: {size} bytes, the manifest recorded {want['bytes']} (truncated or rewritten)")
+        elif content and "sha256" in want and file_sha256(path) != want["sha256"]:
+            problems.append(f"{path}: content differs from the sha256 its manifest recorded (corrupted)")
+    if exact_glob is not None:
+        problems += [f"{p}: not listed in the manifest" for p in sorted(directory.glob(exact_glob))
+                     if p.name not in recorded]
+    return problems

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,29 @@ def train_overrides(args) -> list[str]:
     if args.no_progress:
         out.append("train.progress=false")
     return out
+
+
+def cli_overrides(args, top_level: tuple[str, ...] = ("data", "init_from", "out_dir")) -> list[str]:
+    """Every override a trainer's command line gives, in the order they apply: the [train] shortcuts, then
+    `--set`, then the top-level flags named in `top_level` (each `--flag` is `flag=<json>` when given)."""
+    overrides = train_overrides(args) + list(args.sets)
+    for key in top_level:
+        value = getattr(args, key)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    return overrides
+
+
+def run_cli(job) -> int:
+    """Run a trainer's job (a no-argument callable returning its summary) the way every trainer CLI does: a
+    configuration or missing-file error is one line on stderr and exit code 2; the summary is printed as JSON."""
+    from checkpoint import CheckpointError
+    from fileio import DiskFullError, LockedError
+    try:
+        summary = job()
+    except (settings.ConfigError, FileNotFoundError, LockedError, DiskFullError, CheckpointError) as e:
+        # another run holds the out dir, the disk filled up during a save, a checkpoint failed verification
+        print(f"error: {e.strerror if isinstance(e, DiskFullError) else e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "param_sha256"}, default=str))
+    return 0

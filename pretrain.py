@@ -20,18 +20,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+import bpc
 import checkpoint
 import settings
 import train_loop
+from fileio import DiskFullError
 from settings import limits
 from data_process.shards import IndexedDataset
 from data_process.tokenize_docs import check_manifest
@@ -44,6 +44,9 @@ SCHEDULE_FILE = "schedule.toml"
 @dataclass
 class ModelTable:                    # [model] of schedule.toml
     preset: str = "26m"              # model.PRESETS; the vocabulary size comes from the tokenizer
+    # the model's context for a fresh model; 0 = the preset's. A --seq-len longer than the context is an
+    # error, never a silently longer context: raise it here explicitly
+    max_seq_len: int = field(default=0, metadata=limits(ge=0))
 
 
 @dataclass
@@ -74,6 +77,7 @@ class ScheduleFile:                  # config/pretrain/schedule.toml
 class Schedule:
     phases: list[str]
     preset: str = "26m"
+    max_seq_len: int = 0             # [model] max_seq_len: 0 = the preset's context
     total_tokens: int = 2_000_000_000
     peak_lr: float = 1e-3
     min_lr: float = 1e-4
@@ -91,6 +95,10 @@ class Phase:
     tokens: int = field(default=0, metadata=limits(ge=0))               # ... or absolute
     init_from: str = ""              # phase whose final checkpoint this one continues ("" = fresh model)
     description: str = ""
+    # a mixture corpus that is not in the data dir (or too small for one window) is an error unless this is
+    # true: then it is dropped with a warning and the other weights renormalized
+    allow_missing: bool = False
+    file: str = ""                   # the phase file (set by load_phase, for messages)
 
 
 LOADER_KEYS = {f.name for f in dataclasses.fields(LoaderTable)}
@@ -114,7 +122,8 @@ def load_schedule(config_dir, sets=()) -> Schedule:
     f = settings.load(ScheduleFile, path, sets)
     if not f.phases:
         raise settings.ConfigError(f"{path}: `phases` (the curriculum order) is empty")
-    return Schedule(phases=f.phases, preset=f.model.preset, train=check_train_table(f.train, f"{path}[train]"),
+    return Schedule(phases=f.phases, preset=f.model.preset, max_seq_len=f.model.max_seq_len,
+                    train=check_train_table(f.train, f"{path}[train]"),
                     **dataclasses.asdict(f.schedule))
 
 
@@ -122,7 +131,7 @@ def load_phase(config_dir, name: str) -> Phase:
     path = Path(config_dir) / f"{name}.toml"
     if not path.is_file():
         raise FileNotFoundError(f"no phase config {path}")
-    phase = settings.load(Phase, path, name=name)
+    phase = settings.load(Phase, path, name=name, file=str(path))
     if not phase.mixture:
         raise settings.ConfigError(f"{path}: [mixture] is empty; give at least one corpus = weight")
     if bool(phase.fraction) == bool(phase.tokens):
@@ -171,52 +180,65 @@ class Corpus:
     name: str
     train: list[IndexedDataset]
     val: list[IndexedDataset]
-    val_chars_per_token: float       # manifest's val chars / val tokens, for bits per character
 
 
 def open_corpus(data_dir: Path, name: str, tokenizer_sha256: str, min_tokens: int) -> Corpus | None:
-    """Open data/pretrain/<name> by memmap. None (with a warning) when the corpus is absent or too small to
-    draw one window from; an error when it was tokenized with another tokenizer."""
+    """Open data/pretrain/<name> by memmap. None (with a warning) when the corpus is absent or has no train
+    tokens; an error when it was tokenized with another tokenizer."""
     root = Path(data_dir) / name
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
-        print(f"warning: corpus {name!r} not found ({manifest_path} missing); dropped from the mixture",
-              file=sys.stderr)
+        print(f"warning: corpus {name!r} not found ({manifest_path} missing)", file=sys.stderr)
         return None
     # finished, every listed shard consistent with its .idx, and made with this run's tokenizer (else ValueError)
     manifest = check_manifest(root, tokenizer_sha256)
     splits = manifest["splits"]
     train = [IndexedDataset(root / s) for s in splits.get("train", {}).get("shards", [])]
-    train = [ds for ds in train if ds.num_tokens >= min_tokens]
+    train = [ds for ds in train if ds.num_tokens >= 2]
+    n_train = sum(ds.num_tokens for ds in train)
+    if train and max(ds.num_tokens for ds in train) < min_tokens:
+        # small corpora (the embedded samples) stay in the mixture: their windows are the shards, shorter and
+        # padded (see MixtureLoader), never silently dropped
+        print(f"warning: corpus {name!r} has {n_train} train tokens, no shard of one full window ({min_tokens} "
+              f"tokens): its windows are shorter than --seq-len, padded", file=sys.stderr)
+    # every val shard with tokens: one shorter than a window is still scored (val_windows scores it whole)
     val = [ds for ds in (IndexedDataset(root / s) for s in splits.get("val", {}).get("shards", []))
-           if ds.num_tokens >= min_tokens]
+           if ds.num_tokens >= 2]
     if not train:
-        print(f"warning: corpus {name!r} has no train shard of at least {min_tokens} tokens; dropped from the "
-              f"mixture", file=sys.stderr)
+        print(f"warning: corpus {name!r} has no train tokens", file=sys.stderr)
         return None
-    val_split = splits.get("val", {})
-    cpt = val_split.get("chars", 0) / val_split["tokens"] if val_split.get("tokens") else 0.0
-    return Corpus(name=name, train=train, val=val, val_chars_per_token=cpt)
+    return Corpus(name=name, train=train, val=val)
 
 
 def open_mixture(data_dir: Path, mixture: dict[str, float], tokenizer_sha256: str, seq_len: int,
-                 phase: str = "") -> tuple[list[Corpus], np.ndarray]:
-    """Open every corpus of a mixture; drop the missing ones (warned) and renormalize the weights."""
-    corpora, weights = [], []
+                 phase: str = "", allow_missing: bool = False, where: str = "") -> tuple[list[Corpus], np.ndarray]:
+    """Open every corpus of a mixture. A corpus that is missing (or has no train tokens) is an error naming the
+    phase file and key, unless allow_missing: then it is dropped (warned) and the weights renormalized over the
+    ones present."""
+    where = where or f"config/pretrain/{phase}.toml"
+    corpora, weights, missing = [], [], []
     for name, weight in mixture.items():
         if weight <= 0:
             continue
         corpus = open_corpus(data_dir, name, tokenizer_sha256, seq_len + 1)
-        if corpus is not None:
+        if corpus is None:
+            missing.append(name)
+        else:
             corpora.append(corpus)
             weights.append(weight)
+    if missing and not allow_missing:
+        present = sorted(p.parent.name for p in Path(data_dir).glob("*/manifest.json"))
+        raise settings.ConfigError(
+            f"{where}: mixture {', '.join(f'{n!r}' for n in missing)}: not in {data_dir} (or without train "
+            f"tokens); corpora there: {present}. Fix the name, run `python data_process.py`, or set "
+            f"allow_missing = true to drop them")
     if not corpora:
         raise FileNotFoundError(f"phase {phase!r}: none of its corpora {sorted(mixture)} is in {data_dir} "
-                                f"(run `python data_process.py` first, or edit config/pretrain/{phase}.toml)")
+                                f"(run `python data_process.py` first, or edit {where})")
     weights = np.array(weights, dtype=np.float64) / sum(weights)
-    if len(corpora) < sum(1 for w in mixture.values() if w > 0):
-        print(f"phase {phase!r}: mixture renormalized over the corpora present: "
-              + ", ".join(f"{c.name} {w:.3f}" for c, w in zip(corpora, weights)), file=sys.stderr)
+    if missing:
+        print(f"phase {phase!r}: allow_missing: dropped {missing}; mixture renormalized over the corpora "
+              f"present: " + ", ".join(f"{c.name} {w:.3f}" for c, w in zip(corpora, weights)), file=sys.stderr)
     return corpora, weights
 
 
@@ -250,7 +272,8 @@ class MixtureLoader:
         # per corpus: cumulative count of window starts over its shards (pack) or of tokens (within-document)
         self._starts = []
         for c in corpora:
-            sizes = [ds.num_tokens - seq_len if pack else ds.num_tokens for ds in c.train]
+            # a shard shorter than a window is one (shorter, padded) window
+            sizes = [max(1, ds.num_tokens - seq_len) if pack else ds.num_tokens for ds in c.train]
             self._starts.append(np.cumsum([0] + sizes, dtype=np.int64))
 
     def _window(self, ci: int, u: int) -> np.ndarray:
@@ -317,38 +340,27 @@ def val_windows(corpus: Corpus, seq_len: int, n_windows: int) -> list[np.ndarray
     return [np.asarray(slots[i][0].tokens[slots[i][1]:slots[i][1] + seq_len + 1], dtype=np.int64) for i in picks]
 
 
-def make_val_fn(corpora: list[Corpus], seq_len: int, n_windows: int, batch_size: int, device: str):
-    """val_fn(model) -> {"val/<corpus>/loss", "val/<corpus>/bpc", "val/loss"} on fixed windows.
-
-    Bits per character = summed token NLL (nats) / ln 2 / characters. The windows are a subset of the val
-    split, so their characters are apportioned by the split's own ratio: chars = scored tokens * (manifest val
-    chars / val tokens). That makes bpc comparable across tokenizers, which per-token loss is not."""
+def make_val_fn(corpora: list[Corpus], seq_len: int, n_windows: int, batch_size: int, device: str, tokenizer):
+    """val_fn(model) -> {"val/<corpus>/loss", "val/<corpus>/bpc", "val/loss"} on fixed windows, scored by
+    bpc.score_windows (the scorer eval.py uses too): bits per character counts exactly the characters of the
+    text tokens scored, so it compares across tokenizers, which per-token loss does not."""
     windows = {c.name: val_windows(c, seq_len, n_windows) for c in corpora}
     for c in corpora:
         if not windows[c.name]:
-            print(f"warning: corpus {c.name!r} has no val tokens; not validated",
-                  file=sys.stderr)
+            print(f"warning: corpus {c.name!r} has no val tokens; not validated", file=sys.stderr)
 
     def val_fn(model) -> dict:
-        out, total_nll, total_tokens = {}, 0.0, 0
+        out, total = {}, bpc.Score()
         for c in corpora:
-            ws = windows[c.name]
-            if not ws:
+            if not windows[c.name]:
                 continue
-            nll, count = 0.0, 0
-            for i in range(0, len(ws), batch_size):
-                chunk = torch.from_numpy(np.stack(ws[i:i + batch_size])).to(device)
-                logits = model(chunk[:, :-1]).logits
-                nll += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(),
-                                       reduction="sum").item()
-                count += chunk[:, 1:].numel()
-            out[f"val/{c.name}/loss"] = nll / count
-            if c.val_chars_per_token > 0:
-                out[f"val/{c.name}/bpc"] = nll / math.log(2) / (count * c.val_chars_per_token)
-            total_nll += nll
-            total_tokens += count
-        if total_tokens:
-            out["val/loss"] = total_nll / total_tokens
+            score = bpc.score_windows(model, tokenizer, windows[c.name], batch_size)
+            out[f"val/{c.name}/loss"] = score.loss
+            if score.chars:
+                out[f"val/{c.name}/bpc"] = score.bits_per_char
+            total = total.add(score)
+        if total.tokens:
+            out["val/loss"] = total.loss
         return out
 
     return val_fn
@@ -378,9 +390,6 @@ def build_config(args, schedule: Schedule) -> dict:
 
 
 def run_phase(name: str, args, schedule: Schedule) -> dict:
-    from model import ModelConfig, Transformer, make_config
-    from tokenizer import Tokenizer
-
     info = train_loop.init_distributed(args.device)
     config_dir, out_root, data_dir = Path(args.config_dir), Path(args.out_dir), Path(args.data_dir)
     phases = [load_phase(config_dir, p) for p in schedule.phases]
@@ -394,13 +403,20 @@ def run_phase(name: str, args, schedule: Schedule) -> dict:
     if args.max_steps is not None:
         end_step = min(end_step, start_step + args.max_steps)
 
-    tokenizer = Tokenizer.load(args.tokenizer)
-    corpora, weights = open_mixture(data_dir, phase.mixture, tokenizer.sha256, t["seq_len"], name)
-    loader = MixtureLoader(corpora, weights, t["batch_size"], t["seq_len"], seed=t["seed"], rank=info.rank,
-                           pack=t["pack"], pad_id=tokenizer.pad_id)
-
     out_dir = out_root / name
-    own = checkpoint.latest_checkpoint(out_dir) if not args.no_resume else None
+    with train_loop.rank0_lock(out_dir):   # before reading its checkpoints: one run per out dir
+        return _run_phase_locked(name, args, schedule, info, phase, t, plan, start_step, end_step, tokens_per_step,
+                                 out_dir, out_root, data_dir)
+
+
+def _run_phase_locked(name, args, schedule, info, phase, t, plan, start_step, end_step, tokens_per_step,
+                      out_dir, out_root, data_dir) -> dict:
+    from model import ModelConfig, Transformer, make_config
+    from tokenizer import Tokenizer
+    tokenizer = Tokenizer.load(args.tokenizer)
+
+    # the newest checkpoint that verifies (train() sets aside newer ones that fail, under the lock)
+    own = checkpoint.resume_point(out_dir, set_aside_bad=False) if not args.no_resume else None
     init_dir = ""
     if phase.init_from:
         init_dir = out_root / phase.init_from / "final"
@@ -419,10 +435,20 @@ def run_phase(name: str, args, schedule: Schedule) -> dict:
         model_cfg = ModelConfig.from_dict(json.loads((init_dir / "config.json").read_text()))
     else:
         preset = args.preset or schedule.preset
-        base = make_config(preset, tokenizer.vocab_size)
-        model_cfg = make_config(preset, tokenizer.vocab_size, max_seq_len=max(base.max_seq_len, t["seq_len"]))
+        context = schedule.max_seq_len or make_config(preset, tokenizer.vocab_size).max_seq_len
+        model_cfg = make_config(preset, tokenizer.vocab_size, max_seq_len=context)
+    if t["seq_len"] > model_cfg.max_seq_len:
+        where = "the checkpoint it continues" if (own or init_dir) else f"preset {args.preset or schedule.preset!r}"
+        raise settings.ConfigError(
+            f"--seq-len {t['seq_len']} is longer than the model's context {model_cfg.max_seq_len} ({where}); use "
+            f"--seq-len {model_cfg.max_seq_len} or less" + ("" if (own or init_dir) else
+            ", or raise the context explicitly in schedule.toml [model] max_seq_len (or --set model.max_seq_len=N)"))
     if model_cfg.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"model vocab {model_cfg.vocab_size} != tokenizer vocab {tokenizer.vocab_size}")
+    corpora, weights = open_mixture(data_dir, phase.mixture, tokenizer.sha256, t["seq_len"], name,
+                                    phase.allow_missing, phase.file)
+    loader = MixtureLoader(corpora, weights, t["batch_size"], t["seq_len"], seed=t["seed"], rank=info.rank,
+                           pack=t["pack"], pad_id=tokenizer.pad_id)
     torch.manual_seed(t["seed"])     # identical initial weights on every rank and every run
     model = Transformer(model_cfg)
 
@@ -440,9 +466,13 @@ def run_phase(name: str, args, schedule: Schedule) -> dict:
         print(f"phase {name}: steps {start_step}..{end_step} of {plan.total_steps} "
               f"({tokens_per_step:,} tokens/step, {(end_step - start_step) * tokens_per_step:,} tokens), "
               f"model {model.num_params() / 1e6:.1f}M params, {cfg.dtype} on {info.device} x{info.world_size}")
-    val_fn = make_val_fn(corpora, t["seq_len"], t["val_windows"], t["batch_size"], info.device)
+    val_fn = make_val_fn(corpora, t["seq_len"], t["val_windows"], t["batch_size"], info.device, tokenizer)
+    # what trained it: carried on by every later phase, SFT stage and DPO run, read back by eval.py
+    init_meta = checkpoint.verify_checkpoint(init_dir) if init_dir and (init_dir / "meta.json").is_file() else None
+    provenance = checkpoint.provenance_chain(init_meta, checkpoint.data_provenance(f"pretrain {name}", data_dir,
+                                                                                   args.recipe))
     return train_loop.train(cfg, model, tokenizer, loader, val_fn=val_fn,
-                            meta={"kind": "base", "phase": name, "chat": False})
+                            meta={"kind": "base", "phase": name, "chat": False, "provenance": provenance})
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -456,6 +486,9 @@ def parse_args(argv=None):
     which.add_argument("--all", action="store_true", help="every phase in order")
     p.add_argument("--config-dir", default="config/pretrain", help="schedule.toml + <phase>.toml")
     p.add_argument("--data-dir", default="data/pretrain", help="token shards, one dir per corpus")
+    p.add_argument("--recipe", default="config/recipe.toml",
+                   help="the data recipe that made --data-dir (recorded in each checkpoint's provenance, with its "
+                        "eval sets, for eval.py's contamination report)")
     p.add_argument("--tokenizer", default="data/tokenizer", help="tokenizer dir or .model the shards were made with")
     p.add_argument("--out-dir", default="out/pretrain", help="checkpoints go to <out-dir>/<phase>/")
     p.add_argument("--preset", help="model preset for a fresh model (model.PRESETS: tiny, 26m, 100m, deep, "
@@ -499,8 +532,9 @@ def main(argv=None) -> int:
                 val = " ".join(f"{k}={v:.4f}" for k, v in summary["val"].items() if k.endswith(("bpc", "val/loss")))
                 print(f"phase {name} done: step {summary['step']}, {summary['tokens_seen']:,} tokens, "
                       f"loss {summary['loss']:.4f} {val} -> {summary['final_dir']}")
-    except (train_loop.TrainingDiverged, checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (train_loop.TrainingDiverged, checkpoint.CheckpointError, FileNotFoundError, ValueError,
+            train_loop.LockedError, DiskFullError) as e:
+        print(f"error: {e.strerror if isinstance(e, DiskFullError) else e}", file=sys.stderr)
         return 1
     finally:
         if torch.distributed.is_initialized():

@@ -5,14 +5,25 @@
 
 Endpoints follow the OpenAI API reference (https://platform.openai.com/docs/api-reference):
 `POST /v1/chat/completions` and `POST /v1/completions` (streaming as server-sent events ending in
-`data: [DONE]`, or one JSON body with `usage`), `GET /v1/models`, `GET /health`. Every error is an OpenAI-style
-body `{"error": {"message", "type", "param", "code"}}`; a bad request is a 4xx, never a 500.
+`data: [DONE]`, or one JSON body with `usage`), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`. Every error
+is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`; a bad request is a 4xx, never a 500
+(malformed JSON, integers past Python's 4,300-digit limit, nesting deeper than MAX_JSON_DEPTH, lone surrogates in
+any string). An OpenAI parameter the server does not implement is a 400 "unsupported parameter" unless it is given
+at its neutral value (`frequency_penalty: 0`, `response_format: {"type": "text"}`, ...), as OpenAI answers unknown
+arguments. A conversation that ends with an assistant message is continued (assistant prefill); a completion
+prompt may be token ids. `--cors-origin` opts in to CORS for browser clients on other origins.
 
 One background thread owns the model (engine.py's `Engine`, shared with GRPO rollouts): up to `--max-active`
 generations advance together, one token each per batched forward (each in its own KV-cache slot, sampling with
 its own settings and seed, so a reply is the one it would get alone); further requests wait in a bounded queue. A client that goes away (a
-stream closed, a request cancelled) stops its generation at the next token. Extensions beyond OpenAI's fields,
-as vLLM names them: `top_k`, `repetition_penalty`, `ignore_eos`.
+stream closed, a request cancelled, a non-streaming client that timed out) stops its generation at the next token:
+the disconnect is watched for all the time, not only between tokens. A request whose sampling fails ends alone.
+Extensions beyond OpenAI's fields, as vLLM names them: `top_k`, `repetition_penalty`, `ignore_eos`,
+`chat_template_kwargs: {"enable_thinking": true | false}` (the chat template's thinking switch).
+Reasoning: a reply's `<think>…</think>` comes back as `message.reasoning_content` (streamed as
+`delta.reasoning_content`), the rest as `content` with the `<answer>` tags dropped, as DeepSeek-style servers do.
+Sampling ranges: temperature or top_p below GREEDY_BELOW sample greedily (as vLLM does: their fp32 math would
+overflow), repetition_penalty must lie in [0.01, 10].
 """
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ import asyncio
 import hmac
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,6 +41,7 @@ from typing import Literal
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -40,6 +53,9 @@ from inference import Sampling, device_error, load_model
 WEB_DIR = Path(__file__).resolve().parent / "web"
 API_KEY_ENV = "SERVE_API_KEY"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+MAX_JSON_DEPTH = 32          # a request body nested deeper is a 400 (no OpenAI request needs more than ~8)
+GREEDY_BELOW = 1e-5          # temperature or top_p below this samples greedily (vLLM's _SAMPLING_EPS)
+_SURROGATE = re.compile("[\ud800-\udfff]")   # JSON "\ud800" escapes decode to lone surrogates: not text
 
 
 # ----------------------------------------------------------------------------- errors
@@ -62,9 +78,64 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 # ----------------------------------------------------------------------------- request bodies
 
 class _Strict(BaseModel):
-    # strict: "5" is not an int and true is not a number (wrong types are a 400); unknown fields are ignored,
-    # as the OpenAI API does for fields a server does not implement.
+    # strict: "5" is not an int and true is not a number (wrong types are a 400). Unknown top-level fields are
+    # checked by check_parameters (a 400 unless neutral or bookkeeping); unknown fields inside a message are ignored.
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def _is_zero(v) -> bool:
+    return v is None or (type(v) in (int, float) and v == 0)
+
+
+# OpenAI parameters this server does not implement: allowed only at a value that changes nothing.
+NEUTRAL_VALUES = {
+    "frequency_penalty": _is_zero, "presence_penalty": _is_zero,
+    "logit_bias": lambda v: v is None or v == {},
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "top_logprobs": _is_zero,
+    "best_of": lambda v: v is None or (type(v) is int and v == 1),
+    "suffix": lambda v: v is None or v == "",
+    "tools": lambda v: v is None or v == [],
+    "tool_choice": lambda v: v is None or v == "none",
+    "functions": lambda v: v is None or v == [],
+    "function_call": lambda v: v is None or v == "none",
+    "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
+}
+# Bookkeeping fields with no effect on the reply: accepted and ignored.
+IGNORED_FIELDS = {"user", "store", "metadata", "service_tier"}
+
+
+def check_parameters(obj: dict, schema: type[BaseModel]) -> None:
+    """A 400 "unsupported parameter" for a field the schema lacks, unless neutral or bookkeeping."""
+    for key, value in obj.items():
+        if key in schema.model_fields or key in IGNORED_FIELDS:
+            continue
+        if key in NEUTRAL_VALUES and NEUTRAL_VALUES[key](value):
+            continue
+        what = "is not supported by this server" if key in NEUTRAL_VALUES else "is not a parameter this API knows"
+        raise ApiError(400, f"unsupported parameter: '{key}' {what}", param=key, code="unsupported_parameter")
+
+
+def check_json(obj) -> None:
+    """A 400 for nesting deeper than MAX_JSON_DEPTH or a lone surrogate in any key or string (walked without
+    recursion, so no body can exhaust the stack)."""
+    stack = [(obj, 0, "")]
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels",
+                           code="invalid_json")
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise ApiError(400, f"invalid value for '{where or 'body'}': a lone UTF-16 surrogate is not text",
+                               param=where or None, code="invalid_value")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if _SURROGATE.search(k):
+                    raise ApiError(400, "a key of the request body holds a lone UTF-16 surrogate", code="invalid_json")
+                stack.append((v, depth + 1, f"{where}.{k}" if where else k))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1, f"{where}[{i}]") for i, v in enumerate(value))
 
 
 class TextPart(_Strict):
@@ -88,6 +159,55 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ChatTemplateKwargs(_Strict):
+    enable_thinking: bool | None = None     # True: the reply starts with <think>; False: with <think></think>
+
+
+REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+class ReasoningParser:
+    """Splits streamed reply text into reasoning (inside <think>…</think>) and content (the rest, <answer> tags
+    dropped); a tail that could still begin a tag is held back until the next piece (or flush)."""
+
+    def __init__(self, thinking: bool = False):   # thinking: the prompt already opened <think>
+        self.thinking = thinking
+        self.pending = ""
+
+    def push(self, text: str) -> list[tuple[str, str]]:
+        """-> [(field, text)] with field "reasoning_content" or "content", in order."""
+        self.pending += text
+        out: list[tuple[str, str]] = []
+        while True:
+            hits = [(i, tag) for tag in REASONING_TAGS if (i := self.pending.find(tag)) >= 0]
+            if not hits:
+                break
+            i, tag = min(hits)
+            self._emit(out, self.pending[:i])
+            self.pending = self.pending[i + len(tag):]
+            if tag in ("<think>", "</think>"):
+                self.thinking = tag == "<think>"
+        hold = max((k for tag in REASONING_TAGS for k in range(1, len(tag)) if self.pending.endswith(tag[:k])),
+                   default=0)
+        self._emit(out, self.pending[:len(self.pending) - hold])
+        self.pending = self.pending[len(self.pending) - hold:]
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        self._emit(out, self.pending)
+        self.pending = ""
+        return out
+
+    def _emit(self, out: list, text: str) -> None:
+        if text:
+            field = "reasoning_content" if self.thinking else "content"
+            if out and out[-1][0] == field:
+                out[-1] = (field, out[-1][1] + text)
+            else:
+                out.append((field, text))
+
+
 class SamplingRequest(_Strict):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -99,7 +219,7 @@ class SamplingRequest(_Strict):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)       # one choice per request
     top_k: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10.0)
     ignore_eos: bool = False                    # generate exactly max_tokens (benchmarks)
     logprobs: bool | int | None = None          # not implemented: refused rather than silently ignored
 
@@ -119,21 +239,27 @@ class SamplingRequest(_Strict):
 class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)   # the newer name for max_tokens
+    chat_template_kwargs: ChatTemplateKwargs | None = None          # vLLM's name: {"enable_thinking": bool}
+
+    def enable_thinking(self) -> bool | None:
+        return self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs else None
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
 
-    def prompt_text(self) -> str:
+    def prompt_text(self) -> str | list[int]:
+        """The prompt as text, or as token ids (a list of ints, or a list holding one)."""
         if isinstance(self.prompt, str):
             return self.prompt
-        if len(self.prompt) != 1:
-            raise ApiError(400, "prompt must be a string or a list of exactly one string", param="prompt")
-        return self.prompt[0]
+        if len(self.prompt) == 0 or (len(self.prompt) != 1 and not isinstance(self.prompt[0], int)):
+            raise ApiError(400, "prompt must be a string, a list of token ids, or a list of exactly one of those",
+                           param="prompt")
+        return self.prompt if isinstance(self.prompt[0], int) else self.prompt[0]
 
 
-_FIELD_NAMES = {"role", "content", "text", "type", "include_usage"}
+_FIELD_NAMES = {"role", "content", "text", "type", "include_usage", "enable_thinking"}
 
 
 def _param_from_loc(loc) -> str:
@@ -161,10 +287,15 @@ async def read_body(request: Request, schema: type[BaseModel], max_bytes: int):
         chunks.append(chunk)
     try:
         obj = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels",
+                       code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:   # also: an integer past the 4,300-digit conversion limit
         raise ApiError(400, f"could not parse the JSON body of the request: {e}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    check_json(obj)
+    check_parameters(obj, schema)
     try:
         return schema.model_validate(obj)
     except ValidationError as e:
@@ -197,10 +328,16 @@ class ServerSettings:
     default_max_tokens: int = 512
     default_temperature: float = 0.7
     default_top_p: float = 0.9
+    system_fingerprint: str = ""
+    cors_origins: list[str] = field(default_factory=list)
+    vocab_size: int = 0
 
 
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="medical LM server", docs_url=None, redoc_url=None)
+    if settings.cors_origins:   # opt-in: browser pages on these origins may call the API (the key still applies)
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     tokenizer = engine.tokenizer
     created = int(time.time())
 
@@ -242,50 +379,88 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                                 f"{len(prompt_ids)} and {max_tokens or 1} more were asked for",
                            param="messages" if isinstance(req, ChatRequest) else "prompt",
                            code="context_length_exceeded")
+        temperature = settings.default_temperature if req.temperature is None else req.temperature
+        top_p = settings.default_top_p if req.top_p is None else req.top_p
+        if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW:   # the only token left is the most likely one
+            temperature, top_p = 0.0, 1.0
         sampling = Sampling(
             max_new_tokens=max_tokens or min(settings.default_max_tokens, room),
-            temperature=settings.default_temperature if req.temperature is None else req.temperature,
-            top_p=settings.default_top_p if req.top_p is None else req.top_p,
+            temperature=temperature, top_p=top_p,
             top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed,
             stop=req.stop_strings(), ignore_eos=req.ignore_eos)
         return HttpJob.create(prompt_ids, sampling)
 
-    async def next_event(job: HttpJob, request: Request):
-        """The job's next event; None when the client went away (its generation is then cancelled)."""
+    async def watch_disconnect(request: Request, job: HttpJob):
+        """Wait for the client to go away, whatever the events do; then cancel the job and wake its reader.
+        (The body is already read, so the next ASGI message is the disconnect.)"""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                job.cancelled.set()
+                job.events.put_nowait(("disconnected", None))
+                return
+            await asyncio.sleep(0.05)
+
+    async def next_event(job: HttpJob, request: Request, watched: bool = True):
+        """The job's next event; None when the client went away (its generation is then cancelled). Unless
+        watch_disconnect runs (`watched`), the client is polled whenever no event came for 0.25 s."""
         while True:
             try:
-                return await asyncio.wait_for(job.events.get(), timeout=0.25)
+                event = await (job.events.get() if watched else asyncio.wait_for(job.events.get(), timeout=0.25))
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     job.cancelled.set()
                     return None
+                continue
+            return None if event[0] == "disconnected" else event
 
     def usage(job: HttpJob) -> dict:
         return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.completion_tokens,
                 "total_tokens": len(job.prompt_ids) + job.completion_tokens}
 
-    async def respond(request: Request, req: SamplingRequest, job: HttpJob, chat: bool):
+    async def respond(request: Request, req: SamplingRequest, job: HttpJob, chat: bool, thinking: bool = False):
         try:
             engine.submit(job)
         except EngineBusy as e:
             raise ApiError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full") from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": settings.model_name}
+                "created": int(time.time()), "model": settings.model_name,
+                "system_fingerprint": settings.system_fingerprint}
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(text: str | None, finish: str | None, first=False) -> str:
+        parser = ReasoningParser(thinking)
+
+        def chunk(text: str | None, finish: str | None, first=False, field: str = "content") -> str:
             if chat:
-                delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
+                delta = ({"role": "assistant", "content": ""} if first else {}) | ({field: text} if text else {})
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return "data: " + json.dumps(base | {"choices": [choice]}, ensure_ascii=False) + "\n\n"
+            # with include_usage every chunk but the last carries "usage": null (OpenAI's stream format)
+            return "data: " + json.dumps(base | {"choices": [choice]} | ({"usage": None} if include_usage else {}),
+                                         ensure_ascii=False) + "\n\n"
+
+        # Until the first event (the prompt's prefill and first token) the client is watched for a disconnect by a
+        # task of our own; a non-streaming request keeps it to the end. So an engine error before the first
+        # token is a plain error response, never a 200 stream that then reports an error.
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        try:
+            first = await next_event(job, request)
+        finally:
+            if req.stream:
+                watcher.cancel()
+        if first is None or first[0] == "error":
+            watcher.cancel()
+            job.cancelled.set()
+            if first is None:
+                return error_response(499, "client closed the request", code="client_closed")
+            return error_response(500, first[1], type="server_error")
 
         if not req.stream:
-            parts = []
+            parts, event = [], first
             try:
                 while True:
-                    event = await next_event(job, request)
                     if event is None:
                         return error_response(499, "client closed the request", code="client_closed")
                     if event[0] == "text":
@@ -294,12 +469,19 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                         return error_response(500, event[1], type="server_error")
                     else:
                         break
+                    event = await next_event(job, request)
             finally:
+                watcher.cancel()
                 job.cancelled.set()
             text, finish = "".join(parts), event[1]
             if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                          "finish_reason": finish}
+                fields = {"content": "", "reasoning_content": ""}
+                for field, piece in parser.push(text) + parser.flush():
+                    fields[field] += piece
+                message = {"role": "assistant", "content": fields["content"]}
+                if fields["reasoning_content"] or thinking:
+                    message["reasoning_content"] = fields["reasoning_content"]
+                choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             return JSONResponse(base | {"object": "chat.completion" if chat else "text_completion",
@@ -309,21 +491,25 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             try:
                 if chat:
                     yield chunk(None, None, first=True)
+                event = first
                 while True:
-                    event = await next_event(job, request)
                     if event is None:
                         return
                     if event[0] == "text":
-                        yield chunk(event[1], None)
+                        for field, piece in (parser.push(event[1]) if chat else [("content", event[1])]):
+                            yield chunk(piece, None, field=field)
                     elif event[0] == "error":
                         err = {"error": {"message": event[1], "type": "server_error", "param": None, "code": None}}
                         yield "data: " + json.dumps(err, ensure_ascii=False) + "\n\n"
                         break
                     else:
+                        for field, piece in (parser.flush() if chat else []):
+                            yield chunk(piece, None, field=field)
                         yield chunk(None, event[1])
-                        if req.stream_options and req.stream_options.include_usage:
+                        if include_usage:
                             yield "data: " + json.dumps(base | {"choices": [], "usage": usage(job)}) + "\n\n"
                         break
+                    event = await next_event(job, request, watched=False)
                 yield "data: [DONE]\n\n"
             finally:   # also runs when the client disconnects and the server closes this generator
                 job.cancelled.set()
@@ -338,14 +524,26 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         req.check_unsupported()
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
-        if messages[-1]["role"] != "user":
-            raise ApiError(400, "the last message must come from the user", param="messages")
+        if messages[-1]["role"] not in ("user", "assistant"):
+            raise ApiError(400, "the last message must come from the user (or be an assistant prefill to continue)",
+                           param="messages")
+        prefill = messages[-1]["role"] == "assistant"
+        if prefill and len(messages) == 1:
+            raise ApiError(400, "an assistant prefill needs a user message before it", param="messages")
         try:
-            prompt_ids = tokenizer.render_chat(messages, add_generation_prompt=True).ids
+            # prefill: the conversation as rendered, less the last <|im_end|>: the reply continues that message
+            prompt_ids = tokenizer.render_chat(messages, add_generation_prompt=not prefill,
+                                               enable_thinking=None if prefill else req.enable_thinking()).ids
         except ValueError as e:   # e.g. roles out of order
             raise ApiError(400, f"invalid messages: {e}", param="messages") from None
+        if prefill:
+            prompt_ids = prompt_ids[:-1]
         job = make_job(req, prompt_ids, req.max_completion_tokens or req.max_tokens)
-        return await respond(request, req, job, chat=True)
+        # the reply starts inside <think> when the prompt opened it (thinking on, or a prefill mid-reasoning)
+        opened = ReasoningParser()
+        opened.push(messages[-1]["content"] if prefill else "")
+        thinking = req.enable_thinking() is True or opened.thinking
+        return await respond(request, req, job, chat=True, thinking=thinking)
 
     @v1.post("/completions")
     async def completions(request: Request):
@@ -357,14 +555,28 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         text = req.prompt_text()
         if not text:
             raise ApiError(400, "prompt must not be empty", param="prompt")
-        prompt_ids = [tokenizer.eos_id] + tokenizer.encode(text)   # as chat.base_prompt: a document start
+        if isinstance(text, list):   # token ids, taken as they are
+            bad = [t for t in text if not 0 <= t < tokenizer.vocab_size]
+            if bad:
+                raise ApiError(400, f"prompt token ids out of range [0, {tokenizer.vocab_size}): {bad[:5]}",
+                               param="prompt", code="invalid_value")
+            prompt_ids = list(text)
+        else:
+            prompt_ids = [tokenizer.eos_id] + tokenizer.encode(text)   # as chat.base_prompt: a document start
         job = make_job(req, prompt_ids, req.max_tokens)
         return await respond(request, req, job, chat=False)
 
+    model_card = {"id": settings.model_name, "object": "model", "created": created, "owned_by": "local",
+                  "max_model_len": settings.max_seq_len}
+
     @v1.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
-                                            "owned_by": "local", "max_model_len": settings.max_seq_len}]}
+        return {"object": "list", "data": [model_card]}
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str):
+        check_model(model_id)
+        return model_card
 
     app.include_router(v1)
 
@@ -378,6 +590,14 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     return app
+
+
+def system_fingerprint(meta: dict, dtype: str, lora_dir) -> str:
+    """OpenAI's `system_fingerprint`: names the weights and settings that answer (it changes when they do)."""
+    import hashlib
+    weights = meta.get("files", {}).get("model.safetensors", {}).get("sha256", "")
+    key = f"{weights}:{meta.get('tokenizer_sha256', '')}:{dtype}:{Path(lora_dir).resolve() if lora_dir else ''}"
+    return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
 def default_model_name(ckpt_dir: Path) -> str:
@@ -403,6 +623,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens when a request gives none")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages on ORIGIN (e.g. http://localhost:3000, or *) to call the API; repeatable")
     args = p.parse_args(argv)
 
     if args.host not in LOOPBACK_HOSTS and not args.api_key:
@@ -414,7 +636,9 @@ def main(argv=None) -> int:
     model, tokenizer, meta = load_model(args.checkpoint, lora_dir=args.lora, dtype=args.dtype, device=args.device)
     settings = ServerSettings(model_name=args.model_name or default_model_name(args.checkpoint),
                               max_seq_len=model.config.max_seq_len, api_key=args.api_key,
-                              max_body_bytes=args.max_body_bytes, default_max_tokens=args.max_tokens)
+                              max_body_bytes=args.max_body_bytes, default_max_tokens=args.max_tokens,
+                              system_fingerprint=system_fingerprint(meta, args.dtype, args.lora),
+                              cors_origins=args.cors_origin)
     engine = Engine(model, tokenizer, max_active=args.max_active, max_queue=args.max_queue)
     app = create_app(engine, settings)
 

@@ -26,44 +26,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from data_process.stage import SFT_COLUMNS, row_messages
+from data_process.stage import read_sft_conversations
 from finetune import (IGNORE, add_train_args, bucket_batches, check_init_from, fit_seq_len, load_config,
-                      make_train_config, pad_length, train_overrides)
-from settings import ConfigError, limits
+                      cli_overrides, make_train_config, pad_length, run_cli)
+from settings import limits
 
 log = logging.getLogger("sft")
 
 
 
 # ------------------------------------------------------------------------------------------------ data: CSV rows
-
-def read_sft_csv(path) -> tuple[list[list[dict]], dict[str, int]]:
-    """All conversations of a staged SFT CSV (data_process/stage.py), plus reject counts by reason: a bad row
-    (say, edited by hand) is counted and logged, never fatal."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SFT data {path} not found (run `python data_process.py` to stage it)")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in ("id", "system", "conversation") if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing} (a staged SFT CSV has {SFT_COLUMNS})")
-    conversations, rejects = [], {}
-    for row in frame.to_dict("records"):
-        try:
-            messages = row_messages(row)
-            if not messages or messages[-1].get("role") != "assistant":
-                raise ValueError("conversation does not end with an assistant turn")
-            conversations.append(messages)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:   # JSONDecodeError is a ValueError
-            reason = "bad_json" if isinstance(e, json.JSONDecodeError) else "malformed"
-            rejects[reason] = rejects.get(reason, 0) + 1
-            if rejects[reason] <= 3:
-                log.warning("%s: row id %s rejected: %s", path, row.get("id"), e)
-    return conversations, rejects
-
 
 # -------------------------------------------------------------------------------------------- data: tokenized set
 
@@ -129,7 +103,7 @@ def tokenize_conversations(tokenizer, conversations, max_tokens: int, tag_weight
 
 
 def load_sft_set(tokenizer, csv_path, max_tokens: int, tag_weight: float = 1.0, cache_dir=None) -> TokenizedSet:
-    """read_sft_csv + tokenize_conversations, cached as .npz in cache_dir (keyed by the CSV's bytes, the
+    """read_sft_conversations + tokenize_conversations, cached as .npz in cache_dir (keyed by the CSV's bytes, the
     tokenizer and the settings) so a resumed or repeated run does not re-tokenize."""
     cache = None
     if cache_dir is not None:
@@ -140,7 +114,7 @@ def load_sft_set(tokenizer, csv_path, max_tokens: int, tag_weight: float = 1.0, 
         if cache.is_file():
             z = np.load(cache, allow_pickle=False)
             return TokenizedSet(z["ids"], z["weights"], z["offsets"], json.loads(str(z["rejects"])))
-    conversations, rejects = read_sft_csv(csv_path)
+    conversations, rejects = read_sft_conversations(csv_path)
     data = tokenize_conversations(tokenizer, conversations, max_tokens, tag_weight, rejects)
     log.info("%s: %d examples, %d tokens, rejected %s", csv_path, len(data), len(data.ids), data.rejects or "none")
     if cache is not None:
@@ -273,8 +247,16 @@ def stage_done(out_dir) -> bool:
 
 
 def run_stage(cfg: StageConfig) -> dict:
+    """One SFT stage with its out dir locked (train_loop.rank0_lock) from before its data caches are written until
+    it ends: a second run on the same out dir is refused, naming this one."""
+    from train_loop import rank0_lock
+    with rank0_lock(cfg.out_dir):
+        return _run_stage_locked(cfg)
+
+
+def _run_stage_locked(cfg: StageConfig) -> dict:
     """Train one SFT stage through train_loop.train; returns the loop's summary (+ data and padding figures)."""
-    from checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+    from checkpoint import data_provenance, load_checkpoint, provenance_chain, save_checkpoint, verify_checkpoint
     from train_loop import dist_env, train
     out_dir = Path(cfg.out_dir)
     if stage_done(out_dir):
@@ -282,7 +264,7 @@ def run_stage(cfg: StageConfig) -> dict:
         return {"final_dir": str(out_dir / "final"), "skipped": True}
     check_init_from(cfg.init_from, "train the previous stage first: `sh script/pretrain.sh converge` before the "
                                    "first SFT stage, `sh script/sft.sh` runs the stages in order")
-    model, tokenizer, _ = load_checkpoint(cfg.init_from)
+    model, tokenizer, init_meta = load_checkpoint(cfg.init_from)
     train_table = dict(cfg.train)
     max_tokens = fit_seq_len(train_table, model)
     data = load_sft_set(tokenizer, cfg.data, max_tokens, cfg.tag_weight, cache_dir=out_dir / "data")
@@ -314,6 +296,7 @@ def run_stage(cfg: StageConfig) -> dict:
         n_train = sum(p.numel() for p in lora_lib.lora_parameters(model))
         print(f"LoRA: {n_train:,} trainable parameters ({n_train / model.num_params():.2%} of the base)")
     meta = {"kind": "sft", "stage": cfg.stage, "chat": True, "init_from": str(cfg.init_from)}
+    meta["provenance"] = provenance_chain(init_meta, data_provenance(f"sft {cfg.stage}", cfg.data))
     val_fn = make_val_fn(val, tokenizer.pad_id, cfg.stage, batch_size, cfg.max_val_examples)
     summary = train(train_cfg, model, tokenizer, batches, val_fn=val_fn, meta=meta,
                     trainable_params=lora_lib.lora_parameters(model) if settings else None)
@@ -391,11 +374,9 @@ def main(argv=None) -> int:
             return 2
         print(f"merged checkpoint written to {merge_adapter(args.base, args.adapter, args.out)}")
         return 0
-    overrides = train_overrides(args) + list(args.sets)
-    for key, value in (("data", args.data), ("init_from", args.init_from), ("out_dir", args.out_dir)):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    try:
+    overrides = cli_overrides(args)
+
+    def job():
         cfg = load_stage_config(args.stage, args.config_dir, overrides)
         if args.no_lora:
             cfg.lora = None
@@ -406,12 +387,8 @@ def main(argv=None) -> int:
                 if value is not None:
                     lora[key] = value
             cfg.lora = lora
-        summary = run_stage(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "param_sha256"}, default=str))
-    return 0
+        return run_stage(cfg)
+    return run_cli(job)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,9 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import (CheckpointError, clean_stale_tmp, latest_checkpoint, list_checkpoints, load_train_state,
-                        param_digest, prune_checkpoints, save_checkpoint, verify_checkpoint)
-from fileio import atomic_file, atomic_write_text
+from checkpoint import (CheckpointError, clean_stale_tmp, latest_checkpoint, load_train_state, move_aside_run,
+                        param_digest, prune_checkpoints, resume_point, save_checkpoint, verify_checkpoint)
+from fileio import DirLock, DiskFullError, LockedError, atomic_file, atomic_write_text, describe_holder
 from settings import limits
 
 class TrainingDiverged(RuntimeError):
@@ -162,6 +161,38 @@ def _all_reduce_mean(x: torch.Tensor, world_size: int) -> torch.Tensor:
 def _barrier(world_size: int) -> None:
     if world_size > 1:
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------- one run per out dir
+
+_held_locks: dict[str, DirLock] = {}
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir, what: str = ""):
+    """Hold `<out_dir>/.lock` (fileio.DirLock) for as long as the block runs: a second run on the same out dir
+    is refused with a LockedError naming the holder; a lock left by a run that died is taken over (said on
+    stderr). Re-entrant within a process, so sft.py/dpo.py can lock before they write their caches and
+    train() inside them finds the lock already held. Take it on rank 0 only (train() does)."""
+    key = str(Path(out_dir).resolve())
+    if key in _held_locks:
+        yield _held_locks[key]
+        return
+    lock = DirLock(out_dir, what).acquire()
+    if lock.took_over:
+        print(f"note: {out_dir} was locked by a run that is no longer alive ({describe_holder(lock.took_over)}); "
+              f"taking it over", file=sys.stderr)
+    _held_locks[key] = lock
+    try:
+        yield lock
+    finally:
+        _held_locks.pop(key, None)
+        lock.release()
+
+
+def rank0_lock(out_dir, what: str = ""):
+    """out_dir_lock on the main rank (as torchrun set RANK), nothing on the others."""
+    return out_dir_lock(out_dir, what) if dist_env().is_main else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- optimizer, precision
@@ -365,24 +396,52 @@ def _float(v) -> float:
 def train(cfg: TrainConfig, model, tokenizer, batches, *, loss_fn=None, val_fn=None, trainable_params=None,
           meta: dict | None = None) -> dict:
     """Train `model` from its current step to cfg.total_steps; returns a summary dict (final loss, tokens/s,
-    MFU, last val metrics, final checkpoint dir). Resumes automatically from the latest checkpoint in
-    cfg.out_dir (cfg.resume), or continues the run in cfg.init_from. Raises TrainingDiverged on a NaN/inf loss."""
+    MFU, last val metrics, final checkpoint dir). Resumes automatically from the newest checkpoint in
+    cfg.out_dir that verifies (cfg.resume; newer ones that fail are set aside), or continues the run in
+    cfg.init_from. The out dir is locked for the run (a second run on it gets a LockedError naming this one).
+    Raises TrainingDiverged on a NaN/inf loss."""
+    info = init_distributed(cfg.device)
+    with contextlib.ExitStack() as stack:
+        refused = ""
+        if info.is_main:
+            try:
+                stack.enter_context(out_dir_lock(cfg.out_dir))
+            except LockedError as e:
+                refused = str(e)
+        if info.world_size > 1:   # every rank stops if rank 0 could not lock
+            box = [refused]
+            dist.broadcast_object_list(box, src=0)
+            refused = box[0]
+        if refused:
+            raise LockedError(refused)
+        return _train_locked(cfg, info, model, tokenizer, batches, loss_fn=loss_fn, val_fn=val_fn,
+                             trainable_params=trainable_params, meta=meta)
+
+
+def _train_locked(cfg: TrainConfig, info: DistInfo, model, tokenizer, batches, *, loss_fn, val_fn,
+                  trainable_params, meta) -> dict:
     loss_fn = loss_fn or default_loss
     meta = dict(meta or {})
     meta.setdefault("kind", "base")
     meta.setdefault("chat", meta["kind"] != "base")
-    info = init_distributed(cfg.device)
     device = info.device
     out_dir = Path(cfg.out_dir)
+    resume_name = ""
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         clean_stale_tmp(out_dir)
-        old = list_checkpoints(out_dir) if not cfg.resume else []
-        if old:   # starting over: a later resume must never pick up a checkpoint of the abandoned run
-            print(f"resume disabled: removing {len(old)} old checkpoint(s) in {out_dir}")
-            for _, d in old:
-                shutil.rmtree(d)
-    _barrier(info.world_size)
+        if not cfg.resume:   # starting over: a later resume must never pick up a checkpoint of the abandoned run
+            moved = move_aside_run(out_dir)
+            if moved is not None:
+                print(f"resume disabled: moved the old checkpoints and metrics of {out_dir} to {moved.name}/ "
+                      f"(nothing deleted)")
+        else:
+            found = resume_point(out_dir)   # sets aside (renames) newer checkpoints that fail verification
+            resume_name = found.name if found is not None else ""
+    if info.world_size > 1:   # every rank resumes from the checkpoint rank 0 verified
+        box = [resume_name]
+        dist.broadcast_object_list(box, src=0)
+        resume_name = box[0]
     metrics_path = out_dir / "metrics.jsonl"
 
     if device.startswith("cuda"):   # TF32 for whatever still runs in fp32 (Ampere and later)
@@ -397,7 +456,7 @@ def train(cfg: TrainConfig, model, tokenizer, batches, *, loss_fn=None, val_fn=N
 
     # where to start: our own latest checkpoint (resume), another run's (init_from), or step 0
     step, tokens_seen = 0, 0
-    resume_dir = latest_checkpoint(out_dir) if cfg.resume else None
+    resume_dir = out_dir / resume_name if resume_name else None
     start_dir = resume_dir or (Path(cfg.init_from) if cfg.init_from else None)
     if start_dir is not None:
         ckpt_meta = verify_checkpoint(start_dir)
@@ -467,7 +526,12 @@ def train(cfg: TrainConfig, model, tokenizer, batches, *, loss_fn=None, val_fn=N
                      "loader": batches.state_dict(), "rng": rngs, "world_size": info.world_size}
             ckpt_meta = {**meta, "step": step, "tokens_seen": tokens_seen, "param_sha256": digests[0],
                          "world_size": info.world_size, "train_config": dataclasses.asdict(cfg)}
-            save_checkpoint(path, raw_model, tokenizer, ckpt_meta, state)
+            try:
+                save_checkpoint(path, raw_model, tokenizer, ckpt_meta, state)
+            except DiskFullError as e:
+                good = latest_checkpoint(out_dir)
+                kept = f"the previous checkpoint {good} is intact" if good else "no earlier checkpoint exists"
+                raise DiskFullError(e.errno, f"{e.strerror}; step {step} was not saved; {kept}") from None
             prune_checkpoints(out_dir, cfg.keep_last)
         _barrier(info.world_size)
         return path

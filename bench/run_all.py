@@ -26,9 +26,11 @@ for p in (str(ROOT), str(HERE)):
 # (module, what it measures) in pipeline order
 BENCHES = [
     ("read", "corpus read + clean"),
+    ("quality", "quality operators vs data-juicer"),
     ("dedup", "exact + MinHash dedup"),
     ("tokenizer", "tokenizer compression"),
     ("tokenize", "tokenize to .bin/.idx"),
+    ("faults", "fault checks (verify done work)"),
     ("model", "model fwd+bwd, decode"),
     ("pretrain", "pretrain step"),
     ("sft", "SFT and DPO"),

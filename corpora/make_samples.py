@@ -176,6 +176,10 @@ def minimind_pretrain():
         lines.append(jl({"text": f"<s>{d['name']}的高危人群主要是有{d['causes'][0]}或{d['causes'][1]}的人，"
                                  f"这类人群应定期体检。</s> <s>想要确诊{d['name']}，{d['exams'][0]}是最基本的一步，"
                                  f"结果要请{d['dept']}医生解读。</s>"}))
+        # a second line per disease, so that the corpus holds more than one 256-token window at the tiny preset
+        lines.append(jl({"text": f"<s>有人出现{d['symptoms'][0]}、{d['symptoms'][1]}时会担心自己得了{d['name']}，"
+                                 f"其实还要结合{d['exams'][1]}等结果综合判断。</s> <s>确诊后，医生可能会开"
+                                 f"{d['drugs'][0]}等药物，同时建议{d['advice'][0]}、{d['advice'][1]}。</s>"}))
     write("minimind_pretrain/pretrain_hq.jsonl", "\n".join(lines))  # no final newline
 
 

@@ -1,40 +1,66 @@
 """The `dedup` pipeline step: decontamination, exact and near-duplicate removal across all corpora of a run.
 
     data/clean/<corpus>/part-*.jsonl.zst  ->  data/dedup/<corpus>/part-*.jsonl.zst + manifest.json
-                                              data/dedup/report.json, data/dedup/examples.jsonl
+                                              data/dedup/report.json, examples.jsonl, removed.parquet
 
-`run(recipe, clean_root, out_root)` makes two passes over the cleaned records. Pass 1 (parallel over
-`recipe.run.workers` processes, results consumed in order, so the outcome never depends on the worker count)
-computes per record: an exact-dedup hash of the normalized text, the LSH band hashes and b-bit sketch of its
-MinHash signature (minhash.py), and whether it shares a long character n-gram with an eval question.
-Then, on those compact arrays only, in this order:
-  1. decontamination: a record that overlaps an eval set is dropped (and never acts as the kept copy);
-  2. exact duplicates: of records with equal normalized text the first in keep order survives;
-  3. near duplicates: LSH candidate pairs whose sketch Jaccard >= recipe.dedup.threshold are joined into
-     clusters (connected components, as in the BigCode/text-dedup pipelines) and each cluster keeps its
-     first record in keep order. As in those pipelines a chain A~B~C drops C even when C is less similar
-     to A than the threshold: the price of clustering in linear time.
-Keep order: corpora sorted by `priority` (higher first), ties by recipe order; within a corpus, the order
-records were read. Pass 2 rereads the records and writes the survivors, then examples and the report.
+Out of core, in the manner of datatrove's and NeMo Curator's MinHash pipelines: explicit stages over work units,
+each a plain function of one small picklable unit, run through `mapper(fn, units)` (a process pool by default;
+Ray tasks under `--engine ray`), with everything between stages in files under `data/dedup/.work/`:
+
+  1. sign      one unit per clean part file (<= 100k records): per record the exact hash of the normalized
+               text, the 8-bit MinHash sketch (minhash.py), decontamination against the eval sets; its band
+               rows (band hash, record) and exact rows (hash, record) each written as one file sorted by hash.
+  2. exact     one unit per hash range: the rows of that range from every unit's file (a binary search into a
+               memory map, never the whole file), sorted; in each group of equal hashes the first record in
+               keep order stays, the others are exact duplicates of it.
+  3. buckets   one unit per band-hash range, the same way: records sharing a band hash are candidates; each
+               candidate pair is verified on the sketches (estimated Jaccard >= threshold) and kept as an edge.
+  4. decide    over ranges of records in keep order, with one status byte per record: a record is removed
+               only when a KEPT record earlier in keep order is within the threshold of it (a verified edge,
+               not connectivity: with A~B and B~C, C stays when A and C differ, because B is gone). Keep order:
+               corpora by `priority` (higher first), ties by recipe order, then the order records were read,
+               so a group keeps its highest-priority, earliest (original) copy.
+  5. write     one unit per clean part file: its survivors into the output part of the same name; and
+               `removed.parquet` (every removed record: corpus, id, reason
+               exact/near/contamination, the kept record or eval question it matched, the similarity),
+               examples, the report (the done-marker, written last).
+
+Memory: `[dedup] memory_gb` (all workers together) sets how many ranges stages 2-4 cut the work into; the
+driver holds one status byte per record, a signature worker about 200 MB whatever the corpus size. The
+partitioning never changes a decision (a bucket lies in one range; edges are the same set), so any
+memory_gb and any worker count give the same output.
+
+Bucket pairs: in a bucket (records sharing one band hash, in keep order) every member is paired with the
+bucket's first BUCKET_PAIR_CAP members and its predecessor: every pair for buckets of up to CAP + 1 records
+(nearly all of them), linear work for a bucket of 10k templated pages.
 
 Shingling: character 5-grams of the normalized text, chosen by bench/bench_dedup.py on near-duplicates built
 from the real samples (web pages, Toyhom dialogues, the fever textbook, Firefly text; 3-50% character and
 sentence edits; negatives: >= 30% edits and other documents of the same source). Best-F1 per shingling
 (full run): char 3/4/5/6-gram 0.958/0.963/0.971/0.976, jieba word 1/2/3-gram 0.943/0.965/0.972. Character
-5-grams match the best jieba setting (-0.1 F1 points; char 6-grams +0.3, within the noise of 2,280 pairs)
-and need no segmenter: jieba alone runs at ~0.4 M chars/s, a tenth of our whole signature computation.
-Decontamination uses 13-character windows: on 3,672 clean real documents 10-grams gave 3 false hits (shared
-textbook phrases), 12- and 13-grams none; 13-grams still catch every question of >= 13 characters in any
-layout and every question printed with its options (the misses are short stems standing alone).
+5-grams match the best jieba setting and need no segmenter: jieba alone runs at ~0.2 M chars/s.
+
+Decontamination: a text is contamination when it holds at least `decontam_min_share` of the
+`decontam_ngram`-character windows of one printed form of a question (the question; its blank filled by the
+answer; with its options, lettered or bare). One shared window is not enough: stock phrases of politics and
+law questions ("全面建设社会主义现代化国家") fill ordinary news text. Defaults (10-grams, share 0.3) from
+bench/bench_dedup.py [5] (1,277 real-sample + project questions planted in real clean text, 5 styles; negatives:
+3,672 clean real documents and 290 clean texts sharing one 13-20 character phrase with a question): the
+highest catch rate with no false removal in either negative set. Any-window matching removes 98% of the
+shared-phrase texts at n=10 (71% at 13); share 0.3 removes none, at the same catch rate on pasted, dumped and
+answer-filled questions, and catches 59% of questions with a character changed (13-grams at share 0.5: 40%).
+8-grams catch more (72%) but begin to remove shared-phrase texts (0.3%).
 """
 from __future__ import annotations
 
-import collections
+import functools
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import re
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -43,17 +69,30 @@ import numpy as np
 import xxhash
 
 from data_process import evalsets, minhash
-from data_process.records import iter_records, write_parts
-from fileio import atomic_write_bytes
+from data_process.executor import Executor
+from data_process.records import ZSTD_LEVEL, iter_records, list_parts
+from fileio import AtomicWriter, DirLock, atomic_file, atomic_write_bytes, check_files, file_sha256
 
 log = logging.getLogger(__name__)
 
-BATCH_CHARS = 2_000_000      # characters per work item sent to a worker
+BATCH_CHARS = 2_000_000      # characters hashed at once inside a signature unit
 EXAMPLES_PER_KIND = 30       # example pairs written to examples.jsonl per kind (exact, near, decontam)
+BUCKET_PAIR_CAP = 16         # a bucket member is paired with this many first members + its predecessor
+VERIFY_PAIRS = 200_000       # candidate pairs verified at once (their sketches gathered from disk)
+AUDIT_CHUNK = 500_000        # removed records per chunk of removed.parquet
+ROW_BYTES = 96               # working memory of one band/exact row in stages 2-3 (load, sort, pair blocks)
+EDGE_BYTES = 80              # working memory of one verified edge in stage 4
+MAX_PARTITIONS = 1 << 14
 # fork: workers start in milliseconds and need no `if __name__ == "__main__"` guard in the caller; the
 # parent holds no locks worth worrying about here (no torch, no threads of ours). spawn elsewhere.
 _START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-VERSION = 1                  # bump when the algorithm changes, so finished outputs are recomputed
+VERSION = 2                  # bump when the algorithm changes, so finished outputs are recomputed
+WORK = ".work"               # data/dedup/.work: the stages' files, removed when the step is done
+
+KEPT, CONTAMINATED, EXACT, NEAR = 0, 1, 2, 3      # status byte of a record
+REASONS = {CONTAMINATED: "contamination", EXACT: "exact", NEAR: "near"}
+ROW = np.dtype([("h", "<u8"), ("i", "<u4")])       # a band or exact row of a signature unit: hash, record
+EDGE = np.dtype([("v", "<i8"), ("u", "<i8"), ("s", "<f4")])   # v within threshold of u (u < v), similarity s
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,133 +160,440 @@ def question_variants(q: evalsets.Question, n: int) -> list[tuple[str, int | Non
     return variants
 
 
-def eval_index(question_sets: list[list[dict]], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Sorted 64-bit hashes of every n-gram of every question variant, with the eval-set and question each
-    came from (first set in recipe order wins a shared n-gram); plus how many questions have no n-gram."""
-    hashes, set_ids, q_ids, too_short = [], [], [], 0
+def eval_index(question_sets: list[list], n: int) -> dict:
+    """The decontamination index: every distinct n-gram hash of every printed form ("entry") of every question,
+    sorted (a hash shared by several entries appears once per entry); per entry its question and how many
+    windows it has; per question (numbered across the sets in order) its set. Plus how many questions have no
+    n-gram at all (too short in every form)."""
+    hashes, entries, entry_q, entry_windows, q_set, too_short = [], [], [], [], [], 0
     for s, questions in enumerate(question_sets):
-        for qi, q in enumerate(questions):
+        for q in questions:
+            qi = len(q_set)
+            q_set.append(s)
             got = 0
             for text, windows in question_variants(q, n):
-                h = minhash.ngram_hashes64(minhash.codepoints(text), n)[:windows]
+                h = np.unique(minhash.ngram_hashes64(minhash.codepoints(text), n)[:windows])
+                if not len(h):
+                    continue
                 got += len(h)
                 hashes.append(h)
-                set_ids.append(np.full(len(h), s, np.int32))
-                q_ids.append(np.full(len(h), qi, np.int32))
+                entries.append(np.full(len(h), len(entry_q), np.int32))
+                entry_q.append(qi)
+                entry_windows.append(len(h))
             too_short += got == 0
-    if not hashes:
-        return np.empty(0, np.uint64), np.empty(0, np.int32), np.empty(0, np.int32), too_short
-    h, s, q = np.concatenate(hashes), np.concatenate(set_ids), np.concatenate(q_ids)
-    order = np.lexsort((q, s, h))
-    h, s, q = h[order], s[order], q[order]
-    first = np.concatenate(([True], h[1:] != h[:-1]))
-    return h[first], s[first], q[first], too_short
+    h = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
+    e = np.concatenate(entries) if entries else np.empty(0, np.int32)
+    order = np.lexsort((e, h))
+    return {"hashes": h[order], "entry": e[order], "entry_question": np.array(entry_q, np.int32),
+            "entry_windows": np.array(entry_windows, np.int32), "question_set": np.array(q_set, np.int32),
+            "too_short": too_short}
 
 
-def find_contamination(cps: np.ndarray, lengths: np.ndarray, index_hashes: np.ndarray, n: int) -> np.ndarray:
-    """For every text of a batch (alnum-normalized code points, per-text lengths) the position in the eval
-    index of its first n-gram found there, or -1. One vectorized pass over the whole batch."""
-    found = np.full(len(lengths), -1, np.int64)
+def find_contamination(cps: np.ndarray, lengths: np.ndarray, index: dict, n: int,
+                       min_share: float) -> tuple[np.ndarray, np.ndarray]:
+    """For every text of a batch (alnum-normalized code points, per-text lengths): the question it is
+    contaminated by (-1: none) and the share of that question form's windows the text holds (the best form of
+    the best question; 0 if none). One vectorized pass over the whole batch."""
+    question = np.full(len(lengths), -1, np.int64)
+    share = np.zeros(len(lengths), np.float32)
+    index_h = index["hashes"]
     h = minhash.ngram_hashes64(cps, n)
-    if len(index_hashes) == 0 or len(h) == 0:
-        return found
+    if len(index_h) == 0 or len(h) == 0:
+        return question, share
     doc_of_char = np.repeat(np.arange(len(lengths)), lengths)
-    pos = np.searchsorted(index_hashes, h)
-    pos[pos == len(index_hashes)] = 0
-    hit = np.flatnonzero((index_hashes[pos] == h) & (doc_of_char[:len(h)] == doc_of_char[n - 1:n - 1 + len(h)]))
-    docs, first = np.unique(doc_of_char[hit], return_index=True)
-    found[docs] = pos[hit[first]]
-    return found
+    inside = doc_of_char[:len(h)] == doc_of_char[n - 1:n - 1 + len(h)]
+    h, doc = h[inside], doc_of_char[:len(h)][inside]
+    lo = np.searchsorted(index_h, h, "left")
+    hi = np.searchsorted(index_h, h, "right")
+    hit = hi > lo
+    if not hit.any():
+        return question, share
+    # each (text, window hash) once: a window repeated in the text counts once, as in the entry's count
+    doc, h = doc[hit], h[hit]
+    order = np.lexsort((h, doc))
+    doc, h = doc[order], h[order]
+    once = np.r_[True, (doc[1:] != doc[:-1]) | (h[1:] != h[:-1])]
+    doc, h = doc[once], h[once]
+    lo, hi = np.searchsorted(index_h, h, "left"), np.searchsorted(index_h, h, "right")
+    count = hi - lo
+    pos = np.repeat(lo - np.cumsum(count) + count, count) + np.arange(count.sum())   # lo..hi-1 of each hit
+    entry = index["entry"][pos].astype(np.int64)
+    doc = np.repeat(doc, count)
+    keys, matched = np.unique(doc * len(index["entry_windows"]) + entry, return_counts=True)
+    kdoc, kentry = keys // len(index["entry_windows"]), keys % len(index["entry_windows"])
+    kshare = matched / index["entry_windows"][kentry]
+    # best per text: highest share, then the first question
+    order = np.lexsort((index["entry_question"][kentry], -kshare, kdoc))
+    first = np.r_[True, kdoc[order][1:] != kdoc[order][:-1]]
+    best = order[first]
+    ok = kshare[best] >= min_share - 1e-9
+    question[kdoc[best][ok]] = index["entry_question"][kentry[best][ok]]
+    share[kdoc[best]] = kshare[best]
+    return question, share
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Pass 1 worker: one batch of texts -> compact per-record arrays
-_W: dict = {}
+# Files between the stages: .npy written atomically, read back through memory maps
+def _save(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        np.save(f, arr)
 
 
-def _init_worker(num_perm, ngram, bands, rows, decontam_ngram, index_hashes):
-    _W.update(hasher=minhash.MinHasher(num_perm=num_perm, ngram=ngram), bands=bands, rows=rows,
-              decontam_ngram=decontam_ngram, index_hashes=index_hashes)
+def _load(path: Path, mmap: bool = False) -> np.ndarray:
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
-def process_batch(batch: tuple[list[str], list[str]]) -> dict:
-    """Exact hashes, band hashes, sketches and eval hits of one batch of (dedup texts, decontam texts)."""
-    texts, dtexts = batch
+def _bounds(j: int, parts: int) -> tuple[int, int | None]:
+    """Hash range [lo, hi) of partition j of `parts` (hi None: to the end of the 64-bit space)."""
+    step = (1 << 64) // parts
+    return j * step, (None if j == parts - 1 else (j + 1) * step)
+
+
+def _slice_sorted(arr: np.ndarray, field: str, lo, hi) -> np.ndarray:
+    """Rows of a sorted (memory-mapped) array whose `field` lies in [lo, hi): two binary searches, so only
+    the pages of that range are read."""
+    col = arr[field]
+    a = int(np.searchsorted(col, col.dtype.type(lo), "left"))
+    b = len(col) if hi is None else int(np.searchsorted(col, col.dtype.type(hi), "left"))
+    return np.array(arr[a:b])
+
+
+def _unit_file(work: Path, unit: int, what: str) -> Path:
+    return work / "sig" / f"u{unit:06d}.{what}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 1: signatures, one unit per clean part file
+@functools.lru_cache(maxsize=2)
+def _hasher(num_perm: int, ngram: int) -> minhash.MinHasher:
+    return minhash.MinHasher(num_perm=num_perm, ngram=ngram)
+
+
+@functools.lru_cache(maxsize=2)
+def _index(path: str, mtime_ns: int) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def hash_batch(texts: list[str], dtexts: list[str], cfg: dict, index: dict) -> dict:
+    """Exact hashes, sketches, band hashes and eval hits of one batch of (dedup texts, decontam texts)."""
     cps, lengths = minhash.fold_batch(*minhash.encode_batch(texts))
     starts = np.cumsum(lengths) - lengths
     buf = cps.tobytes()
     exact = np.fromiter((xxhash.xxh3_64_intdigest(buf[4 * s:4 * (s + k)]) for s, k in zip(starts, lengths)),
                         np.uint64, len(texts))
-    sigs = _W["hasher"].signatures_cps(cps, lengths)
-    index, n = _W["index_hashes"], _W["decontam_ngram"]
-    contam = find_contamination(*minhash.alnum_only(cps, lengths), index, n)
+    sigs = _hasher(cfg["num_perm"], cfg["ngram"]).signatures_cps(cps, lengths)
+    n, share = cfg["decontam_ngram"], cfg["decontam_min_share"]
+    contam, score = find_contamination(*minhash.alnum_only(cps, lengths), index, n, share)
     own = [i for i, (t, d) in enumerate(zip(texts, dtexts)) if d is not t]   # preference pairs: prompt only
     if own:
         dcps, dlengths = minhash.fold_batch(*minhash.encode_batch([dtexts[i] for i in own]), alnum=True)
-        contam[own] = find_contamination(dcps, dlengths, index, n)
-    return {"exact": exact, "bands": minhash.band_hashes(sigs, _W["bands"], _W["rows"]),
-            "sketch": minhash.sketch(sigs), "contam": contam, "has_shingles": lengths > 0,
+        contam[own], score[own] = find_contamination(dcps, dlengths, index, n, share)
+    return {"exact": exact, "bands": minhash.band_hashes(sigs, cfg["bands"], cfg["rows"]),
+            "sketch": minhash.sketch(sigs), "contam": contam, "score": score, "has_shingles": lengths > 0,
             "chars": sum(len(t) for t in texts)}
 
 
-def _batches(corpora_dirs: list[Path], stats: list[dict]):
-    """(dedup texts, decontam texts) batches over all corpora in keep order; counts records per corpus."""
+def _unit_batches(part: Path, ids: list):
     texts, dtexts, chars = [], [], 0
-    for ci, d in enumerate(corpora_dirs):
-        for record in iter_records(d):
-            text = dedup_text(record)
-            texts.append(text)
-            dtexts.append(decontam_text(record, text))   # the same object unless a preference pair
-            stats[ci]["in"] += 1
-            chars += len(text)
-            if chars >= BATCH_CHARS:
-                yield texts, dtexts
-                texts, dtexts, chars = [], [], 0
+    for record in iter_records(part):
+        text = dedup_text(record)
+        texts.append(text)
+        dtexts.append(decontam_text(record, text))   # the same object unless a preference pair
+        ids.append(str(record.get("id")))
+        chars += len(text)
+        if chars >= BATCH_CHARS:
+            yield texts, dtexts
+            texts, dtexts, chars = [], [], 0
     if texts:
         yield texts, dtexts
 
 
-def _ordered_map(pool, fn, items, ahead: int):
-    """Results of fn over items in input order (so the outcome never depends on the worker count), with at
-    most `ahead` items in flight: unlike Pool.imap, which queues the whole input at once, memory stays at a
-    few batches however large the corpora are."""
-    pending = collections.deque()
-    for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
-        if len(pending) >= ahead:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+def _sign_done(unit: dict) -> dict | None:
+    work, k = Path(unit["work"]), unit["index"]
+    try:
+        with np.load(_unit_file(work, k, "meta.npz"), allow_pickle=False) as z:
+            meta = {key: z[key] for key in ("n", "chars", "band_rows", "exact_rows")}
+        import pyarrow.parquet as pq
+        ok = (len(_load(_unit_file(work, k, "bands.npy"), True)) == meta["band_rows"]
+              and len(_load(_unit_file(work, k, "exact.npy"), True)) == meta["exact_rows"]
+              and _load(_unit_file(work, k, "sketch.npy"), True).shape[0] == meta["n"]
+              and pq.ParquetFile(_unit_file(work, k, "ids.parquet")).metadata.num_rows == meta["n"])
+        return {"index": k, **{key: int(v) for key, v in meta.items()}} if ok else None
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def sign_unit(unit: dict) -> dict:
+    """Stage 1 for one clean part file: its records' sketches, ids, exact hashes, eval hits (meta.npz, written
+    last: the unit's done-marker) and its band and exact rows sorted by hash. Skipped when already done."""
+    done = _sign_done(unit)
+    if done is not None:
+        return done
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    work, k, cfg = Path(unit["work"]), unit["index"], unit["cfg"]
+    index_path = work / "eval_index.npz"
+    index = _index(str(index_path), index_path.stat().st_mtime_ns)
+    ids: list[str] = []
+    got = {key: [] for key in ("exact", "bands", "sketch", "contam", "score", "has_shingles")}
+    chars = 0
+    for texts, dtexts in _unit_batches(Path(unit["part"]), ids):
+        r = hash_batch(texts, dtexts, cfg, index)
+        for key in got:
+            got[key].append(r[key])
+        chars += r["chars"]
+    empty = {"exact": np.empty(0, np.uint64), "bands": np.empty((0, cfg["bands"]), np.uint64),
+             "sketch": np.empty((0, cfg["num_perm"]), np.uint8), "contam": np.empty(0, np.int64),
+             "score": np.empty(0, np.float32), "has_shingles": np.empty(0, bool)}
+    a = {key: np.concatenate(v) if v else empty[key] for key, v in got.items()}
+    n = len(ids)
+    local = np.arange(n, dtype=np.uint32)
+    clean = a["contam"] < 0                      # a contaminated record never stays, nor keeps another
+    exact_rows = np.empty(int(clean.sum()), ROW)
+    exact_rows["h"], exact_rows["i"] = a["exact"][clean], local[clean]
+    exact_rows = exact_rows[np.lexsort((exact_rows["i"], exact_rows["h"]))]
+    valid = clean & a["has_shingles"]
+    band_rows = np.empty(int(valid.sum()) * cfg["bands"], ROW)
+    band_rows["h"] = a["bands"][valid].ravel()
+    band_rows["i"] = np.repeat(local[valid], cfg["bands"])
+    band_rows = band_rows[np.lexsort((band_rows["i"], band_rows["h"]))]
+    _save(_unit_file(work, k, "sketch.npy"), a["sketch"])
+    _save(_unit_file(work, k, "bands.npy"), band_rows)
+    _save(_unit_file(work, k, "exact.npy"), exact_rows)
+    with atomic_file(_unit_file(work, k, "ids.parquet")) as f:
+        pq.write_table(pa.table({"id": pa.array(ids, pa.string())}), f)
+    with atomic_file(_unit_file(work, k, "meta.npz")) as f:
+        np.savez(f, n=n, chars=chars, band_rows=len(band_rows), exact_rows=len(exact_rows),
+                 contam=a["contam"].astype(np.int32), score=a["score"], has_shingles=a["has_shingles"])
+    return {"index": k, "n": n, "chars": chars, "band_rows": len(band_rows), "exact_rows": len(exact_rows)}
+
+
+def _rows(task: dict, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(hash, record number in keep order) of every unit's `what` rows in the task's hash range."""
+    work, lo, hi = Path(task["work"]), *_bounds(task["j"], task["parts"])
+    hs, ds = [], []
+    for k, offset in task["units"]:
+        rows = _slice_sorted(_load(_unit_file(work, k, what), True), "h", lo, hi)
+        hs.append(rows["h"])
+        ds.append(rows["i"].astype(np.int64) + offset)
+    if not hs:
+        return np.empty(0, np.uint64), np.empty(0, np.int64)
+    return np.concatenate(hs), np.concatenate(ds)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decisions over the compact arrays (pure functions, tested directly)
-def exact_duplicates(exact: np.ndarray, alive: np.ndarray) -> np.ndarray:
-    """For every record the index of the first alive record with the same hash (itself if it is the first);
-    -1 for records that are not alive."""
-    first_of = np.full(len(exact), -1, np.int64)
-    idx = np.flatnonzero(alive)
-    if len(idx):
-        _, first, inverse = np.unique(exact[idx], return_index=True, return_inverse=True)
-        first_of[idx] = idx[first[inverse]]
-    return first_of
+# Stage 2: exact duplicates, one unit per hash range
+def exact_partition(task: dict) -> dict:
+    """Of records with equal normalized text (in this hash range) the first in keep order stays; writes the
+    (duplicate v, kept u) pairs sorted by v. Skipped when already done."""
+    out = Path(task["work"]) / "exact" / f"{task['parts']}-p{task['j']:05d}.npy"
+    try:
+        return {"j": task["j"], "pairs": len(_load(out, True))}
+    except (OSError, ValueError):
+        pass
+    h, d = _rows(task, "exact.npy")
+    order = np.lexsort((d, h))
+    h, d = h[order], d[order]
+    start = np.r_[True, h[1:] != h[:-1]] if len(h) else np.empty(0, bool)
+    first = d[np.maximum.accumulate(np.where(start, np.arange(len(h)), 0))] if len(h) else d
+    pairs = np.empty(int((~start).sum()), EDGE)
+    pairs["v"], pairs["u"], pairs["s"] = d[~start], first[~start], 1.0
+    pairs.sort(order=["v"])
+    _save(out, pairs)
+    return {"j": task["j"], "pairs": len(pairs)}
 
 
-def near_duplicates(bands: np.ndarray, sketches: np.ndarray, valid: np.ndarray, threshold: float):
-    """Cluster root (smallest index, i.e. first in keep order) of every record over verified LSH pairs;
-    also the verified pairs (u, v, estimated Jaccard) for examples."""
-    u, v = minhash.candidate_pairs(bands, valid)
-    est = minhash.sketch_jaccard(sketches[u], sketches[v]) if len(u) else np.empty(0)
-    ok = est >= threshold
-    root = minhash.components_min(len(bands), u[ok], v[ok])
-    return root, (u[ok], v[ok], est[ok]), int(len(u))
+# ---------------------------------------------------------------------------------------------------------
+# Stage 3: LSH buckets -> verified edges, one unit per band-hash range
+def bucket_pairs(h: np.ndarray, d: np.ndarray, cap: int = BUCKET_PAIR_CAP):
+    """Candidate pairs (u, v), u < v, of records sharing a band hash, in blocks (one per pairing rank, so
+    memory stays linear in the rows): each bucket member with the bucket's first `cap` members and with its
+    predecessor. Pairs may repeat across blocks (and across bands); the caller makes them unique."""
+    order = np.lexsort((d, h))
+    h, d = h[order], d[order]
+    if len(h) < 2:
+        return
+    pos = np.arange(len(h))
+    start = np.r_[True, h[1:] != h[:-1]]
+    first = np.maximum.accumulate(np.where(start, pos, 0))
+    rank = pos - first
+    for k in range(cap):
+        sel = rank > k
+        if not sel.any():
+            return
+        yield d[first[sel] + k], d[sel]
+    sel = rank > cap
+    if sel.any():
+        yield d[pos[sel] - 1], d[sel]
+
+
+def _excluded(bits: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Look up records in a np.packbits bitmap (big-endian bit order)."""
+    return ((bits[d >> 3] >> (7 - (d & 7)).astype(np.uint8)) & 1).astype(bool)
+
+
+def gather_sketches(work: Path, offsets: np.ndarray, docs: np.ndarray, num_perm: int) -> np.ndarray:
+    """Sketches of records (keep-order numbers, sorted unique) read from their units' memory-mapped files,
+    one unit at a time (each map is closed before the next is opened, so resident memory stays at one unit)."""
+    out = np.empty((len(docs), num_perm), np.uint8)
+    unit = np.searchsorted(offsets, docs, "right") - 1
+    cut = np.flatnonzero(np.r_[True, unit[1:] != unit[:-1], True])
+    for a, b in zip(cut[:-1], cut[1:]):
+        k = int(unit[a])
+        mm = _load(_unit_file(work, k, "sketch.npy"), True)
+        out[a:b] = mm[docs[a:b] - offsets[k]]
+        del mm
+    return out
+
+
+def verify_pairs(work: Path, offsets: np.ndarray, u: np.ndarray, v: np.ndarray, num_perm: int) -> np.ndarray:
+    """Estimated Jaccard of candidate pairs from their 8-bit sketches."""
+    docs, inv = np.unique(np.concatenate([u, v]), return_inverse=True)
+    sk = gather_sketches(work, offsets, docs, num_perm)
+    return minhash.sketch_jaccard(sk[inv[:len(u)]], sk[inv[len(u):]]).astype(np.float32)
+
+
+def _unique_edges(e: np.ndarray) -> np.ndarray:
+    if not len(e):
+        return e
+    e = e[np.lexsort((e["u"], e["v"]))]
+    keep = np.r_[True, (e["v"][1:] != e["v"][:-1]) | (e["u"][1:] != e["u"][:-1])]
+    return e[keep]
+
+
+def bucket_partition(task: dict) -> dict:
+    """Stage 3 for one band-hash range: candidate pairs from the buckets, verified on the sketches; the edges
+    at or above the threshold written sorted by (v, u), with the number of candidates in a sidecar."""
+    work = Path(task["work"])
+    out = work / "edges" / f"{task['parts']}-p{task['j']:05d}.npy"
+    side = out.with_suffix(".json")
+    try:
+        got = json.loads(side.read_text())
+        if len(_load(out, True)) == got["edges"]:
+            return got
+    except (OSError, ValueError, KeyError):
+        pass
+    offsets = np.asarray(task["offsets"], np.int64)
+    h, d = _rows(task, "bands.npy")
+    bits = _load(work / "exact_dups.npy")
+    keep = ~_excluded(bits, d) if len(d) else np.empty(0, bool)
+    h, d = h[keep], d[keep]
+    edges, candidates = [], 0
+    for u, v in bucket_pairs(h, d, task.get("cap", BUCKET_PAIR_CAP)):
+        for s in range(0, len(u), VERIFY_PAIRS):
+            uu, vv = u[s:s + VERIFY_PAIRS], v[s:s + VERIFY_PAIRS]
+            key = np.unique(np.stack([uu, vv], axis=1), axis=0)
+            uu, vv = key[:, 0], key[:, 1]
+            candidates += len(uu)
+            est = verify_pairs(work, offsets, uu, vv, task["num_perm"])
+            ok = est >= task["threshold"]
+            e = np.empty(int(ok.sum()), EDGE)
+            e["v"], e["u"], e["s"] = vv[ok], uu[ok], est[ok]
+            edges.append(e)
+    e = _unique_edges(np.concatenate(edges) if edges else np.empty(0, EDGE))
+    _save(out, e)
+    got = {"j": task["j"], "candidates": candidates, "edges": len(e)}
+    side.write_text(json.dumps(got))
+    return got
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 4: the decisions, over ranges of records in keep order
+def resolve(lo: int, hi: int, edges: np.ndarray, status: np.ndarray, rounds: int = 64) -> np.ndarray:
+    """Decide records lo..hi-1 (status KEPT so far) from the edges (v in [lo, hi), u < v) given the status of
+    every earlier record: v is removed (NEAR) when some u of an edge is kept. Processing in keep order makes
+    this the greedy rule "removed only if a kept record is within the threshold". Vectorized in rounds (each
+    decides at least the first undecided record; a round costs one pass over the edges), then a plain loop for
+    what long chains leave. Returns, per record removed here, its best kept match as an EDGE row."""
+    if not len(edges):
+        return np.empty(0, EDGE)
+    UNDECIDED = 255
+    v, u = edges["v"], edges["u"]
+    loc = v - lo
+    n = hi - lo
+    state = status[lo:hi].copy()
+    incoming = np.bincount(loc, minlength=n) > 0
+    state[incoming & (state == KEPT)] = UNDECIDED
+    earlier = u < lo
+    for _ in range(rounds):
+        open_ = state == UNDECIDED
+        if not open_.any():
+            break
+        us = np.where(earlier, status[np.where(earlier, u, 0)], state[np.where(earlier, 0, u - lo)])
+        kept_u = np.bincount(loc, weights=us == KEPT, minlength=n) > 0
+        blocked = np.bincount(loc, weights=(us == KEPT) | (us == UNDECIDED), minlength=n) > 0
+        state[open_ & kept_u] = NEAR
+        state[open_ & ~blocked] = KEPT
+    if (state == UNDECIDED).any():    # a long chain: finish in keep order
+        order = np.argsort(v, kind="stable")
+        cuts = np.searchsorted(v[order], np.arange(lo, hi + 1))
+        for x in np.flatnonzero(state == UNDECIDED):
+            us = u[order[cuts[x]:cuts[x + 1]]]
+            st = np.where(us < lo, status[np.maximum(us, 0)], state[np.clip(us - lo, 0, n - 1)])
+            state[x] = NEAR if (st == KEPT).any() else KEPT
+    status[lo:hi] = state
+    # the best kept match of each removed record: highest similarity, then the earliest
+    removed_here = (state[loc] == NEAR) & (status[u] == KEPT)
+    m = edges[removed_here]
+    m = m[np.lexsort((m["u"], -m["s"], m["v"]))]
+    return m[np.r_[True, m["v"][1:] != m["v"][:-1]]] if len(m) else m
+
+
+def verified_edges(bands: np.ndarray, sketches: np.ndarray, valid: np.ndarray, threshold: float,
+                   cap: int = BUCKET_PAIR_CAP) -> tuple[np.ndarray, int]:
+    """In-memory form of stage 3 (tests, benchmarks): the verified EDGE rows among the `valid` records of a
+    (N, bands) band-hash matrix and their sketches, and the number of candidate pairs."""
+    idx = np.flatnonzero(valid)
+    h, d = bands[idx].ravel(), np.repeat(idx, bands.shape[1])
+    edges, candidates = [], 0
+    for u, v in bucket_pairs(h, d, cap):
+        key = np.unique(np.stack([u, v], axis=1), axis=0)
+        u, v = key[:, 0], key[:, 1]
+        candidates += len(u)
+        est = minhash.sketch_jaccard(sketches[u], sketches[v]).astype(np.float32)
+        ok = est >= threshold
+        e = np.empty(int(ok.sum()), EDGE)
+        e["v"], e["u"], e["s"] = v[ok], u[ok], est[ok]
+        edges.append(e)
+    e = _unique_edges(np.concatenate(edges) if edges else np.empty(0, EDGE))
+    return e, candidates
+
+
+def keep_greedy(n: int, edges: np.ndarray, excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """In-memory form of stage 4 (tests, benchmarks): the status of n records and the matches, one range."""
+    status = np.zeros(n, np.uint8)
+    if excluded is not None:
+        status[excluded] = EXACT
+    return status, resolve(0, n, _unique_edges(edges), status)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The map every stage runs through
+def pool_mapper(workers: int):
+    """`mapper(fn, units)` over a process pool of `workers` (data_process/executor.py; results in input order,
+    so the outcome never depends on the worker count); a plain map for one worker. Ray's engine passes its own
+    mapper (`Executor.mapper`)."""
+    def mapper(fn, units):
+        units = list(units)
+        ex = Executor("local", workers=min(workers, len(units)))
+        yield from ex.map(fn, units, ordered=True, start_method=_START_METHOD)
+    return mapper
+
+
+def partitions_for(rows: int, bytes_per_row: int, memory_gb: float, fixed_bytes: int, workers: int) -> int:
+    """How many ranges a stage cuts `rows` into so that `workers` ranges at once fit in memory_gb beside the
+    driver's `fixed_bytes`."""
+    budget = max(memory_gb * 2**30 - fixed_bytes, 2**12) / max(1, workers)
+    return int(min(MAX_PARTITIONS, max(1, math.ceil(rows * bytes_per_row / budget))))
 
 
 # ---------------------------------------------------------------------------------------------------------
 def _fingerprint(recipe, corpora, clean_root: Path, eval_files: list[list[Path]]) -> str:
     h = hashlib.sha256()
-    settings = {"version": VERSION, "dedup": asdict(recipe.dedup),
-                "corpora": [(c.name, c.priority) for c in corpora],
+    cfg = {k: v for k, v in asdict(recipe.dedup).items() if k != "memory_gb"}   # memory never changes decisions
+    settings = {"version": VERSION, "dedup": cfg, "corpora": [(c.name, c.priority) for c in corpora],
                 "eval_sets": [(e.name, e.format) for e in recipe.eval_sets]}
     h.update(json.dumps(settings, sort_keys=True).encode())
     for c in corpora:
@@ -260,18 +606,23 @@ def _fingerprint(recipe, corpora, clean_root: Path, eval_files: list[list[Path]]
 
 
 def _done(out_root: Path, fingerprint: str, corpora) -> dict | None:
+    """The saved report when every output it vouches for is there: report, manifests, listed parts, audit."""
     try:
         report = json.loads((out_root / "report.json").read_text())
-        if report.get("fingerprint") != fingerprint:
+        if report.get("fingerprint") != fingerprint or not (out_root / "removed.parquet").is_file():
             return None
         for c in corpora:
-            if json.loads((out_root / c.name / "manifest.json").read_text()).get("fingerprint") != fingerprint:
+            m = json.loads((out_root / c.name / "manifest.json").read_text())
+            if m.get("fingerprint") != fingerprint:
+                return None
+            # the parts it lists must be there as written: a deleted or damaged part redoes dedup (issue 14 #12)
+            problems = check_files(out_root / c.name, m.get("part_info", {}), exact_glob="part-*.jsonl.zst")
+            if problems or "part_info" not in m:
+                log.warning("dedup: %s; running dedup again", problems[0] if problems else "an older manifest")
                 return None
         return report
     except (OSError, ValueError):
         return None
-
-
 
 
 def _corpora_in_keep_order(recipe, clean_root: Path) -> tuple[list, dict]:
@@ -289,7 +640,7 @@ def _corpora_in_keep_order(recipe, clean_root: Path) -> tuple[list, dict]:
     return corpora, skipped
 
 
-def _load_eval_sets(recipe, eval_files: list[list[Path]]) -> tuple[list[list[dict]], dict]:
+def _load_eval_sets(recipe, eval_files: list[list[Path]]) -> tuple[list[list], dict]:
     question_sets, eval_report = [], {}
     for spec, files in zip(recipe.eval_sets, eval_files):
         if not files:
@@ -301,100 +652,142 @@ def _load_eval_sets(recipe, eval_files: list[list[Path]]) -> tuple[list[list[dic
             bad += b
         question_sets.append(questions)
         eval_report[spec.name] = {"files": len(files), "questions": len(questions), "malformed_rows": bad,
-                                  "removed": 0}
+                                  "removed": 0, "removed_by_subject": {}}
     return question_sets, eval_report
 
 
-def _hash_pass(corpus_dirs: list[Path], init: tuple, workers: int) -> tuple[dict, list[int], int]:
-    """Pass 1: the compact per-record arrays of all corpora (in keep order), records per corpus, characters."""
+def _progress(desc: str, total: int, unit: str = " units"):
     from tqdm import tqdm
-    stats = [{"in": 0} for _ in corpus_dirs]
-    parts = {k: [] for k in ("exact", "bands", "sketch", "contam", "has_shingles")}
-    chars = 0
-    batches = _batches(corpus_dirs, stats)
-    progress = tqdm(desc="dedup: hashing", unit=" chars", unit_scale=True, disable=None)
-    pool = None
-    if workers == 1:
-        _init_worker(*init)
-        results = map(process_batch, batches)
-    else:
-        pool = multiprocessing.get_context(_START_METHOD).Pool(workers, initializer=_init_worker, initargs=init)
-        results = _ordered_map(pool, process_batch, batches, ahead=2 * workers)
-    try:
-        for r in results:
-            for k in parts:
-                parts[k].append(r[k])
-            chars += r["chars"]
-            progress.update(r["chars"])
-    finally:
-        progress.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-    num_perm, bands_n = init[0], init[2]
-    empty = {"exact": np.empty(0, np.uint64), "bands": np.empty((0, bands_n), np.uint64),
-             "sketch": np.empty((0, num_perm), np.uint8), "contam": np.empty(0, np.int64),
-             "has_shingles": np.empty(0, bool)}
-    arrays = {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}
-    return arrays, [s["in"] for s in stats], chars
+    return tqdm(desc=desc, total=total, unit=unit, disable=None)
 
 
-def decide(arrays: dict, exact: bool, near: bool, threshold: float) -> dict:
-    """Which records go, and why, from the pass-1 arrays (index order = keep order)."""
-    n = len(arrays["exact"])
-    contaminated = arrays["contam"] >= 0
-    alive = ~contaminated
-    first_of = exact_duplicates(arrays["exact"], alive) if exact else np.where(alive, np.arange(n), -1)
-    exact_dup = alive & (first_of != np.arange(n))
-    valid = alive & ~exact_dup & arrays["has_shingles"]
-    if near and n:
-        root, pairs, n_candidates = near_duplicates(arrays["bands"], arrays["sketch"], valid, threshold)
-    else:
-        root, pairs, n_candidates = np.arange(n), (np.empty(0, np.int64),) * 3, 0
-    near_dup = valid & (root != np.arange(n))
-    return {"contaminated": contaminated, "exact_dup": exact_dup, "first_of": first_of, "near_dup": near_dup,
-            "root": root, "pairs": pairs, "candidates": n_candidates,
-            "keep": alive & ~exact_dup & ~near_dup}
+def _edges_in(files: list[Path], lo: int, hi: int) -> np.ndarray:
+    got = [_slice_sorted(_load(f, True), "v", lo, hi) for f in files]
+    return np.concatenate(got) if got else np.empty(0, EDGE)
 
 
-def _corpus_report(corpora, counts: list[int], d: dict) -> dict:
-    corpus_of = np.repeat(np.arange(len(corpora), dtype=np.int32), counts)
-    names = [c.name for c in corpora]
-    report = {}
-    for ci, c in enumerate(corpora):
-        mine = corpus_of == ci
-
-        def against(mask, target):
-            got = np.bincount(corpus_of[target[mask & mine]], minlength=len(corpora))
-            return {names[j]: int(k) for j, k in enumerate(got) if k}
-        report[c.name] = {
-            "priority": c.priority, "role": c.role, "in": int(mine.sum()),
-            "decontaminated": int((d["contaminated"] & mine).sum()),
-            "exact_dups": int((d["exact_dup"] & mine).sum()), "exact_dups_of": against(d["exact_dup"], d["first_of"]),
-            "near_dups": int((d["near_dup"] & mine).sum()), "near_dups_of": against(d["near_dup"], d["root"]),
-            "kept": int((d["keep"] & mine).sum()),
-        }
-    return report
+# ---------------------------------------------------------------------------------------------------------
+# Stage 5: the audit file, the report, the survivors
+def _ids_of(work: Path, offsets: np.ndarray, docs: np.ndarray) -> list:
+    """Record ids of records (keep-order numbers), read unit by unit from the signature stage's id files."""
+    import pyarrow.parquet as pq
+    out = np.empty(len(docs), object)
+    order = np.argsort(docs, kind="stable")
+    sd = docs[order]
+    unit = np.searchsorted(offsets, sd, "right") - 1
+    cut = np.flatnonzero(np.r_[True, unit[1:] != unit[:-1], True]) if len(sd) else []
+    for a, b in zip(cut[:-1], cut[1:]):
+        k = int(unit[a])
+        col = pq.read_table(_unit_file(work, k, "ids.parquet"), columns=["id"]).column("id")
+        out[order[a:b]] = col.take(sd[a:b] - offsets[k]).to_pylist()
+    return out.tolist()
 
 
-def _example_picks(d: dict) -> list[tuple]:
-    """(kind, kept index or -1, dropped index, estimated Jaccard): evenly spaced, so deterministic."""
-    def spaced(m):
-        return np.unique(np.linspace(0, m - 1, min(m, EXAMPLES_PER_KIND)).astype(np.int64)) if m else []
-    eu, ev, eest = d["pairs"]
-    ex_exact = np.flatnonzero(d["exact_dup"])
-    picks = [("exact", int(d["first_of"][i]), int(i), 1.0) for i in ex_exact[spaced(len(ex_exact))]]
-    picks += [("near", int(eu[k]), int(ev[k]), float(eest[k])) for k in spaced(len(eu))]
-    ex_contam = np.flatnonzero(d["contaminated"])
-    picks += [("decontam", -1, int(i), None) for i in ex_contam[spaced(len(ex_contam))]]
+def _audit_schema():
+    import pyarrow as pa
+    return pa.schema([("corpus", pa.string()), ("id", pa.string()), ("reason", pa.string()),
+                      ("similarity", pa.float32()), ("kept_corpus", pa.string()), ("kept_id", pa.string()),
+                      ("eval_set", pa.string()), ("eval_subject", pa.string()), ("eval_split", pa.string()),
+                      ("eval_question_id", pa.string()), ("eval_question", pa.string())])
+
+
+def _removed_rows(work: Path, units: list, offsets: np.ndarray, exact_files: list, near_files: list):
+    """The removed records as (reason code, EDGE rows) chunks: contamination (u = -1 - question, s = share),
+    exact duplicates (u = the kept record: the first copy, or the record that copy was removed for), near."""
+    for k, offset in units:
+        with np.load(_unit_file(work, k, "meta.npz"), allow_pickle=False) as z:
+            contam, score = z["contam"], z["score"]
+        hit = np.flatnonzero(contam >= 0)
+        if len(hit):
+            e = np.empty(len(hit), EDGE)
+            e["v"], e["u"], e["s"] = hit + offset, -1 - contam[hit].astype(np.int64), score[hit]
+            yield CONTAMINATED, e
+    for f in exact_files:
+        pairs = _load(f, True)
+        for s in range(0, len(pairs), AUDIT_CHUNK):
+            e = np.array(pairs[s:s + AUDIT_CHUNK])
+            yield EXACT, e
+    for f in near_files:
+        e = _load(f)
+        for s in range(0, len(e), AUDIT_CHUNK):
+            yield NEAR, e[s:s + AUDIT_CHUNK]
+
+
+def _near_match(near_files: list, starts: list, docs: np.ndarray) -> np.ndarray:
+    """The kept match (EDGE rows) of records removed as near duplicates, looked up in the range files."""
+    out = np.empty(len(docs), EDGE)
+    r = np.searchsorted(starts, docs, "right") - 1
+    for ri in np.unique(r):
+        sel = r == ri
+        e = _load(near_files[ri], True)
+        pos = np.searchsorted(e["v"], docs[sel])
+        out[sel] = e[pos]
+        del e
+    return out
+
+
+def _write_audit(path: Path, work: Path, units, offsets, corpus_of_unit: list[str], status, exact_files,
+                 near_files, near_starts, questions: list, set_names: list[str], eval_report: dict,
+                 counts: dict, picks_at: dict) -> list[tuple]:
+    """removed.parquet, chunk by chunk; fills the per-corpus "dups_of" counts and the per-subject removals;
+    returns the example picks (kind, kept or -1, removed, similarity, question or None)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    seen = {CONTAMINATED: 0, EXACT: 0, NEAR: 0}
+    picks = []
+    unit_of = lambda docs: np.searchsorted(offsets, docs, "right") - 1
+    with atomic_file(path) as f, pq.ParquetWriter(f, _audit_schema()) as writer:
+        for reason, e in _removed_rows(work, units, offsets, exact_files, near_files):
+            v, u, s = e["v"], e["u"].copy(), e["s"].copy()
+            if reason == EXACT:       # the first copy itself removed as a near duplicate: its kept match
+                gone = status[u] == NEAR
+                if gone.any():
+                    m = _near_match(near_files, near_starts, u[gone])
+                    u[gone], s[gone] = m["u"], m["s"]
+            cv = [corpus_of_unit[k] for k in unit_of(v)]
+            ids = _ids_of(work, offsets, v)
+            n = len(v)
+            cols = {"corpus": cv, "id": ids, "reason": [REASONS[reason]] * n, "similarity": s,
+                    **{k: [None] * n for k in ("kept_corpus", "kept_id", "eval_set", "eval_subject", "eval_split",
+                                               "eval_question_id", "eval_question")}}
+            if reason == CONTAMINATED:
+                qs = [questions[int(-1 - x)] for x in u]
+                cols["eval_set"] = [set_names[q_set] for q_set, _ in qs]
+                cols["eval_subject"] = [q.subject for _, q in qs]
+                cols["eval_split"] = [q.split for _, q in qs]
+                cols["eval_question_id"] = [str(q.id) for _, q in qs]
+                cols["eval_question"] = [q.question for _, q in qs]
+                for (q_set, q) in qs:
+                    r = eval_report[set_names[q_set]]
+                    r["removed"] += 1
+                    r["removed_by_subject"][q.subject] = r["removed_by_subject"].get(q.subject, 0) + 1
+            else:
+                cu = [corpus_of_unit[k] for k in unit_of(u)]
+                cols["kept_corpus"], cols["kept_id"] = cu, _ids_of(work, offsets, u)
+                key = "exact_dups_of" if reason == EXACT else "near_dups_of"
+                for a, b in zip(cv, cu):
+                    counts[a][key][b] = counts[a][key].get(b, 0) + 1
+            writer.write_table(pa.table(cols, schema=_audit_schema()))
+            wanted = picks_at[reason]
+            at = wanted[(wanted >= seen[reason]) & (wanted < seen[reason] + n)] - seen[reason]
+            for i in at:
+                q = questions[int(-1 - u[i])] if reason == CONTAMINATED else None
+                picks.append((reason, int(u[i]) if q is None else -1, int(v[i]), float(s[i]), q))
+            seen[reason] += n
     return picks
 
 
-def _example(kind, kept, dropped, est, ngram, contam_pos=None, question=None, eval_set=None) -> dict:
+def _spaced(total: int) -> np.ndarray:
+    return np.unique(np.linspace(0, total - 1, min(total, EXAMPLES_PER_KIND)).astype(np.int64)) if total else \
+        np.empty(0, np.int64)
+
+
+def _example(kind, kept, dropped, est, ngram, question=None, eval_set=None) -> dict:
     ex = {"kind": kind, "dropped": {"id": dropped.get("id"), "corpus": dropped.get("corpus"),
                                     "text": dedup_text(dropped)}}
     if kind == "decontam":
         ex["eval_set"] = eval_set
+        ex["share"] = round(est, 4)
         ex["question"] = {"subject": question.subject, "split": question.split, "id": question.id,
                           "question": question.question, "options": question.options, "answer": question.answer,
                           "file": question.file, "line": question.line}
@@ -406,32 +799,63 @@ def _example(kind, kept, dropped, est, ngram, contam_pos=None, question=None, ev
     return ex
 
 
-def _write_survivors(corpus, corpus_dir: Path, out_dir: Path, keep_c: np.ndarray, base: int, wanted: set,
-                     seen: dict) -> list[Path]:
-    """Pass 2 for one corpus: reread its records, write the kept ones, remember the example records."""
-    def survivors():
-        j = -1
-        for j, record in enumerate(iter_records(corpus_dir)):
-            if j >= len(keep_c):
-                raise RuntimeError(f"dedup: {corpus.name} changed between passes (more records than counted)")
-            if base + j in wanted:
-                seen[base + j] = record
-            if keep_c[j]:
-                yield record
-        if j + 1 != len(keep_c):
-            raise RuntimeError(f"dedup: {corpus.name} changed between passes (fewer records than counted)")
-    return write_parts(survivors(), out_dir)
+def write_unit(task: dict) -> dict:
+    """Stage 5 for one clean part file: its kept records into the corpus's output part of the same name (zstd
+    JSONL with the content checksum, written atomically; no part when nothing is kept), and the records the
+    examples need. The record count is checked against the signature stage's."""
+    import orjson
+    import zstandard
+    work, offset, n = Path(task["work"]), task["offset"], task["n"]
+    keep = np.array(_load(work / "status.npy", True)[offset:offset + n]) == KEPT
+    wanted, seen = set(task["wanted"]), {}
+    out = Path(task["out_dir"]) / Path(task["part"]).name
+    writer = compressor = None
+    j, kept = -1, 0
+    try:
+        for j, record in enumerate(iter_records(Path(task["part"]))):
+            if j >= n:
+                raise RuntimeError(f"dedup: {task['part']} changed between stages (more records than counted)")
+            if offset + j in wanted:
+                seen[offset + j] = record
+            if keep[j]:
+                if writer is None:
+                    writer = AtomicWriter(out)
+                    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).stream_writer(
+                        writer.f, closefd=False)
+                compressor.write(orjson.dumps(record) + b"\n")
+                kept += 1
+        if j + 1 != n:
+            raise RuntimeError(f"dedup: {task['part']} changed between stages (fewer records than counted)")
+        if writer is not None:
+            compressor.close()
+            writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is None:
+        out.unlink(missing_ok=True)
+    return {"index": task["index"], "part": out.name if writer else None, "kept": kept,
+            "size": out.stat().st_size if writer else 0, "sha256": file_sha256(out) if writer else None,
+            "seen": seen}
 
 
-def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) -> dict:
+# ---------------------------------------------------------------------------------------------------------
+def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None, mapper=None) -> dict:
     """Run the dedup step; returns the report (also written to out_root/report.json). Re-running with the
-    same inputs and settings returns the saved report without recomputing."""
+    same inputs and settings returns the saved report without recomputing; a killed run resumes from the
+    stage units it finished. `mapper(fn, units)` runs each stage's units (default: a process pool)."""
+    with DirLock(out_root, "dedup step"):
+        return _run(recipe, Path(clean_root), Path(out_root), workers, mapper)
+
+
+def _run(recipe, clean_root: Path, out_root: Path, workers, mapper) -> dict:
     from data_process.recipe import resolve_paths
 
     t0 = time.time()
-    clean_root, out_root = Path(clean_root), Path(out_root)
     cfg = recipe.dedup
     workers = max(1, workers if workers is not None else recipe.run.workers)
+    mapper = mapper or pool_mapper(workers)
     corpora, skipped = _corpora_in_keep_order(recipe, clean_root)
     eval_files = [resolve_paths(recipe, e.paths) for e in recipe.eval_sets]
     fingerprint = _fingerprint(recipe, corpora, clean_root, eval_files)
@@ -439,62 +863,168 @@ def run(recipe, clean_root: Path, out_root: Path, workers: int | None = None) ->
     if done is not None:
         log.info("dedup: outputs up to date (%s), skipped", out_root)
         return done
+    work = out_root / WORK
+    try:
+        same_run = (work / "fingerprint").read_text() == fingerprint
+    except OSError:
+        same_run = False
+    if not same_run:        # another run's (or no) stage files: start afresh
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        (work / "fingerprint").write_text(fingerprint)
 
+    # stage 1: signatures
     question_sets, eval_report = _load_eval_sets(recipe, eval_files)
-    index_hashes, index_sets, index_qs, too_short = eval_index(question_sets, cfg.decontam_ngram)
+    index = eval_index(question_sets, cfg.decontam_ngram)
+    too_short = index.pop("too_short")
+    with atomic_file(work / "eval_index.npz") as f:
+        np.savez(f, **index)
+    questions = [(s, q) for s, qs in enumerate(question_sets) for q in qs]
+    set_names = [e.name for e in recipe.eval_sets]
     minhash._tables()   # built once here, inherited by forked workers
     bands_n, rows_n = minhash.lsh_params(cfg.threshold, cfg.num_perm)
-    init = (cfg.num_perm, cfg.ngram, bands_n, rows_n, cfg.decontam_ngram, index_hashes)
-    arrays, counts, chars = _hash_pass([clean_root / c.name for c in corpora], init, workers)
+    sign_cfg = {"num_perm": cfg.num_perm, "ngram": cfg.ngram, "bands": bands_n, "rows": rows_n,
+                "decontam_ngram": cfg.decontam_ngram, "decontam_min_share": cfg.decontam_min_share}
+    units, corpus_of_unit, units_of_corpus = [], [], []
+    for c in corpora:
+        first = len(units)
+        for part in list_parts(clean_root / c.name):
+            units.append({"index": len(units), "corpus": c.name, "part": str(part), "work": str(work),
+                          "cfg": sign_cfg})
+            corpus_of_unit.append(c.name)
+        units_of_corpus.append(range(first, len(units)))
+    progress = _progress("dedup: signatures", len(units))
+    metas = []
+    for m in mapper(sign_unit, units):
+        metas.append(m)
+        progress.update(1)
+    progress.close()
+    sizes = np.array([m["n"] for m in metas], np.int64)
+    offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)     # unit k holds records offsets[k]..offsets[k+1]-1
+    n_docs, chars = int(offsets[-1]), sum(m["chars"] for m in metas)
     hash_seconds = time.time() - t0
-    d = decide(arrays, cfg.exact, cfg.near, cfg.threshold)
-    contam = arrays["contam"]
-    del arrays
-    report_corpora = _corpus_report(corpora, counts, d)
-    for s, spec in enumerate(recipe.eval_sets):
-        eval_report[spec.name]["removed"] = int((index_sets[contam[d["contaminated"]]] == s).sum())
+    unit_offsets = [(k, int(offsets[k])) for k in range(len(units))]
+    fixed = 2 * n_docs + 64 * len(units)      # status bytes, bitmaps, offsets
+    status = np.zeros(n_docs, np.uint8)
+    for k, offset in unit_offsets:
+        with np.load(_unit_file(work, k, "meta.npz"), allow_pickle=False) as z:
+            status[offset:offset + int(sizes[k])][z["contam"] >= 0] = CONTAMINATED
 
-    # pass 2: survivors, then examples, then the report (the done-marker) last
-    out_root.mkdir(parents=True, exist_ok=True)
+    # stage 2: exact duplicates
+    exact_files, layout = [], {"exact_partitions": 0, "bucket_partitions": 0, "decide_ranges": 0}
+    if cfg.exact and n_docs:
+        parts = partitions_for(sum(m["exact_rows"] for m in metas), ROW_BYTES, cfg.memory_gb, fixed, workers)
+        tasks = [{"work": str(work), "j": j, "parts": parts, "units": unit_offsets} for j in range(parts)]
+        for _ in mapper(exact_partition, tasks):
+            pass
+        exact_files = [work / "exact" / f"{parts}-p{j:05d}.npy" for j in range(parts)]
+        layout["exact_partitions"] = parts
+        for f in exact_files:
+            status[np.array(_load(f, True)["v"])] = EXACT
+    _save(work / "exact_dups.npy", np.packbits(status == EXACT))
+
+    # stage 3: buckets -> verified edges
+    near_files, near_starts, candidates, n_edges = [], [0], 0, 0
+    if cfg.near and n_docs:
+        parts = partitions_for(sum(m["band_rows"] for m in metas), ROW_BYTES, cfg.memory_gb, fixed, workers)
+        tasks = [{"work": str(work), "j": j, "parts": parts, "units": unit_offsets, "offsets": offsets.tolist(),
+                  "threshold": cfg.threshold, "num_perm": cfg.num_perm} for j in range(parts)]
+        progress = _progress("dedup: buckets", parts)
+        for got in mapper(bucket_partition, tasks):
+            candidates += got["candidates"]
+            n_edges += got["edges"]
+            progress.update(1)
+        progress.close()
+        edge_files = [work / "edges" / f"{parts}-p{j:05d}.npy" for j in range(parts)]
+        layout["bucket_partitions"] = parts
+        # stage 4: decisions, range by range in keep order (each range needs the ones before it)
+        ranges = partitions_for(n_edges, EDGE_BYTES, cfg.memory_gb, fixed, 1)
+        step = -(-n_docs // ranges)
+        near_starts = list(range(0, n_docs, step))
+        layout["decide_ranges"] = len(near_starts)
+        for r, lo in enumerate(near_starts):
+            hi = min(n_docs, lo + step)
+            matches = resolve(lo, hi, _unique_edges(_edges_in(edge_files, lo, hi)), status)
+            near_files.append(work / "near" / f"r{r:05d}.npy")
+            _save(near_files[-1], matches)
+
+    # stage 5: audit, survivors, examples, report (the done-marker) last
     (out_root / "report.json").unlink(missing_ok=True)
-    picks = _example_picks(d)
-    wanted = {i for p in picks for i in p[1:3] if i >= 0}
-    seen, offset = {}, 0
-    for c, count in zip(corpora, counts):
-        paths = _write_survivors(c, clean_root / c.name, out_root / c.name, d["keep"][offset:offset + count],
-                                 offset, wanted, seen)
+    counts = {c.name: {"exact_dups_of": {}, "near_dups_of": {}} for c in corpora}
+    totals = {code: int((status == code).sum()) for code in REASONS}
+    picks_at = {code: _spaced(totals[code]) for code in REASONS}
+    picks = _write_audit(out_root / "removed.parquet", work, unit_offsets, offsets, corpus_of_unit, status,
+                         exact_files, near_files, near_starts, questions, set_names, eval_report, counts, picks_at)
+    report_corpora = {}
+    for ci, c in enumerate(corpora):
+        lo, hi = int(offsets[units_of_corpus[ci].start]), int(offsets[units_of_corpus[ci].stop])
+        st = status[lo:hi]
+        report_corpora[c.name] = {
+            "priority": c.priority, "role": c.role, "in": hi - lo,
+            "decontaminated": int((st == CONTAMINATED).sum()),
+            "exact_dups": int((st == EXACT).sum()), "exact_dups_of": counts[c.name]["exact_dups_of"],
+            "near_dups": int((st == NEAR).sum()), "near_dups_of": counts[c.name]["near_dups_of"],
+            "kept": int((st == KEPT).sum())}
+    wanted = np.array(sorted({i for p in picks for i in p[1:3] if i >= 0}), np.int64)
+    _save(work / "status.npy", status)
+    seen = {}
+    for c in corpora:
+        (out_root / c.name).mkdir(parents=True, exist_ok=True)
+        (out_root / c.name / "manifest.json").unlink(missing_ok=True)
+    tasks = [{"work": str(work), "index": k, "part": u["part"], "out_dir": str(out_root / u["corpus"]),
+              "offset": int(offsets[k]), "n": int(sizes[k]),
+              "wanted": wanted[(wanted >= offsets[k]) & (wanted < offsets[k + 1])].tolist()}
+             for k, u in enumerate(units)]
+    written = [None] * len(units)
+    progress = _progress("dedup: writing", len(units))
+    for got in mapper(write_unit, tasks):
+        seen.update(got.pop("seen"))
+        written[got["index"]] = got
+        progress.update(1)
+    progress.close()
+    for ci, c in enumerate(corpora):
+        mine = [written[k] for k in units_of_corpus[ci] if written[k]["part"]]
+        names = {w["part"] for w in mine}
+        for old in (out_root / c.name).glob("part-*.jsonl.zst"):   # an earlier run's parts that are not ours
+            if old.name not in names:
+                old.unlink()
+        if sum(w["kept"] for w in mine) != report_corpora[c.name]["kept"]:
+            raise RuntimeError(f"dedup: {c.name}: written records do not match the decisions")
         manifest = {"fingerprint": fingerprint, "corpus": c.name, "kind": "dedup",
-                    "records": report_corpora[c.name]["kept"], "parts": [p.name for p in paths],
+                    "records": report_corpora[c.name]["kept"], "parts": [w["part"] for w in mine],
+                    # what fileio.describe_files records, computed by the write units
+                    "part_info": {w["part"]: {"bytes": w["size"], "sha256": w["sha256"]} for w in mine},
                     "dedup": report_corpora[c.name]}
-        atomic_write_bytes(out_root / c.name / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode())
-        offset += count
+        atomic_write_bytes(out_root / c.name / "manifest.json",
+                           json.dumps(manifest, ensure_ascii=False, indent=1).encode())
     lines = []
-    for kind, u, v, est in picks:
-        if kind == "decontam":
-            pos = contam[v]
-            ex = _example(kind, None, seen[v], None, cfg.ngram, question=question_sets[index_sets[pos]][index_qs[pos]],
-                          eval_set=recipe.eval_sets[index_sets[pos]].name)
-        else:
-            ex = _example(kind, seen[u], seen[v], est, cfg.ngram)
-        lines.append(json.dumps(ex, ensure_ascii=False))
+    kinds = {CONTAMINATED: "decontam", EXACT: "exact", NEAR: "near"}
+    for reason in (EXACT, NEAR, CONTAMINATED):       # the order examples.jsonl always had
+        for code, u, v, est, q in picks:
+            if code != reason:
+                continue
+            if code == CONTAMINATED:
+                ex = _example("decontam", None, seen[v], est, cfg.ngram, question=q[1], eval_set=set_names[q[0]])
+            else:
+                ex = _example(kinds[code], seen[u], seen[v], est, cfg.ngram)
+            lines.append(json.dumps(ex, ensure_ascii=False))
     atomic_write_bytes(out_root / "examples.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
 
     seconds = time.time() - t0
-    n = len(d["keep"])
     report = {
         "fingerprint": fingerprint,
         "settings": {**asdict(cfg), "bands": bands_n, "rows": rows_n, "workers": workers,
-                     "index_bytes_per_doc": minhash.index_bytes_per_doc(bands_n, cfg.num_perm),
-                     "keep_order": [c.name for c in corpora]},
+                     "bucket_pair_cap": BUCKET_PAIR_CAP, "keep_order": [c.name for c in corpora]},
         "corpora": report_corpora, "skipped": skipped, "eval_sets": eval_report,
         "eval_questions_without_ngram": too_short,
-        "totals": {"in": n, "kept": int(d["keep"].sum()), "decontaminated": int(d["contaminated"].sum()),
-                   "exact_dups": int(d["exact_dup"].sum()), "near_dups": int(d["near_dup"].sum()),
-                   "lsh_candidate_pairs": d["candidates"], "verified_pairs": int(len(d["pairs"][0])),
-                   "chars": int(chars), "hash_seconds": round(hash_seconds, 2), "seconds": round(seconds, 2),
-                   "mchars_per_s": round(chars / max(hash_seconds, 1e-9) / 1e6, 2)},
+        "totals": {"in": n_docs, "kept": int((status == KEPT).sum()), "decontaminated": totals[CONTAMINATED],
+                   "exact_dups": totals[EXACT], "near_dups": totals[NEAR],
+                   "lsh_candidate_pairs": candidates, "verified_pairs": n_edges,
+                   "units": len(units), **layout, "chars": int(chars), "hash_seconds": round(hash_seconds, 2),
+                   "seconds": round(seconds, 2), "mchars_per_s": round(chars / max(hash_seconds, 1e-9) / 1e6, 2)},
     }
     atomic_write_bytes(out_root / "report.json", json.dumps(report, ensure_ascii=False, indent=1).encode())
+    shutil.rmtree(work, ignore_errors=True)
     print(format_report(report))
     return report
 
@@ -514,4 +1044,5 @@ def format_report(report: dict) -> str:
                 f"{t['kept']:>9}  ({t['mchars_per_s']} M chars/s, {t['seconds']} s)")
     rows.append("decontamination: " + ", ".join(f"{k}: {v['removed']} removed ({v['questions']} questions)"
                                                 for k, v in report["eval_sets"].items()))
+    rows.append("every removed record: removed.parquet (python data_process.py inspect dedup)")
     return "\n".join(rows)

@@ -73,7 +73,7 @@ def fetch(source: Source, corpora_dir: Path, patterns=None, dry_run=False) -> st
         return f"{source.corpus}: would fetch {source.repo} {patterns or '(all files)'} into {dest}/"
     try:
         from huggingface_hub import snapshot_download  # installed with transformers
-    except ImportError as e:  # pragma: no cover - transformers is in requirements.txt
+    except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency (pyproject.toml)
         raise SystemExit(f"huggingface_hub is needed to download: {e}")
     dest.mkdir(parents=True, exist_ok=True)
     snapshot_download(repo_id=source.repo, repo_type="dataset", allow_patterns=patterns, local_dir=str(dest))

@@ -7,7 +7,9 @@
 
 The check (exit code 1 when it fails): each `.bin` has exactly the bytes its `.idx` describes, the
 pointers follow from the lengths (both via shards.IndexedDataset), every document ends with eos and
-holds no other eos, no id is outside the vocabulary, and the manifest's counts match the shards.
+holds no other eos, no id is outside the vocabulary, the manifest's counts match the shards, and each shard's
+sizes and sample digest are the ones the manifest recorded; `--verify` also checks the sha256 of every `.bin`
+and `.idx` against the manifest (a flipped bit anywhere).
 `notebooks/inspect_shards.ipynb` draws the same figures; it uses the functions here.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_process.shards import IndexedDataset, ShardError
+from data_process.shards import IndexedDataset, ShardError, verify_shard
 
 CHUNK_TOKENS = 1 << 24   # scan .bin files in 32 MB pieces: memory stays flat whatever the shard size
 
@@ -140,7 +142,7 @@ def find_corpora(path) -> list[tuple[str, list[Path], dict | None]]:
     return corpora
 
 
-def corpus_stats(name, prefixes, manifest=None, eos_id=None, vocab_size=None) -> CorpusStats:
+def corpus_stats(name, prefixes, manifest=None, eos_id=None, vocab_size=None, verify: bool = False) -> CorpusStats:
     if manifest is not None:
         eos_id = manifest.get("eos_id", eos_id) if eos_id is None else eos_id
         vocab_size = vocab_size or manifest.get("vocab_size")
@@ -160,6 +162,21 @@ def corpus_stats(name, prefixes, manifest=None, eos_id=None, vocab_size=None) ->
             if (docs, tokens) != (info["documents"], info["tokens"]):
                 stats.problems.append(f"manifest says {split} has {info['documents']} documents / {info['tokens']} "
                                       f"tokens, the shards hold {docs} / {tokens}")
+    shard_info = (manifest or {}).get("shard_info")
+    if shard_info:
+        stats.checked.append("sizes and sample digests as the manifest recorded" +
+                             ("; sha256 of every .bin and .idx" if verify else ""))
+        for shard in stats.shards:
+            if shard.problems:   # it did not even open
+                continue
+            if shard.prefix.name not in shard_info:
+                shard.problems.append("not listed in the manifest's shard_info")
+                continue
+            shard.problems.extend(verify_shard(shard.prefix, shard_info[shard.prefix.name], full=verify))
+        if not verify:
+            stats.notes.append("full sha256 not checked (--verify reads every byte)")
+    elif manifest is not None:
+        stats.notes.append("the manifest records no shard digests: sha256 check skipped")
     if eos_id is None:
         stats.notes.append("eos id unknown (no manifest, no tokenizer): eos check skipped")
     return stats
@@ -270,6 +287,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed for the sampled documents")
     parser.add_argument("--top", type=int, default=15, help="most frequent tokens to list")
     parser.add_argument("--chars", type=int, default=300, help="characters shown per sampled document")
+    parser.add_argument("--verify", action="store_true",
+                        help="also check the sha256 of every .bin and .idx against the manifest (reads every byte)")
     args = parser.parse_args(argv)
     try:
         tokenizer = load_tokenizer(args.tokenizer or "data/tokenizer", required=args.tokenizer is not None)
@@ -287,7 +306,7 @@ def main(argv=None) -> int:
             decode_with = tokenizer
         eos = tokenizer.eos_id if tokenizer is not None and manifest is None else None
         vocab = tokenizer.vocab_size if tokenizer is not None and manifest is None else None
-        stats = corpus_stats(name, prefixes, manifest, eos_id=eos, vocab_size=vocab)
+        stats = corpus_stats(name, prefixes, manifest, eos_id=eos, vocab_size=vocab, verify=args.verify)
         print(format_report(stats, decode_with, args.top, args.samples, args.seed, args.chars))
         print()
         failed |= bool(stats.all_problems)

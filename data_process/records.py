@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 import orjson
 import zstandard
 
-from fileio import atomic_write_bytes, file_sha256, fsync_dir, tmp_path_for  # noqa: F401  (atomic_write_bytes: old import path)
+from fileio import disk_full_as_error, file_sha256, fsync_dir, tmp_path_for
 
 PART_GLOB = "part-*.jsonl.zst"
 ZSTD_LEVEL = 3
@@ -62,20 +62,21 @@ def write_parts(records_iter: Iterable[dict], out_dir, part_records: int = 100_0
     paths: list[Path] = []
     state = None  # (tmp, raw, writer, path, count)
     try:
-        for record in records_iter:
-            if state is None:
-                path = out_dir / part_name(len(paths))
-                state = [*_atomic_part_writer(path), path, 0]
-            state[2].write(orjson.dumps(record) + b"\n")
-            state[4] += 1
-            if state[4] >= part_records:
+        with disk_full_as_error(out_dir):   # a full disk: one line naming the directory, not a bare OSError
+            for record in records_iter:
+                if state is None:
+                    path = out_dir / part_name(len(paths))
+                    state = [*_atomic_part_writer(path), path, 0]
+                state[2].write(orjson.dumps(record) + b"\n")
+                state[4] += 1
+                if state[4] >= part_records:
+                    _finish(*state[:4])
+                    paths.append(state[3])
+                    state = None
+            if state is not None:
                 _finish(*state[:4])
                 paths.append(state[3])
                 state = None
-        if state is not None:
-            _finish(*state[:4])
-            paths.append(state[3])
-            state = None
     finally:
         if state is not None:  # an exception mid-part: drop the temporary file
             state[1].close()
@@ -186,3 +187,42 @@ def corpus_fingerprint(corpus_dir: Path) -> str:
     parts = sorted(corpus_dir.glob("part-*.jsonl.zst")) if corpus_dir.is_dir() else []
     listing = "".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in parts)
     return hashlib.sha256(listing.encode()).hexdigest()
+
+
+class MissingInputError(RuntimeError):
+    """A step's input is missing, unfinished or damaged; the message names the step that makes it."""
+
+
+def step_that_writes(directory) -> str:
+    """The pipeline step whose output a record directory is: data/clean/<c> -> "read", data/dedup/<c> -> "dedup"."""
+    return {"clean": "read", "dedup": "dedup"}.get(Path(directory).parent.name, "read or dedup")
+
+
+def checked_parts(directory, *, content: bool = False, require_manifest: bool = False) -> list[Path]:
+    """The part files a finished record directory holds, checked against its manifest.json: every listed part is
+    there with the recorded size (and sha256 with content=True) and no unlisted part lies beside them. Raises
+    MissingInputError naming the step to run. A directory of parts without a manifest (written by hand or by
+    `write_parts` alone) is taken as it is, unless `require_manifest` (the pipeline's own directories)."""
+    from fileio import check_files
+
+    directory = Path(directory)
+    step = step_that_writes(directory)
+    redo = f"run `python data_process.py --steps {step}`" if " " not in step else "re-run the step that wrote it"
+    if not directory.is_dir():
+        raise MissingInputError(f"{directory} does not exist: {redo}")
+    manifest_file = directory / "manifest.json"
+    if not manifest_file.is_file():
+        if not require_manifest:
+            return list_parts(directory)
+        raise MissingInputError(f"{manifest_file} is missing (the {step} step did not finish): {redo}")
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        names = list(manifest["parts"])
+    except (ValueError, KeyError, TypeError):
+        raise MissingInputError(f"{manifest_file} is unreadable: {redo}") from None
+    recorded = manifest.get("part_info") or {name: {} for name in names}
+    problems = check_files(directory, recorded, content=content, exact_glob=PART_GLOB)
+    if problems:
+        raise MissingInputError(f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                                + f": {redo}")
+    return [directory / name for name in names]

@@ -13,6 +13,11 @@ N == D and the document indices are 0..N. Megatron-LM and NeMo read these shards
 Atomicity: `.bin` and `.idx` are written under temporary names, the `.bin` is renamed first and the
 `.idx` last, so a shard without its `.idx` is unfinished; the reader also checks that the `.bin` size
 matches the `.idx`, so a half-written or mismatched pair is never accepted.
+
+Integrity: `ShardWriter.close()` returns the sha256 of the `.bin` and the `.idx` and a `sample_sha256` (the
+`.idx` whole plus ten 64 KiB blocks of the `.bin` at fixed places: head, tail and eight between), which the
+manifest records. `IndexedDataset(prefix, expect=shard_info)` checks sizes, counts and the sample digest on open
+(reads under 1 MB more than opening does); `verify_shard(..., full=True)` checks the full sha256 too.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from typing import Iterable
 
 import numpy as np
 
-from fileio import fsync_dir, fsync_file
+from fileio import disk_full_as_error, fsync_dir, fsync_file
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -37,6 +42,8 @@ CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 TOKEN_DTYPES = (np.dtype(np.uint16), np.dtype(np.int32))   # the two we write: compact, or explicit wide
 MAX_UINT16_VOCAB = 65_500   # Megatron's own cut-off for choosing uint16 (DType.optimal_dtype)
 HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8   # 34
+SAMPLE_BLOCK = 1 << 16      # sample digest: blocks of the .bin read at fixed places
+SAMPLE_BLOCKS = 10
 
 
 class ShardError(ValueError):
@@ -144,7 +151,8 @@ class ShardWriter:
 
     def _write(self, arr: np.ndarray) -> None:
         data = arr.tobytes(order="C")
-        self._file.write(data)
+        with disk_full_as_error(bin_path(self.prefix), len(data)):
+            self._file.write(data)
         self._hash.update(data)
         self.num_tokens += arr.size
 
@@ -158,14 +166,17 @@ class ShardWriter:
         idx_final = idx_path(self.prefix)
         idx_final.unlink(missing_ok=True)   # an older complete pair must not pair with the new .bin
         try:
-            _fsync_replace(self._tmp_bin, bin_path(self.prefix))
-            write_index(self._tmp_idx, self.dtype, np.frombuffer(self._lengths, dtype=np.int32))
-            _fsync_replace(self._tmp_idx, idx_final)
+            with disk_full_as_error(idx_final, HEADER_BYTES + 20 * self.num_documents):
+                _fsync_replace(self._tmp_bin, bin_path(self.prefix))
+                write_index(self._tmp_idx, self.dtype, np.frombuffer(self._lengths, dtype=np.int32))
+                _fsync_replace(self._tmp_idx, idx_final)
         except BaseException:
             self.abort()
             raise
         return {"prefix": str(self.prefix), "documents": self.num_documents, "tokens": self.num_tokens,
-                "dtype": self.dtype.name, "bin_sha256": self._hash.hexdigest()}
+                "dtype": self.dtype.name, "bin_sha256": self._hash.hexdigest(),
+                "bin_bytes": bin_path(self.prefix).stat().st_size, "idx_sha256": _sha256_file(idx_final),
+                "sample_sha256": sample_digest(self.prefix)}
 
     def abort(self) -> None:
         """Drop the unfinished shard (temporary files only; a finished shard is left alone)."""
@@ -194,6 +205,44 @@ def write_shard(prefix, docs: Iterable, dtype=np.uint16) -> dict:
         writer.abort()
         raise
     return writer.close()
+
+
+def _sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sample_digest(prefix) -> str:
+    """sha256 of the whole .idx and SAMPLE_BLOCKS blocks of the .bin at places fixed by its size (the first and
+    the last block, the others evenly between): a cheap check that catches a truncated, swapped or partly
+    rewritten shard on every open. A flipped bit outside the blocks needs the full sha256 (`verify_shard`)."""
+    h = hashlib.sha256(idx_path(prefix).read_bytes())
+    size = bin_path(prefix).stat().st_size
+    last = max(size - SAMPLE_BLOCK, 0)
+    offsets = sorted({last * i // (SAMPLE_BLOCKS - 1) for i in range(SAMPLE_BLOCKS)})
+    with open(bin_path(prefix), "rb") as f:
+        for off in offsets:
+            f.seek(off)
+            h.update(f.read(SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
+def verify_shard(prefix, expect: dict, full: bool = False) -> list[str]:
+    """What is wrong with a shard, compared with the manifest's shard_info for it: it does not open, its sizes or
+    counts differ, its sample digest differs, or (full=True) the sha256 of its .bin or .idx differs. [] = fine."""
+    try:
+        IndexedDataset(prefix, expect=expect)
+    except (ShardError, OSError) as e:
+        return [str(e)]
+    problems = []
+    if full:
+        for key, path in (("bin_sha256", bin_path(prefix)), ("idx_sha256", idx_path(prefix))):
+            if key in expect and _sha256_file(path) != expect[key]:
+                problems.append(f"{path}: content differs from the sha256 the manifest recorded (corrupted)")
+    return problems
 
 
 def remove_shard(prefix) -> None:
@@ -248,7 +297,9 @@ class IndexedDataset:
     """Memory-mapped reader of one shard; never loads the `.bin`. `ds[i]` is document i's tokens
     (a read-only view, end-of-text included); `ds.tokens` is the whole `.bin` as a memmap."""
 
-    def __init__(self, prefix):
+    def __init__(self, prefix, expect: dict | None = None):
+        """`expect`: the manifest's shard_info for this shard ({documents, tokens, bin_bytes, sample_sha256, ...}):
+        when given, a shard whose counts, sizes or sample digest differ raises ShardError."""
         self.prefix = Path(prefix)
         for p in (bin_path(self.prefix), idx_path(self.prefix)):
             if not p.is_file():
@@ -266,10 +317,22 @@ class IndexedDataset:
         bounds = np.append(seq_starts, self.num_tokens)[doc_idx]
         self.doc_starts = bounds[:-1].astype(np.int64)
         self.doc_lengths = np.diff(bounds).astype(np.int32)
+        if expect:
+            self._check_expected(expect, bin_size)
         if self.num_tokens:
             self.tokens = np.memmap(bin_path(self.prefix), dtype=self.dtype, mode="r")
         else:  # mmap cannot map an empty file
             self.tokens = np.zeros(0, dtype=self.dtype)
+
+    def _check_expected(self, expect: dict, bin_size: int) -> None:
+        found = {"documents": len(self.doc_lengths), "tokens": self.num_tokens, "bin_bytes": bin_size}
+        for key, value in found.items():
+            if key in expect and expect[key] != value:
+                raise ShardError(f"{self.prefix}: {key} {value}, the manifest recorded {expect[key]} "
+                                 f"(truncated, replaced or rewritten)")
+        if "sample_sha256" in expect and sample_digest(self.prefix) != expect["sample_sha256"]:
+            raise ShardError(f"{self.prefix}: sampled content differs from the digest the manifest recorded "
+                             f"(corrupted)")
 
     def __getstate__(self):   # pickled (e.g. into DataLoader workers) as its path, never its tokens
         return {"prefix": self.prefix}

@@ -13,7 +13,9 @@ conversations of the SFT corpora of that stage, rendered with the chat template,
   documents seen meanwhile are closed with it as the next val shard. Each closed pair is a checkpoint
   (`progress.json`: input position + counts), so a killed run resumes after the last one and never redoes
   a finished shard. `manifest.json` is written last; its presence (with the same fingerprint: tokenizer
-  hash, settings, input files) means the corpus is done.
+  hash, settings, input files) means the corpus is done, once every shard it lists has the sizes and sha256 it
+  recorded (a missing or damaged shard retokenizes the corpus). Input parts must be the ones their manifest
+  lists, with its sizes and sha256 (records.checked_parts): a deleted part is an error, never fewer documents.
 - Speed: documents are encoded in batches, in order, by SentencePiece's own C++ threads (`mode="threads"`,
   the GIL is released while it encodes) or by a process pool (`mode="processes"`); the output does not
   depend on either, nor on the worker count or the batch size. Each text is encoded to UTF-8 once, for
@@ -26,15 +28,15 @@ Later steps check shards against their tokenizer with `check_manifest(corpus_dir
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +44,10 @@ import orjson
 import sentencepiece as spm
 import xxhash
 
-from data_process.records import iter_records, list_parts
+from data_process.executor import Executor
+from data_process.records import MissingInputError, checked_parts, iter_records, step_that_writes
 from fileio import atomic_write_json
-from data_process.shards import (ShardWriter, check_vocab_fits, is_complete, remove_shard, remove_temporaries)
+from data_process.shards import (ShardWriter, check_vocab_fits, remove_shard, remove_temporaries, verify_shard)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ SMALL_VAL_DOCS = 20   # below this many expected val documents, make sure there 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 BATCH_CHARS = 1_000_000   # ~650K tokens a batch: big enough to keep both cores busy, small enough for RAM
+SHARD_INFO_KEYS = ("documents", "tokens", "bin_sha256", "bin_bytes", "idx_sha256", "sample_sha256")
 
 
 class ManifestError(ValueError):
@@ -111,17 +115,26 @@ def _encode_in_worker(kind: str, payloads: list, dtype: str):
     return encode_documents(_worker_tokenizer, kind, payloads, dtype, num_threads=1)
 
 
-class Encoder:
-    """Encodes batches in order with at most `depth` batches in flight."""
+def _encode_task(job):
+    kind, payloads, dtype = job
+    return _encode_in_worker(kind, payloads, dtype)
 
-    def __init__(self, tok, tokenizer_dir, workers: int, mode: str):
+
+class Encoder:
+    """Encodes batches in order with at most `depth` batches in flight: on SentencePiece's threads here, or
+    through data_process/executor.py on a local process pool (mode "processes") or as Ray tasks (an `executor`
+    on the Ray engine; each worker loads the tokenizer from the shared data dir)."""
+
+    def __init__(self, tok, tokenizer_dir, workers: int, mode: str, executor=None):
         if mode not in ("threads", "processes"):
             raise ValueError(f"mode must be 'threads' or 'processes', got {mode!r}")
         self.tok, self.workers, self.mode = tok, workers, mode
-        if mode == "processes" and workers > 1:
-            self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                            initializer=_init_worker, initargs=(str(tokenizer_dir),))
-            self.depth = 2 * workers
+        self.tokenizer_dir = str(tokenizer_dir)
+        self.executor, self.pool = None, None
+        if executor is not None and executor.engine == "ray":
+            self.executor = executor
+        elif mode == "processes" and workers > 1:
+            self.executor = Executor("local", workers)
         else:
             # Two Python threads, each handing a batch to SentencePiece's C++ threads (GIL released): while
             # one turns its ids into an array (GIL held), the other batch keeps the cores encoding. Each
@@ -137,11 +150,18 @@ class Encoder:
         return encode_documents(self.tok, kind, payloads, dtype, self.workers, sp_pool)
 
     def _submit(self, kind, batch, dtype):
-        if isinstance(self.pool, ProcessPoolExecutor):
-            return self.pool.submit(_encode_in_worker, kind, batch.payloads, dtype)
         return self.pool.submit(self._encode_here, kind, batch.payloads, dtype)
 
     def map(self, kind: str, batches, dtype: str):
+        if self.executor is not None:   # processes or Ray; tee holds only the batches in flight
+            mine, sent = itertools.tee(batches)
+            jobs = ((kind, batch.payloads, dtype) for batch in sent)
+            results = self.executor.map(_encode_task, jobs, ordered=True, initializer=_init_worker,
+                                        initargs=(self.tokenizer_dir,), start_method="spawn",
+                                        describe=lambda job: f"tokenize batch of {len(job[1])} documents")
+            for batch, (flat, lengths) in zip(mine, results):
+                yield batch, flat, lengths
+            return
         pending = deque()
         for batch in batches:
             pending.append((batch, self._submit(kind, batch, dtype)))
@@ -153,7 +173,8 @@ class Encoder:
             yield batch, *future.result()
 
     def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -326,7 +347,7 @@ class CorpusWriter:
                 info = writer.close()
                 name = Path(info["prefix"]).name
                 self.state["splits"][split]["shards"].append(name)
-                self.state["shard_info"][name] = {k: info[k] for k in ("documents", "tokens", "bin_sha256")}
+                self.state["shard_info"][name] = {k: info[k] for k in SHARD_INFO_KEYS}
             self.open[split] = None
         for split, p in self.pending.items():
             for key in ("documents", "tokens", "chars"):
@@ -394,18 +415,31 @@ def _wipe(out_dir: Path) -> None:
     remove_temporaries(out_dir)
 
 
-def _listed_shards_complete(out_dir: Path, state: dict) -> bool:
-    return all(is_complete(out_dir / name) for split in state["splits"].values() for name in split["shards"])
+def shard_problems(out_dir: Path, state: dict, full: bool = False) -> list[str]:
+    """What is wrong with the shards a manifest (or progress.json) lists: missing, not opening, sizes, counts or the
+    sample digest not as recorded, and with full=True a .bin or .idx whose sha256 is not the recorded one."""
+    info = state.get("shard_info") or {}
+    return [problem for split in state["splits"].values() for name in split["shards"]
+            for problem in verify_shard(out_dir / name, info.get(name, {}), full=full)]
+
+
+def _listed_shards_complete(out_dir: Path, state: dict, full: bool = True) -> bool:
+    problems = shard_problems(out_dir, state, full=full)
+    if problems:
+        log.warning("%s: %s%s; tokenizing the corpus again", out_dir.name, problems[0],
+                    f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+    return not problems
 
 
 def tokenize_corpus(name: str, parts: list[Path], docs_root: Path, tok, tokenizer_dir, out_dir: Path,
                     settings: Settings, *, workers: int = 2, mode: str = "threads",
-                    batch_chars: int = BATCH_CHARS, progress: bool = True) -> dict:
+                    batch_chars: int = BATCH_CHARS, progress: bool = True, executor=None) -> dict:
     """Tokenize one corpus (its part files, in order) into `out_dir`. Returns a report."""
     t0 = time.perf_counter()
     check_vocab_fits(tok.vocab_size, np.dtype(settings.dtype))
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = describe_sources(docs_root, parts)
+    _check_source_digests(sources, parts)
     fp = fingerprint(tok.sha256, settings, sources)
     manifest = _read_json(out_dir / MANIFEST)
     if manifest and manifest.get("fingerprint") == fp and _listed_shards_complete(out_dir, manifest):
@@ -432,7 +466,7 @@ def tokenize_corpus(name: str, parts: list[Path], docs_root: Path, tok, tokenize
 
     threshold = val_threshold(parts, settings.kind, settings.val_fraction)
     writer = CorpusWriter(out_dir, settings, state)
-    encoder = Encoder(tok, tokenizer_dir, workers, mode)
+    encoder = Encoder(tok, tokenizer_dir, workers, mode, executor)
     bar = _progress_bar(name, progress)
     try:
         batches = iter_batches(parts, settings.kind, threshold, tuple(state["position"]), batch_chars)
@@ -492,9 +526,10 @@ def _progress_bar(name: str, enabled: bool):
 # The pipeline step
 
 def run(recipe, docs_root, tokenizer_dir, out_root, *, workers: int | None = None, mode: str = "threads",
-        dtype: str = "uint16", progress: bool = True) -> dict:
+        dtype: str = "uint16", progress: bool = True, executor=None) -> dict:
     """Tokenize every pretrain corpus, and the SFT stages in `recipe.tokenize.sft_as_pretrain` as
-    `sft_<stage>`, into `out_root/<corpus>/`. Returns {"corpora": {name: report}, ...}."""
+    `sft_<stage>`, into `out_root/<corpus>/`. Returns {"corpora": {name: report}, ...}. An `executor` on the
+    Ray engine encodes the batches as Ray tasks (data_process/executor.py); otherwise `mode` decides."""
     from tokenizer import Tokenizer
     docs_root, out_root = Path(docs_root), Path(out_root)
     tok = Tokenizer.load(tokenizer_dir)
@@ -520,7 +555,7 @@ def run(recipe, docs_root, tokenizer_dir, out_root, *, workers: int | None = Non
             reports[name] = {"corpus": name, "status": "no input", "documents": 0, "tokens": 0}
             continue
         reports[name] = tokenize_corpus(name, parts, docs_root, tok, tokenizer_dir, out_root / name, settings,
-                                        workers=workers, mode=mode, progress=progress)
+                                        workers=workers, mode=mode, progress=progress, executor=executor)
     if progress:
         print_summary(reports)
     return {"corpora": reports, "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
@@ -538,9 +573,25 @@ def print_summary(reports: dict) -> None:
 
 
 def _parts_of(docs_root: Path, corpus_names: list[str]) -> list[Path] | None:
-    """The part files of these corpora in order, or None when none of their directories exists."""
+    """The part files of these corpora in order, or None when none of their directories exists. Each directory's
+    parts are the ones its manifest lists, all present with their recorded sizes (records.checked_parts raises
+    MissingInputError otherwise: tokenizing what is left would silently drop the missing documents)."""
     dirs = [docs_root / name for name in corpus_names if (docs_root / name).is_dir()]
-    return [part for d in dirs for part in list_parts(d)] if dirs else None
+    return [part for d in dirs for part in checked_parts(d)] if dirs else None
+
+
+def _check_source_digests(sources: list[dict], parts: list[Path]) -> None:
+    """The sha256 describe_sources just computed against the one each part's manifest recorded (free: the
+    fingerprint reads every input anyway). A part that changed since its step wrote it is damage, not input."""
+    manifests = {}
+    for source, part in zip(sources, parts):
+        if part.parent not in manifests:
+            manifests[part.parent] = _read_json(part.parent / MANIFEST) or {}
+        want = (manifests[part.parent].get("part_info") or {}).get(part.name, {}).get("sha256")
+        if want is not None and want != source["sha256"]:
+            step = step_that_writes(part.parent)
+            raise MissingInputError(f"{part}: content differs from the sha256 its manifest recorded (corrupted): "
+                                    f"re-run `python data_process.py --steps {step}`")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -554,17 +605,22 @@ def load_manifest(corpus_dir) -> dict:
     return manifest
 
 
-def check_manifest(corpus_dir, tokenizer_sha256: str | None = None, *, verify_shards: bool = True) -> dict:
-    """The corpus's manifest, after checking that it is finished, that its shards open and agree with
-    their .idx, and (when given) that it was made with the tokenizer whose sha256 is `tokenizer_sha256`.
+def check_manifest(corpus_dir, tokenizer_sha256: str | None = None, *, verify_shards: bool = True,
+                   full: bool = False) -> dict:
+    """The corpus's manifest, after checking that it is finished, that its shards open, agree with their .idx and
+    with the sizes, counts and sample digest the manifest recorded (full=True: their whole sha256 too, which reads
+    every byte), and (when given) that it was made with the tokenizer whose sha256 is `tokenizer_sha256`.
     Raises ManifestError otherwise."""
     corpus_dir = Path(corpus_dir)
     manifest = load_manifest(corpus_dir)
     if tokenizer_sha256 is not None and manifest.get("tokenizer_sha256") != tokenizer_sha256:
         raise ManifestError(f"{corpus_dir}: shards were made with tokenizer {manifest.get('tokenizer_sha256')}, "
                             f"not {tokenizer_sha256}; re-run the tokenize step with this tokenizer")
-    if verify_shards and not _listed_shards_complete(corpus_dir, manifest):
-        raise ManifestError(f"{corpus_dir}: a shard listed in the manifest is missing or inconsistent")
+    if verify_shards:
+        problems = shard_problems(corpus_dir, manifest, full=full)
+        if problems:
+            raise ManifestError(f"{corpus_dir}: a shard listed in the manifest is missing, inconsistent or "
+                                f"corrupted: {problems[0]}; re-run `python data_process.py --steps tokenize`")
     return manifest
 
 

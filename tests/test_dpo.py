@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import dpo
+from data_process.stage import read_dpo_pairs
 from conftest import ROOT
 from test_sft_fixtures import (FAST_TRAIN, FIREFLY_DPO, MEDICAL_REWARD, MEDICAL_SFT, base_checkpoint,
                                read_records, real_tokenizer, stage, write_toml)
@@ -88,7 +89,7 @@ def test_cached_reference_log_probs_equal_a_fresh_reference_pass(tmp_path, capsy
         fresh = dpo.reference_logps(model, batch)
         torch.testing.assert_close(batch["ref_logps"], fresh, rtol=1e-5, atol=1e-3)
     # the key follows the data and the reference weights
-    records, _ = dpo.read_pairs([medical_pairs(tmp_path)])
+    records, _ = read_dpo_pairs([medical_pairs(tmp_path)])
     fewer = dpo.tokenize_pairs(tok, records[:-1], max_tokens=96)
     assert dpo.cache_key(fewer, base, tok) != dpo.cache_key(data, base, tok)
     assert dpo.cache_key(dpo.tokenize_pairs(tok, records, max_tokens=96), base, tok) == dpo.cache_key(data, base, tok)

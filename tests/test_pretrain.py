@@ -24,7 +24,7 @@ import checkpoint
 import train_loop
 
 # the phase corpora the samples stand in for; baidubaike, wudao, skypile are absent on purpose (a user
-# without them), so the general mixture is renormalized over the rest
+# without them): the shipped mixtures name them, so the tests run a copy with `allow_missing = true`
 CHARS = 24_000
 
 
@@ -125,6 +125,15 @@ def _metrics(path):
     return [r for r in train_loop.read_jsonl(path) if "loss" in r]
 
 
+def shipped_config_allowing_missing(d: Path) -> Path:
+    """config/pretrain/ as shipped, each phase with `allow_missing = true` (the user's explicit choice)."""
+    d.mkdir(parents=True, exist_ok=True)
+    for f in (ROOT / "config/pretrain").glob("*.toml"):
+        text = f.read_text()
+        (d / f.name).write_text(text if f.name == "schedule.toml" else "allow_missing = true\n" + text)
+    return d
+
+
 def _write_config(d: Path, phases: dict, total_tokens: int, schedule_extra: str = "") -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / "schedule.toml").write_text(
@@ -155,12 +164,13 @@ def test_every_phase_end_to_end_and_phase_by_phase_equals_all(data, tmp_path, ca
     # 40 steps over the shipped phase fractions: warmup 1, stable 35, anneal 3, converge 1
     tokens = 40 * 4 * 2 * 32
     common = ["--total-tokens", str(tokens), "--eval-interval", "20", "--save-interval", "30"]
+    cfg = shipped_config_allowing_missing(tmp_path / "cfg")
     t0 = time.time()
-    assert pretrain.main(_args(data, tmp_path / "all", "--all", *common)) == 0
+    assert pretrain.main(_args(data, tmp_path / "all", "--all", *common, config_dir=cfg)) == 0
     err = capsys.readouterr().err
-    assert "baidubaike" in err and "dropped" in err and "renormalized" in err
+    assert "allow_missing: dropped ['baidubaike', 'wudao', 'skypile']" in err and "renormalized" in err
     for phase in ["warmup", "stable", "anneal", "converge"]:
-        assert pretrain.main(_args(data, tmp_path / "each", "--phase", phase, *common)) == 0
+        assert pretrain.main(_args(data, tmp_path / "each", "--phase", phase, *common, config_dir=cfg)) == 0
     assert time.time() - t0 < 60
 
     schedule = pretrain.load_schedule(ROOT / "config/pretrain")
@@ -192,7 +202,7 @@ def test_every_phase_end_to_end_and_phase_by_phase_equals_all(data, tmp_path, ca
         assert anneal_val[f"val/{corpus}/bpc"] > 0
     # a finished phase run again does nothing and keeps its checkpoint
     before = (tmp_path / "all/converge/final/meta.json").read_text()
-    assert pretrain.main(_args(data, tmp_path / "all", "--phase", "converge", *common)) == 0
+    assert pretrain.main(_args(data, tmp_path / "all", "--phase", "converge", *common, config_dir=cfg)) == 0
     assert (tmp_path / "all/converge/final/meta.json").read_text() == before
 
 
@@ -202,11 +212,60 @@ def test_phase_refuses_to_start_without_the_previous_phase(data, tmp_path, capsy
 
 
 def test_phase_with_none_of_its_corpora_is_a_clear_error(data, tmp_path, capsys):
-    cfg = _write_config(tmp_path / "cfg", {"only": 'fraction = 1.0\n[mixture]\nbaidubaike = 1.0\nwudao = 2.0\n'},
-                        2000)
+    cfg = _write_config(tmp_path / "cfg", {"only": 'allow_missing = true\nfraction = 1.0\n[mixture]\n'
+                                                   'baidubaike = 1.0\nwudao = 2.0\n'}, 2000)
     assert pretrain.main(_args(data, tmp_path / "out", "--phase", "only", config_dir=cfg)) == 1
     err = capsys.readouterr().err
     assert "none of its corpora" in err and "baidubaike" in err
+
+
+def test_a_typo_in_a_mixture_is_an_error_naming_the_file_and_key_unless_missing_corpora_are_allowed(
+        data, tmp_path, capsys):
+    body = 'fraction = 1.0\n[mixture]\nwiki_zh = 1.0\nmedical_bookz = 1.0\n'
+    cfg = _write_config(tmp_path / "cfg", {"p": body}, 2000)
+    assert pretrain.main(_args(data, tmp_path / "out", "--phase", "p", config_dir=cfg)) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {cfg / 'p.toml'}: mixture 'medical_bookz': not in {data['data']}")
+    assert "'medical_books'" in err and "allow_missing = true" in err   # what is there, and the way out
+    assert not (tmp_path / "out/p").exists() or not list((tmp_path / "out/p").glob("step-*"))
+    # allowed explicitly: dropped with a warning, the rest renormalized
+    cfg = _write_config(tmp_path / "cfg2", {"p": "allow_missing = true\n" + body}, 2000)
+    assert pretrain.main(_args(data, tmp_path / "out2", "--phase", "p", "--max-steps", "1", config_dir=cfg)) == 0
+    assert "allow_missing: dropped ['medical_bookz']; mixture renormalized over the corpora present: wiki_zh " \
+           "1.000" in capsys.readouterr().err
+    assert checkpoint.verify_checkpoint(tmp_path / "out2/p/final")["train_config"]["extra"]["mixture"] == \
+        {"wiki_zh": 1.0}
+
+
+@pytest.mark.parametrize("body, key, why", [
+    ('fraction = -0.01\n[mixture]\nwiki_zh = 1.0\n', "fraction", "out of range (must be >= 0)"),
+    ('fraction = 1.5\n[mixture]\nwiki_zh = 1.0\n', "fraction", "out of range (must be <= 1)"),
+    ('fraction = 1.0\n[mixture]\nwiki_zh = -1.0\n', "mixture", "out of range (must be >= 0)"),
+    ('fraction = 1.0\n[mixture]\nwiki_zh = "1.0"\n', "mixture.wiki_zh", "expected a number, got '1.0'"),
+    ('fraction = 1.0\nallow_missing = "yes"\n[mixture]\nwiki_zh = 1.0\n', "allow_missing", "true or false"),
+])
+def test_out_of_range_or_mistyped_phase_values_are_one_line_errors_naming_file_and_key(
+        data, tmp_path, capsys, body, key, why):
+    cfg = _write_config(tmp_path / "cfg", {"p": body}, 2000)
+    assert pretrain.main(_args(data, tmp_path / "out", "--phase", "p", config_dir=cfg)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {cfg / 'p.toml'}.{key}") and why in err
+
+
+def test_seq_len_longer_than_the_preset_context_is_an_error_unless_the_context_is_raised_explicitly(
+        data, tmp_path, capsys):
+    cfg = _write_config(tmp_path / "cfg", {"p": 'fraction = 1.0\n[mixture]\nwiki_zh = 1.0\n'}, 100_000)
+    args = _args(data, tmp_path / "out", "--phase", "p", "--max-steps", "1", config_dir=cfg)
+    args[args.index("--seq-len") + 1] = "300"   # the tiny preset's context is 256
+    assert pretrain.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--seq-len 300 is longer than the model's context 256 (preset 'tiny')" in err
+    assert "[model] max_seq_len" in err and not (tmp_path / "out/p/final").exists()
+    assert pretrain.main(args + ["--set", "model.max_seq_len=300"]) == 0   # explicit: a longer context
+    meta = checkpoint.verify_checkpoint(tmp_path / "out/p/final")
+    assert json.loads((tmp_path / "out/p/final/config.json").read_text())["max_seq_len"] == 300
+    assert meta["train_config"]["extra"]["mixture"] == {"wiki_zh": 1.0}   # nothing dropped from the mixture
 
 
 def test_shards_of_another_tokenizer_are_refused(data, tmp_path, capsys):
@@ -252,6 +311,21 @@ def test_loader_is_deterministic_in_step_micro_step_and_rank_and_reads_real_wind
     assert abs(counts[0] / counts.sum() - 0.75) < 0.05
 
 
+def test_a_corpus_smaller_than_one_window_is_trained_on_padded_not_dropped(data, capsys):
+    manifest = json.loads((data["data"] / "guidelines/manifest.json").read_text())
+    shards = {k: v["tokens"] for k, v in manifest["shard_info"].items() if k.startswith("train")}
+    seq_len = max(shards.values()) + 20
+    corpus = pretrain.open_corpus(data["data"], "guidelines", data["tok"].sha256, seq_len + 1)
+    assert "its windows are shorter than --seq-len, padded" in capsys.readouterr().err
+    loader = pretrain.MixtureLoader([corpus], [1.0], 6, seq_len, seed=3, pad_id=data["tok"].pad_id)
+    batch = loader.next_batch(0, 0)
+    streams = {tuple(np.asarray(ds.tokens)) for ds in corpus.train}
+    for x, y in zip(batch["input_ids"], batch["targets"]):
+        n = int((y != -100).sum())
+        assert tuple(x[:n].tolist()) + (int(y[n - 1]),) in streams   # a whole shard, then padding
+        assert (x[n:] == data["tok"].pad_id).all() and (y[n:] == -100).all()
+
+
 def test_within_document_windows_never_cross_a_document_end(data):
     corpora, w = _mixture(data, ["medical_pretrain"], [1])
     loader = pretrain.MixtureLoader(corpora, w, 16, 32, seed=1, pack=False, pad_id=data["tok"].pad_id)
@@ -266,26 +340,60 @@ def test_within_document_windows_never_cross_a_document_end(data):
     assert any((b == eos).any() for b in packed.next_batch(0, 0)["input_ids"][:, :-1])   # packing crosses them
 
 
+def _by_hand(model, tok, windows):
+    """Loss and bits per character recomputed from full logits in float64: bits per character over the targets
+    that are not special tokens, characters of exactly those tokens decoded by the tokenizer."""
+    specials = set(tok.special.values()) | {tok.eos_id, tok.pad_id}
+    nll = text_nll = 0.0
+    n = chars = 0
+    for w_ in windows:
+        logp = torch.log_softmax(model(torch.tensor(w_[None, :-1])).logits[0].double(), -1)
+        per = -logp[torch.arange(len(w_) - 1), torch.tensor(w_[1:])]
+        text = torch.tensor([int(t) not in specials for t in w_[1:]])
+        nll, n, text_nll = nll + per.sum().item(), n + len(per), text_nll + per[text].sum().item()
+        chars += len(tok.decode(w_[1:], skip_special=True))
+    return nll / n, text_nll / math.log(2) / chars
+
+
 def test_val_loss_and_bits_per_char_match_a_direct_computation(data):
     from model import Transformer, make_config
     torch.manual_seed(0)
-    model = Transformer(make_config("tiny", data["tok"].vocab_size)).eval()
-    corpora, _ = _mixture(data, ["wiki_zh", "guidelines"], [1, 1])
-    val_fn = pretrain.make_val_fn(corpora, 32, 5, 2, "cpu")
+    tok = data["tok"]
+    model = Transformer(make_config("tiny", tok.vocab_size)).eval()
+    corpora, _ = _mixture(data, ["wiki_zh", "guidelines", "sft_medical"], [1, 1, 1])
+    val_fn = pretrain.make_val_fn(corpora, 32, 5, 2, "cpu", tok)
     with torch.no_grad():
         got = val_fn(model)
-        manifest = json.loads((data["data"] / "guidelines/manifest.json").read_text())
-        windows = pretrain.val_windows(corpora[1], 32, 5)
-        assert len(windows) == 5 and all(len(w_) == 33 for w_ in windows)
-        nll = 0.0
-        for w_ in windows:
-            logp = torch.log_softmax(model(torch.tensor(w_[None, :-1])).logits[0].double(), -1)
-            nll -= logp[torch.arange(32), torch.tensor(w_[1:])].sum().item()
-    chars = 5 * 32 * manifest["splits"]["val"]["chars"] / manifest["splits"]["val"]["tokens"]
-    assert got["val/guidelines/loss"] == pytest.approx(nll / 160, rel=1e-5)
-    assert got["val/guidelines/bpc"] == pytest.approx(nll / math.log(2) / chars, rel=1e-5)
-    assert set(got) == {"val/wiki_zh/loss", "val/wiki_zh/bpc", "val/guidelines/loss", "val/guidelines/bpc", "val/loss"}
+        for c in corpora:
+            windows = pretrain.val_windows(c, 32, 5)
+            assert len(windows) == 5 and all(len(w_) == 33 for w_ in windows)
+            loss, bits = _by_hand(model, tok, windows)
+            assert got[f"val/{c.name}/loss"] == pytest.approx(loss, rel=1e-5)
+            assert got[f"val/{c.name}/bpc"] == pytest.approx(bits, rel=1e-5)
+    # the chat-rendered corpus: template tokens are scored in the loss but never charged against characters
+    sft = np.concatenate([w_[1:] for w_ in pretrain.val_windows(corpora[2], 32, 5)])
+    assert np.isin(sft, list(tok.special.values())).any()
+    assert set(got) == {f"val/{c}/{k}" for c in ("wiki_zh", "guidelines", "sft_medical") for k in ("loss", "bpc")} \
+        | {"val/loss"}
     assert val_fn(model) == got   # fixed windows
+
+
+def test_every_corpus_with_val_tokens_is_validated_even_when_its_val_split_is_shorter_than_a_window(data):
+    from model import Transformer, make_config
+    manifest = json.loads((data["data"] / "guidelines/manifest.json").read_text())
+    val_tokens = manifest["splits"]["val"]["tokens"]
+    longest_train = max(v["tokens"] for k, v in manifest["shard_info"].items() if k.startswith("train"))
+    seq_len = val_tokens + 10   # one window is longer than the whole val split, shorter than a train shard
+    assert seq_len + 1 <= longest_train
+    corpus = pretrain.open_corpus(data["data"], "guidelines", data["tok"].sha256, seq_len + 1)
+    assert corpus.val and sum(ds.num_tokens for ds in corpus.val) == val_tokens
+    torch.manual_seed(0)
+    model = Transformer(make_config("tiny", data["tok"].vocab_size, max_seq_len=seq_len)).eval()
+    with torch.no_grad():
+        got = pretrain.make_val_fn([corpus], seq_len, 4, 2, "cpu", data["tok"])(model)
+        loss, bits = _by_hand(model, data["tok"], pretrain.val_windows(corpus, seq_len, 4))
+    assert got["val/guidelines/loss"] == pytest.approx(loss, rel=1e-5)
+    assert got["val/guidelines/bpc"] == pytest.approx(bits, rel=1e-5)
 
 
 def test_val_split_shorter_than_a_window_is_scored_whole(data):

@@ -41,7 +41,7 @@ def test_damaged_part_is_an_error_naming_the_file(tmp_path, damage):
             list(iter_records(tmp_path))
 
 
-def test_tokenize_stops_on_a_truncated_part_without_writing_a_manifest(tmp_path):
+def test_tokenize_stops_on_a_truncated_part_without_writing_a_manifest(tmp_path, samples):
     from test_tokenize import MODEL, make_recipe
     write_parts(RECORDS, tmp_path / "docs" / "web", part_records=1000)
     part = tmp_path / "docs" / "web" / "part-00001.jsonl.zst"

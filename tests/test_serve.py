@@ -2,6 +2,7 @@
 HTTP: chat and completions (streaming and not), sampling fields, every bad-request case, 8 concurrent streams,
 a client disconnect, the API key. Replies are checked against model.generate run here on the same checkpoint."""
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -234,6 +235,43 @@ BAD_REQUESTS = [
     ("logprobs asked for", "/v1/chat/completions", OK_CHAT | {"logprobs": True}, 400, "logprobs"),
     ("echo asked for", "/v1/completions", {"model": MODEL, "prompt": "a", "echo": True}, 400, "echo"),
     ("completions unknown model", "/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model"),
+    # malformed input that used to be a 500
+    ("seed of 5000 digits", "/v1/chat/completions",
+     b'{"model": "test-model", "messages": [{"role": "user", "content": "a"}], "seed": ' + b"1" * 5000 + b"}",
+     400, None),
+    ("30000-deep nested arrays", "/v1/chat/completions",
+     b'{"model": "test-model", "messages": ' + b"[" * 30000 + b"]" * 30000 + b"}", 400, None),
+    ("lone surrogate in content", "/v1/chat/completions",
+     b'{"model": "test-model", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400,
+     "messages[0].content"),
+    ("lone surrogate in system", "/v1/chat/completions",
+     b'{"model": "test-model", "messages": [{"role": "system", "content": "\\udfff"}, '
+     b'{"role": "user", "content": "a"}]}', 400, "messages[0].content"),
+    ("lone surrogate in a text part", "/v1/chat/completions",
+     b'{"model": "test-model", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}]}',
+     400, "messages[0].content[0].text"),
+    ("lone surrogate in model", "/v1/chat/completions",
+     b'{"model": "\\ud800", "messages": [{"role": "user", "content": "a"}]}', 400, "model"),
+    ("lone surrogate in prompt", "/v1/completions", b'{"model": "test-model", "prompt": "x\\udc00"}', 400, "prompt"),
+    ("repetition_penalty 1e-300", "/v1/chat/completions", OK_CHAT | {"repetition_penalty": 1e-300}, 400,
+     "repetition_penalty"),
+    ("prompt token id out of range", "/v1/completions", {"model": MODEL, "prompt": [1, 10 ** 7]}, 400, "prompt"),
+    ("two token-id prompts", "/v1/completions", {"model": MODEL, "prompt": [[1, 2], [3]]}, 400, "prompt"),
+    ("prefill without a user turn", "/v1/chat/completions",
+     OK_CHAT | {"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
+    # official parameters this server does not implement: a 400, not a silent 200
+    ("tools", "/v1/chat/completions", OK_CHAT | {"tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, "tools"),
+    ("tool_choice", "/v1/chat/completions", OK_CHAT | {"tool_choice": "required"}, 400, "tool_choice"),
+    ("response_format json", "/v1/chat/completions", OK_CHAT | {"response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ("frequency_penalty", "/v1/chat/completions", OK_CHAT | {"frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("presence_penalty", "/v1/chat/completions", OK_CHAT | {"presence_penalty": -1}, 400, "presence_penalty"),
+    ("logit_bias", "/v1/chat/completions", OK_CHAT | {"logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("top_logprobs without logprobs", "/v1/chat/completions", OK_CHAT | {"top_logprobs": 2}, 400, "top_logprobs"),
+    ("suffix", "/v1/completions", {"model": MODEL, "prompt": "a", "suffix": "b"}, 400, "suffix"),
+    ("best_of", "/v1/completions", {"model": MODEL, "prompt": "a", "best_of": 3}, 400, "best_of"),
+    ("an unknown argument", "/v1/chat/completions", OK_CHAT | {"temprature": 0.5}, 400, "temprature"),
 ]
 
 
@@ -270,6 +308,116 @@ def test_no_field_value_of_any_json_type_makes_a_500(server):
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     http.close()
     assert 200 in statuses and 400 in statuses
+
+
+def test_denormal_sampling_values_give_the_greedy_reply_streamed_or_not(client, reference):
+    """temperature 1e-320 and top_p 5e-324 pass the schema; their fp32 math would overflow, so they sample
+    greedily (as vLLM does below 1e-5): a 200 with the greedy reply, streamed too (no 200-then-error)."""
+    reply, chat_ids, _ = reference
+    messages = [{"role": "user", "content": "咳嗽有痰怎么办？"}]
+    greedy = reply(chat_ids(messages), 12)
+    for sampling in ({"temperature": 1e-320}, {"top_p": 5e-324, "temperature": 1.0}, {"temperature": 5e-324}):
+        r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, **sampling)
+        assert r.choices[0].message.content == greedy, sampling
+        chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, stream=True,
+                                                     **sampling))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == greedy
+
+
+def test_bad_requests_do_not_reset_the_keep_alive_connection(server):
+    """Every malformed body is answered on the same keep-alive connection, which then still serves a reply."""
+    import http.client
+    from urllib.parse import urlsplit
+    conn = http.client.HTTPConnection(urlsplit(server).netloc, timeout=60)
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    sock = None
+    for name, path, body, status, _ in BAD_REQUESTS:
+        conn.request("POST", path, body=body if isinstance(body, bytes) else json.dumps(body), headers=headers)
+        r = conn.getresponse()
+        r.read()
+        assert r.status == status and r.getheader("connection") != "close", name
+        sock = sock or conn.sock
+        assert conn.sock is sock, f"the connection was closed after {name!r}"
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(OK_CHAT), headers=headers)
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["choices"][0]["message"]["role"] == "assistant"
+    assert conn.sock is sock
+    conn.close()
+
+
+def test_unsupported_parameters_are_refused_unless_neutral(client):
+    messages = [{"role": "user", "content": "你好"}]
+    with pytest.raises(openai.BadRequestError, match="unsupported parameter"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, frequency_penalty=1.0)
+    with pytest.raises(openai.BadRequestError, match="unsupported parameter"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
+                                       response_format={"type": "json_object"})
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, frequency_penalty=0,
+                                       presence_penalty=0.0, response_format={"type": "text"}, logit_bias={},
+                                       user="someone", metadata={"k": "v"}, store=False)
+    assert r.choices[0].message.role == "assistant"
+
+
+def test_models_retrieve_fingerprint_and_null_usage_on_stream_chunks(client, server):
+    m = client.models.retrieve(MODEL)
+    assert m.id == MODEL and m.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    messages = [{"role": "user", "content": "你好"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+    assert r.system_fingerprint and r.system_fingerprint.startswith("fp_")
+    body = {"model": MODEL, "messages": messages, "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}}
+    raw = httpx.post(server + "/v1/chat/completions", json=body, timeout=60,
+                     headers={"Authorization": f"Bearer {API_KEY}"})
+    chunks = [json.loads(e[6:]) for e in raw.text.split("\n\n") if e and e != "data: [DONE]"]
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])        # OpenAI's layout
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+    assert {c["system_fingerprint"] for c in chunks} == {r.system_fingerprint}
+    plain = httpx.post(server + "/v1/chat/completions", json=body | {"stream_options": None}, timeout=60,
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+    assert all("usage" not in json.loads(e[6:]) for e in plain.text.split("\n\n") if e and e != "data: [DONE]")
+
+
+def test_assistant_prefill_continues_the_last_message(client, reference):
+    reply, _, tok = reference
+    messages = [{"role": "user", "content": "发烧了怎么办？"}, {"role": "assistant", "content": "首先，"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    rendered = tok.render_chat(messages).ids
+    assert rendered[-1] == tok.special["im_end"]
+    assert r.choices[0].message.content == reply(rendered[:-1], 12)
+    assert r.usage.prompt_tokens == len(rendered) - 1
+
+
+def test_completion_prompt_as_token_ids_equals_the_text_prompt(client, reference):
+    _, _, tok = reference
+    prompt = "高血压患者应当"
+    ids = [tok.eos_id] + tok.encode(prompt)
+    as_text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0)
+    for as_ids in (ids, [ids]):
+        r = client.completions.create(model=MODEL, prompt=as_ids, max_tokens=10, temperature=0)
+        assert r.choices[0].text == as_text.choices[0].text and r.usage.prompt_tokens == len(ids)
+
+
+def test_cors_is_off_by_default_and_opt_in(ckpt):
+    """In-process (the app itself): no CORS headers unless --cors-origin names the origin."""
+    from fastapi.testclient import TestClient
+    from engine import Engine
+    from inference import load_model
+    from serve import ServerSettings, create_app
+    model, tok, _ = load_model(ckpt)
+    engine = Engine(model, tok, max_active=1)
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    closed = TestClient(create_app(engine, ServerSettings(MODEL, CONTEXT)))
+    assert "access-control-allow-origin" not in closed.get("/v1/models", headers={"Origin": preflight["Origin"]}).headers
+    opened = TestClient(create_app(engine, ServerSettings(MODEL, CONTEXT, cors_origins=["http://localhost:3000"])))
+    r = opened.options("/v1/chat/completions", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = opened.get("/v1/models", headers={"Origin": "http://localhost:3000"})
+    assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "access-control-allow-origin" not in opened.get("/v1/models", headers={"Origin": "http://evil.test"}).headers
 
 
 def test_unknown_route_wrong_method_and_missing_key_are_openai_errors(server):
@@ -358,6 +506,24 @@ def test_client_disconnect_stops_its_generation(server):
     assert after["requests_cancelled"] == before["requests_cancelled"] + 1
 
 
+def test_non_streaming_client_that_times_out_cancels_every_try(server):
+    """The official client with timeout=2 and its default 2 retries hangs up three times; each of the three
+    generations (1500 tokens, ~20 s at this model's speed) is cancelled, none is left running."""
+    before = health(server)
+    impatient = openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, timeout=2)   # default max_retries=2
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "请详细介绍肺炎。"}],
+                                          max_tokens=1500, temperature=1.0, extra_body={"ignore_eos": True})
+    deadline = time.time() + 30
+    while (health(server)["active"] or health(server)["requests_cancelled"] < before["requests_cancelled"] + 3) \
+            and time.time() < deadline:
+        time.sleep(0.2)
+    after = health(server)
+    assert after["active"] == 0 and after["requests_cancelled"] == before["requests_cancelled"] + 3
+    assert after["requests_finished"] == before["requests_finished"]      # none ran to its end
+    assert after["tokens_generated"] - before["tokens_generated"] < 3 * 1500
+
+
 def test_server_survived_everything(server):
     h = health(server)
     assert h["status"] == "ok" and h["active"] == 0 and h["queued"] == 0
@@ -368,25 +534,29 @@ def test_server_survived_everything(server):
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
-@pytest.mark.slow
-def test_web_page_streams_multi_turn_chinese_replies_in_headless_chromium(server, reference, tmp_path):
+def headless_chromium(tmp_path):
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.fail("Debian's chromium + chromium-driver are needed: run script/setup.sh (apt-get install)")
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    reply, chat_ids, _ = reference
     options = Options()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,800"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.mark.slow
+def test_web_page_streams_multi_turn_chinese_replies_in_headless_chromium(server, reference, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    reply, chat_ids, _ = reference
+    driver = headless_chromium(tmp_path)
     try:
         driver.set_page_load_timeout(60)
         driver.get(server + "/")
@@ -431,6 +601,78 @@ def test_web_page_streams_multi_turn_chinese_replies_in_headless_chromium(server
         print(f"screenshot: {png}")
     finally:
         driver.quit()
+
+
+SMALL_CONTEXT = 256   # the tiny preset's whole context, which the page's max_tokens once equalled
+
+
+@pytest.mark.slow
+def test_web_page_fits_replies_to_a_small_context_and_drops_failed_turns(tmp_path_factory, tmp_path):
+    """A server whose model has a 256-token context and a 512-token default reply: the page's first question is
+    answered (the reply fits the room the prompt leaves), a max_tokens setting beyond the context still gets an
+    answer, a conversation that outgrows the context drops its oldest exchanges, and a failed turn (a wrong API
+    key) is left out of the conversation the next question sends."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    from inference import load_model
+    from tokenizer import StreamDecoder
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", chat=True, seed=5, tie_embeddings=False,
+                           max_seq_len=SMALL_CONTEXT)
+    model, tok, _ = load_model(ckpt)
+
+    def expected(conversation):
+        """What the page must show: the reply to the conversation it sends (oldest exchanges dropped until
+        the prompt fits), as long as the context allows."""
+        while len(tok.render_chat(conversation, add_generation_prompt=True).ids) >= SMALL_CONTEXT:
+            conversation = conversation[2:]
+        ids = tok.render_chat(conversation, add_generation_prompt=True).ids
+        decoder = StreamDecoder(tok)
+        return "".join(decoder.push(t) for t in model.generate(ids, max_new_tokens=SMALL_CONTEXT - len(ids),
+                                                               temperature=0, stop_ids=tok.stop_ids()))
+
+    proc, url = start_server(ckpt, "--api-key", API_KEY, "--max-tokens", "512")
+    driver = headless_chromium(tmp_path)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(url + "/")
+        driver.find_element(By.ID, "api-key").send_keys(API_KEY)
+        driver.execute_script("const t = document.getElementById('temperature'); t.value = '0';"
+                              "t.dispatchEvent(new Event('input'));")
+        wait = WebDriverWait(driver, 120)
+
+        def ask(question: str) -> tuple[str, bool]:
+            n = len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
+            box = driver.find_element(By.ID, "input")
+            box.send_keys(question)
+            box.send_keys(Keys.ENTER)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]")) == n + 1)
+            return driver.execute_script("const m = document.querySelectorAll('.msg.assistant');"
+                                         "const last = m[m.length - 1];"
+                                         "return [last.textContent, last.classList.contains('error')]")
+
+        history = []
+        for question, max_tokens in [("我最近总是头疼，怎么办？", ""), ("需要做什么检查？", "1000"),
+                                     ("平时饮食要注意什么？", "1000")]:
+            driver.execute_script(f"document.getElementById('max_tokens').value = '{max_tokens}'")
+            answer, error = ask(question)
+            history += [{"role": "user", "content": question}]
+            assert not error and answer == expected(history) and answer, (question, answer)
+            history += [{"role": "assistant", "content": answer}]
+        key = driver.find_element(By.ID, "api-key")
+        key.clear()
+        key.send_keys("wrong-key")
+        answer, error = ask("这句不会被回答")
+        assert error and "API key" in answer
+        key.clear()
+        key.send_keys(API_KEY)
+        answer, error = ask("谢谢医生")
+        assert not error and answer == expected(history + [{"role": "user", "content": "谢谢医生"}])
+        assert driver.find_elements(By.CSS_SELECTOR, ".msg.user.failed")[0].text == "这句不会被回答"
+    finally:
+        driver.quit()
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 # ----------------------------------------------------------------------------- pieces, in-process
@@ -519,3 +761,110 @@ def test_batched_engine_gives_each_request_the_reply_it_gets_alone(ckpt, referen
     assert [text for text, _ in results] == expected
     assert [n for _, n in results] == [s["max_new_tokens"] for _, s in cases]
     assert engine.stats["requests_finished"] == 5 and engine.stats["active"] == 0
+
+
+def test_a_request_whose_sampling_fails_ends_alone_and_the_batch_goes_on(ckpt, reference):
+    """In one batch of four: one job's temperature turns denormal after its third token (its fp32 sampling then
+    overflows to nan mid-batch), another has one from the start (fails at its first token). Each of those ends
+    alone with a clear error; the other two give exactly the replies they get alone. The stats are updated
+    before each job's last event (the event's listener sees its job no longer counted as active)."""
+    from engine import Engine, Job
+    from inference import Sampling, load_model, seeded_generator
+    from tokenizer import StreamDecoder
+    _, chat_ids, tok = reference
+    model, _, _ = load_model(ckpt)
+    prompts = [chat_ids([{"role": "user", "content": q}]) for q in QUESTIONS[:4]]
+    settings = [dict(max_new_tokens=20, temperature=0.0, top_p=1.0), dict(max_new_tokens=16, temperature=0.9,
+                                                                           top_p=0.9, seed=4),
+                dict(max_new_tokens=20, temperature=0.8, top_p=1.0, seed=1),
+                dict(max_new_tokens=20, temperature=1e-320, top_p=1.0, seed=2)]
+
+    def alone(prompt, max_new_tokens, seed=None, **sampling):
+        decoder = StreamDecoder(tok)
+        ids = model.generate(prompt, max_new_tokens=max_new_tokens, generator=seeded_generator(model, seed),
+                             **sampling)
+        return "".join(decoder.push(t) for t in ids)
+    expected = [alone(p, **s) for p, s in zip(prompts[:2], settings[:2])]
+    engine = Engine(model, tok, max_active=4)
+    results = [{"text": [], "end": None, "active_at_end": None} for _ in prompts]
+
+    def listener(i):
+        def on_event(kind, value):
+            out = results[i]
+            if kind == "text":
+                out["text"].append(value)
+                if i == 2 and len(out["text"]) == 3:   # engine thread, between two batched steps
+                    jobs[2].sampling.temperature = 1e-320
+            else:
+                out["end"], out["active_at_end"] = (kind, value), engine.stats["active"]
+                finished.release()
+        return on_event
+    import threading
+    finished = threading.Semaphore(0)
+    jobs = [Job(p, Sampling(ignore_eos=True, **s), listener(i)) for i, (p, s) in enumerate(zip(prompts, settings))]
+    for job in jobs:
+        engine.submit(job)
+    for _ in jobs:
+        assert finished.acquire(timeout=120)
+    assert ["".join(r["text"]) for r in results[:2]] == expected
+    assert [r["end"] for r in results[:2]] == [("done", "length")] * 2
+    for r in results[2:]:
+        assert r["end"][0] == "error" and "sampling failed with temperature=1e-320" in r["end"][1]
+    assert len(results[2]["text"]) == 3 and results[3]["text"] == []
+    assert engine.stats["requests_failed"] == 2 and engine.stats["requests_finished"] == 2
+    last = max(range(4), key=lambda i: jobs[i].completion_tokens if results[i]["end"][0] == "done" else -1)
+    assert results[last]["active_at_end"] == 0            # the last one to finish sees an idle engine
+    assert all(r["active_at_end"] < 4 for r in results)
+
+
+def test_reasoning_parser_splits_think_and_answer_however_the_text_is_cut():
+    from serve import ReasoningParser
+    text = "<think>先想：发热 38.5℃，<可能>是感冒</think><answer>多喝水，必要时就医。</answer>"
+    expected = [("reasoning_content", "先想：发热 38.5℃，<可能>是感冒"), ("content", "多喝水，必要时就医。")]
+    for size in range(1, len(text) + 1):   # every piece size, so a tag is split at every place
+        parser, fields = ReasoningParser(), {"reasoning_content": "", "content": ""}
+        for i in range(0, len(text), size):
+            for field, piece in parser.push(text[i:i + size]):
+                fields[field] += piece
+        for field, piece in parser.flush():
+            fields[field] += piece
+        assert [(k, v) for k, v in fields.items() if v] == expected, size
+    assert ReasoningParser(thinking=True).push("还在想</think>答") == [("reasoning_content", "还在想"),
+                                                                  ("content", "答")]
+    parser = ReasoningParser()
+    assert parser.push("没有标签 <thi") == [("content", "没有标签 ")] and parser.flush() == [("content", "<thi")]
+
+
+def _split_reasoning(text: str, thinking: bool) -> tuple[str, str]:
+    """The reference split, by regular expressions: what is inside <think>…</think> (or before </think> when the
+    prompt opened it) is reasoning; the rest is content, <answer> tags removed."""
+    import re
+    if thinking:
+        text = "<think>" + text
+    reasoning = "".join(re.findall(r"<think>(.*?)(?:</think>|$)", text, flags=re.S))
+    content = re.sub(r"<think>.*?(?:</think>|$)", "", text, flags=re.S)
+    return reasoning, re.sub(r"</?answer>", "", content)
+
+
+def test_enable_thinking_switch_and_reasoning_content_streamed_and_whole(client, reference):
+    """chat_template_kwargs.enable_thinking puts <think> (or <think></think>) after the generation prompt; with it on
+    the reply is reasoning until </think>, returned as reasoning_content, streamed as delta.reasoning_content."""
+    reply, _, tok = reference
+    messages = [{"role": "user", "content": "胸口疼是怎么回事？"}]
+    for thinking in (True, False):
+        ids = tok.render_chat(messages, add_generation_prompt=True, enable_thinking=thinking).ids
+        think = [tok.special["think_start"]] + ([] if thinking else [tok.special["think_end"]])
+        assert ids[-len(think):] == think
+        reasoning, content = _split_reasoning(reply(ids, 20), thinking)
+        kwargs = dict(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                      extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
+        r = client.chat.completions.create(**kwargs)
+        assert r.usage.prompt_tokens == len(ids)
+        assert r.choices[0].message.content == content
+        assert (getattr(r.choices[0].message, "reasoning_content", None) or "") == reasoning
+        if thinking:
+            assert reasoning        # the whole reply was reasoning (the model never closed it)
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.content or "" for d in deltas) == content
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning

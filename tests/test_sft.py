@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import sft
+from data_process.stage import read_sft_conversations
 from test_sft_fixtures import (FAST_TRAIN, MEDICAL_SFT, MINIMIND_SFT, SAMPLES, base_checkpoint, read_records,
                                real_tokenizer, stage, write_toml)
 
@@ -50,7 +51,7 @@ def test_loss_mask_covers_exactly_the_assistant_spans_and_their_end_tokens(tmp_p
     assert len(data) == len(records)
     batches = sft.SFTBatches(data, batch_size=len(data), pad_id=tok.pad_id)
     batch = batches.collate(np.arange(len(data)))
-    conversations, _ = sft.read_sft_csv(csv)
+    conversations, _ = read_sft_conversations(csv)
     im_end = tok.special["im_end"]
     for row, messages in enumerate(conversations):
         expected = [tok.encode(m["content"]) + [im_end] for m in messages if m["role"] == "assistant"]
@@ -146,7 +147,7 @@ def test_bad_rows_are_counted_and_logged_not_fatal(tmp_path, caplog):
              "answer": "", "n_tokens": 0}]
     path = tmp_path / "x.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
-    conversations, rejects = sft.read_sft_csv(path)
+    conversations, rejects = read_sft_conversations(path)
     assert len(conversations) == 1 and rejects == {"bad_json": 1, "malformed": 1}
     assert "row id b rejected" in caplog.text
     data = sft.tokenize_conversations(real_tokenizer(), conversations * 2 + [[{"role": "user", "content": "x"},
@@ -155,9 +156,9 @@ def test_bad_rows_are_counted_and_logged_not_fatal(tmp_path, caplog):
     assert len(data) == 2 and data.rejects["too_long"] == 1
     pd.DataFrame([{"id": "a", "text": "x"}]).to_csv(tmp_path / "wrong.csv", index=False)
     with pytest.raises(ValueError, match="missing columns"):
-        sft.read_sft_csv(tmp_path / "wrong.csv")
+        read_sft_conversations(tmp_path / "wrong.csv")
     with pytest.raises(FileNotFoundError, match="data_process.py"):
-        sft.read_sft_csv(tmp_path / "absent.csv")
+        read_sft_conversations(tmp_path / "absent.csv")
 
 
 @pytest.mark.slow

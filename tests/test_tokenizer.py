@@ -1,5 +1,6 @@
 """Tokenizer: loading/preparing real SentencePiece models, lossless encode, special-token safety, the chat template
 (weights, Jinja equivalence) and the streaming decoder. Real models and text from ../shared/corpora-samples."""
+import functools
 import json
 
 import jinja2
@@ -18,14 +19,20 @@ def glm():
     return Tokenizer.load(CHATGLM2)
 
 
+N_REAL_TEXTS = 38   # a constant, so collecting this module reads no sample file
+
+
+@functools.cache
 def real_texts():
     """Real Chinese, English and mixed text with its newlines, plus code-ish text."""
     fever = (SAMPLES / "medicalgpt/pretrain/fever.txt").read_text(encoding="utf-8")
     web = [json.loads(line)["text"] for line in (SAMPLES / "skywork-zh-web/zh_general.jsonl").open(encoding="utf-8")]
     c4 = [json.loads(line)["text"] for line in (SAMPLES / "llamafactory-demo/c4_demo.jsonl").open(encoding="utf-8")]
     code = "def f(x):\n\tif x > 0:\n        return x  # 注释：正数\r\n    return -x\n\n\n  trailing  spaces  \n"
-    return [fever[:20000], *web[:20], *c4[:10], code, " leading space", "\n\nstarts with newlines", "罕见字𠀀𪚥和表情😀",
-            "全角标点：，。！？（）【】　全角空格", "ＡＢＣ１２３ fullwidth letters", ""]
+    texts = [fever[:20000], *web[:20], *c4[:10], code, " leading space", "\n\nstarts with newlines", "罕见字𠀀𪚥和表情😀",
+             "全角标点：，。！？（）【】　全角空格", "ＡＢＣ１２３ fullwidth letters", ""]
+    assert len(texts) == N_REAL_TEXTS
+    return texts
 
 
 def test_load_bare_chatglm2_adds_missing_specials_as_single_ids(glm):
@@ -94,7 +101,7 @@ def test_user_defined_special_piece_becomes_control(tmp_path):
     assert tok.special["im_end"] not in tok.encode("a<|im_end|>b")
 
 
-@pytest.mark.parametrize("i", range(len(real_texts())))
+@pytest.mark.parametrize("i", range(N_REAL_TEXTS))
 def test_decode_encode_round_trip_is_exact(glm, i):
     text = real_texts()[i]
     assert glm.decode(glm.encode(text)) == text

@@ -122,7 +122,7 @@ def test_train_writes_metrics_plot_and_verified_checkpoints_keeping_the_last_k(t
     summary = train_loop.train(_cfg(out, eval_interval=4), _model(tok), tok, TextBatches(tok),
                                val_fn=lambda m: {"val/sample/loss": 1.5}, meta={"kind": "base", "phase": "p"})
     assert summary["step"] == 8 and summary["tokens_seen"] == 8 * 4 * 32
-    assert sorted(p.name for p in out.iterdir()) == ["final", "metrics.jsonl", "metrics.png", "step-000003",
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "final", "metrics.jsonl", "metrics.png", "step-000003",
                                                      "step-000006"]
     records = train_loop.read_jsonl(out / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]
@@ -226,25 +226,140 @@ def test_checkpoint_with_another_tokenizer_is_refused(ckpt, tok, other_tok, tmp_
         checkpoint.load_checkpoint(ckpt)
 
 
-def test_resume_refuses_a_corrupted_latest_checkpoint(tok, tmp_path):
+def test_a_corrupted_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_newest_good_one(tok, tmp_path,
+                                                                                                  capsys):
+    ref = tmp_path / "ref"
+    train_loop.train(_cfg(ref, total_steps=6), _model(tok), tok, TextBatches(tok))
     out = tmp_path / "run"
-    train_loop.train(_cfg(out, total_steps=4), _model(tok), tok, TextBatches(tok))
+    train_loop.train(_cfg(out, total_steps=4), _model(tok), tok, TextBatches(tok))   # step-000003 + final (4)
     (out / "final/model.safetensors").write_bytes(b"\0" * 10)
-    with pytest.raises(CheckpointError, match="final: model.safetensors"):
-        train_loop.train(_cfg(out, total_steps=6), _model(tok), tok, TextBatches(tok))
+    summary = train_loop.train(_cfg(out, total_steps=6), _model(tok), tok, TextBatches(tok))
+    err = capsys.readouterr().err
+    assert "final: model.safetensors is 10 bytes" in err and "moved it aside to final.bad-" in err
+    bad = [p.name for p in out.iterdir() if p.name.startswith("final.bad-")]
+    assert len(bad) == 1 and (out / bad[0] / "model.safetensors").read_bytes() == b"\0" * 10   # kept, not deleted
+    assert _losses(out) == _losses(ref)   # resumed from step-000003: the same run as an uninterrupted one
+    assert summary["param_sha256"] == checkpoint.verify_checkpoint(ref / "final")["param_sha256"]
 
 
-def test_no_resume_starts_over_and_removes_the_abandoned_checkpoints(tok, tmp_path, capsys):
+def test_no_resume_moves_the_old_run_aside_and_deletes_nothing(tok, tmp_path, capsys):
     out = tmp_path / "run"
     train_loop.train(_cfg(out, total_steps=6), _model(tok), tok, TextBatches(tok))
+    before = {d.name: checkpoint.verify_checkpoint(d)["param_sha256"] for _, d in checkpoint.list_checkpoints(out)}
     summary = train_loop.train(_cfg(out, total_steps=2, resume=False, tensorboard=True), _model(tok), tok,
                                TextBatches(tok))
     assert summary["step"] == 2
     assert [(s, d.name) for s, d in checkpoint.list_checkpoints(out)] == [(2, "final")]
     assert [r["step"] for r in train_loop.read_jsonl(out / "metrics.jsonl")] == [0, 1]
     captured = capsys.readouterr()
-    assert "removing 2 old checkpoint(s)" in captured.out   # step-000003 and final
+    (aside,) = [p for p in out.iterdir() if p.name.startswith("abandoned-")]
+    assert f"moved the old checkpoints and metrics of {out} to {aside.name}/" in captured.out
+    assert {d.name: checkpoint.verify_checkpoint(d)["param_sha256"] for _, d in checkpoint.list_checkpoints(aside)
+            } == before   # step-000003, step-000006 and final, intact
+    assert [r["step"] for r in train_loop.read_jsonl(aside / "metrics.jsonl")] == list(range(6))
     try:
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:   # optional loggers are never required
         assert "tensorboard is not installed" in captured.err
+
+
+# ----------------------------------------------------------------------------- one run per out dir
+
+HOLD_LOCK = """
+import sys, time
+sys.path.insert(0, {root!r})
+from fileio import DirLock
+DirLock({out!r}, "pretrain.py --phase stable").acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(
+        tok, tmp_path, capsys):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.format(root=str(ROOT), out=str(out))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(train_loop.LockedError, match=rf"{out} is in use by another run: pid {holder.pid} on "
+                                                         r".*`pretrain.py --phase stable`"):
+            train_loop.train(_cfg(out, total_steps=2), _model(tok), tok, TextBatches(tok))
+        assert not (out / "metrics.jsonl").exists() and checkpoint.list_checkpoints(out) == []
+    finally:
+        holder.kill()   # SIGKILL: the holder dies without releasing, as in a crash
+        holder.wait()
+    summary = train_loop.train(_cfg(out, total_steps=2), _model(tok), tok, TextBatches(tok))
+    assert summary["step"] == 2
+    err = capsys.readouterr().err
+    assert f"was locked by a run that is no longer alive (pid {holder.pid}" in err and "taking it over" in err
+    assert [r["step"] for r in train_loop.read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    # released on exit: the next run takes it without a word about a dead holder
+    train_loop.train(_cfg(out, total_steps=3), _model(tok), tok, TextBatches(tok))
+    assert "taking it over" not in capsys.readouterr().err
+
+
+def test_the_lock_is_reentrant_for_a_caller_that_locked_first(tok, tmp_path):
+    out = tmp_path / "run"
+    with train_loop.out_dir_lock(out, "sft.py medical"):   # sft.py/dpo.py lock before they write their caches
+        assert train_loop.train(_cfg(out, total_steps=2), _model(tok), tok, TextBatches(tok))["step"] == 2
+        with pytest.raises(train_loop.LockedError, match="sft.py medical"):   # another lock on it: refused
+            from fileio import DirLock
+            DirLock(out).acquire()
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+DISK_FULL = """
+import json, sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from tokenizer import Tokenizer
+import checkpoint, train_loop
+from fileio import DiskFullError
+from test_train_loop import TextBatches, _cfg, _model
+tok = Tokenizer.load({tok!r})
+out = {out!r}
+try:
+    train_loop.train(_cfg(out, total_steps=4, save_interval=2, keep_last=3), _model(tok), tok, TextBatches(tok))
+    print(json.dumps({{"error": None}}))
+except DiskFullError as e:
+    import os
+    print(json.dumps({{"error": e.strerror, "errno": e.errno, "files": sorted(os.listdir(out)),
+                      "step2": checkpoint.verify_checkpoint(out + "/step-000002")["step"]}}))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_save_names_the_path_and_leaves_the_previous_checkpoint_intact(tok, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from conftest import ROOT
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare(1) for a private tmpfs")
+    tok.save(tmp_path / "tok")
+    one = tmp_path / "one"
+    train_loop.train(_cfg(one, total_steps=1, save_interval=0), _model(tok), tok, TextBatches(tok))
+    ckpt_bytes = sum(p.stat().st_size for p in (one / "final").iterdir())
+    size_kb = int(ckpt_bytes * 1.5 / 1024)   # room for one checkpoint (and metrics), not for two
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    script = DISK_FULL.format(root=str(ROOT), tests=str(ROOT / "tests"), tok=str(tmp_path / "tok"),
+                              out=str(mnt / "run"))
+    cmd = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+           f'mount -t tmpfs -o size={size_kb}k tmpfs "{mnt}" && exec "{sys.executable}" -c "$0"', script]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 and "mount" in proc.stderr and "ermission" in proc.stderr:
+        pytest.skip(f"cannot mount a private tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["errno"] == 28 and "inline_container" not in result["error"]
+    assert result["error"].startswith(f"the disk is full: could not write {mnt / 'run' / 'final'} (")
+    assert f"the previous checkpoint {mnt / 'run' / 'step-000002'} is intact" in result["error"]
+    assert result["step2"] == 2                                          # it verifies: every file, every sha256
+    assert not any(".tmp-" in f for f in result["files"])                # the half-written save was removed
