@@ -306,7 +306,9 @@ class GRPOBatches:
         k = self.cfg.updates_per_rollout
         rollout = step // k
         if k > 1 and self.buffer.get("rollout") == rollout and micro_step in self.buffer["micro"]:
-            return self.buffer["micro"][micro_step]
+            batch = self.buffer["micro"][micro_step]   # reused: this step sampled and scored nothing
+            timing = {key: 0.0 for key in ("rollout_s", "reward_s", "old_logps_s", "reference_s")}
+            return {**batch, "stats": {**batch["stats"], **timing}}
         batch = self.make_batch(rollout, micro_step)
         if k > 1:
             if self.buffer.get("rollout") != rollout:
