@@ -276,3 +276,60 @@ def param_digest(model) -> str:
         h.update(name.encode())
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- data provenance
+
+def find_data_root(path) -> Path | None:
+    """The data dir (`data/`) a training input lives in: the nearest of the path and its parents holding
+    dedup/report.json or summary.json (data/pretrain -> data, data/sft/medical.csv -> data)."""
+    path = Path(path).resolve()
+    for d in [path, *path.parents][:4]:
+        if (d / "dedup" / "report.json").is_file() or (d / "summary.json").is_file():
+            return d
+    return None
+
+
+def data_provenance(job: str, data_path, recipe_path=None) -> dict:
+    """What trained a checkpoint, for its meta.json: the data it read, the recipe that made that data (path +
+    sha256) with the eval-set files that recipe decontaminated against (sha256 -> path, per eval set), and the
+    dedup report (path + sha256 + its per-eval-set removal counts). eval.py reads this back to say, per
+    benchmark split, whether training was decontaminated against it. Anything it cannot find is None."""
+    from fileio import file_sha256 as sha
+    root = find_data_root(data_path)
+    record = {"job": job, "data": str(Path(data_path).resolve()), "data_root": str(root) if root else None,
+              "recipe": None, "eval_files": None, "dedup_report": None}
+    report_path = root / "dedup" / "report.json" if root else None
+    if report_path is not None and report_path.is_file():
+        try:
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+            record["dedup_report"] = {"path": str(report_path), "sha256": sha(report_path),
+                                      "eval_sets": report.get("eval_sets", {}),
+                                      "decontaminated": report.get("totals", {}).get("decontaminated")}
+        except (OSError, ValueError) as e:
+            print(f"warning: {report_path} cannot be read ({e}); provenance records no dedup report",
+                  file=sys.stderr)
+    if recipe_path and Path(recipe_path).is_file():
+        from data_process.recipe import load_recipe, resolve_paths
+        recipe_path = Path(recipe_path).resolve()
+        record["recipe"] = {"path": str(recipe_path), "sha256": sha(recipe_path)}
+        try:
+            recipe = load_recipe(recipe_path)
+            record["eval_files"] = {e.name: {sha(p): str(p) for p in resolve_paths(recipe, e.paths)}
+                                    for e in recipe.eval_sets}
+        except Exception as e:   # a recipe that no longer loads: recorded as such, not fatal to training
+            print(f"warning: {recipe_path}: cannot read its eval sets ({e})", file=sys.stderr)
+    if record["eval_files"] is not None and record["dedup_report"] is not None:   # the recipe that made this data?
+        in_report = record["dedup_report"]["eval_sets"]
+        differ = [n for n in set(in_report) | set(record["eval_files"])
+                  if in_report.get(n, {}).get("files") != len(record["eval_files"].get(n, {}))]
+        if differ:
+            record["recipe_matches_report"] = False
+            print(f"warning: {recipe_path}'s eval sets {sorted(differ)} do not match {report_path} (another recipe "
+                  f"made this data?); pass the recipe that made it with --recipe", file=sys.stderr)
+    return record
+
+
+def provenance_chain(init_meta: dict | None, record: dict) -> list[dict]:
+    """The provenance list of a new checkpoint: the one it started from, then this job's record."""
+    return [*(init_meta or {}).get("provenance", []), record]

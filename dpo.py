@@ -331,15 +331,23 @@ def make_val_fn(data: PreferenceSet | None, ref_logps, pad_id: int, beta: float,
 
 
 def run_dpo(cfg: DPOConfig) -> dict:
+    """One DPO run with its out dir locked (train_loop.rank0_lock) from before its data caches are written until
+    it ends: a second run on the same out dir is refused, naming this one."""
+    from train_loop import rank0_lock
+    with rank0_lock(cfg.out_dir):
+        return _run_dpo_locked(cfg)
+
+
+def _run_dpo_locked(cfg: DPOConfig) -> dict:
     """Train one DPO run through train_loop.train; returns the loop's summary."""
     import copy
-    from checkpoint import load_checkpoint
+    from checkpoint import data_provenance, load_checkpoint, provenance_chain
     from train_loop import dist_env, resolve_device, train
     if not cfg.init_from:
         raise ValueError(f"DPO run {cfg.name!r}: init_from (the starting/reference checkpoint) is required")
     check_init_from(cfg.init_from, "run `sh script/sft.sh` first; each DPO config names the run it starts from")
     out_dir = Path(cfg.out_dir)
-    model, tokenizer, _ = load_checkpoint(cfg.init_from)
+    model, tokenizer, init_meta = load_checkpoint(cfg.init_from)
     train_table = dict(cfg.train)
     max_tokens = fit_seq_len(train_table, model)
     data = load_pairs(tokenizer, cfg.data, max_tokens)
@@ -375,6 +383,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     print(f"dpo {cfg.name}: {len(data):,} pairs ({data.rejects or 'no rejects'}), beta {cfg.beta}, "
           f"{total_steps} steps, reference {'cached' if cfg.ref_cache else 'run every step'}, from {cfg.init_from}")
     meta = {"kind": "dpo", "stage": cfg.name, "chat": True, "init_from": str(cfg.init_from), "beta": cfg.beta}
+    meta["provenance"] = provenance_chain(init_meta, data_provenance(f"dpo {cfg.name}", expand(cfg.data)[0]))
     val_fn = make_val_fn(val, val_ref, tokenizer.pad_id, cfg.beta, batch_size, f"dpo_{cfg.name}")
     summary = train(train_cfg, model, tokenizer, batches, loss_fn=make_loss_fn(cfg.beta, ref_model),
                     val_fn=val_fn, meta=meta)

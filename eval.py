@@ -2,136 +2,145 @@
 
     python eval.py out/sft/medical/final                       # one checkpoint: report.json + report.md
     python eval.py out/pretrain/converge/final out/sft/medical/final   # comparison table
-    python eval.py CKPT --shots 0,5 --ceval ../ceval-exam --cmmlu ../cmmlu
+    python eval.py CKPT --shots 0,5 --ceval ../ceval-exam --cmmlu ../cmmlu [--split test|val]
     python eval.py CKPT --judge-url http://127.0.0.1:8000/v1     # add 0-10 scores from an OpenAI-compatible judge
 
-Language modelling: loss and bits per character on the `val` split of every corpus in data/pretrain/ (bits per
-character = summed token NLL / ln 2 / characters of the text, so models with different tokenizers compare).
-Multiple choice: C-Eval (`id,question,A,B,C,D,answer[,explanation]`, CRLF) and CMMLU (`,Question,A,B,C,D,Answer`)
-subject CSVs, zero- and k-shot (shots from the `dev` split), base models with the C-Eval prompt and chat models
-through the chat template. The answer is the option letter with the highest probability at the answer position,
-where each letter's token ids are the ones it gets *in that context* (SentencePiece gives "A" alone and "A" after
-Chinese text different ids), so nothing is generated and nothing is parsed.
+Language modelling: loss and bits per character on the `val` split of every corpus in data/pretrain/, scored by
+bpc.py (the scorer pretrain validation uses; characters of exactly the text tokens scored).
+Multiple choice: C-Eval and CMMLU folders read by data_process/evalsets.py (the one parser, shared with
+decontamination). The split scored is test when it has answers, else val (`--split`); shots come from exactly the
+subject's own dev file. Each benchmark is prompted in its own published format (C-Eval's answer-only prompt,
+CMMLU's 题目/答案是 prompt, subject names from their subject tables); chat checkpoints see the same text through
+the chat template. A prompt longer than the model's context loses shots first, and only a zero-shot prompt is cut
+(warned, counted). The answer is the option letter with the highest probability at the answer position, where
+each letter's token ids are the ones it gets *in that context* (SentencePiece gives "A" alone and "A" after
+Chinese text different ids), so nothing is generated and nothing is parsed. Scoring runs in fp32 by default.
+report.json holds every question's prediction; report.md the answer-letter histogram, the majority-letter
+baseline beside chance, judge means with scored/failed/unreadable counts, and per benchmark split whether the
+checkpoint's training data was decontaminated against it (from the provenance in its meta.json).
 """
 import argparse
-import csv
 import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+import bpc
+from data_process import evalsets
+from data_process.evalsets import Question
+from fileio import atomic_write_text
 from inference import Sampling
 
 LETTERS = "ABCD"
 LN2 = math.log(2)
 
 # ----------------------------------------------------------------------------------------------------------------
-# Multiple-choice data: C-Eval and CMMLU subject CSVs
+# Multiple-choice data: C-Eval and CMMLU folders, read by data_process/evalsets.py (the one parser)
 
 
 @dataclass
-class Question:
-    subject: str
-    question: str
-    options: list  # four strings, A..D
-    answer: str    # "A".."D"
-    id: str = ""
+class Subject:
+    name: str
+    questions: list               # evalsets.Question with an answer, of the scored split
+    shots: list                   # dev questions with an answer, exactly this subject's dev file
+    file: str = ""
+    shot_file: str = ""
+    dropped: dict = field(default_factory=dict)        # scored split: reason -> rows dropped
+    shot_dropped: dict = field(default_factory=dict)   # dev: reason -> rows dropped
 
 
-def read_mc_csv(path: Path) -> list:
-    """Read one C-Eval or CMMLU subject CSV (the layout is told by its header) into Questions."""
-    subject = subject_name(path)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        raise ValueError(f"{path}: empty file")
-    header = [h.strip() for h in rows[0]]
-    lower = [h.lower() for h in header]
-    try:
-        q_col, a_col = lower.index("question"), lower.index("answer")
-        opt_cols = [header.index(letter) for letter in LETTERS]
-    except ValueError:
-        raise ValueError(f"{path}: not a C-Eval (id,question,A,B,C,D,answer) or CMMLU (,Question,A,B,C,D,Answer) "
-                         f"header: {header}") from None
-    questions = []
-    for line_no, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) < len(header) - (1 if lower[-1] == "explanation" else 0):
-            raise ValueError(f"{path}:{line_no}: {len(row)} fields, expected {len(header)}")
-        answer = row[a_col].strip().upper() if a_col < len(row) else ""
-        if answer and answer not in LETTERS:
-            raise ValueError(f"{path}:{line_no}: answer {answer!r} is not one of A-D")
-        questions.append(Question(subject, row[q_col], [row[c] for c in opt_cols], answer, row[0]))
-    return questions
+@dataclass
+class BenchmarkData:
+    name: str                     # "ceval" | "cmmlu" (the label in the report)
+    format: str                   # the layout, which also picks the prompt format
+    root: str
+    split: str                    # the split scored
+    subjects: dict                # subject -> Subject
+
+    @property
+    def n_questions(self) -> int:
+        return sum(len(s.questions) for s in self.subjects.values())
+
+    def dropped(self, shots: bool = False) -> dict:
+        total = Counter()
+        for s in self.subjects.values():
+            total.update(s.shot_dropped if shots else s.dropped)
+        return dict(total)
 
 
-def subject_name(path: Path) -> str:
-    stem = path.stem
-    for suffix in ("_dev", "_val", "_test"):
-        if stem.endswith(suffix):
-            return stem[: -len(suffix)]
-    return stem
-
-
-def load_benchmark(root: Path) -> dict:
-    """{subject: (questions, dev_shots)} from a C-Eval folder (dev/ val/ [test/]) or a CMMLU folder (dev/ test/).
-
-    C-Eval's public test split has no answers, so its questions come from val/; CMMLU's from test/.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"benchmark folder not found: {root}")
-    split = next((s for s in ("val", "test") if (root / s).is_dir() and any((root / s).glob("*.csv"))), None)
-    if split is None:
-        raise FileNotFoundError(f"{root}: no val/ or test/ folder with subject CSVs")
+def load_benchmark(root, split: str = "auto", name: str = "") -> BenchmarkData:
+    """A C-Eval folder (dev/ val/ test/) or a CMMLU folder (dev/ test/): the questions of one split with their
+    dev shots. split "auto": test when it has answers (CMMLU, a C-Eval copy with answers), else val (the
+    official C-Eval test has none). Shots come from exactly the subject's own dev file (evalsets.subject_file:
+    `law` never borrows `law_and_ethics`); rows without an answer are dropped and counted, in both."""
+    bench = evalsets.discover(root)
+    if split == "auto":
+        split = bench.scored_split
+        if split is None:
+            raise ValueError(f"{root}: neither test/ nor val/ has answered questions; nothing to score")
+    elif split not in bench.splits:
+        raise ValueError(f"{root}: no {split}/ split (it has {sorted(bench.splits)})")
+    elif not bench.splits[split].has_answers:
+        raise ValueError(f"{root}: the {split}/ split has no answers (C-Eval's official test is scored on its "
+                         f"server); use --split val")
     subjects = {}
-    for path in sorted((root / split).glob("*.csv")):
-        questions = [q for q in read_mc_csv(path) if q.answer]
-        dev_path = next(iter(sorted((root / "dev").glob(f"{subject_name(path)}*.csv"))), None) \
-            if (root / "dev").is_dir() else None
-        shots = read_mc_csv(dev_path) if dev_path else []
-        subjects[subject_name(path)] = (questions, shots)
-    return subjects
+    for subject, path in bench.splits[split].files.items():
+        result = evalsets.read_questions(path, bench.format, need_answer=True)
+        shot_path = evalsets.subject_file(bench.root, "dev", subject, bench.format) if split != "dev" else None
+        shots = evalsets.read_questions(shot_path, bench.format, need_answer=True) if shot_path else None
+        subjects[subject] = Subject(subject, result.questions, shots.questions if shots else [], str(path),
+                                    str(shot_path or ""), dict(result.dropped), dict(shots.dropped) if shots else {})
+    return BenchmarkData(name or bench.format, bench.format, str(bench.root), split, subjects)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompts and in-context letter ids
+# Prompts (each benchmark's own published format) and in-context letter ids
 
-SUBJECT_ZH = {  # C-Eval's own prompt names the subject in Chinese; unknown subjects fall back to the file name
-    "basic_medicine": "基础医学", "clinical_medicine": "临床医学", "physician": "医师资格",
-    "veterinary_medicine": "兽医学", "anatomy": "解剖学", "clinical_knowledge": "临床知识",
-    "college_medicine": "大学医学", "college_medical_statistics": "大学医学统计", "genetics": "遗传学",
-    "nutrition": "营养学", "professional_medicine": "专业医学", "traditional_chinese_medicine": "中医中药",
-    "virology": "病毒学",
+PROMPT_FORMATS = {
+    "ceval": "C-Eval answer-only (hkust-nlp/ceval): 以下是中国关于{科目}考试的单项选择题，请选出其中的正确答案。"
+             " / {题干} A. .. D. .. 答案：",
+    "cmmlu": "CMMLU (haonan-li/CMMLU src/mp_utils.py): 以下是关于{科目}的单项选择题，请直接给出正确答案的选项。"
+             " / 题目：{题干} A. .. D. .. 答案是：",
 }
 
 
-def format_question(q: Question) -> str:
-    return q.question.strip() + "\n" + "\n".join(f"{l}. {o.strip()}" for l, o in zip(LETTERS, q.options)) + "\n答案："
+def format_question(q: Question, fmt: str = "ceval") -> str:
+    """One question up to its answer, as the benchmark's own evaluation code writes it."""
+    options = "".join(f"\n{l}. {q.options[l]}" for l in LETTERS)
+    if fmt == "cmmlu":
+        return "题目：" + q.question + options + "\n答案是："
+    return q.question + options + "\n答案："
 
 
-def base_prompt(q: Question, shots: list) -> str:
-    """The C-Eval paper's answer-only prompt: instruction, k solved examples, then the question up to 答案："""
-    head = f"以下是中国关于{SUBJECT_ZH.get(q.subject, q.subject)}考试的单项选择题，请选出其中的正确答案。\n\n"
-    return head + "".join(format_question(s) + s.answer + "\n\n" for s in shots) + format_question(q)
+def prompt_head(q: Question, fmt: str = "ceval") -> str:
+    """The instruction, naming the subject in Chinese from the benchmark's published subject table."""
+    zh = evalsets.subject_zh(fmt, q.subject)
+    if fmt == "cmmlu":
+        return f"以下是关于{zh}的单项选择题，请直接给出正确答案的选项。\n\n"
+    return f"以下是中国关于{zh}考试的单项选择题，请选出其中的正确答案。\n\n"
 
 
-def chat_messages(q: Question, shots: list) -> list:
+def base_prompt(q: Question, shots: list, fmt: str = "ceval") -> str:
+    """Answer-only prompt: instruction, k solved examples, then the question up to the answer cue."""
+    return prompt_head(q, fmt) + "".join(format_question(s, fmt) + s.answer + "\n\n" for s in shots) \
+        + format_question(q, fmt)
+
+
+def chat_messages(q: Question, shots: list, fmt: str = "ceval") -> list:
     """Chat models see the shots as earlier turns, each answered with the bare letter."""
-    msgs = [{"role": "system", "content": "请回答单项选择题，只输出正确选项的字母。"}]
+    msgs = [{"role": "system", "content": prompt_head(q, fmt).strip() + "只输出正确选项的字母。"}]
     for s in shots:
-        msgs += [{"role": "user", "content": format_question(s)}, {"role": "assistant", "content": s.answer}]
-    return msgs + [{"role": "user", "content": format_question(q)}]
+        msgs += [{"role": "user", "content": format_question(s, fmt)}, {"role": "assistant", "content": s.answer}]
+    return msgs + [{"role": "user", "content": format_question(q, fmt)}]
 
 
-def letter_candidates(tokenizer, q: Question, shots: list, chat: bool):
+def letter_candidates(tokenizer, q: Question, shots: list, chat: bool, fmt: str = "ceval"):
     """Context ids and, per letter, the continuation ids that letter gets in that context.
 
     Each letter is encoded together with its prompt; the context is the longest prefix all four encodings share
@@ -140,16 +149,33 @@ def letter_candidates(tokenizer, q: Question, shots: list, chat: bool):
     Returns (context_ids, {letter: continuation_ids}).
     """
     if chat:
-        msgs = chat_messages(q, shots)
+        msgs = chat_messages(q, shots, fmt)
         full = {l: tokenizer.render_chat(msgs + [{"role": "assistant", "content": l}]).ids for l in LETTERS}
     else:  # a base model saw every document start right after an end-of-text token
-        text = base_prompt(q, shots)
+        text = base_prompt(q, shots, fmt)
         full = {l: [tokenizer.eos_id] + tokenizer.encode(text + l) for l in LETTERS}
     seqs = list(full.values())
     n = min(common_prefix_len(seqs[0], s) for s in seqs[1:])
     suffix = common_suffix_len([s[n:] for s in seqs]) if chat else 0
     cont = {l: ids[n: len(ids) - suffix] for l, ids in full.items()}
     return seqs[0][:n], cont
+
+
+def fit_prompt(tokenizer, q: Question, shots: list, chat: bool, fmt: str, max_len: int):
+    """letter_candidates for a prompt that fits the model's context: shots are dropped first (the longest
+    first, as CMMLU's own code does), and only a zero-shot prompt that is still too long is cut from the left
+    (its end, the options and the answer cue, is what the answer depends on).
+    -> (context, {letter: continuation}, the shots kept (in their order), tokens cut)."""
+    shots = list(shots)
+    while True:
+        ctx, cont = letter_candidates(tokenizer, q, shots, chat, fmt)
+        room = max_len - max(len(c) for c in cont.values()) + 1   # the last scored token's input is ctx[-1] + ..
+        if len(ctx) <= room:
+            return ctx, cont, shots, 0
+        if not shots:
+            return ctx[len(ctx) - room:], cont, [], len(ctx) - room
+        lengths = [len(format_question(s, fmt)) for s in shots]
+        shots.pop(lengths.index(max(lengths)))
 
 
 def common_prefix_len(a, b) -> int:
@@ -234,85 +260,87 @@ def option_logprobs(model, requests: list, dtype=torch.float32, batch_size=8) ->
     return out
 
 
-def run_mc(model, tokenizer, subjects: dict, shots: int, chat: bool, dtype, max_questions=0, batch_size=8) -> dict:
-    """Per-subject and overall accuracy for one benchmark at one shot count."""
-    per_subject, all_scores, all_answers = {}, [], []
-    for subject, (questions, dev) in subjects.items():
-        if max_questions:
-            questions = questions[:max_questions]
+def run_mc(model, tokenizer, bench: BenchmarkData, shots: int, chat: bool, dtype, max_questions=0,
+           batch_size=8) -> dict:
+    """Per-subject and overall accuracy for one benchmark at one shot count, with every question's prediction,
+    the answer-letter histograms (predicted and correct), the majority-letter baseline beside chance, and how
+    many prompts had to be shortened to fit the context."""
+    per_subject, all_scores, all_answers, predictions = {}, [], [], []
+    fit = Counter()
+    max_len = model.config.max_seq_len
+    for subject, sub in bench.subjects.items():
+        questions = sub.questions[:max_questions] if max_questions else sub.questions
         requests = []
         for q in questions:
-            ctx, cand = letter_candidates(tokenizer, q, dev[:shots], chat)
+            ctx, cand, kept_shots, cut = fit_prompt(tokenizer, q, sub.shots[:shots], chat, bench.format, max_len)
+            kept = len(kept_shots)
+            wanted = min(shots, len(sub.shots))
+            fit["prompts"] += 1
+            fit["over_context"] += kept < wanted or cut > 0
+            fit["shots_dropped"] += wanted - kept
+            fit["fewer_shots"] += kept < wanted
+            fit["question_cut"] += cut > 0
             requests.append((ctx, [cand[letter] for letter in LETTERS]))
         logps = option_logprobs(model, requests, dtype, batch_size)
         scores = [dict(zip(LETTERS, lp)) for lp in logps]
         answers = [q.answer for q in questions]
+        for q, sc in zip(questions, scores):
+            pred = max(LETTERS, key=lambda l: sc[l])
+            predictions.append({"subject": subject, "id": q.id, "answer": q.answer, "prediction": pred,
+                                "correct": pred == q.answer, "logprobs": {l: round(v, 4) for l, v in sc.items()}})
         per_subject[subject] = {"accuracy": expected_accuracy(scores, answers), "n": len(questions),
-                                "chance": 0.25}
+                                "chance": 0.25, **letter_stats(answers, [max(LETTERS, key=lambda l: s[l])
+                                                                         for s in scores])}
         all_scores += scores
         all_answers += answers
-    overall = {"accuracy": expected_accuracy(all_scores, all_answers), "n": len(all_answers), "chance": 0.25}
-    return {"overall": overall, "subjects": per_subject}
+    overall = {"accuracy": expected_accuracy(all_scores, all_answers), "n": len(all_answers), "chance": 0.25,
+               **letter_stats(all_answers, [p["prediction"] for p in predictions])}
+    return {"overall": overall, "subjects": per_subject, "predictions": predictions, "split": bench.split,
+            "format": bench.format, "prompt_format": PROMPT_FORMATS[bench.format], "shots": shots,
+            "context": {"max_seq_len": max_len, **{k: fit[k] for k in ("prompts", "over_context", "fewer_shots",
+                                                                        "shots_dropped", "question_cut")}}}
+
+
+def letter_stats(answers: list, predicted: list) -> dict:
+    """Histograms of the correct and the predicted letters, and the accuracy of always answering the most
+    common correct letter (a model that answers one letter to everything scores about this, not 25%)."""
+    gold = Counter(answers)
+    pred = Counter(predicted)
+    majority, count = max(((l, gold[l]) for l in LETTERS), key=lambda x: x[1]) if answers else ("A", 0)
+    return {"answer_letters": {l: gold[l] for l in LETTERS}, "predicted_letters": {l: pred[l] for l in LETTERS},
+            "majority_letter": majority, "majority_baseline": count / max(1, len(answers))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Language modelling: loss and bits per character on val splits
 
 
-@torch.no_grad()
-def sequence_nll(model, tokens: np.ndarray, seq_len: int, dtype=torch.float32, batch_size=4) -> tuple:
-    """Summed NLL (nats) of tokens[1:] given what precedes them, in windows of seq_len predictions.
-
-    Consecutive windows overlap by one token, so every token but the first is predicted exactly once.
-    Returns (total_nats, predicted_tokens).
-    """
-    n = len(tokens)
-    starts = list(range(0, max(n - 1, 0), seq_len))
-    total, count = 0.0, 0
-    for b in range(0, len(starts), batch_size):
-        chunk = [tokens[s: s + seq_len + 1].astype(np.int64) for s in starts[b: b + batch_size]]
-        T = max(len(c) for c in chunk) - 1
-        inp = torch.zeros(len(chunk), T, dtype=torch.long)
-        tgt = torch.zeros((len(chunk), T), dtype=torch.long)
-        for j, c in enumerate(chunk):
-            inp[j, : len(c) - 1] = torch.from_numpy(c[:-1])
-            tgt[j, : len(c) - 1] = torch.from_numpy(c[1:])
-        h = hidden_states(model, inp, dtype)
-        for j in range(len(chunk)):  # one row at a time: never the whole [B, T, V] logits at once
-            logp = head_logprobs(model, h[j], dtype)
-            total -= logp[torch.arange(len(chunk[j]) - 1), tgt[j, : len(chunk[j]) - 1]].sum().item()
-            count += len(chunk[j]) - 1
-    return total, count
-
-
-def run_lm(model, tokenizer_sha256: str, data_dir: Path, dtype, max_tokens=0, batch_size=4) -> dict:
-    """Loss and bits per character on every corpus's val split under data_dir/pretrain/."""
+def run_lm(model, tokenizer, data_dir: Path, dtype, max_tokens=0, batch_size=4) -> dict:
+    """Loss and bits per character on every corpus's val split under data_dir/pretrain/, scored by bpc.py (the
+    scorer pretrain validation uses): characters are counted on exactly the text tokens scored, so a prefix cut
+    by max_tokens (per corpus) counts its own characters, and chat-template tokens are not charged to them."""
     from data_process.shards import IndexedDataset
     results = {}
+    seq_len = model.config.max_seq_len
     for manifest_path in sorted(Path(data_dir, "pretrain").glob("*/manifest.json")):
         manifest = json.loads(manifest_path.read_text())
         corpus = manifest_path.parent.name
-        if manifest.get("tokenizer_sha256") != tokenizer_sha256:
+        if manifest.get("tokenizer_sha256") != tokenizer.sha256:
             results[corpus] = {"error": "shards were made with another tokenizer "
                                         f"({manifest.get('tokenizer_sha256', '?')[:12]}…): re-tokenize or skip"}
             continue
         val = manifest.get("splits", {}).get("val", {})
         if not val.get("tokens"):
             continue
-        nats = predicted = total_tokens = 0
-        budget = max_tokens or float("inf")
+        score, budget = bpc.Score(), max_tokens
         for shard in val["shards"]:  # memmapped, one shard at a time: nothing is copied into RAM whole
+            if max_tokens and budget <= 0:
+                break
             tokens = IndexedDataset(manifest_path.parent / shard).tokens
-            total_tokens += len(tokens)
-            if budget <= 0:
-                continue
-            used = tokens[: int(min(len(tokens), budget + 1))]
-            n, p = sequence_nll(model, used, model.config.max_seq_len, dtype, batch_size)
-            nats, predicted, budget = nats + n, predicted + p, budget - p
-        # characters of the evaluated tokens: the split's characters in proportion to the tokens scored
-        chars = val["chars"] * predicted / max(1, total_tokens - len(val["shards"]))
-        results[corpus] = {"loss": nats / max(1, predicted), "bits_per_char": nats / LN2 / max(chars, 1e-9),
-                           "tokens": predicted, "chars": round(chars)}
+            part = bpc.score_windows(model, tokenizer, bpc.contiguous_windows(tokens, seq_len, budget), batch_size,
+                                     dtype)
+            score, budget = score.add(part), budget - part.tokens
+        results[corpus] = score.as_dict()
     return results
 
 
@@ -359,12 +387,19 @@ def parse_scores(text: str):
 
 
 def judge_samples(samples: list, url: str, model_name: str, api_key: str, timeout: float = 60.0) -> dict:
-    """Score each sample with an OpenAI-compatible judge; unreadable replies are counted, not fatal."""
+    """Score each sample with an OpenAI-compatible judge. A call that fails (HTTP error, timeout) and a reply
+    that cannot be read are counted apart, never fatal: every mean is reported beside scored/failed/unreadable."""
     from openai import OpenAI
     client = OpenAI(base_url=url, api_key=api_key or "none", timeout=timeout, max_retries=1)
+    failed = unreadable = 0
     if not model_name:
-        model_name = client.models.list().data[0].id
-    failures = 0
+        try:
+            model_name = client.models.list().data[0].id
+        except Exception as e:   # no model list: every sample fails the same way, and says so
+            for s in samples:
+                s["judge_reply"], s["scores"], s["judge_error"] = f"error: {e}", None, True
+            return {"url": url, "model": None, "mean": None, "n": len(samples), "scored": 0,
+                    "failed": len(samples), "unreadable": 0}
     for s in samples:
         try:
             reply = client.chat.completions.create(
@@ -372,12 +407,62 @@ def judge_samples(samples: list, url: str, model_name: str, api_key: str, timeou
                 messages=[{"role": "user", "content": JUDGE_RUBRIC % (s["prompt"], s["output"])}])
             s["judge_reply"] = reply.choices[0].message.content or ""
             s["scores"] = parse_scores(s["judge_reply"])
+            unreadable += s["scores"] is None
         except Exception as e:  # a judge that is down or rude costs its scores, not the report
-            s["judge_reply"], s["scores"] = f"error: {e}", None
-        failures += s["scores"] is None
+            s["judge_reply"], s["scores"], s["judge_error"] = f"error: {e}", None, True
+            failed += 1
     scored = [s["scores"] for s in samples if s["scores"]]
     mean = {k: sum(x[k] for x in scored) / len(scored) for k in ("language", "knowledge")} if scored else None
-    return {"url": url, "model": model_name, "mean": mean, "scored": len(scored), "unreadable": failures}
+    return {"url": url, "model": model_name, "mean": mean, "n": len(samples), "scored": len(scored),
+            "failed": failed, "unreadable": unreadable}
+
+
+def judge_counts(judge: dict) -> str:
+    return (f"scored {judge['scored']} of {judge['n']}, failed {judge['failed']}, "
+            f"unreadable {judge['unreadable']}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contamination: was this checkpoint's training data decontaminated against what is scored?
+
+
+def contamination(meta: dict, bench: BenchmarkData) -> dict:
+    """Per training job in the checkpoint's provenance: how many of the scored split's files were in that job's
+    decontamination eval sets (matched by sha256, so a moved folder still counts) and how many training
+    documents the dedup report says were removed against those sets. status: "checked" (every job, every
+    file), "partial", or "not checked" (no provenance, no dedup report, or files that were not in the sets)."""
+    from fileio import file_sha256
+    files = {file_sha256(s.file): s.file for s in bench.subjects.values()}
+    jobs = []
+    for rec in meta.get("provenance", []):
+        eval_files = rec.get("eval_files") or {}
+        sets = [name for name, shas in eval_files.items() if set(files) & set(shas)]
+        matched = len({h for name in sets for h in eval_files[name] if h in files})
+        report = rec.get("dedup_report")
+        removed = sum(report["eval_sets"].get(n, {}).get("removed", 0) for n in sets) if report else None
+        jobs.append({"job": rec.get("job"), "data": rec.get("data"), "files_in_eval_sets": matched,
+                     "eval_sets": sets, "removed": removed, "dedup_report": bool(report),
+                     "checked": bool(report) and matched == len(files) and rec.get("recipe_matches_report", True)})
+    status = "not checked" if not jobs or not any(j["checked"] for j in jobs) else \
+        "checked" if all(j["checked"] for j in jobs) else "partial"
+    return {"status": status, "files": len(files), "jobs": jobs}
+
+
+def contamination_line(name: str, split: str, c: dict) -> str:
+    head = f"{name} {split}: "
+    if not c["jobs"]:
+        return head + "NOT checked for contamination: the checkpoint records no data provenance"
+    parts = []
+    for j in c["jobs"]:
+        if not j["dedup_report"]:
+            parts.append(f"{j['job']}: no dedup report for {j['data']}")
+        else:
+            sets = ", ".join(repr(s) for s in j["eval_sets"]) or "none"
+            parts.append(f"{j['job']}: {j['files_in_eval_sets']}/{c['files']} files in decontamination eval set(s) "
+                         f"{sets}, {j['removed']} training docs removed against them (all their splits)")
+    verdict = {"checked": "decontaminated", "partial": "only PARTLY checked for contamination",
+               "not checked": "NOT checked for contamination"}[c["status"]]
+    return head + verdict + " — " + "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -392,32 +477,54 @@ def evaluate(ckpt_dir: Path, args) -> dict:
     chat = bool(meta.get("chat")) if args.template == "auto" else args.template == "chat"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     report = {"checkpoint": str(ckpt_dir), "kind": meta.get("kind"), "chat": chat, "dtype": args.dtype,
-              "params": model.num_params(), "tokenizer_sha256": tokenizer.sha256}
+              "device": "cpu", "params": model.num_params(), "tokenizer_sha256": tokenizer.sha256}
     t0 = time.perf_counter()
     if not args.no_lm:
-        report["lm"] = run_lm(model, tokenizer.sha256, args.data_dir, dtype, args.max_val_tokens)
+        report["lm"] = run_lm(model, tokenizer, args.data_dir, dtype, args.max_val_tokens)
     if not args.no_mc:
-        report["mc"] = {}
+        report["mc"], report["benchmarks"] = {}, {}
         for name, root in [("ceval", p) for p in args.ceval] + [("cmmlu", p) for p in args.cmmlu]:
-            subjects = load_benchmark(Path(root))
+            bench = load_benchmark(Path(root), args.split, name)
+            dropped, shot_dropped = bench.dropped(), bench.dropped(shots=True)
+            cont = contamination(meta, bench)
+            report["benchmarks"][name] = {"root": bench.root, "split": bench.split, "format": bench.format,
+                                          "prompt_format": PROMPT_FORMATS[bench.format],
+                                          "subjects": len(bench.subjects), "questions": bench.n_questions,
+                                          "dropped": dropped, "shot_dropped": shot_dropped,
+                                          "shots_available": {s: len(v.shots) for s, v in bench.subjects.items()},
+                                          "contamination": cont}
+            print(f"{name}: {bench.root}: scoring split {bench.split}/ ({len(bench.subjects)} subjects, "
+                  f"{bench.n_questions} questions; dropped {dropped or 'none'}), shots from dev/ (dropped "
+                  f"{shot_dropped or 'none'}), {bench.format} prompt format, {args.dtype}")
+            print(("" if cont["status"] == "checked" else "warning: ") + contamination_line(name, bench.split, cont),
+                  file=sys.stdout if cont["status"] == "checked" else sys.stderr)
             for k in args.shots:
                 t = time.perf_counter()
-                r = run_mc(model, tokenizer, subjects, k, chat, dtype, args.max_questions)
+                r = run_mc(model, tokenizer, bench, k, chat, dtype, args.max_questions)
                 r["questions_per_s"] = r["overall"]["n"] / max(1e-9, time.perf_counter() - t)
+                fit = r["context"]
+                if fit["over_context"]:
+                    print(f"warning: {name} {k}-shot: {fit['over_context']} of {fit['prompts']} prompts are longer "
+                          f"than the model's context ({fit['max_seq_len']} tokens): {fit['fewer_shots']} scored with "
+                          f"fewer shots ({fit['shots_dropped']} shots dropped), {fit['question_cut']} zero-shot "
+                          f"prompts cut from the left", file=sys.stderr)
                 report["mc"][f"{name} {k}-shot"] = r
     if not args.no_gen:
         sampling = Sampling(max_new_tokens=args.max_new_tokens, seed=args.seed)
         report["generation"] = {"sampling": asdict(sampling),
                                 "samples": run_generation(model, tokenizer, chat, sampling)}
         if args.judge_url:
-            report["generation"]["judge"] = judge_samples(report["generation"]["samples"], args.judge_url,
-                                                          args.judge_model, args.judge_key)
+            judge = judge_samples(report["generation"]["samples"], args.judge_url, args.judge_model, args.judge_key)
+            report["generation"]["judge"] = judge
+            print(("warning: " if judge["scored"] < judge["n"] else "") + f"judge {args.judge_url}: "
+                  + judge_counts(judge), file=sys.stderr if judge["scored"] < judge["n"] else sys.stdout)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
 
 
 def table_rows(reports: list) -> list:
-    """(section, metric, [value per checkpoint]) rows shared by the one- and many-checkpoint tables."""
+    """(section, metric, [value per checkpoint]) rows shared by the one- and many-checkpoint tables; a value is
+    a number or a string (shown as it is)."""
     rows = []
     corpora = sorted({c for r in reports for c in r.get("lm", {})})
     for c in corpora:
@@ -432,24 +539,52 @@ def table_rows(reports: list) -> list:
                 res = r.get("mc", {}).get(b, {})
                 cell = res.get("overall") if s == "overall" else res.get("subjects", {}).get(s)
                 cells.append(cell)
-            n = next((c["n"] for c in cells if c), 0)
-            rows.append((b, f"{s} (n={n}, chance 25%)", [c["accuracy"] * 100 if c else None for c in cells]))
+            first = next((c for c in cells if c), None)
+            n = first["n"] if first else 0
+            base = f", majority letter {first['majority_letter']} {first['majority_baseline']:.1%}" if first else ""
+            rows.append((b, f"{s} (n={n}, chance 25%{base})", [c["accuracy"] * 100 if c else None for c in cells]))
+        rows.append((b, "predicted letters A/B/C/D", [
+            "/".join(str(v) for v in r["mc"][b]["overall"]["predicted_letters"].values()) if b in r.get("mc", {})
+            else None for r in reports]))
     for r_i, r in enumerate(reports):
         judge = r.get("generation", {}).get("judge")
-        if judge and judge.get("mean"):
+        if judge:
             for k in ("language", "knowledge"):
                 cells = [None] * len(reports)
-                cells[r_i] = judge["mean"][k]
+                mean = judge["mean"][k] if judge.get("mean") else None
+                cells[r_i] = (f"{mean:.2f}" if mean is not None else "—") + f" ({judge_counts(judge)})"
                 rows.append(("judge", k + " (0-10)", cells))
     return rows
 
 
+def _cell(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, str):
+        return v
+    return f"{v:.3f}" if v < 100 else f"{v:.1f}"
+
+
 def to_markdown(reports: list) -> str:
     names = [Path(r["checkpoint"]).as_posix() for r in reports]
-    lines = ["| section | metric | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    lines = []
+    for r in reports:
+        lines.append(f"- {r['checkpoint']}: scored in {r['dtype']} on {r.get('device', 'cpu')}, "
+                     f"{'chat template' if r['chat'] else 'base prompt'}")
+        for name, b in r.get("benchmarks", {}).items():
+            lines.append(f"  - {name}: split {b['split']}/ of {b['root']} ({b['subjects']} subjects, {b['questions']} "
+                         f"questions; dropped {b['dropped'] or 'none'}; shots dropped {b['shot_dropped'] or 'none'}); "
+                         f"prompt: {b['prompt_format']}")
+            lines.append(f"  - {contamination_line(name, b['split'], b['contamination'])}")
+        for key, res in r.get("mc", {}).items():
+            fit = res["context"]
+            if fit["over_context"]:
+                lines.append(f"  - {key}: {fit['over_context']} of {fit['prompts']} prompts over the context "
+                             f"({fit['max_seq_len']}): {fit['shots_dropped']} shots dropped, {fit['question_cut']} "
+                             f"questions cut")
+    lines += ["", "| section | metric | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for section, metric, cells in table_rows(reports):
-        lines.append(f"| {section} | {metric} | " + " | ".join("—" if v is None else f"{v:.3f}" if v < 100
-                                                            else f"{v:.1f}" for v in cells) + " |")
+        lines.append(f"| {section} | {metric} | " + " | ".join(_cell(v) for v in cells) + " |")
     for r in reports:
         errors = {c: v["error"] for c, v in r.get("lm", {}).items() if "error" in v}
         for c, e in errors.items():
@@ -459,7 +594,8 @@ def to_markdown(reports: list) -> str:
             lines.append(f"\n### Samples from {r['checkpoint']} ({'chat' if r['chat'] else 'continuation'}; "
                          f"sampling {json.dumps(gen['sampling'])})\n")
             for s in gen["samples"]:
-                score = f" — judge {s['scores']}" if s.get("scores") else ""
+                score = f" — judge {s['scores']}" if s.get("scores") else " — judge failed" \
+                    if s.get("judge_error") else " — judge reply unreadable" if "scores" in s else ""
                 lines.append(f"- **{s['prompt']}** → {s['output'].strip()}{score}")
     return "\n".join(lines) + "\n"
 
@@ -469,15 +605,19 @@ def parse_args(argv):
     p.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint dirs (two or more: a comparison table)")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="where data/pretrain/<corpus>/ val shards are")
     p.add_argument("--ceval", action="append", default=None,
-                   help="C-Eval folder with dev/ and val/ (repeatable; default corpora/eval/ceval)")
+                   help="C-Eval folder with dev/ val/ [test/] (repeatable; default corpora/eval/ceval)")
     p.add_argument("--cmmlu", action="append", default=None,
                    help="CMMLU folder with dev/ and test/ (repeatable; default corpora/eval/cmmlu)")
+    p.add_argument("--split", choices=["auto", "test", "val"], default="auto",
+                   help="split to score: auto = test when it has answers, else val (C-Eval's official test has none)")
     p.add_argument("--shots", default="0,5", help="comma-separated shot counts (examples from dev/)")
     p.add_argument("--template", choices=["auto", "base", "chat"], default="auto",
                    help="prompt format: auto = chat template for SFT/DPO checkpoints, C-Eval prompt for base ones")
     p.add_argument("--max-questions", type=int, default=0, help="per subject, 0 = all")
     p.add_argument("--max-val-tokens", type=int, default=0, help="per corpus, 0 = the whole val split")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="autocast dtype for scoring")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="dtype for scoring (default fp32: bf16 flips a few close choices; one pass per question is "
+                        "cheap on a CPU); the report states it")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-lm", action="store_true", help="skip bits per character")
@@ -503,10 +643,10 @@ def main(argv=None) -> int:
     reports = [evaluate(c, args) for c in args.checkpoints]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "report" if len(reports) == 1 else "compare"
-    (args.out / f"{stem}.json").write_text(json.dumps(reports if len(reports) > 1 else reports[0], indent=2,
-                                                      ensure_ascii=False))
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(reports if len(reports) > 1 else reports[0], indent=2,
+                                                            ensure_ascii=False))
     md = to_markdown(reports)
-    (args.out / f"{stem}.md").write_text(md)
+    atomic_write_text(args.out / f"{stem}.md", md)
     print(md)
     print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')}")
     return 0

@@ -146,10 +146,13 @@ def cli_overrides(args, top_level: tuple[str, ...] = ("data", "init_from", "out_
 def run_cli(job) -> int:
     """Run a trainer's job (a no-argument callable returning its summary) the way every trainer CLI does: a
     configuration or missing-file error is one line on stderr and exit code 2; the summary is printed as JSON."""
+    from checkpoint import CheckpointError
+    from fileio import DiskFullError, LockedError
     try:
         summary = job()
-    except (settings.ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (settings.ConfigError, FileNotFoundError, LockedError, DiskFullError, CheckpointError) as e:
+        # another run holds the out dir, the disk filled up during a save, a checkpoint failed verification
+        print(f"error: {e.strerror if isinstance(e, DiskFullError) else e}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "param_sha256"}, default=str))
     return 0

@@ -122,7 +122,8 @@ def load_schedule(config_dir, sets=()) -> Schedule:
     f = settings.load(ScheduleFile, path, sets)
     if not f.phases:
         raise settings.ConfigError(f"{path}: `phases` (the curriculum order) is empty")
-    return Schedule(phases=f.phases, preset=f.model.preset, max_seq_len=f.model.max_seq_len, train=check_train_table(f.train, f"{path}[train]"),
+    return Schedule(phases=f.phases, preset=f.model.preset, max_seq_len=f.model.max_seq_len,
+                    train=check_train_table(f.train, f"{path}[train]"),
                     **dataclasses.asdict(f.schedule))
 
 
@@ -182,8 +183,8 @@ class Corpus:
 
 
 def open_corpus(data_dir: Path, name: str, tokenizer_sha256: str, min_tokens: int) -> Corpus | None:
-    """Open data/pretrain/<name> by memmap. None (with a warning) when the corpus is absent or too small to
-    draw one window from; an error when it was tokenized with another tokenizer."""
+    """Open data/pretrain/<name> by memmap. None (with a warning) when the corpus is absent or has no train
+    tokens; an error when it was tokenized with another tokenizer."""
     root = Path(data_dir) / name
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
@@ -193,22 +194,27 @@ def open_corpus(data_dir: Path, name: str, tokenizer_sha256: str, min_tokens: in
     manifest = check_manifest(root, tokenizer_sha256)
     splits = manifest["splits"]
     train = [IndexedDataset(root / s) for s in splits.get("train", {}).get("shards", [])]
-    train = [ds for ds in train if ds.num_tokens >= min_tokens]
+    train = [ds for ds in train if ds.num_tokens >= 2]
+    n_train = sum(ds.num_tokens for ds in train)
+    if train and max(ds.num_tokens for ds in train) < min_tokens:
+        # small corpora (the embedded samples) stay in the mixture: their windows are the shards, shorter and
+        # padded (see MixtureLoader), never silently dropped
+        print(f"warning: corpus {name!r} has {n_train} train tokens, no shard of one full window ({min_tokens} "
+              f"tokens): its windows are shorter than --seq-len, padded", file=sys.stderr)
     # every val shard with tokens: one shorter than a window is still scored (val_windows scores it whole)
     val = [ds for ds in (IndexedDataset(root / s) for s in splits.get("val", {}).get("shards", []))
            if ds.num_tokens >= 2]
     if not train:
-        print(f"warning: corpus {name!r} has no train shard of at least {min_tokens} tokens (one window of "
-              f"--seq-len + 1)", file=sys.stderr)
+        print(f"warning: corpus {name!r} has no train tokens", file=sys.stderr)
         return None
     return Corpus(name=name, train=train, val=val)
 
 
 def open_mixture(data_dir: Path, mixture: dict[str, float], tokenizer_sha256: str, seq_len: int,
                  phase: str = "", allow_missing: bool = False, where: str = "") -> tuple[list[Corpus], np.ndarray]:
-    """Open every corpus of a mixture. A corpus that is missing (or has no train shard of one window) is an
-    error naming the phase file and key, unless allow_missing: then it is dropped (warned) and the weights
-    renormalized over the ones present."""
+    """Open every corpus of a mixture. A corpus that is missing (or has no train tokens) is an error naming the
+    phase file and key, unless allow_missing: then it is dropped (warned) and the weights renormalized over the
+    ones present."""
     where = where or f"config/pretrain/{phase}.toml"
     corpora, weights, missing = [], [], []
     for name, weight in mixture.items():
@@ -223,9 +229,9 @@ def open_mixture(data_dir: Path, mixture: dict[str, float], tokenizer_sha256: st
     if missing and not allow_missing:
         present = sorted(p.parent.name for p in Path(data_dir).glob("*/manifest.json"))
         raise settings.ConfigError(
-            f"{where}: mixture {', '.join(f'{n!r}' for n in missing)}: not usable in {data_dir} (missing, or no "
-            f"train shard of {seq_len + 1} tokens); corpora there: {present}. Fix the name, run `python "
-            f"data_process.py`, lower --seq-len, or set allow_missing = true to drop them")
+            f"{where}: mixture {', '.join(f'{n!r}' for n in missing)}: not in {data_dir} (or without train "
+            f"tokens); corpora there: {present}. Fix the name, run `python data_process.py`, or set "
+            f"allow_missing = true to drop them")
     if not corpora:
         raise FileNotFoundError(f"phase {phase!r}: none of its corpora {sorted(mixture)} is in {data_dir} "
                                 f"(run `python data_process.py` first, or edit {where})")
@@ -266,7 +272,8 @@ class MixtureLoader:
         # per corpus: cumulative count of window starts over its shards (pack) or of tokens (within-document)
         self._starts = []
         for c in corpora:
-            sizes = [ds.num_tokens - seq_len if pack else ds.num_tokens for ds in c.train]
+            # a shard shorter than a window is one (shorter, padded) window
+            sizes = [max(1, ds.num_tokens - seq_len) if pack else ds.num_tokens for ds in c.train]
             self._starts.append(np.cumsum([0] + sizes, dtype=np.int64))
 
     def _window(self, ci: int, u: int) -> np.ndarray:
@@ -460,8 +467,12 @@ def _run_phase_locked(name, args, schedule, info, phase, t, plan, start_step, en
               f"({tokens_per_step:,} tokens/step, {(end_step - start_step) * tokens_per_step:,} tokens), "
               f"model {model.num_params() / 1e6:.1f}M params, {cfg.dtype} on {info.device} x{info.world_size}")
     val_fn = make_val_fn(corpora, t["seq_len"], t["val_windows"], t["batch_size"], info.device, tokenizer)
+    # what trained it: carried on by every later phase, SFT stage and DPO run, read back by eval.py
+    init_meta = checkpoint.verify_checkpoint(init_dir) if init_dir and (init_dir / "meta.json").is_file() else None
+    provenance = checkpoint.provenance_chain(init_meta, checkpoint.data_provenance(f"pretrain {name}", data_dir,
+                                                                                   args.recipe))
     return train_loop.train(cfg, model, tokenizer, loader, val_fn=val_fn,
-                            meta={"kind": "base", "phase": name, "chat": False})
+                            meta={"kind": "base", "phase": name, "chat": False, "provenance": provenance})
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -475,6 +486,9 @@ def parse_args(argv=None):
     which.add_argument("--all", action="store_true", help="every phase in order")
     p.add_argument("--config-dir", default="config/pretrain", help="schedule.toml + <phase>.toml")
     p.add_argument("--data-dir", default="data/pretrain", help="token shards, one dir per corpus")
+    p.add_argument("--recipe", default="config/recipe.toml",
+                   help="the data recipe that made --data-dir (recorded in each checkpoint's provenance, with its "
+                        "eval sets, for eval.py's contamination report)")
     p.add_argument("--tokenizer", default="data/tokenizer", help="tokenizer dir or .model the shards were made with")
     p.add_argument("--out-dir", default="out/pretrain", help="checkpoints go to <out-dir>/<phase>/")
     p.add_argument("--preset", help="model preset for a fresh model (model.PRESETS: tiny, 26m, 100m, deep, "

@@ -18,7 +18,10 @@ generations advance together, one token each per batched forward (each in its ow
 its own settings and seed, so a reply is the one it would get alone); further requests wait in a bounded queue. A client that goes away (a
 stream closed, a request cancelled, a non-streaming client that timed out) stops its generation at the next token:
 the disconnect is watched for all the time, not only between tokens. A request whose sampling fails ends alone.
-Extensions beyond OpenAI's fields, as vLLM names them: `top_k`, `repetition_penalty`, `ignore_eos`.
+Extensions beyond OpenAI's fields, as vLLM names them: `top_k`, `repetition_penalty`, `ignore_eos`,
+`chat_template_kwargs: {"enable_thinking": true | false}` (the chat template's thinking switch).
+Reasoning: a reply's `<think>…</think>` comes back as `message.reasoning_content` (streamed as
+`delta.reasoning_content`), the rest as `content` with the `<answer>` tags dropped, as DeepSeek-style servers do.
 Sampling ranges: temperature or top_p below GREEDY_BELOW sample greedily (as vLLM does: their fp32 math would
 overflow), repetition_penalty must lie in [0.01, 10].
 """
@@ -156,6 +159,55 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ChatTemplateKwargs(_Strict):
+    enable_thinking: bool | None = None     # True: the reply starts with <think>; False: with <think></think>
+
+
+REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+class ReasoningParser:
+    """Splits streamed reply text into reasoning (inside <think>…</think>) and content (the rest, <answer> tags
+    dropped); a tail that could still begin a tag is held back until the next piece (or flush)."""
+
+    def __init__(self, thinking: bool = False):   # thinking: the prompt already opened <think>
+        self.thinking = thinking
+        self.pending = ""
+
+    def push(self, text: str) -> list[tuple[str, str]]:
+        """-> [(field, text)] with field "reasoning_content" or "content", in order."""
+        self.pending += text
+        out: list[tuple[str, str]] = []
+        while True:
+            hits = [(i, tag) for tag in REASONING_TAGS if (i := self.pending.find(tag)) >= 0]
+            if not hits:
+                break
+            i, tag = min(hits)
+            self._emit(out, self.pending[:i])
+            self.pending = self.pending[i + len(tag):]
+            if tag in ("<think>", "</think>"):
+                self.thinking = tag == "<think>"
+        hold = max((k for tag in REASONING_TAGS for k in range(1, len(tag)) if self.pending.endswith(tag[:k])),
+                   default=0)
+        self._emit(out, self.pending[:len(self.pending) - hold])
+        self.pending = self.pending[len(self.pending) - hold:]
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        self._emit(out, self.pending)
+        self.pending = ""
+        return out
+
+    def _emit(self, out: list, text: str) -> None:
+        if text:
+            field = "reasoning_content" if self.thinking else "content"
+            if out and out[-1][0] == field:
+                out[-1] = (field, out[-1][1] + text)
+            else:
+                out.append((field, text))
+
+
 class SamplingRequest(_Strict):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -187,6 +239,10 @@ class SamplingRequest(_Strict):
 class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)   # the newer name for max_tokens
+    chat_template_kwargs: ChatTemplateKwargs | None = None          # vLLM's name: {"enable_thinking": bool}
+
+    def enable_thinking(self) -> bool | None:
+        return self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs else None
 
 
 class CompletionRequest(SamplingRequest):
@@ -203,7 +259,7 @@ class CompletionRequest(SamplingRequest):
         return self.prompt if isinstance(self.prompt[0], int) else self.prompt[0]
 
 
-_FIELD_NAMES = {"role", "content", "text", "type", "include_usage"}
+_FIELD_NAMES = {"role", "content", "text", "type", "include_usage", "enable_thinking"}
 
 
 def _param_from_loc(loc) -> str:
@@ -362,7 +418,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.completion_tokens,
                 "total_tokens": len(job.prompt_ids) + job.completion_tokens}
 
-    async def respond(request: Request, req: SamplingRequest, job: HttpJob, chat: bool):
+    async def respond(request: Request, req: SamplingRequest, job: HttpJob, chat: bool, thinking: bool = False):
         try:
             engine.submit(job)
         except EngineBusy as e:
@@ -373,9 +429,11 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 "system_fingerprint": settings.system_fingerprint}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(text: str | None, finish: str | None, first=False) -> str:
+        parser = ReasoningParser(thinking)
+
+        def chunk(text: str | None, finish: str | None, first=False, field: str = "content") -> str:
             if chat:
-                delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
+                delta = ({"role": "assistant", "content": ""} if first else {}) | ({field: text} if text else {})
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
@@ -417,8 +475,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 job.cancelled.set()
             text, finish = "".join(parts), event[1]
             if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                          "finish_reason": finish}
+                fields = {"content": "", "reasoning_content": ""}
+                for field, piece in parser.push(text) + parser.flush():
+                    fields[field] += piece
+                message = {"role": "assistant", "content": fields["content"]}
+                if fields["reasoning_content"] or thinking:
+                    message["reasoning_content"] = fields["reasoning_content"]
+                choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             return JSONResponse(base | {"object": "chat.completion" if chat else "text_completion",
@@ -433,12 +496,15 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                     if event is None:
                         return
                     if event[0] == "text":
-                        yield chunk(event[1], None)
+                        for field, piece in (parser.push(event[1]) if chat else [("content", event[1])]):
+                            yield chunk(piece, None, field=field)
                     elif event[0] == "error":
                         err = {"error": {"message": event[1], "type": "server_error", "param": None, "code": None}}
                         yield "data: " + json.dumps(err, ensure_ascii=False) + "\n\n"
                         break
                     else:
+                        for field, piece in (parser.flush() if chat else []):
+                            yield chunk(piece, None, field=field)
                         yield chunk(None, event[1])
                         if include_usage:
                             yield "data: " + json.dumps(base | {"choices": [], "usage": usage(job)}) + "\n\n"
@@ -466,13 +532,18 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise ApiError(400, "an assistant prefill needs a user message before it", param="messages")
         try:
             # prefill: the conversation as rendered, less the last <|im_end|>: the reply continues that message
-            prompt_ids = tokenizer.render_chat(messages, add_generation_prompt=not prefill).ids
+            prompt_ids = tokenizer.render_chat(messages, add_generation_prompt=not prefill,
+                                               enable_thinking=None if prefill else req.enable_thinking()).ids
         except ValueError as e:   # e.g. roles out of order
             raise ApiError(400, f"invalid messages: {e}", param="messages") from None
         if prefill:
             prompt_ids = prompt_ids[:-1]
         job = make_job(req, prompt_ids, req.max_completion_tokens or req.max_tokens)
-        return await respond(request, req, job, chat=True)
+        # the reply starts inside <think> when the prompt opened it (thinking on, or a prefill mid-reasoning)
+        opened = ReasoningParser()
+        opened.push(messages[-1]["content"] if prefill else "")
+        thinking = req.enable_thinking() is True or opened.thinking
+        return await respond(request, req, job, chat=True, thinking=thinking)
 
     @v1.post("/completions")
     async def completions(request: Request):

@@ -247,8 +247,16 @@ def stage_done(out_dir) -> bool:
 
 
 def run_stage(cfg: StageConfig) -> dict:
+    """One SFT stage with its out dir locked (train_loop.rank0_lock) from before its data caches are written until
+    it ends: a second run on the same out dir is refused, naming this one."""
+    from train_loop import rank0_lock
+    with rank0_lock(cfg.out_dir):
+        return _run_stage_locked(cfg)
+
+
+def _run_stage_locked(cfg: StageConfig) -> dict:
     """Train one SFT stage through train_loop.train; returns the loop's summary (+ data and padding figures)."""
-    from checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+    from checkpoint import data_provenance, load_checkpoint, provenance_chain, save_checkpoint, verify_checkpoint
     from train_loop import dist_env, train
     out_dir = Path(cfg.out_dir)
     if stage_done(out_dir):
@@ -256,7 +264,7 @@ def run_stage(cfg: StageConfig) -> dict:
         return {"final_dir": str(out_dir / "final"), "skipped": True}
     check_init_from(cfg.init_from, "train the previous stage first: `sh script/pretrain.sh converge` before the "
                                    "first SFT stage, `sh script/sft.sh` runs the stages in order")
-    model, tokenizer, _ = load_checkpoint(cfg.init_from)
+    model, tokenizer, init_meta = load_checkpoint(cfg.init_from)
     train_table = dict(cfg.train)
     max_tokens = fit_seq_len(train_table, model)
     data = load_sft_set(tokenizer, cfg.data, max_tokens, cfg.tag_weight, cache_dir=out_dir / "data")
@@ -288,6 +296,7 @@ def run_stage(cfg: StageConfig) -> dict:
         n_train = sum(p.numel() for p in lora_lib.lora_parameters(model))
         print(f"LoRA: {n_train:,} trainable parameters ({n_train / model.num_params():.2%} of the base)")
     meta = {"kind": "sft", "stage": cfg.stage, "chat": True, "init_from": str(cfg.init_from)}
+    meta["provenance"] = provenance_chain(init_meta, data_provenance(f"sft {cfg.stage}", cfg.data))
     val_fn = make_val_fn(val, tokenizer.pad_id, cfg.stage, batch_size, cfg.max_val_examples)
     summary = train(train_cfg, model, tokenizer, batches, val_fn=val_fn, meta=meta,
                     trainable_params=lora_lib.lora_parameters(model) if settings else None)

@@ -530,8 +530,8 @@ def _train_locked(cfg: TrainConfig, info: DistInfo, model, tokenizer, batches, *
                 save_checkpoint(path, raw_model, tokenizer, ckpt_meta, state)
             except DiskFullError as e:
                 good = latest_checkpoint(out_dir)
-                raise DiskFullError(e.errno, f"{e.strerror}; step {step} was not saved; "
-                                             f"{f'the previous checkpoint {good} is intact' if good else 'no earlier checkpoint exists'}") from None
+                kept = f"the previous checkpoint {good} is intact" if good else "no earlier checkpoint exists"
+                raise DiskFullError(e.errno, f"{e.strerror}; step {step} was not saved; {kept}") from None
             prune_checkpoints(out_dir, cfg.keep_last)
         _barrier(info.world_size)
         return path

@@ -14,6 +14,9 @@ What it does, and why:
   runs of one punctuation mark longer than `max_punct_repeat` are shortened ("！！！！！" -> "！！！"),
   and obvious web boilerplate lines (copyright, "点击阅读全文", "扫一扫关注") are dropped.
   Conversations and preference pairs keep their inner spacing and punctuation runs (code, markdown tables).
+- Conversations: a turn left empty by cleaning ends the conversation; the complete user/assistant pairs before
+  it are kept (stats convs_truncated_empty_turn, turns_cut_empty_turn), none left is "empty_message". What the
+  reader cut (a turn breaking the alternation, a trailing user turn: the record's "cut") is counted the same way.
 - Filters: min/max characters, and for lang="zh" the share of Han characters among Han + Latin letters.
 - Quality operators, each off unless the corpus's [clean] turns it on (config/recipe.toml sets the defaults per
   corpus; order and reasons: docs/cleaning.md): OpenCC traditional -> simplified (`t2s`), language id
@@ -31,6 +34,7 @@ import unicodedata
 from collections import Counter
 
 from data_process import pii, quality
+from data_process.readers import valid_prefix
 from data_process.recipe import CleanConfig
 
 # ---------------------------------------------------------------- NFKC, minus what it would corrupt
@@ -323,13 +327,21 @@ class Cleaner:
                     return reason
             return None
         if kind == "conv":
+            for reason, turns in record.pop("cut", {}).items():   # what the reader cut (readers.conv)
+                self.stats[f"convs_truncated_{reason}"] += 1
+                self.stats[f"turns_cut_{reason}"] += turns
             for m in record["messages"]:
                 if len(m["content"]) > s.max_chars * 2:
                     return "too_long"
                 m["content"] = self._rewrite(clean_message(m["content"], s, self.stats), rid)
-                if not m["content"] and m["role"] != "system":
-                    return "empty_message"
-            record["messages"] = [m for m in record["messages"] if m["content"]]
+            # an empty turn (often a reply that was one zero-width space) ends the conversation: the complete
+            # pairs before it are kept, and what was cut is counted
+            record["messages"], cut = valid_prefix(record["messages"])
+            if not any(m["role"] == "assistant" for m in record["messages"]):
+                return "empty_message"
+            if cut:
+                self.stats["convs_truncated_empty_turn"] += 1
+                self.stats["turns_cut_empty_turn"] += cut
             return _length_and_lang("\n".join(m["content"] for m in record["messages"]), s, self.lang)
         if kind == "pref":
             if len(record["chosen"]) + len(record["rejected"]) > s.max_chars * 2:

@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -45,6 +44,7 @@ from data_process import pii as pii_mod
 from data_process import quality as quality_mod
 from data_process import quality_model as quality_model_mod
 from data_process import readers as readers_mod
+from data_process.executor import Executor, check_reachable
 from data_process.readers import READERS, Reject
 from data_process.recipe import CleanConfig, CorpusSpec, Recipe, resolve_paths
 from data_process.records import MissingInputError, checked_parts
@@ -246,6 +246,11 @@ def _run_unit_task(task) -> dict:
     return run_unit(*task)
 
 
+def _describe_task(task) -> str:
+    unit = task[0]
+    return f"{unit.corpus} {unit.src}" + (f" bytes {unit.span[0]}-{unit.span[1]}" if unit.span else "")
+
+
 def load_done_unit(staging: Path, index: int) -> dict | None:
     stem = f"unit-{index:05d}"
     counts = staging / f"{stem}.json"
@@ -382,8 +387,9 @@ def write_audit(job: CorpusJob, path: Path) -> None:
 
 
 def read_step(recipe: Recipe, workers: int | None = None, force: bool = False, chunk_bytes: int = CHUNK_BYTES,
-              progress: bool = True) -> dict:
-    """Read and clean every corpus of the recipe into data/clean/<corpus>/; returns the per-corpus counts."""
+              progress: bool = True, executor: Executor | None = None) -> dict:
+    """Read and clean every corpus of the recipe into data/clean/<corpus>/; returns the per-corpus counts.
+    `executor` runs the units (data_process/executor.py); None: this machine's pool of `workers` processes."""
     from tqdm import tqdm
 
     t0 = time.time()
@@ -434,28 +440,15 @@ def read_step(recipe: Recipe, workers: int | None = None, force: bool = False, c
 
     finish_ready()  # corpora whose units were all done by a killed run, and empty corpora
     if tasks:
-        if workers == 1 or len(tasks) == 1:
-            results_iter = map(_run_unit_task, tasks)
-            pool = None
-        else:
-            # Biggest units first so one large file does not start last and leave a core idle.
-            order = sorted(tasks, key=lambda t: -t[0].size)
-            pool = mp.get_context("fork").Pool(min(workers, len(tasks)))
-            results_iter = pool.imap_unordered(_run_unit_task, order, chunksize=1)
-        try:
-            for result in results_iter:
-                job = by_name[result["corpus"]]
-                job.results[result["index"]] = result
-                bar.update(result["size"])
-                finish_ready()
-        except BaseException:  # Ctrl-C or a failure: stop the workers now; finished units stay for the re-run
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-            raise
-        if pool is not None:
-            pool.close()
-            pool.join()
+        # Biggest units first so one large file does not start last and leave a core idle. Results come back
+        # in any order (keyed by unit index); a failure stops the workers, finished units stay for the re-run.
+        order = sorted(tasks, key=lambda t: -t[0].size)
+        ex = executor or Executor("local", workers=min(workers, len(tasks)))
+        for result in ex.map(_run_unit_task, order, ordered=False, describe=_describe_task):
+            job = by_name[result["corpus"]]
+            job.results[result["index"]] = result
+            bar.update(result["size"])
+            finish_ready()
     bar.close()
     ordered = {spec.name: report[spec.name] for spec in recipe.corpora}
     totals = {k: sum(c[k] for c in ordered.values()) for k in ("files", "bytes", "read", "kept", "rejected")}
@@ -565,16 +558,20 @@ def check_step_inputs(recipe: Recipe, step: str, docs_root: Path, tokenizer_dir:
 
 
 def run(recipe: Recipe, steps=STEPS, workers: int | None = None, force: bool = False, progress: bool = True,
-        chunk_bytes: int = CHUNK_BYTES) -> dict:
+        chunk_bytes: int = CHUNK_BYTES, engine: str = "local", ray_address: str | None = None) -> dict:
     """Run the named steps in pipeline order; returns the summary (also in data/summary.json).
 
     The data dir is locked for the run (fileio.DirLock: a second run on it raises fileio.LockedError naming the
     first; a dead run's lock is taken over), and the temporary files killed runs left in it are removed first.
-    A step whose input is missing raises MissingInputError naming the step to run."""
+    A step whose input is missing raises MissingInputError naming the step to run.
+    engine "ray" runs the read, dedup and tokenize work units as Ray tasks (a local Ray instance for the run, or
+    the cluster at `ray_address`; data_process/executor.py); the outputs are byte-identical to the local engine's."""
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         raise ValueError(f"unknown step(s) {unknown}; steps are {list(STEPS)}")
     steps = [s for s in STEPS if s in steps]
+    if engine == "ray" and ray_address and ray_address != "auto":
+        check_reachable(ray_address)   # a one-line error before the data dir is touched
     with DirLock(recipe.data_dir) as lock:
         if lock.took_over:
             print(f"note: took over the lock of a run that died: {describe_holder(lock.took_over)}",
@@ -584,13 +581,17 @@ def run(recipe: Recipe, steps=STEPS, workers: int | None = None, force: bool = F
             print(f"note: removed {stale} temporary file(s) left under {recipe.data_dir} by a killed run",
                   file=sys.stderr, flush=True)
         try:
-            return _run_steps(recipe, steps, workers, force, progress, chunk_bytes)
+            if engine == "local" and not ray_address:
+                return _run_steps(recipe, steps, workers, force, progress, chunk_bytes, None)
+            with Executor(engine, workers=workers or recipe.run.workers, ray_address=ray_address) as executor:
+                return _run_steps(recipe, steps, workers, force, progress, chunk_bytes, executor)
         except BaseException:   # a full disk, Ctrl-C: workers stopped mid-write leave temporaries; still locked
             remove_stale_temporaries(recipe.data_dir)
             raise
 
 
-def _run_steps(recipe: Recipe, steps: list[str], workers, force: bool, progress: bool, chunk_bytes: int) -> dict:
+def _run_steps(recipe: Recipe, steps: list[str], workers, force: bool, progress: bool, chunk_bytes: int,
+               executor: Executor | None) -> dict:
     data_dir = recipe.data_dir
     tokenizer_dir = data_dir / "tokenizer"
     docs_root = docs_root_for(recipe, steps)
@@ -599,20 +600,22 @@ def _run_steps(recipe: Recipe, steps: list[str], workers, force: bool, progress:
         t0 = time.time()
         check_step_inputs(recipe, step, docs_root, tokenizer_dir)
         if step == "read":
-            result = read_step(recipe, workers=workers, force=force, chunk_bytes=chunk_bytes, progress=progress)
+            result = read_step(recipe, workers=workers, force=force, chunk_bytes=chunk_bytes, progress=progress,
+                               executor=executor)
             print(format_read_table(result))
             if result["totals"]["kept"] == 0:
                 write_summary(data_dir, "read", result)
                 raise NothingReadError(_nothing_read_message(recipe, result))
         elif step == "dedup":
             from data_process import dedup
-            result = dedup.run(recipe, data_dir / "clean", data_dir / "dedup")
+            result = dedup.run(recipe, data_dir / "clean", data_dir / "dedup",
+                               mapper=executor.mapper if executor is not None else None)
         elif step == "tokenizer":
             from data_process.train_tokenizer import train_tokenizer
             result = {"tokenizer": str(train_tokenizer(recipe, docs_root, tokenizer_dir))}
         elif step == "tokenize":
             from data_process import tokenize_docs
-            result = tokenize_docs.run(recipe, docs_root, tokenizer_dir, data_dir / "pretrain")
+            result = tokenize_docs.run(recipe, docs_root, tokenizer_dir, data_dir / "pretrain", executor=executor)
         else:
             from data_process import stage
             result = stage.run(recipe, docs_root, tokenizer_dir, data_dir)

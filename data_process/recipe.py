@@ -87,7 +87,7 @@ class CorpusSpec:
     reader: str
     paths: list[str]
     lang: str = "zh"                # "zh" | "en" | "mixed"
-    role: str = "pretrain"          # "pretrain" | "sft" | "dpo"
+    role: str = "pretrain"          # "pretrain" | "sft" | "dpo" | "rl" (GRPO prompt sets: data/rl/<stage>.jsonl)
     stage: str = ""
     priority: int = 50
     encoding: str = ""              # text readers (plain_text, medical_dialogue_csv/_txt): "" = the reader's default
@@ -101,10 +101,10 @@ class DedupConfig:
     threshold: float = 0.8
     num_perm: int = 128
     ngram: int = 5
-    decontam_ngram: int = 13
+    decontam_ngram: int = 10
     # share of a question's n-grams (in one of its printed forms) a text must hold to be contamination
     # (dedup.py's docstring says how the default was chosen)
-    decontam_min_share: float = field(default=0.5, metadata=settings.limits(gt=0, le=1))
+    decontam_min_share: float = field(default=0.3, metadata=settings.limits(gt=0, le=1))
     # memory the dedup step may use, all its workers together; signatures and band partitions live on disk
     memory_gb: float = field(default=2.0, metadata=settings.limits(gt=0))
 
@@ -159,7 +159,7 @@ class Recipe:
         raise KeyError(f"no corpus named {name!r} in the recipe")
 
 
-ROLES = ("pretrain", "sft", "dpo")
+ROLES = ("pretrain", "sft", "dpo", "rl")
 FINGERPRINTS = ("stat", "content")
 LANGS = ("zh", "en", "mixed")
 EVAL_FORMATS = ("ceval", "cmmlu")

@@ -225,7 +225,7 @@ def test_a_typo_in_a_mixture_is_an_error_naming_the_file_and_key_unless_missing_
     cfg = _write_config(tmp_path / "cfg", {"p": body}, 2000)
     assert pretrain.main(_args(data, tmp_path / "out", "--phase", "p", config_dir=cfg)) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"error: {cfg / 'p.toml'}: mixture 'medical_bookz': not usable in {data['data']}")
+    assert err.startswith(f"error: {cfg / 'p.toml'}: mixture 'medical_bookz': not in {data['data']}")
     assert "'medical_books'" in err and "allow_missing = true" in err   # what is there, and the way out
     assert not (tmp_path / "out/p").exists() or not list((tmp_path / "out/p").glob("step-*"))
     # allowed explicitly: dropped with a warning, the rest renormalized
@@ -309,6 +309,21 @@ def test_loader_is_deterministic_in_step_micro_step_and_rank_and_reads_real_wind
     drawn = a.state_dict()["windows_drawn"]
     counts[:] = drawn["wiki_zh"], drawn["medical_books"]
     assert abs(counts[0] / counts.sum() - 0.75) < 0.05
+
+
+def test_a_corpus_smaller_than_one_window_is_trained_on_padded_not_dropped(data, capsys):
+    manifest = json.loads((data["data"] / "guidelines/manifest.json").read_text())
+    shards = {k: v["tokens"] for k, v in manifest["shard_info"].items() if k.startswith("train")}
+    seq_len = max(shards.values()) + 20
+    corpus = pretrain.open_corpus(data["data"], "guidelines", data["tok"].sha256, seq_len + 1)
+    assert "its windows are shorter than --seq-len, padded" in capsys.readouterr().err
+    loader = pretrain.MixtureLoader([corpus], [1.0], 6, seq_len, seed=3, pad_id=data["tok"].pad_id)
+    batch = loader.next_batch(0, 0)
+    streams = {tuple(np.asarray(ds.tokens)) for ds in corpus.train}
+    for x, y in zip(batch["input_ids"], batch["targets"]):
+        n = int((y != -100).sum())
+        assert tuple(x[:n].tolist()) + (int(y[n - 1]),) in streams   # a whole shard, then padding
+        assert (x[n:] == data["tok"].pad_id).all() and (y[n:] == -100).all()
 
 
 def test_within_document_windows_never_cross_a_document_end(data):

@@ -534,25 +534,29 @@ def test_server_survived_everything(server):
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
-@pytest.mark.slow
-def test_web_page_streams_multi_turn_chinese_replies_in_headless_chromium(server, reference, tmp_path):
+def headless_chromium(tmp_path):
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.fail("Debian's chromium + chromium-driver are needed: run script/setup.sh (apt-get install)")
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    reply, chat_ids, _ = reference
     options = Options()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,800"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.mark.slow
+def test_web_page_streams_multi_turn_chinese_replies_in_headless_chromium(server, reference, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    reply, chat_ids, _ = reference
+    driver = headless_chromium(tmp_path)
     try:
         driver.set_page_load_timeout(60)
         driver.get(server + "/")
@@ -597,6 +601,78 @@ def test_web_page_streams_multi_turn_chinese_replies_in_headless_chromium(server
         print(f"screenshot: {png}")
     finally:
         driver.quit()
+
+
+SMALL_CONTEXT = 256   # the tiny preset's whole context, which the page's max_tokens once equalled
+
+
+@pytest.mark.slow
+def test_web_page_fits_replies_to_a_small_context_and_drops_failed_turns(tmp_path_factory, tmp_path):
+    """A server whose model has a 256-token context and a 512-token default reply: the page's first question is
+    answered (the reply fits the room the prompt leaves), a max_tokens setting beyond the context still gets an
+    answer, a conversation that outgrows the context drops its oldest exchanges, and a failed turn (a wrong API
+    key) is left out of the conversation the next question sends."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    from inference import load_model
+    from tokenizer import StreamDecoder
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", chat=True, seed=5, tie_embeddings=False,
+                           max_seq_len=SMALL_CONTEXT)
+    model, tok, _ = load_model(ckpt)
+
+    def expected(conversation):
+        """What the page must show: the reply to the conversation it sends (oldest exchanges dropped until
+        the prompt fits), as long as the context allows."""
+        while len(tok.render_chat(conversation, add_generation_prompt=True).ids) >= SMALL_CONTEXT:
+            conversation = conversation[2:]
+        ids = tok.render_chat(conversation, add_generation_prompt=True).ids
+        decoder = StreamDecoder(tok)
+        return "".join(decoder.push(t) for t in model.generate(ids, max_new_tokens=SMALL_CONTEXT - len(ids),
+                                                               temperature=0, stop_ids=tok.stop_ids()))
+
+    proc, url = start_server(ckpt, "--api-key", API_KEY, "--max-tokens", "512")
+    driver = headless_chromium(tmp_path)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(url + "/")
+        driver.find_element(By.ID, "api-key").send_keys(API_KEY)
+        driver.execute_script("const t = document.getElementById('temperature'); t.value = '0';"
+                              "t.dispatchEvent(new Event('input'));")
+        wait = WebDriverWait(driver, 120)
+
+        def ask(question: str) -> tuple[str, bool]:
+            n = len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
+            box = driver.find_element(By.ID, "input")
+            box.send_keys(question)
+            box.send_keys(Keys.ENTER)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]")) == n + 1)
+            return driver.execute_script("const m = document.querySelectorAll('.msg.assistant');"
+                                         "const last = m[m.length - 1];"
+                                         "return [last.textContent, last.classList.contains('error')]")
+
+        history = []
+        for question, max_tokens in [("我最近总是头疼，怎么办？", ""), ("需要做什么检查？", "1000"),
+                                     ("平时饮食要注意什么？", "1000")]:
+            driver.execute_script(f"document.getElementById('max_tokens').value = '{max_tokens}'")
+            answer, error = ask(question)
+            history += [{"role": "user", "content": question}]
+            assert not error and answer == expected(history) and answer, (question, answer)
+            history += [{"role": "assistant", "content": answer}]
+        key = driver.find_element(By.ID, "api-key")
+        key.clear()
+        key.send_keys("wrong-key")
+        answer, error = ask("这句不会被回答")
+        assert error and "API key" in answer
+        key.clear()
+        key.send_keys(API_KEY)
+        answer, error = ask("谢谢医生")
+        assert not error and answer == expected(history + [{"role": "user", "content": "谢谢医生"}])
+        assert driver.find_elements(By.CSS_SELECTOR, ".msg.user.failed")[0].text == "这句不会被回答"
+    finally:
+        driver.quit()
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 # ----------------------------------------------------------------------------- pieces, in-process
@@ -739,3 +815,56 @@ def test_a_request_whose_sampling_fails_ends_alone_and_the_batch_goes_on(ckpt, r
     last = max(range(4), key=lambda i: jobs[i].completion_tokens if results[i]["end"][0] == "done" else -1)
     assert results[last]["active_at_end"] == 0            # the last one to finish sees an idle engine
     assert all(r["active_at_end"] < 4 for r in results)
+
+
+def test_reasoning_parser_splits_think_and_answer_however_the_text_is_cut():
+    from serve import ReasoningParser
+    text = "<think>先想：发热 38.5℃，<可能>是感冒</think><answer>多喝水，必要时就医。</answer>"
+    expected = [("reasoning_content", "先想：发热 38.5℃，<可能>是感冒"), ("content", "多喝水，必要时就医。")]
+    for size in range(1, len(text) + 1):   # every piece size, so a tag is split at every place
+        parser, fields = ReasoningParser(), {"reasoning_content": "", "content": ""}
+        for i in range(0, len(text), size):
+            for field, piece in parser.push(text[i:i + size]):
+                fields[field] += piece
+        for field, piece in parser.flush():
+            fields[field] += piece
+        assert [(k, v) for k, v in fields.items() if v] == expected, size
+    assert ReasoningParser(thinking=True).push("还在想</think>答") == [("reasoning_content", "还在想"),
+                                                                  ("content", "答")]
+    parser = ReasoningParser()
+    assert parser.push("没有标签 <thi") == [("content", "没有标签 ")] and parser.flush() == [("content", "<thi")]
+
+
+def _split_reasoning(text: str, thinking: bool) -> tuple[str, str]:
+    """The reference split, by regular expressions: what is inside <think>…</think> (or before </think> when the
+    prompt opened it) is reasoning; the rest is content, <answer> tags removed."""
+    import re
+    if thinking:
+        text = "<think>" + text
+    reasoning = "".join(re.findall(r"<think>(.*?)(?:</think>|$)", text, flags=re.S))
+    content = re.sub(r"<think>.*?(?:</think>|$)", "", text, flags=re.S)
+    return reasoning, re.sub(r"</?answer>", "", content)
+
+
+def test_enable_thinking_switch_and_reasoning_content_streamed_and_whole(client, reference):
+    """chat_template_kwargs.enable_thinking puts <think> (or <think></think>) after the generation prompt; with it on
+    the reply is reasoning until </think>, returned as reasoning_content, streamed as delta.reasoning_content."""
+    reply, _, tok = reference
+    messages = [{"role": "user", "content": "胸口疼是怎么回事？"}]
+    for thinking in (True, False):
+        ids = tok.render_chat(messages, add_generation_prompt=True, enable_thinking=thinking).ids
+        think = [tok.special["think_start"]] + ([] if thinking else [tok.special["think_end"]])
+        assert ids[-len(think):] == think
+        reasoning, content = _split_reasoning(reply(ids, 20), thinking)
+        kwargs = dict(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                      extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
+        r = client.chat.completions.create(**kwargs)
+        assert r.usage.prompt_tokens == len(ids)
+        assert r.choices[0].message.content == content
+        assert (getattr(r.choices[0].message, "reasoning_content", None) or "") == reasoning
+        if thinking:
+            assert reasoning        # the whole reply was reasoning (the model never closed it)
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.content or "" for d in deltas) == content
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
