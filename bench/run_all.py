@@ -30,6 +30,7 @@ BENCHES = [
     ("dedup", "exact + MinHash dedup"),
     ("tokenizer", "tokenizer compression"),
     ("tokenize", "tokenize to .bin/.idx"),
+    ("ray", "Ray engine vs local"),
     ("faults", "fault checks (verify done work)"),
     ("model", "model fwd+bwd, decode"),
     ("pretrain", "pretrain step"),
@@ -37,6 +38,7 @@ BENCHES = [
     ("grpo", "GRPO rollouts and step"),
     ("eval", "evaluation"),
     ("serve", "decode vs transformers, server"),
+    ("decode", "decode vs llama.cpp"),
 ]
 
 
