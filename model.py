@@ -384,33 +384,50 @@ class Block(nn.Module):
 
 
 def decode_linear(x, weight):
-    """x [B, in] @ weight.T for a decode step on a CPU. The same product as F.linear, but with the weight on the
-    left: torch.mv at B = 1, weight @ x.T above. On a bf16 65K x 512 lm_head, 1 thread, F.linear is ~2x slower
-    (oneDNN packs the transposed weight every call); -> [B, out] (a transposed view for B > 1)."""
+    """x [B, in] @ weight.T for a decode step on a CPU: F.linear's product, by whichever kernel is fastest there
+    (1 thread): torch.mv at B = 1; above, bf16 with the weight on the left (weight @ x.T; F.linear is ~2x slower
+    in bf16: oneDNN packs the transposed weight every call), fp32 F.linear (MKL's sgemm is fastest on the small
+    projections). -> [B, out] (a transposed view for bf16 B > 1)."""
     if x.shape[0] == 1:
         return torch.mv(weight, x[0])[None]
+    if weight.dtype == torch.float32:
+        return F.linear(x, weight)
     return (weight @ x.t()).t()
 
 
-def decode_layer(block: "Block", fused: tuple, x, cos, sin, cache: SlotCache, layer: int, rows: Rows):
+def packed_linear(x, weight):
+    """F.linear(x, w) with w packed once by torch.ops.mkldnn._reorder_linear_weight (oneDNN's blocked layout, what
+    torch.compile's CPU freezing uses): bf16 results equal F.linear's bit for bit, 5-25% faster than decode_linear
+    at batch 1-8 (1 thread). x [B, in] contiguous -> [B, out]."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def can_pack(weight) -> bool:
+    """Whether decode packs this weight for packed_linear: bf16 on a CPU whose oneDNN does bf16."""
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def decode_layer(block: "Block", weights: tuple, linear, x, cos, sin, cache: SlotCache, layer: int, rows: Rows):
     """One dense Block on one new token per row: x [B, C] -> [B, C], the same operations as Block.forward over
     [B, 1, C] (RMSNorm, rotary, GQA attention over slot b's keys 0..positions[b], SwiGLU) without the T axis, the
-    dropout modules or F.linear: q/k/v and gate/up each in one decode_linear (`fused`: Transformer._decode_weights),
-    rotary on q and k at once. cos [B, 1, D] and sin [B, 1, D] with its first half negated, in x's dtype, so
-    x * cos + roll(x) * sin is apply_rope's x * cos + rotate_half(x) * sin to the bit."""
-    w_qkv, w_gate_up = fused
+    dropout modules or F.linear: `weights` = (q/k/v stacked, o, gate/up stacked, down) from
+    Transformer._decode_weights, each applied by `linear` (packed_linear or decode_linear); rotary on q and k at
+    once. cos [B, 1, D] and sin [B, 1, D] with its first half negated, in x's dtype, so x * cos + roll(x) * sin is
+    apply_rope's x * cos + rotate_half(x) * sin to the bit."""
+    w_qkv, w_o, w_gate_up, w_down = weights
     attn = block.self_attn
     B, H, Hkv, D = x.shape[0], attn.n_heads, attn.n_kv_heads, attn.head_dim
-    qkv = decode_linear(block.input_layernorm(x), w_qkv)
+    qkv = linear(block.input_layernorm(x), w_qkv)
     qk = qkv[:, :(H + Hkv) * D].reshape(B, H + Hkv, D)
     qk = qk * cos + qk.roll(D // 2, -1) * sin
     v = qkv[:, (H + Hkv) * D:].reshape(B, Hkv, 1, D)
     keys, values = cache.update_rows(layer, qk[:, H:, None], v, rows)
     y = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=rows.mask, enable_gqa=H != Hkv)
-    x = x + decode_linear(y.reshape(B, H * D), attn.o_proj.weight)
-    gate_up = decode_linear(block.post_attention_layernorm(x), w_gate_up)
+    x = x + linear(y.reshape(B, H * D), w_o)
+    gate_up = linear(block.post_attention_layernorm(x), w_gate_up)
     F_ = gate_up.shape[1] // 2
-    return x + decode_linear(F.silu(gate_up[:, :F_]) * gate_up[:, F_:], block.mlp.down_proj.weight)
+    return x + linear(F.silu(gate_up[:, :F_]) * gate_up[:, F_:], w_down)
 
 
 class Transformer(nn.Module):
@@ -506,31 +523,38 @@ class Transformer(nn.Module):
         lean = (x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
                 and not (self.training and self.config.dropout))   # dropout active: the modules apply it
         if lean:
-            fused = self._decode_weights()
+            weights, head, linear = self._decode_weights()
             half = cos.shape[-1] // 2
             rope = cos.to(x.dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            if lean and fused[i] is not None:
-                x = decode_layer(layer, fused[i], x, *rope, cache, i, rows)
+            if lean and weights[i] is not None:
+                x = decode_layer(layer, weights[i], linear, x, *rope, cache, i, rows)
             else:
                 x = layer(x[:, None], cos[:, None], sin[:, None], cache, i, rows)[0][:, 0]
         h = self.model.norm(x)
-        return decode_linear(h, self.lm_head.weight) if lean else self.lm_head(h)
+        return linear(h, head) if lean else self.lm_head(h)
 
-    def _decode_weights(self) -> list:
-        """Per layer, (q/k/v weights stacked [(H + 2 Hkv) * D, C], gate/up stacked [2 * F, C]) for decode_layer, or
-        None for an MoE layer. Built on first use (a copy of those weights: ~2/3 of the layer weights) and rebuilt
-        whenever a source weight is replaced or changed in place (its data pointer or version counter moves:
-        .to(), load_state_dict, an optimizer step), so GRPO's rollouts always decode the policy it trains."""
+    def _decode_weights(self) -> tuple[list, torch.Tensor, object]:
+        """-> (per layer (q/k/v stacked [(H + 2 Hkv) * D, C], o, gate/up stacked [2 * F, C], down), or None for an
+        MoE layer; the lm_head weight; the linear that applies them) for decode_layer. bf16 weights are packed
+        for packed_linear (a second copy of every projection and the lm_head: +1x the weight memory); others use
+        decode_linear (copies of q/k/v and gate/up only). Built on first use and rebuilt whenever a source weight
+        is replaced or changed in place (its data pointer or version counter moves: .to(), load_state_dict, an
+        optimizer step), so GRPO's rollouts always decode the policy it trains."""
         sources = [(l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight,
-                    l.mlp.gate_proj.weight, l.mlp.up_proj.weight) if hasattr(l, "mlp") else ()
-                   for l in self.model.layers]
-        key = tuple((w.data_ptr(), w._version) for ws in sources for w in ws)
-        cached = self.__dict__.get("_decode_fused")
+                    l.self_attn.o_proj.weight, l.mlp.gate_proj.weight, l.mlp.up_proj.weight, l.mlp.down_proj.weight)
+                   if hasattr(l, "mlp") else () for l in self.model.layers]
+        head = self.lm_head.weight
+        key = tuple((w.data_ptr(), w._version) for ws in sources for w in ws) + ((head.data_ptr(), head._version),)
+        cached = self.__dict__.get("_decode_cache")
         if cached is None or cached[0] != key:
+            pack = can_pack(head)
+            prep = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1)) if pack else (lambda w: w)
             with torch.no_grad():
-                fused = [(torch.cat(ws[:3]), torch.cat(ws[3:])) if ws else None for ws in sources]
-            cached = self.__dict__["_decode_fused"] = (key, fused)   # a plain attribute: not a parameter
+                weights = [tuple(prep(w) for w in (torch.cat(ws[:3]), ws[3], torch.cat(ws[4:6]), ws[6])) if ws else None
+                           for ws in sources]
+                cached = (key, (weights, prep(head), packed_linear if pack else decode_linear))
+            self.__dict__["_decode_cache"] = cached   # a plain attribute: not a parameter, not in the state dict
         return cached[1]
 
     def check_generation(self, prompt_ids: list[int], temperature: float, top_k: int, top_p: float,
