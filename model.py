@@ -187,10 +187,12 @@ class KVCache:
 
 class Rows(NamedTuple):
     """Per-row positions of a batched decode step (SlotCache): row b's one new token sits at positions[b] and
-    attends to keys 0..positions[b] (mask [B, 1, 1, length], length = max position + 1)."""
+    attends to keys 0..positions[b] (mask [B, 1, 1, length], length = max position + 1); index = arange(B), made
+    once per step (None: update_rows makes it)."""
     positions: torch.Tensor
     mask: torch.Tensor
     length: int
+    index: torch.Tensor | None = None
 
 
 class SlotCache:
@@ -243,7 +245,7 @@ class SlotCache:
         """Write row b's new key/value (k, v [B, H, 1, D]) at rows.positions[b] of slot b; -> the keys and
         values of slots 0..B-1 up to rows.length (views)."""
         B = k.shape[0]
-        index = torch.arange(B, device=k.device)
+        index = torch.arange(B, device=k.device) if rows.index is None else rows.index
         self.k[layer][index, :, rows.positions] = k[:, :, 0]
         self.v[layer][index, :, rows.positions] = v[:, :, 0]
         return self.k[layer][:B, :, :rows.length], self.v[layer][:B, :, :rows.length]
@@ -408,6 +410,11 @@ def can_pack(weight) -> bool:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def decode_norm(norm: RMSNorm, x):
+    """RMSNorm.forward in 4 operations instead of 8 (torch.rms_norm over the fp32 upcast gives the same bits)."""
+    return norm.weight * torch.rms_norm(x.float(), (x.shape[-1],), None, norm.eps).to(x.dtype)
+
+
 def decode_layer(block: "Block", weights: tuple, linear, x, cos, sin, cache: SlotCache, layer: int, rows: Rows):
     """One dense Block on one new token per row: x [B, C] -> [B, C], the same operations as Block.forward over
     [B, 1, C] (RMSNorm, rotary, GQA attention over slot b's keys 0..positions[b], SwiGLU) without the T axis, the
@@ -418,14 +425,15 @@ def decode_layer(block: "Block", weights: tuple, linear, x, cos, sin, cache: Slo
     w_qkv, w_o, w_gate_up, w_down = weights
     attn = block.self_attn
     B, H, Hkv, D = x.shape[0], attn.n_heads, attn.n_kv_heads, attn.head_dim
-    qkv = linear(block.input_layernorm(x), w_qkv)
+    qkv = linear(decode_norm(block.input_layernorm, x), w_qkv)
     qk = qkv[:, :(H + Hkv) * D].reshape(B, H + Hkv, D)
     qk = qk * cos + qk.roll(D // 2, -1) * sin
     v = qkv[:, (H + Hkv) * D:].reshape(B, Hkv, 1, D)
     keys, values = cache.update_rows(layer, qk[:, H:, None], v, rows)
-    y = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=rows.mask, enable_gqa=H != Hkv)
+    mask = rows.mask if B > 1 else None   # one row sees all `length` keys: its mask is all True
+    y = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=mask, enable_gqa=H != Hkv)
     x = x + linear(y.reshape(B, H * D), w_o)
-    gate_up = linear(block.post_attention_layernorm(x), w_gate_up)
+    gate_up = linear(decode_norm(block.post_attention_layernorm, x), w_gate_up)
     F_ = gate_up.shape[1] // 2
     return x + linear(F.silu(gate_up[:, :F_]) * gate_up[:, F_:], w_down)
 
@@ -517,7 +525,7 @@ class Transformer(nn.Module):
         if length > cache.capacity:
             raise ValueError(f"KV cache overflow: position {length - 1} >= capacity {cache.capacity}")
         mask = (torch.arange(length, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
-        rows = Rows(positions, mask, length)
+        rows = Rows(positions, mask, length, torch.arange(len(positions), device=positions.device))
         x = self.model.embed_tokens(torch.as_tensor(tokens, dtype=torch.long, device=positions.device))
         cos, sin = self.rope_cos[positions][:, None, :], self.rope_sin[positions][:, None, :]   # [B, 1, D]
         lean = (x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
@@ -531,8 +539,9 @@ class Transformer(nn.Module):
                 x = decode_layer(layer, weights[i], linear, x, *rope, cache, i, rows)
             else:
                 x = layer(x[:, None], cos[:, None], sin[:, None], cache, i, rows)[0][:, 0]
-        h = self.model.norm(x)
-        return linear(h, head) if lean else self.lm_head(h)
+        if lean:
+            return linear(decode_norm(self.model.norm, x), head)
+        return self.lm_head(self.model.norm(x))
 
     def _decode_weights(self) -> tuple[list, torch.Tensor, object]:
         """-> (per layer (q/k/v stacked [(H + 2 Hkv) * D, C], o, gate/up stacked [2 * F, C], down), or None for an
@@ -541,10 +550,15 @@ class Transformer(nn.Module):
         decode_linear (copies of q/k/v and gate/up only). Built on first use and rebuilt whenever a source weight
         is replaced or changed in place (its data pointer or version counter moves: .to(), load_state_dict, an
         optimizer step), so GRPO's rollouts always decode the policy it trains."""
-        sources = [(l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight,
-                    l.self_attn.o_proj.weight, l.mlp.gate_proj.weight, l.mlp.up_proj.weight, l.mlp.down_proj.weight)
-                   if hasattr(l, "mlp") else () for l in self.model.layers]
-        head = self.lm_head.weight
+        def weight(module, *path):   # module.a.b.weight without nn.Module.__getattr__ (this runs every step)
+            for name in path:
+                module = module._modules[name]
+            return module._parameters["weight"]
+        sources = [tuple(weight(l, *p) for p in (("self_attn", "q_proj"), ("self_attn", "k_proj"),
+                                                  ("self_attn", "v_proj"), ("self_attn", "o_proj"), ("mlp", "gate_proj"),
+                                                  ("mlp", "up_proj"), ("mlp", "down_proj")))
+                   if "mlp" in l._modules else () for l in self.model._modules["layers"]._modules.values()]
+        head = weight(self, "lm_head")
         key = tuple((w.data_ptr(), w._version) for ws in sources for w in ws) + ((head.data_ptr(), head._version),)
         cached = self.__dict__.get("_decode_cache")
         if cached is None or cached[0] != key:
