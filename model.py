@@ -518,8 +518,10 @@ class Transformer(nn.Module):
         0..B-1 of `cache` (each slot holding its sequence up to there); -> logits [B, V]. One forward for all
         rows: on a CPU, 8 rows cost about 1.5x one row, so concurrent requests are served ~5x faster than one
         after another. Row b's result equals forward_with_cache on that sequence alone (up to float rounding).
-        Dense layers take a lean path (decode_layer: [B, C] activations, the weight on the left of each matmul,
-        torch.mv at B = 1); MoE layers and autocast (GRPO rollouts) run the modules as training does."""
+        On a CPU, dense layers take a lean path (decode_layer: [B, C] activations, q/k/v and gate/up stacked into
+        one matmul each, bf16 weights packed once for oneDNN; the module path's operations otherwise, and on this
+        CPU its logits to the bit in fp32 and bf16); MoE layers, autocast (GRPO's bf16 rollouts), active dropout and
+        other devices run the modules as training does."""
         positions = torch.as_tensor(positions, dtype=torch.long, device=self.lm_head.weight.device)
         length = int(positions.max()) + 1
         if length > cache.capacity:
@@ -549,7 +551,7 @@ class Transformer(nn.Module):
         for packed_linear (a second copy of every projection and the lm_head: +1x the weight memory); others use
         decode_linear (copies of q/k/v and gate/up only). Built on first use and rebuilt whenever a source weight
         is replaced or changed in place (its data pointer or version counter moves: .to(), load_state_dict, an
-        optimizer step), so GRPO's rollouts always decode the policy it trains."""
+        optimizer step), so GRPO's rollouts always decode the policy it trains. The check costs ~30 us a step."""
         def weight(module, *path):   # module.a.b.weight without nn.Module.__getattr__ (this runs every step)
             for name in path:
                 module = module._modules[name]
@@ -567,7 +569,9 @@ class Transformer(nn.Module):
             with torch.no_grad():
                 weights = [tuple(prep(w) for w in (torch.cat(ws[:3]), ws[3], torch.cat(ws[4:6]), ws[6])) if ws else None
                            for ws in sources]
-                cached = (key, (weights, prep(head), packed_linear if pack else decode_linear))
+                # the sources' storages are held too, so no new weight can be allocated at a cached address
+                cached = (key, (weights, prep(head), packed_linear if pack else decode_linear),
+                          [w.detach() for ws in sources for w in ws] + [head.detach()])
             self.__dict__["_decode_cache"] = cached   # a plain attribute: not a parameter, not in the state dict
         return cached[1]
 
