@@ -4,8 +4,11 @@
     python data_process.py --steps read         # only read + clean
     python data_process.py --recipe my.toml --workers 8 --data-dir /big/data
     python data_process.py inspect --help       # look inside token shards (data_process/inspect_data.py)
+    python data_process.py inspect dedup        # what dedup removed and why (data_process/dedup_audit.py)
     python data_process.py download --list      # where every real corpus comes from (data_process/download.py)
+    python data_process.py train-quality        # quality classifier + perplexity LM (data_process/quality_model.py)
     python data_process.py --steps read --corpus wiki_zh --corpus wudao   # one machine's share of a split run
+    python data_process.py --engine ray --ray-address auto    # every step's work units as Ray tasks on a cluster
 
 The code lives in the package data_process/ beside this script (Python imports the package, not this file);
 this script only parses arguments. See README.md ("Data pipeline") and config/recipe.toml.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 import settings
@@ -21,6 +25,23 @@ import settings
 ROOT = Path(__file__).resolve().parent
 DEFAULT_RECIPE = ROOT / "config" / "recipe.toml"
 EXIT_LOCKED, EXIT_DISK_FULL, EXIT_MISSING_INPUT = 3, 4, 5
+EPILOG = "\n\n".join(textwrap.fill(paragraph, 100) for paragraph in (
+    "Sub-commands: `python data_process.py inspect ...` looks inside token shards (see `python data_process.py "
+    "inspect --help`); `python data_process.py inspect dedup` shows what dedup removed and why; "
+    "`python data_process.py download ...` fetches the real corpora (see `python data_process.py "
+    "download --help`); `python data_process.py train-quality` trains the quality classifier and perplexity model "
+    "on data/clean/ (docs/cleaning.md).",
+    "A run locks its data dir (<data dir>/.lock): a second run on the same dir is refused, naming the first (pid, "
+    "host, command, start time); the lock of a run that died is taken over. Temporary files (.*.tmp-*) that killed "
+    "runs left are removed at the start. Every step checks the files its \"done\" marker relies on (sizes and "
+    "sha256 as its manifest recorded) and redoes what is missing or damaged; a step whose input is missing stops "
+    "and names the step to run. Inputs are fingerprinted by name, size and mtime; `--set run.fingerprint=content` "
+    "hashes them instead (sees an edit copied back with its old mtime, costs a read of every input per run).",
+    f"Exit status: 0 success; 1 nothing at all could be read; 2 a bad recipe or arguments; {EXIT_LOCKED} the data "
+    f"dir is in use by another run; {EXIT_DISK_FULL} the disk is full (the message names the path, the free space "
+    f"and the space needed); {EXIT_MISSING_INPUT} a step's input is missing or damaged (the message names the "
+    "step to run).",
+))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,18 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(train or load SentencePiece -> data/tokenizer/), tokenize (uint16 .bin + .idx shards -> "
                     "data/pretrain/<corpus>/), stage (SFT CSVs -> data/sft/, DPO JSONL -> data/dpo/). "
                     "Finished work is kept: re-running skips it. A summary goes to data/summary.json.",
-        epilog="Sub-commands: `python data_process.py inspect ...` looks inside token shards "
-               "(see `python data_process.py inspect --help`); `python data_process.py download ...` fetches the "
-               "real corpora (see `python data_process.py download --help`).\n\n"
-               "A run locks its data dir (<data dir>/.lock); a second run on the same dir is refused, naming the "
-               "first (pid, host, command, start time); the lock of a run that died is taken over. Leftover "
-               "temporary files (.*.tmp-*) of killed runs are removed at the start. Every step checks the files "
-               "its \"done\" marker relies on (size and sha256 as its manifest recorded) and redoes what is "
-               "missing or damaged.\n\n"
-               "Exit status: 0 success; 1 nothing at all could be read; 2 a bad recipe or arguments; "
-               f"{EXIT_LOCKED} the data dir is in use by another run; {EXIT_DISK_FULL} the disk is full (the message "
-               f"names the path and the space); {EXIT_MISSING_INPUT} a step's input is missing or damaged (the "
-               "message names the step to run).",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--recipe", type=Path, default=None,
@@ -64,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", action="append", default=None, metavar="NAME",
                    help="only these corpora of the recipe (repeatable), for the read and tokenize steps: split a "
                         "large run across machines by corpus, then gather data/clean/ on one machine for dedup")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="what runs the work units of the read, dedup and tokenize steps: local (default) this "
+                        "machine's process pool; ray: Ray tasks, with byte-identical outputs (docs/scaling.md)")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT|auto",
+                   help="with --engine ray: join the running cluster there (`ray start --head` prints it; auto: "
+                        "the one on this node); without it a local Ray instance runs for this command only. "
+                        "--data-dir and the corpora must be on a filesystem every node sees")
     settings.add_set_flag(p, "dedup.threshold=0.7")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--list-readers", action="store_true", help="list the corpus readers a recipe can name, and exit")
@@ -72,12 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["inspect", "dedup"]:
+        from data_process import dedup_audit
+        return dedup_audit.main(argv[2:])
     if argv and argv[0] == "inspect":
         from data_process import inspect_data
         return inspect_data.main(argv[1:])
     if argv and argv[0] == "download":
         from data_process import download
         return download.main(argv[1:])
+    if argv and argv[0] == "train-quality":
+        from data_process import quality_model
+        return quality_model.main(argv[1:])
 
     args = build_parser().parse_args(argv)
     from data_process.pipeline import NothingReadError, run
@@ -110,10 +133,18 @@ def main(argv=None) -> int:
                   "run those once over all corpora", file=sys.stderr)
             return 2
         recipe.corpora = [c for c in recipe.corpora if c.name in args.corpus]
+    if args.ray_address and args.engine != "ray":
+        print("error: --ray-address needs --engine ray", file=sys.stderr)
+        return 2
+    from data_process.executor import EngineError
     from data_process.records import MissingInputError, RecordsError
     from fileio import DiskFullError, LockedError, disk_full_message, is_disk_full
     try:
-        summary = run(recipe, steps=steps, workers=args.workers, force=args.force, progress=not args.no_progress)
+        summary = run(recipe, steps=steps, workers=args.workers, force=args.force, progress=not args.no_progress,
+                      engine=args.engine, ray_address=args.ray_address)
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except NothingReadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -73,6 +73,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     completion_tokens: int = 0
     tokens: list[int] = field(default_factory=list)
+    stop_token: int | None = None   # the stop id that ended the reply (not in `tokens`), if one did
 
     def emit(self, *event):
         try:
@@ -145,6 +146,7 @@ class Engine:
             raise SamplingError(f"sampling failed with temperature={s.temperature}, top_p={s.top_p}, "
                                 f"top_k={s.top_k}, repetition_penalty={s.repetition_penalty}: {e}") from None
         if token in run.stop_ids:
+            job.stop_token = token
             return "stop"
         job.completion_tokens += 1
         job.tokens.append(token)
@@ -236,3 +238,33 @@ class Engine:
                     self.stats["active"] = 0
                     for run in failed:
                         self._finish(run, "error", f"{type(e).__name__}: {e}")
+
+
+def run_jobs(engine: Engine, jobs: list[Job]) -> list[Job]:
+    """Run `jobs` to completion on the calling thread, through the engine's own prefill, batched step and finish
+    (no queue, no server thread), for GRPO rollouts and benchmarks. Jobs join the batch in list order as slots
+    free up, so what is generated depends only on the weights, the prompts and the seeds, never on timing. The
+    engine must not be serving at the same time (nothing submitted to it). Errors end their job ("error" event)."""
+    pending = list(reversed(jobs))
+    active: list[Running] = []
+    with torch.inference_mode():
+        while pending or active:
+            while pending and len(active) < engine.max_active:
+                job = pending.pop()
+                try:
+                    run, reason = engine._start(job, len(active))
+                except Exception as e:
+                    job.emit("error", f"{type(e).__name__}: {e}")
+                    continue
+                if reason is None:
+                    active.append(run)
+                else:
+                    engine._finish(run, reason)
+            if active:
+                try:
+                    engine._step(active)
+                except Exception as e:
+                    for run in active:
+                        engine._finish(run, "error", f"{type(e).__name__}: {e}")
+                    active.clear()
+    return jobs

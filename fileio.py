@@ -27,6 +27,7 @@ TMP_MARK = ".tmp-"   # every temporary file or dir written here has this in its 
 
 class DiskFullError(OSError):
     """A write failed because the disk (or a quota) is full."""
+    need_bytes: int | None = None
 
 
 class LockedError(RuntimeError):
@@ -60,8 +61,11 @@ def disk_full_as_error(path, need_bytes: int | None = None):
     try:
         yield
     except OSError as e:
-        if is_disk_full(e) and not isinstance(e, DiskFullError):
-            raise DiskFullError(e.errno, disk_full_message(path, need_bytes)) from None
+        # an inner block that did not know the size needed gets it from an outer one that does
+        if is_disk_full(e) and not (isinstance(e, DiskFullError) and (e.need_bytes or not need_bytes)):
+            err = DiskFullError(e.errno, disk_full_message(path, need_bytes))
+            err.need_bytes = need_bytes
+            raise err from None
         raise
 
 
@@ -83,10 +87,12 @@ def fsync_dir(path) -> None:
 class AtomicWriter:
     """A file written under a temporary name beside `path`: commit() flushes, fsyncs and renames it onto `path`
     (then fsyncs the directory); abort() removes it and leaves `path` as it was. For writers that stay open
-    across calls; `atomic_file` is the same as a context manager."""
+    across calls; `atomic_file` is the same as a context manager. durable=False skips the fsyncs (still atomic
+    against a killed process, not against a power cut): for scratch files a step verifies or recomputes anyway."""
 
-    def __init__(self, path, mode: str = "wb", **open_kwargs):
+    def __init__(self, path, mode: str = "wb", durable: bool = True, **open_kwargs):
         self.path = Path(path)
+        self.durable = durable
         self.tmp = tmp_path_for(self.path)
         with disk_full_as_error(self.path):
             self.f = open(self.tmp, mode, **open_kwargs)
@@ -95,13 +101,15 @@ class AtomicWriter:
         with disk_full_as_error(self.path):
             try:
                 self.f.flush()
-                os.fsync(self.f.fileno())
+                if self.durable:
+                    os.fsync(self.f.fileno())
                 self.f.close()
                 os.replace(self.tmp, self.path)
             except BaseException:
                 self.abort()
                 raise
-        fsync_dir(self.path.parent)
+        if self.durable:
+            fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         with contextlib.suppress(OSError):
@@ -110,10 +118,10 @@ class AtomicWriter:
 
 
 @contextlib.contextmanager
-def atomic_file(path, mode: str = "wb", **open_kwargs):
+def atomic_file(path, mode: str = "wb", durable: bool = True, **open_kwargs):
     """Open a temporary file beside `path` for writing; on a clean exit it is flushed, fsynced and renamed onto
     `path` (and the directory fsynced); on an exception it is removed and `path` is left as it was."""
-    writer = AtomicWriter(path, mode, **open_kwargs)
+    writer = AtomicWriter(path, mode, durable=durable, **open_kwargs)
     try:
         with disk_full_as_error(path):
             yield writer.f
@@ -174,8 +182,9 @@ class DirLock:
     a live one: the next run takes it over and says so. A second live run is refused with a LockedError that
     names the holder.
 
-    fcntl locks are per process: a forked child shares nothing of it, and a lock on a filesystem that does not
-    support them (some network mounts) fails loudly rather than silently."""
+    The lock is a flock on the open file, so processes forked while it is held (a worker pool) hold it too, until
+    the last of them exits: workers that outlive a killed parent still keep a second run out of the directory.
+    A lock on a filesystem that does not support them (some network mounts) fails loudly rather than silently."""
 
     def __init__(self, directory, what: str = ""):
         self.directory = Path(directory)
@@ -234,8 +243,16 @@ def _read_holder(fd: int) -> dict:
 def describe_holder(holder: dict) -> str:
     if not holder:
         return "a process that has not written its name yet"
+    gone = ""
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:   # the run died; processes it forked still hold the lock
+            gone = " (that process has exited; processes it started still hold the lock and will exit soon)"
+        except OSError:
+            pass
     return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
-            f"`{holder.get('command', '?')}`, started {holder.get('started', '?')}")
+            f"`{holder.get('command', '?')}`, started {holder.get('started', '?')}{gone}")
 
 
 # ----------------------------------------------------------------------------- files as a manifest recorded them

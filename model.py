@@ -433,10 +433,14 @@ class Transformer(nn.Module):
         positions they need: with a large vocabulary the full [B, T, V] logits dominate time and memory."""
         return self._hidden(input_ids)[0]
 
-    def forward(self, input_ids, targets=None, loss_weights=None) -> ModelOutput:
+    def forward(self, input_ids, targets=None, loss_weights=None, select=None) -> ModelOutput:
         """input_ids/targets [B, T] (targets -100 = ignored), loss_weights [B, T] float (see lm_loss).
-        Train on out.loss + out.aux_loss."""
+        Train on out.loss + out.aux_loss. `select` (bool [B, T], without targets): logits only at those
+        positions, [n_selected, V] (GRPO scores a few completion tokens after a long prompt; through forward,
+        so DDP's hooks still run)."""
         h, aux_loss = self._hidden(input_ids)
+        if select is not None:
+            return ModelOutput(self.lm_head(h[select]), None, aux_loss)
         logits = self.lm_head(h)
         loss = lm_loss(logits, targets, loss_weights) if targets is not None else None
         return ModelOutput(logits, loss, aux_loss)

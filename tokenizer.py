@@ -16,7 +16,15 @@ so `encode()` of a user's literal "<|im_end|>" stays ordinary text (no prompt in
 Chat format (ChatML without the newline between turns, https://github.com/openai/openai-python/blob/v0.28.1/chatml.md):
     <|im_start|>system\n{system}<|im_end|><|im_start|>user\n{user}<|im_end|><|im_start|>assistant\n{answer}<|im_end|>
 Reasoning answers are `<think>…</think><answer>…</answer>` inside the assistant content; inside assistant turns
-the four tags become their single special tokens.
+the four tags become their single special tokens. The thinking switch (`enable_thinking`, as Qwen3's template
+names it) acts on the generation prompt only: True appends `<think>` (the reply starts by reasoning), False appends
+`<think></think>` (an empty reasoning: the reply answers at once), None (the default) leaves it to the model.
+
+Tool calls (`openai_to_chat`, the one place that writes them; Qwen2.5/Hermes's text layout, so their parsers
+read ours): the tools' JSON schemas go into the system turn inside <tools></tools>; an assistant's call is
+`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` in its content; tool results become the next user
+turn as `<tool_response>\n...\n</tool_response>` blocks. So a tool conversation is still system/user/assistant
+turns, and every reader, stage and template of the project takes it as it is.
 """
 from __future__ import annotations
 
@@ -59,7 +67,9 @@ CHAT_TEMPLATE_JINJA = (
     "{%- for message in messages -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is not none -%}"
+    "{{ '<think>' if enable_thinking else '<think></think>' }}{%- endif -%}{%- endif -%}"
 )
 CHAT_FORMAT = ("<|im_start|>{role}\\n{content}<|im_end|> per turn, no separator between turns; roles system "
                "(optional, first), user, assistant; generation prompt <|im_start|>assistant\\n; "
@@ -283,14 +293,15 @@ class Tokenizer:
         """Ids that end an assistant turn (<|im_end|>) or a document (end-of-text)."""
         return list(dict.fromkeys([self.special["im_end"], self.eos_id]))
 
-    def render_chat(self, messages, add_generation_prompt: bool = False, tag_weight: float = 1.0) -> ChatTokens:
+    def render_chat(self, messages, add_generation_prompt: bool = False, tag_weight: float = 1.0,
+                    enable_thinking: bool | None = None) -> ChatTokens:
         """Ids and loss weights of a conversation in the chat format (module docstring).
 
         Weights are 1.0 on assistant content and the assistant's <|im_end|>, `tag_weight` on the four reasoning tag
         tokens inside assistant content, 0.0 everywhere else (role markers, system and user turns).
         """
         texts: list[str] = []
-        plan = self._chat_plan(messages, add_generation_prompt, tag_weight, texts)
+        plan = self._chat_plan(messages, add_generation_prompt, tag_weight, texts, enable_thinking)
         return self._assemble(plan, [self.sp.encode(t) for t in texts])
 
     def render_chat_batch(self, conversations, add_generation_prompt: bool = False, tag_weight: float = 1.0,
@@ -303,7 +314,8 @@ class Tokenizer:
         encoded = self.sp.encode(texts, num_threads=num_threads) if texts else []
         return [self._assemble(plan, encoded) for plan in plans]
 
-    def _chat_plan(self, messages, add_generation_prompt, tag_weight, texts: list[str]) -> list[tuple]:
+    def _chat_plan(self, messages, add_generation_prompt, tag_weight, texts: list[str],
+                   enable_thinking: bool | None = None) -> list[tuple]:
         """The template as (fixed ids | index into `texts`, weight) segments; appends the text to encode to `texts`."""
         _check_messages(messages)
         plan: list[tuple] = []
@@ -331,6 +343,9 @@ class Tokenizer:
                 plan.append(([im_end], 0.0))
         if add_generation_prompt:
             plan.append(([im_start] + self._cached_role_ids["assistant"], 0.0))
+            if enable_thinking is not None:
+                think = [self.special["think_start"]] + ([] if enable_thinking else [self.special["think_end"]])
+                plan.append((think, 0.0))
         return plan
 
     @staticmethod
@@ -343,11 +358,14 @@ class Tokenizer:
             weights.extend([weight] * len(tokens))
         return ChatTokens(ids, weights)
 
-    def render_text(self, messages, add_generation_prompt: bool = False) -> str:
+    def render_text(self, messages, add_generation_prompt: bool = False, enable_thinking: bool | None = None) -> str:
         """The chat as text (what CHAT_TEMPLATE_JINJA renders); encode(..., allow_special=True) gives the ids."""
         _check_messages(messages)
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>" for m in messages)
-        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        if not add_generation_prompt:
+            return text
+        think = "" if enable_thinking is None else "<think>" if enable_thinking else "<think></think>"
+        return text + "<|im_start|>assistant\n" + think
 
 
 class StreamDecoder:
@@ -375,6 +393,55 @@ class StreamDecoder:
         text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return text
+
+
+TOOLS_SYSTEM = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n"
+                "</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
+                "<args-json-object>}}\n</tool_call>")
+
+
+def tool_call_text(name: str, arguments) -> str:
+    """One call as the model writes it; `arguments` a dict or its JSON text."""
+    args = json.loads(arguments) if isinstance(arguments, str) else arguments
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": args}, ensure_ascii=False) + "\n</tool_call>"
+
+
+def openai_to_chat(messages, tools=None) -> list[dict]:
+    """OpenAI chat messages (roles system/developer/user/assistant/tool, assistant `tool_calls`, `tools` schemas)
+    -> the {role, content} turns render_chat takes (module docstring). Raises ValueError on what it cannot place."""
+    out: list[dict] = []
+
+    def add(role: str, content: str):
+        if out and out[-1]["role"] == role and role == "user":   # tool results + a user message: one user turn
+            out[-1]["content"] += "\n" + content
+        else:
+            out.append({"role": role, "content": content})
+
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content") or ""
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be text")
+        if role in ("system", "developer"):
+            add("system", content)
+        elif role == "user":
+            add("user", content)
+        elif role == "assistant":
+            calls = [tool_call_text(c["function"]["name"], c["function"].get("arguments") or "{}")
+                     for c in m.get("tool_calls") or []]
+            add("assistant", "\n".join(([content] if content else []) + calls))
+        elif role == "tool":
+            add("user", "<tool_response>\n" + content + "\n</tool_response>")
+        else:
+            raise ValueError(f"message {i}: unknown role {role!r}")
+    if tools:
+        block = TOOLS_SYSTEM.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if out and out[0]["role"] == "system":
+            out[0]["content"] += block
+        else:
+            out.insert(0, {"role": "system", "content": block.lstrip("\n")})
+    return out
 
 
 def _check_messages(messages) -> None:

@@ -365,11 +365,31 @@ def minimind_dpo():
     write("minimind_dpo/dpo.jsonl", "\n".join(lines) + "\n")
 
 
+def medical_rl():
+    """GRPO prompt sets in MedicalGPT's {question, answer} layout: short answers (department, body system) and
+    multiple-choice items (one symptom of the disease among three of others; the answer is the letter)."""
+    qa, choice = [], []
+    for d in DISEASES:
+        qa.append(jl({"question": f"{d['name']}患者通常应到哪个科室就诊？只回答科室名称。", "answer": d["dept"]}))
+        qa.append(jl({"question": f"{d['name']}属于哪个系统的疾病？只回答系统名称。", "answer": d["system"]}))
+        others = [s for o in DISEASES if o is not d for s in o["symptoms"] if s not in d["symptoms"]]
+        options = rng.sample(sorted(set(others)), 3)
+        right = rng.randrange(4)
+        options.insert(right, rng.choice(d["symptoms"]))
+        choice.append(jl({"question": f"下列哪一项是{d['name']}的常见症状？\n"
+                                      + "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
+                                      + "\n只回答选项字母。", "answer": "ABCD"[right]}))
+    qa.append(jl({"question": "这一行没有答案。"}))   # a record the reader rejects (no answer field)
+    write("medical_rl/medical_qa.jsonl", "\n".join(qa) + "\n")
+    write("medical_rl/medical_choice.jsonl", "\n".join(choice) + "\n")
+
+
 def main() -> None:
     for make in (wiki_zh, baidubaike, c4_zh, skypile, medical_pretrain, minimind_pretrain, medical_books, guidelines,
                  medical_dialogue, medical_finetune, alpaca_zh, belle, sharegpt, minimind_sft, minimind_r1,
                  medical_reward, magpie_dpo, minimind_dpo):
         make()
+    medical_rl()   # last: the samples above keep their bytes (rng order)
     wudao()
 
 

@@ -14,7 +14,15 @@ What it does, and why:
   runs of one punctuation mark longer than `max_punct_repeat` are shortened ("！！！！！" -> "！！！"),
   and obvious web boilerplate lines (copyright, "点击阅读全文", "扫一扫关注") are dropped.
   Conversations and preference pairs keep their inner spacing and punctuation runs (code, markdown tables).
+- Conversations: a turn left empty by cleaning ends the conversation; the complete user/assistant pairs before
+  it are kept (stats convs_truncated_empty_turn, turns_cut_empty_turn), none left is "empty_message". What the
+  reader cut (a turn breaking the alternation, a trailing user turn: the record's "cut") is counted the same way.
 - Filters: min/max characters, and for lang="zh" the share of Han characters among Han + Latin letters.
+- Quality operators, each off unless the corpus's [clean] turns it on (config/recipe.toml sets the defaults per
+  corpus; order and reasons: docs/cleaning.md): OpenCC traditional -> simplified (`t2s`), language id
+  (`langid`, documents), the Gopher/C4/FineWeb repetition and quality rules and flagged words (`rules`,
+  documents), typed PII placeholders (`pii`), model quality scores (`quality_model`, documents). What each changes
+  is counted in `stats`; `Cleaner.audit` keeps a bounded before/after sample per operator for auditing.
 Unlike baby-llama2-chinese's punctuation cleaner (which turned "blood pressure" into "blood，presure"),
 nothing here touches letters or the spaces between English words.
 """
@@ -25,6 +33,8 @@ import sys
 import unicodedata
 from collections import Counter
 
+from data_process import pii, quality
+from data_process.readers import valid_prefix
 from data_process.recipe import CleanConfig
 
 # ---------------------------------------------------------------- NFKC, minus what it would corrupt
@@ -209,44 +219,140 @@ def _length_and_lang(text: str, settings: CleanConfig, lang: str) -> str | None:
     return None
 
 
-class Cleaner:
-    """Cleans records of one corpus (its settings and language fixed); `clean(record) -> drop reason | None`."""
+AUDIT_CHARS = 300       # characters of context either side of the first change in an audit sample
 
-    def __init__(self, settings: CleanConfig, lang: str):
+
+def _audit_window(before: str, after: str) -> dict:
+    """The stretch of text around the first difference, before and after (bounded)."""
+    i = next((k for k, (a, b) in enumerate(zip(before, after)) if a != b), min(len(before), len(after)))
+    lo = max(0, i - AUDIT_CHARS)
+    return {"at": i, "before": before[lo:i + AUDIT_CHARS], "after": after[lo:i + AUDIT_CHARS]}
+
+
+class Cleaner:
+    """Cleans records of one corpus (its settings and language fixed); `clean(record) -> drop reason | None`.
+    `stats` counts what every filter and operator changed; `audit` holds up to `audit_samples` entries per
+    operator ({"op", "id", ...}: before/after windows for changes, the measured values for drops)."""
+
+    def __init__(self, settings: CleanConfig, lang: str, scorer=None):
         self.settings, self.lang = settings, lang
         self.stats: Counter = Counter()
+        self.audit: list[dict] = []
+        self._audit_counts: Counter = Counter()
         self.punct_run = punct_run_regex(settings.max_punct_repeat) if settings.max_punct_repeat > 0 else None
+        self.scorer = scorer       # data_process.quality_model.Scorer, or None
+
+    def _sample(self, op: str, entry: dict) -> None:
+        if self._audit_counts[op] < self.settings.audit_samples:
+            self._audit_counts[op] += 1
+            self.audit.append({"op": op, **entry})
+
+    def _t2s(self, text: str, rid: str) -> str:
+        out, changed = quality.to_simplified(text, self.settings.t2s_min_share)
+        if changed:
+            self.stats["t2s_converted"] += 1
+            self._sample("t2s", {"id": rid, **_audit_window(text, out)})
+        return out
+
+    def _pii(self, text: str, rid: str) -> str:
+        found = []
+        out, counts = pii.scrub(text, found)
+        if counts:
+            for placeholder, n in counts.items():
+                self.stats["pii_" + placeholder.strip("<>").lower()] += n
+            self._sample("pii", {"id": rid, "replaced": [[ph, pii.mask(v)] for ph, v in found],
+                                 "after": _audit_window(text, out)["after"]})
+        return out
+
+    def _rewrite(self, text: str, rid: str) -> str:
+        """t2s and PII on one message."""
+        if self.settings.t2s and text:
+            text = self._t2s(text, rid)
+        if self.settings.pii and text:
+            text = self._pii(text, rid)
+        return text
+
+    def _judge_doc(self, record: dict) -> str | None:
+        """Language id, then the repetition and quality rules (documents only)."""
+        s, text = self.settings, record["text"]
+        if s.langid:
+            ok, lang, prob = quality.language_matches(text, self.lang, s.langid_min_chars)
+            if not ok:
+                self._sample("lang_mismatch", {"id": record["id"], "lang": lang, "prob": round(prob, 3),
+                                               "text": text[:AUDIT_CHARS]})
+                return "lang_mismatch"
+        if s.rules:
+            stats = quality.rule_stats(text, s.quality_rules)
+            failed = quality.check_rules(stats, s.quality_rules)
+            if failed is not None:
+                reason = "rule_" + failed
+                self._sample(reason, {"id": record["id"], "value": round(quality.rule_value(stats, failed), 4),
+                                      "text": text[:AUDIT_CHARS]})
+                return reason
+        return None
 
     def clean(self, record: dict) -> str | None:
+        try:
+            return self._clean(record)
+        except UnicodeEncodeError:   # a lone surrogate (a hand-made dict; orjson never loads one): OpenCC needs UTF-8
+            return "invalid_unicode"
+
+    def _clean(self, record: dict) -> str | None:
         # Absurdly long input is rejected before any regex runs over it.
         kind = record["kind"]
         s = self.settings
+        rid = record.get("id", "")
         if kind == "doc":
             if len(record["text"]) > s.max_chars * 2:
                 return "too_long"
             record["text"] = clean_text(record["text"], s, self.stats, self.punct_run)
+            if s.t2s:   # before the filters: the Chinese ratio and langid judge the simplified text
+                record["text"] = self._t2s(record["text"], rid)
             if "title" in record:
                 record["title"] = clean_message(record["title"], s, self.stats)
-            return _length_and_lang(record["text"], s, self.lang)
+                if s.t2s:
+                    record["title"] = self._t2s(record["title"], rid)
+            reason = _length_and_lang(record["text"], s, self.lang) or self._judge_doc(record)
+            if reason is not None:
+                return reason
+            if s.pii:   # after the rules (they judge the text as written) and before the model scores
+                record["text"] = self._pii(record["text"], rid)
+                if "title" in record:
+                    record["title"] = self._pii(record["title"], rid)
+            if self.scorer is not None:   # last: the scores describe the text as it is kept
+                record["scores"] = self.scorer.score(record["text"])
+                reason = self.scorer.keep_or_reason(record["scores"], rid)
+                if reason is not None:
+                    self._sample(reason, {"id": rid, **record["scores"], "text": record["text"][:AUDIT_CHARS]})
+                    return reason
+            return None
         if kind == "conv":
+            for reason, turns in record.pop("cut", {}).items():   # what the reader cut (readers.conv)
+                self.stats[f"convs_truncated_{reason}"] += 1
+                self.stats[f"turns_cut_{reason}"] += turns
             for m in record["messages"]:
                 if len(m["content"]) > s.max_chars * 2:
                     return "too_long"
-                m["content"] = clean_message(m["content"], s, self.stats)
-                if not m["content"] and m["role"] != "system":
-                    return "empty_message"
-            record["messages"] = [m for m in record["messages"] if m["content"]]
+                m["content"] = self._rewrite(clean_message(m["content"], s, self.stats), rid)
+            # an empty turn (often a reply that was one zero-width space) ends the conversation: the complete
+            # pairs before it are kept, and what was cut is counted
+            record["messages"], cut = valid_prefix(record["messages"])
+            if not any(m["role"] == "assistant" for m in record["messages"]):
+                return "empty_message"
+            if cut:
+                self.stats["convs_truncated_empty_turn"] += 1
+                self.stats["turns_cut_empty_turn"] += cut
             return _length_and_lang("\n".join(m["content"] for m in record["messages"]), s, self.lang)
         if kind == "pref":
             if len(record["chosen"]) + len(record["rejected"]) > s.max_chars * 2:
                 return "too_long"
             for m in record["prompt"]:
-                m["content"] = clean_message(m["content"], s, self.stats)
+                m["content"] = self._rewrite(clean_message(m["content"], s, self.stats), rid)
                 if not m["content"] and m["role"] != "system":
                     return "empty_message"
             record["prompt"] = [m for m in record["prompt"] if m["content"]]
-            record["chosen"] = clean_message(record["chosen"], s, self.stats)
-            record["rejected"] = clean_message(record["rejected"], s, self.stats)
+            record["chosen"] = self._rewrite(clean_message(record["chosen"], s, self.stats), rid)
+            record["rejected"] = self._rewrite(clean_message(record["rejected"], s, self.stats), rid)
             if not record["chosen"] or not record["rejected"]:
                 return "empty_message"
             if record["chosen"] == record["rejected"]:

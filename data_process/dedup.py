@@ -20,7 +20,8 @@ Ray tasks under `--engine ray`), with everything between stages in files under `
                not connectivity: with A~B and B~C, C stays when A and C differ, because B is gone). Keep order:
                corpora by `priority` (higher first), ties by recipe order, then the order records were read,
                so a group keeps its highest-priority, earliest (original) copy.
-  5. write     survivors per corpus, `removed.parquet` (every removed record: corpus, id, reason
+  5. write     one unit per clean part file: its survivors into the output part of the same name; and
+               `removed.parquet` (every removed record: corpus, id, reason
                exact/near/contamination, the kept record or eval question it matched, the similarity),
                examples, the report (the done-marker, written last).
 
@@ -39,13 +40,16 @@ sentence edits; negatives: >= 30% edits and other documents of the same source).
 (full run): char 3/4/5/6-gram 0.958/0.963/0.971/0.976, jieba word 1/2/3-gram 0.943/0.965/0.972. Character
 5-grams match the best jieba setting and need no segmenter: jieba alone runs at ~0.2 M chars/s.
 
-Decontamination: a text is contamination when it holds at least `decontam_min_share` of the 13-character
-windows of one printed form of a question (the question; its blank filled by the answer; with its options,
-lettered or bare). One shared window is not enough: stock phrases of politics and law questions
-("全面建设社会主义现代化国家") fill ordinary news text. The share default (0.5) is bench/bench_dedup.py's
-choice on planted questions in real clean text (see bench/results.md): every share from 0.2 to 0.8 catches
-the pasted, dumped and answer-filled questions; 0.5 still catches a question with a few characters changed,
-while any-window matching removes clean documents.
+Decontamination: a text is contamination when it holds at least `decontam_min_share` of the
+`decontam_ngram`-character windows of one printed form of a question (the question; its blank filled by the
+answer; with its options, lettered or bare). One shared window is not enough: stock phrases of politics and
+law questions ("全面建设社会主义现代化国家") fill ordinary news text. Defaults (10-grams, share 0.3) from
+bench/bench_dedup.py [5] (1,277 real-sample + project questions planted in real clean text, 5 styles; negatives:
+3,672 clean real documents and 290 clean texts sharing one 13-20 character phrase with a question): the
+highest catch rate with no false removal in either negative set. Any-window matching removes 98% of the
+shared-phrase texts at n=10 (71% at 13); share 0.3 removes none, at the same catch rate on pasted, dumped and
+answer-filled questions, and catches 59% of questions with a character changed (13-grams at share 0.5: 40%).
+8-grams catch more (72%) but begin to remove shared-phrase texts (0.3%).
 """
 from __future__ import annotations
 
@@ -65,8 +69,9 @@ import numpy as np
 import xxhash
 
 from data_process import evalsets, minhash
-from data_process.records import iter_records, list_parts, write_parts
-from fileio import DirLock, atomic_file, atomic_write_bytes, check_files, describe_files
+from data_process.executor import Executor
+from data_process.records import ZSTD_LEVEL, iter_records, list_parts
+from fileio import AtomicWriter, DirLock, atomic_file, atomic_write_bytes, check_files, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,7 @@ EXAMPLES_PER_KIND = 30       # example pairs written to examples.jsonl per kind 
 BUCKET_PAIR_CAP = 16         # a bucket member is paired with this many first members + its predecessor
 VERIFY_PAIRS = 200_000       # candidate pairs verified at once (their sketches gathered from disk)
 AUDIT_CHUNK = 500_000        # removed records per chunk of removed.parquet
-ROW_BYTES = 64               # working memory of one band/exact row in stages 2-3 (load, sort, pairs)
+ROW_BYTES = 96               # working memory of one band/exact row in stages 2-3 (load, sort, pair blocks)
 EDGE_BYTES = 80              # working memory of one verified edge in stage 4
 MAX_PARTITIONS = 1 << 14
 # fork: workers start in milliseconds and need no `if __name__ == "__main__"` guard in the caller; the
@@ -133,6 +138,30 @@ def read_eval_questions(path: Path, fmt: str) -> tuple[list[evalsets.Question], 
     return result.questions, sum(result.dropped.values())
 
 
+def _variant_pieces(q: evalsets.Question) -> list[str]:
+    """The raw texts question_variants normalizes: stem, lettered options, bare options, filled form (if any).
+    Normalization is character by character, so normalizing the pieces and joining them equals normalizing the
+    joined text: all questions' pieces are normalized in one batch."""
+    options = q.option_list
+    pieces = [BLANK.sub("", q.question), *(letter + opt for letter, opt in zip("ABCD", options)), *options]
+    answer = q.answer_text
+    if answer is not None:
+        # a function, not a template: an answer such as "$\\mathrm{e}$" holds backslashes that re.sub would
+        # read as escapes ("bad escape \\m")
+        question = q.question
+        pieces.append(BLANK.sub(lambda _: answer, question, count=1) if BLANK.search(question) else question + answer)
+    return pieces
+
+
+def _variants_of(norm: list[str], n: int) -> list[tuple[str, int | None]]:
+    stem, labeled, bare = norm[0], norm[0] + "".join(norm[1:5]), norm[0] + "".join(norm[5:9])
+    windows = len(stem) - min(len(stem), (n + 1) // 2) + 1 if stem else 0
+    variants = [(stem, None), (labeled, windows), (bare, windows)]
+    if len(norm) > 9:
+        variants.insert(1, (norm[9], None))
+    return variants
+
+
 def question_variants(q: evalsets.Question, n: int) -> list[tuple[str, int | None]]:
     """Alnum-normalized forms in which a question shows up in training text, each with how many of its
     n-character windows count (None: all): the question; the question with its blank filled by (or followed
@@ -140,19 +169,24 @@ def question_variants(q: evalsets.Question, n: int) -> list[tuple[str, int | Non
     their letters (how exam dumps on the web print them). In the options forms a window must hold at least
     half a window (or the whole stem, if shorter) of question text, so a run of options such as 'a是b否c...'
     never matches alone."""
-    question, options = q.question, q.option_list
-    stem = minhash.normalize_alnum(BLANK.sub("", question))
-    labeled = stem + "".join(minhash.normalize_alnum(letter + opt) for letter, opt in zip("ABCD", options))
-    bare = stem + "".join(minhash.normalize_alnum(opt) for opt in options)
-    windows = len(stem) - min(len(stem), (n + 1) // 2) + 1 if stem else 0
-    variants = [(stem, None), (labeled, windows), (bare, windows)]
-    answer = q.answer_text
-    if answer is not None:
-        # a function, not a template: an answer such as "$\\mathrm{e}$" holds backslashes that re.sub would
-        # read as escapes ("bad escape \\m")
-        filled = BLANK.sub(lambda _: answer, question, count=1) if BLANK.search(question) else question + answer
-        variants.insert(1, (minhash.normalize_alnum(filled), None))
-    return variants
+    return _variants_of([minhash.normalize_alnum(p) for p in _variant_pieces(q)], n)
+
+
+def _all_variants(questions: list, n: int) -> list[list[tuple[str, int | None]]]:
+    """question_variants of many questions, normalized in one batch."""
+    pieces = [_variant_pieces(q) for q in questions]
+    flat = [p for ps in pieces for p in ps]
+    if not flat:
+        return []
+    cps, lengths = minhash.fold_batch(*minhash.encode_batch(flat), alnum=True)
+    ends = np.cumsum(lengths)
+    text = minhash._decode(cps)
+    norm = [text[e - k:e] for e, k in zip(ends.tolist(), lengths.tolist())]
+    out, at = [], 0
+    for ps in pieces:
+        out.append(_variants_of(norm[at:at + len(ps)], n))
+        at += len(ps)
+    return out
 
 
 def eval_index(question_sets: list[list], n: int) -> dict:
@@ -162,11 +196,11 @@ def eval_index(question_sets: list[list], n: int) -> dict:
     n-gram at all (too short in every form)."""
     hashes, entries, entry_q, entry_windows, q_set, too_short = [], [], [], [], [], 0
     for s, questions in enumerate(question_sets):
-        for q in questions:
+        for variants in _all_variants(questions, n):
             qi = len(q_set)
             q_set.append(s)
             got = 0
-            for text, windows in question_variants(q, n):
+            for text, windows in variants:
                 h = np.unique(minhash.ngram_hashes64(minhash.codepoints(text), n)[:windows])
                 if not len(h):
                     continue
@@ -230,8 +264,11 @@ def find_contamination(cps: np.ndarray, lengths: np.ndarray, index: dict, n: int
 # ---------------------------------------------------------------------------------------------------------
 # Files between the stages: .npy written atomically, read back through memory maps
 def _save(path: Path, arr: np.ndarray) -> None:
+    """A stage file: atomic (a killed run never leaves half of one under its name), not fsynced (scratch that
+    the next stage checks by size, and that a re-run after a power cut recomputes: data/dedup/.work goes when
+    the step is done; the step's outputs are fsynced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
+    with atomic_file(path, durable=False) as f:
         np.save(f, arr)
 
 
@@ -280,9 +317,12 @@ def hash_batch(texts: list[str], dtexts: list[str], cfg: dict, index: dict) -> d
                         np.uint64, len(texts))
     sigs = _hasher(cfg["num_perm"], cfg["ngram"]).signatures_cps(cps, lengths)
     n, share = cfg["decontam_ngram"], cfg["decontam_min_share"]
-    contam, score = find_contamination(*minhash.alnum_only(cps, lengths), index, n, share)
+    if len(index["hashes"]):
+        contam, score = find_contamination(*minhash.alnum_only(cps, lengths), index, n, share)
+    else:                                        # no eval set: nothing to look for
+        contam, score = np.full(len(texts), -1, np.int64), np.zeros(len(texts), np.float32)
     own = [i for i, (t, d) in enumerate(zip(texts, dtexts)) if d is not t]   # preference pairs: prompt only
-    if own:
+    if own and len(index["hashes"]):
         dcps, dlengths = minhash.fold_batch(*minhash.encode_batch([dtexts[i] for i in own]), alnum=True)
         contam[own], score[own] = find_contamination(dcps, dlengths, index, n, share)
     return {"exact": exact, "bands": minhash.band_hashes(sigs, cfg["bands"], cfg["rows"]),
@@ -357,9 +397,9 @@ def sign_unit(unit: dict) -> dict:
     _save(_unit_file(work, k, "sketch.npy"), a["sketch"])
     _save(_unit_file(work, k, "bands.npy"), band_rows)
     _save(_unit_file(work, k, "exact.npy"), exact_rows)
-    with atomic_file(_unit_file(work, k, "ids.parquet")) as f:
+    with atomic_file(_unit_file(work, k, "ids.parquet"), durable=False) as f:
         pq.write_table(pa.table({"id": pa.array(ids, pa.string())}), f)
-    with atomic_file(_unit_file(work, k, "meta.npz")) as f:
+    with atomic_file(_unit_file(work, k, "meta.npz"), durable=False) as f:
         np.savez(f, n=n, chars=chars, band_rows=len(band_rows), exact_rows=len(exact_rows),
                  contam=a["contam"].astype(np.int32), score=a["score"], has_shingles=a["has_shingles"])
     return {"index": k, "n": n, "chars": chars, "band_rows": len(band_rows), "exact_rows": len(exact_rows)}
@@ -567,22 +607,20 @@ def keep_greedy(n: int, edges: np.ndarray, excluded: np.ndarray | None = None) -
 # ---------------------------------------------------------------------------------------------------------
 # The map every stage runs through
 def pool_mapper(workers: int):
-    """`mapper(fn, units)` over a process pool of `workers` (results in input order, so the outcome never
-    depends on the worker count); a plain map for one worker. Ray's engine passes its own mapper."""
+    """`mapper(fn, units)` over a process pool of `workers` (data_process/executor.py; results in input order,
+    so the outcome never depends on the worker count); a plain map for one worker. Ray's engine passes its own
+    mapper (`Executor.mapper`)."""
     def mapper(fn, units):
         units = list(units)
-        if workers <= 1 or len(units) <= 1:
-            yield from map(fn, units)
-            return
-        with multiprocessing.get_context(_START_METHOD).Pool(min(workers, len(units))) as pool:
-            yield from pool.imap(fn, units)
+        ex = Executor("local", workers=min(workers, len(units)))
+        yield from ex.map(fn, units, ordered=True, start_method=_START_METHOD)
     return mapper
 
 
 def partitions_for(rows: int, bytes_per_row: int, memory_gb: float, fixed_bytes: int, workers: int) -> int:
     """How many ranges a stage cuts `rows` into so that `workers` ranges at once fit in memory_gb beside the
     driver's `fixed_bytes`."""
-    budget = max(memory_gb * 2**30 - fixed_bytes, 2**24) / max(1, workers)
+    budget = max(memory_gb * 2**30 - fixed_bytes, 2**12) / max(1, workers)
     return int(min(MAX_PARTITIONS, max(1, math.ceil(rows * bytes_per_row / budget))))
 
 
@@ -796,21 +834,45 @@ def _example(kind, kept, dropped, est, ngram, question=None, eval_set=None) -> d
     return ex
 
 
-def _write_survivors(corpus, corpus_dir: Path, out_dir: Path, keep_c: np.ndarray, base: int, wanted: set,
-                     seen: dict) -> list[Path]:
-    """Pass 2 for one corpus: reread its records, write the kept ones, remember the example records."""
-    def survivors():
-        j = -1
-        for j, record in enumerate(iter_records(corpus_dir)):
-            if j >= len(keep_c):
-                raise RuntimeError(f"dedup: {corpus.name} changed between passes (more records than counted)")
-            if base + j in wanted:
-                seen[base + j] = record
-            if keep_c[j]:
-                yield record
-        if j + 1 != len(keep_c):
-            raise RuntimeError(f"dedup: {corpus.name} changed between passes (fewer records than counted)")
-    return write_parts(survivors(), out_dir)
+def write_unit(task: dict) -> dict:
+    """Stage 5 for one clean part file: its kept records into the corpus's output part of the same name (zstd
+    JSONL with the content checksum, written atomically; no part when nothing is kept), and the records the
+    examples need. The record count is checked against the signature stage's."""
+    import orjson
+    import zstandard
+    work, offset, n = Path(task["work"]), task["offset"], task["n"]
+    keep = np.array(_load(work / "status.npy", True)[offset:offset + n]) == KEPT
+    wanted, seen = set(task["wanted"]), {}
+    out = Path(task["out_dir"]) / Path(task["part"]).name
+    writer = compressor = None
+    j, kept = -1, 0
+    try:
+        for j, record in enumerate(iter_records(Path(task["part"]))):
+            if j >= n:
+                raise RuntimeError(f"dedup: {task['part']} changed between stages (more records than counted)")
+            if offset + j in wanted:
+                seen[offset + j] = record
+            if keep[j]:
+                if writer is None:
+                    writer = AtomicWriter(out)
+                    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).stream_writer(
+                        writer.f, closefd=False)
+                compressor.write(orjson.dumps(record) + b"\n")
+                kept += 1
+        if j + 1 != n:
+            raise RuntimeError(f"dedup: {task['part']} changed between stages (fewer records than counted)")
+        if writer is not None:
+            compressor.close()
+            writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is None:
+        out.unlink(missing_ok=True)
+    return {"index": task["index"], "part": out.name if writer else None, "kept": kept,
+            "size": out.stat().st_size if writer else 0, "sha256": file_sha256(out) if writer else None,
+            "seen": seen}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -850,7 +912,7 @@ def _run(recipe, clean_root: Path, out_root: Path, workers, mapper) -> dict:
     question_sets, eval_report = _load_eval_sets(recipe, eval_files)
     index = eval_index(question_sets, cfg.decontam_ngram)
     too_short = index.pop("too_short")
-    with atomic_file(work / "eval_index.npz") as f:
+    with atomic_file(work / "eval_index.npz", durable=False) as f:
         np.savez(f, **index)
     questions = [(s, q) for s, qs in enumerate(question_sets) for q in qs]
     set_names = [e.name for e in recipe.eval_sets]
@@ -884,13 +946,14 @@ def _run(recipe, clean_root: Path, out_root: Path, workers, mapper) -> dict:
             status[offset:offset + int(sizes[k])][z["contam"] >= 0] = CONTAMINATED
 
     # stage 2: exact duplicates
-    exact_files = []
+    exact_files, layout = [], {"exact_partitions": 0, "bucket_partitions": 0, "decide_ranges": 0}
     if cfg.exact and n_docs:
         parts = partitions_for(sum(m["exact_rows"] for m in metas), ROW_BYTES, cfg.memory_gb, fixed, workers)
         tasks = [{"work": str(work), "j": j, "parts": parts, "units": unit_offsets} for j in range(parts)]
         for _ in mapper(exact_partition, tasks):
             pass
         exact_files = [work / "exact" / f"{parts}-p{j:05d}.npy" for j in range(parts)]
+        layout["exact_partitions"] = parts
         for f in exact_files:
             status[np.array(_load(f, True)["v"])] = EXACT
     _save(work / "exact_dups.npy", np.packbits(status == EXACT))
@@ -908,10 +971,12 @@ def _run(recipe, clean_root: Path, out_root: Path, workers, mapper) -> dict:
             progress.update(1)
         progress.close()
         edge_files = [work / "edges" / f"{parts}-p{j:05d}.npy" for j in range(parts)]
+        layout["bucket_partitions"] = parts
         # stage 4: decisions, range by range in keep order (each range needs the ones before it)
         ranges = partitions_for(n_edges, EDGE_BYTES, cfg.memory_gb, fixed, 1)
         step = -(-n_docs // ranges)
         near_starts = list(range(0, n_docs, step))
+        layout["decide_ranges"] = len(near_starts)
         for r, lo in enumerate(near_starts):
             hi = min(n_docs, lo + step)
             matches = resolve(lo, hi, _unique_edges(_edges_in(edge_files, lo, hi)), status)
@@ -935,14 +1000,35 @@ def _run(recipe, clean_root: Path, out_root: Path, workers, mapper) -> dict:
             "exact_dups": int((st == EXACT).sum()), "exact_dups_of": counts[c.name]["exact_dups_of"],
             "near_dups": int((st == NEAR).sum()), "near_dups_of": counts[c.name]["near_dups_of"],
             "kept": int((st == KEPT).sum())}
-    wanted = {i for p in picks for i in p[1:3] if i >= 0}
+    wanted = np.array(sorted({i for p in picks for i in p[1:3] if i >= 0}), np.int64)
+    _save(work / "status.npy", status)
     seen = {}
+    for c in corpora:
+        (out_root / c.name).mkdir(parents=True, exist_ok=True)
+        (out_root / c.name / "manifest.json").unlink(missing_ok=True)
+    tasks = [{"work": str(work), "index": k, "part": u["part"], "out_dir": str(out_root / u["corpus"]),
+              "offset": int(offsets[k]), "n": int(sizes[k]),
+              "wanted": wanted[(wanted >= offsets[k]) & (wanted < offsets[k + 1])].tolist()}
+             for k, u in enumerate(units)]
+    written = [None] * len(units)
+    progress = _progress("dedup: writing", len(units))
+    for got in mapper(write_unit, tasks):
+        seen.update(got.pop("seen"))
+        written[got["index"]] = got
+        progress.update(1)
+    progress.close()
     for ci, c in enumerate(corpora):
-        lo, hi = int(offsets[units_of_corpus[ci].start]), int(offsets[units_of_corpus[ci].stop])
-        paths = _write_survivors(c, clean_root / c.name, out_root / c.name, status[lo:hi] == KEPT, lo, wanted, seen)
+        mine = [written[k] for k in units_of_corpus[ci] if written[k]["part"]]
+        names = {w["part"] for w in mine}
+        for old in (out_root / c.name).glob("part-*.jsonl.zst"):   # an earlier run's parts that are not ours
+            if old.name not in names:
+                old.unlink()
+        if sum(w["kept"] for w in mine) != report_corpora[c.name]["kept"]:
+            raise RuntimeError(f"dedup: {c.name}: written records do not match the decisions")
         manifest = {"fingerprint": fingerprint, "corpus": c.name, "kind": "dedup",
-                    "records": report_corpora[c.name]["kept"], "parts": [p.name for p in paths],
-                    "part_info": describe_files(out_root / c.name, [p.name for p in paths]),
+                    "records": report_corpora[c.name]["kept"], "parts": [w["part"] for w in mine],
+                    # what fileio.describe_files records, computed by the write units
+                    "part_info": {w["part"]: {"bytes": w["size"], "sha256": w["sha256"]} for w in mine},
                     "dedup": report_corpora[c.name]}
         atomic_write_bytes(out_root / c.name / "manifest.json",
                            json.dumps(manifest, ensure_ascii=False, indent=1).encode())
@@ -969,7 +1055,7 @@ def _run(recipe, clean_root: Path, out_root: Path, workers, mapper) -> dict:
         "totals": {"in": n_docs, "kept": int((status == KEPT).sum()), "decontaminated": totals[CONTAMINATED],
                    "exact_dups": totals[EXACT], "near_dups": totals[NEAR],
                    "lsh_candidate_pairs": candidates, "verified_pairs": n_edges,
-                   "units": len(units), "chars": int(chars), "hash_seconds": round(hash_seconds, 2),
+                   "units": len(units), **layout, "chars": int(chars), "hash_seconds": round(hash_seconds, 2),
                    "seconds": round(seconds, 2), "mchars_per_s": round(chars / max(hash_seconds, 1e-9) / 1e6, 2)},
     }
     atomic_write_bytes(out_root / "report.json", json.dumps(report, ensure_ascii=False, indent=1).encode())

@@ -12,10 +12,10 @@ a_k * h + b_k mod 2^32 with odd a_k, a bijection; see datasketch issue #212 for 
 bit-identical to `datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash32).update_batch(shingles)`
 (tests/test_dedup_minhash.py checks that).
 
-Why the index keeps no full signatures: a 128-permutation uint32 signature is 512 bytes; 10M of them are
-5 GB. The index keeps one uint64 hash per LSH band (`band_hashes`, bands*8 bytes) and a 1-byte-per-permutation
-b-bit sketch (Li & Koenig, "b-Bit Minwise Hashing", WWW 2010) that is enough to verify a candidate pair's
-Jaccard (`sketch_jaccard`). See `index_bytes_per_doc`.
+Why the step keeps no full signatures: a 128-permutation uint32 signature is 512 bytes; 10M of them are
+5 GB. dedup.py writes one uint64 hash per LSH band (`band_hashes`) and a 1-byte-per-permutation b-bit sketch
+(Li & Koenig, "b-Bit Minwise Hashing", WWW 2010) that is enough to verify a candidate pair's Jaccard
+(`sketch_jaccard`), both to disk. See `disk_bytes_per_doc`.
 """
 from __future__ import annotations
 
@@ -267,55 +267,8 @@ def sketch_jaccard(sk_u: np.ndarray, sk_v: np.ndarray) -> np.ndarray:
     return np.clip((match - 1 / 256) / (1 - 1 / 256), 0.0, 1.0)
 
 
-def index_bytes_per_doc(bands: int, num_perm: int) -> int:
-    """Bytes the dedup step holds per document: band hashes (8 per band), the 8-bit sketch (1 per
-    permutation), the exact-dedup hash (8) and the keep/drop flags and eval-set tag (2)."""
-    return bands * 8 + num_perm + 8 + 2
-
-
-def candidate_pairs(bands_arr: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (u, v), u < v, of documents sharing a band hash, found by sorting each band column.
-
-    Within a bucket (equal band hash) every member is paired with the bucket's first member and with its
-    predecessor: linear in the bucket size (a 10k-copy template bucket gives 20k pairs, not 50M), and enough
-    to connect every near-duplicate of the first member. Returned pairs are unique, sorted by (u, v)."""
-    n, nb = bands_arr.shape
-    idx_all = np.arange(n, dtype=np.int64) if valid is None else np.flatnonzero(valid)
-    us, vs = [], []
-    for j in range(nb):
-        col = bands_arr[idx_all, j]
-        order = np.lexsort((idx_all, col))           # by band hash, then by document index
-        col, ids = col[order], idx_all[order]
-        same = col[1:] == col[:-1]
-        if not same.any():
-            continue
-        pred_u, pred_v = ids[:-1][same], ids[1:][same]
-        start = np.r_[True, ~same]                     # first position of each bucket
-        first = ids[np.maximum.accumulate(np.where(start, np.arange(len(ids)), 0))]
-        first_u, first_v = first[1:][same], ids[1:][same]
-        us += [pred_u, first_u]
-        vs += [pred_v, first_v]
-    if not us:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    pairs = np.unique(np.stack([np.concatenate(us), np.concatenate(vs)], axis=1), axis=0)
-    return pairs[:, 0], pairs[:, 1]
-
-
-def components_min(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """For every node 0..n-1 the smallest node index of its connected component over edges (u, v).
-    Vectorized min-label propagation with pointer jumping; converges in O(log n) rounds in practice."""
-    label = np.arange(n, dtype=np.int64)
-    if len(u) == 0:
-        return label
-    while True:
-        lu, lv = label[u], label[v]
-        m = np.minimum(lu, lv)
-        new = label.copy()
-        np.minimum.at(new, u, m)
-        np.minimum.at(new, v, m)
-        np.minimum.at(new, lu, m)
-        np.minimum.at(new, lv, m)
-        new = new[new]                                 # pointer jumping
-        if np.array_equal(new, label):
-            return label
-        label = new
+def disk_bytes_per_doc(bands: int, num_perm: int) -> int:
+    """Bytes the dedup step's stage files hold per document (on disk, not in memory): band rows (12 per band),
+    the 8-bit sketch (1 per permutation), the exact row (12), the meta row (exact hash, eval hit, share, flag:
+    17) and the record id (~30 in parquet)."""
+    return bands * 12 + num_perm + 12 + 17 + 30

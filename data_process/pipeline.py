@@ -12,9 +12,15 @@ The read step, per corpus:
   `unit-NNNNN.jsonl.zst`, its rejects and its counts into a staging folder (each file atomically, counts last);
 - when all units of a corpus are done, moves them into `data/clean/<corpus>/part-NNNNN.jsonl.zst`, writes
   `data/rejects/<corpus>.jsonl`, and writes `manifest.json` last, with a fingerprint of the inputs (name,
-  size, mtime), the settings and the reader/cleaner code. A manifest with a matching fingerprint means the
-  corpus is done and is skipped; a killed run resumes from the units it finished.
+  size, mtime; or sha256 with `[run] fingerprint = "content"`), the settings and the reader/cleaner code, and
+  each part's size and sha256. A manifest with a matching fingerprint whose parts are all there as recorded
+  means the corpus is done and is skipped (a missing, truncated or corrupted part redoes it); a killed run
+  resumes from the units it finished. Parts carry the zstd content checksum.
 Accounting: every upstream record read becomes exactly one of kept or rejected (by reason), per corpus.
+
+`run` holds the data dir's lock (fileio.DirLock) for the whole run, removes what killed runs left (`.*.tmp-*`),
+and before each step checks that the step's input is there as its manifests recorded (MissingInputError naming
+the step to run otherwise).
 """
 from __future__ import annotations
 
@@ -22,7 +28,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -35,7 +40,11 @@ import orjson
 import zstandard
 
 from data_process import clean as clean_mod
+from data_process import pii as pii_mod
+from data_process import quality as quality_mod
+from data_process import quality_model as quality_model_mod
 from data_process import readers as readers_mod
+from data_process.executor import Executor, check_reachable, print_engine
 from data_process.readers import READERS, Reject
 from data_process.recipe import CleanConfig, CorpusSpec, Recipe, resolve_paths
 from data_process.records import MissingInputError, checked_parts
@@ -106,15 +115,29 @@ def plan_units(recipe: Recipe, spec: CorpusSpec, files: list[Path], chunk_bytes:
 def code_version() -> str:
     """Hash of the reader and cleaner source: changing either invalidates finished corpora."""
     h = hashlib.sha256()
-    for mod in (readers_mod, clean_mod):
+    for mod in (readers_mod, clean_mod, quality_mod, pii_mod, quality_model_mod):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 
 
+def quality_model_dir(recipe: Recipe, spec: CorpusSpec) -> Path | None:
+    """The corpus's trained quality model folder (absolute), or None when it records no model scores."""
+    if not spec.clean.quality_model:
+        return None
+    path = Path(spec.clean.quality_model)
+    path = path if path.is_absolute() else recipe.root / path
+    names = (quality_model_mod.CLASSIFIER, quality_model_mod.LM, quality_model_mod.CUTOFFS)
+    missing = [n for n in names if not (path / n).exists()]
+    if missing:
+        raise ValueError(f"corpus {spec.name}: quality_model {path} lacks {missing}; run "
+                         "`python data_process.py train-quality` after a read step first")
+    return path
+
+
 def input_stamps(recipe: Recipe, files: list[Path], mode: str = "stat") -> list[dict]:
-    """What the fingerprint knows of each input file. "stat": name, size and mtime (free, but an edited file copied
-    back with its old mtime, as `rsync -a` or `cp -p` do, looks unchanged); "content": name, size and sha256 (every
-    input is read once more on every run, about 1 s per GB on one core, but any edit is seen)."""
+    """What the fingerprint knows of each input file. "stat" (the default): name, size and mtime, free, but an edited
+    file copied back with its old mtime (`rsync -a`, `cp -p`) looks unchanged; "content": name, size and sha256, so
+    any edit is seen, at the price of reading every input once more on every run (bench/bench_faults.py)."""
     stamps = []
     for p in files:
         st = p.stat()
@@ -133,6 +156,9 @@ def fingerprint(recipe: Recipe, spec: CorpusSpec, files: list[Path], chunk_bytes
                 "chunk_bytes": chunk_bytes, "code": code_version(), "inputs": inputs, "format": PART_FORMAT}
     if spec.encoding:
         settings["encoding"] = spec.encoding
+    model_dir = quality_model_dir(recipe, spec)
+    if model_dir is not None:   # a retrained model re-scores the corpus
+        settings["quality_model"] = quality_model_mod.model_digest(model_dir)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -159,7 +185,14 @@ def run_unit(unit: Unit, reader: str, lang: str, settings: CleanConfig, staging:
     staging = Path(staging)
     stem = f"unit-{unit.index:05d}"
     out_path, rej_path = staging / f"{stem}.jsonl.zst", staging / f"{stem}.rejects.jsonl"
-    cleaner = clean_mod.Cleaner(settings, lang)
+    scorer = None
+    if settings.quality_model:   # an absolute folder here (read_step resolved it)
+        from data_process.quality_model import Scorer
+
+        scorer = Scorer(Path(settings.quality_model), settings.ppl_reference or unit.corpus, settings.quality_keep,
+                        settings.quality_threshold, settings.pareto_alpha, settings.ppl_keep)
+    cleaner = clean_mod.Cleaner(settings, lang, scorer)
+    audit_path = staging / f"{stem}.audit.jsonl"
     read_fn = READERS[reader]
     counts = {"read": 0, "kept": 0, "rejected": Counter(), "kinds": Counter(), "chars": 0}
     rejects = []
@@ -198,6 +231,7 @@ def run_unit(unit: Unit, reader: str, lang: str, settings: CleanConfig, staging:
         writer.flush(zstandard.FLUSH_FRAME)
         writer.close()
     atomic_write_bytes(rej_path, b"".join(orjson.dumps(r) + b"\n" for r in rejects))
+    atomic_write_bytes(audit_path, b"".join(orjson.dumps({"file": unit.src, **a}) + b"\n" for a in cleaner.audit))
     result = {"corpus": unit.corpus, "index": unit.index, "src": unit.src, "size": unit.size, "read": counts["read"],
               "kept": counts["kept"], "rejected": dict(counts["rejected"]), "kinds": dict(counts["kinds"]),
               "chars": counts["chars"], "clean": dict(cleaner.stats), "seconds": round(time.time() - t0, 3)}
@@ -210,6 +244,11 @@ def run_unit(unit: Unit, reader: str, lang: str, settings: CleanConfig, staging:
 
 def _run_unit_task(task) -> dict:
     return run_unit(*task)
+
+
+def _describe_task(task) -> str:
+    unit = task[0]
+    return f"{unit.corpus} {unit.src}" + (f" bytes {unit.span[0]}-{unit.span[1]}" if unit.span else "")
 
 
 def load_done_unit(staging: Path, index: int) -> dict | None:
@@ -311,6 +350,7 @@ def finalize_corpus(job: CorpusJob, rejects_dir: Path) -> dict:
         for r in results:
             with open(staging / f"unit-{r['index']:05d}.rejects.jsonl", "rb") as f:
                 shutil.copyfileobj(f, out)
+    write_audit(job, rejects_dir.parent / "audit" / f"{job.spec.name}.jsonl")
     counts = corpus_counts(job.spec, job.files, results)
     spec = job.spec
     manifest = {
@@ -326,12 +366,30 @@ def finalize_corpus(job: CorpusJob, rejects_dir: Path) -> dict:
     return counts
 
 
+def write_audit(job: CorpusJob, path: Path) -> None:
+    """data/audit/<corpus>.jsonl: the units' before/after samples, at most `audit_samples` per operator (units in
+    order), so a user can see what t2s, PII, langid and the rules did. Always written, empty when nothing changed."""
+    limit, taken, lines = job.spec.clean.audit_samples, Counter(), []
+    for u in job.units:
+        unit_audit = job.staging / f"unit-{u.index:05d}.audit.jsonl"
+        if not unit_audit.exists():   # a unit finished by a run before audits existed
+            continue
+        for line in unit_audit.read_bytes().splitlines():
+            op = orjson.loads(line)["op"]
+            if taken[op] < limit:
+                taken[op] += 1
+                lines.append(line + b"\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, b"".join(lines))
+
+
 # ---------------------------------------------------------------- the read step
 
 
 def read_step(recipe: Recipe, workers: int | None = None, force: bool = False, chunk_bytes: int = CHUNK_BYTES,
-              progress: bool = True) -> dict:
-    """Read and clean every corpus of the recipe into data/clean/<corpus>/; returns the per-corpus counts."""
+              progress: bool = True, executor: Executor | None = None) -> dict:
+    """Read and clean every corpus of the recipe into data/clean/<corpus>/; returns the per-corpus counts.
+    `executor` runs the units (data_process/executor.py); None: this machine's pool of `workers` processes."""
     from tqdm import tqdm
 
     t0 = time.time()
@@ -364,7 +422,11 @@ def read_step(recipe: Recipe, workers: int | None = None, force: bool = False, c
         results = {u.index: r for u in units if (r := load_done_unit(staging, u.index)) is not None}
         jobs.append(CorpusJob(spec, files, units, fp, stamps, out_dir, staging, results, time.time(), chunk_bytes))
 
-    tasks = [(u, job.spec.reader, job.spec.lang, job.spec.clean, str(job.staging))
+    def unit_settings(spec: CorpusSpec) -> CleanConfig:
+        model_dir = quality_model_dir(recipe, spec)
+        return spec.clean if model_dir is None else dataclasses.replace(spec.clean, quality_model=str(model_dir))
+
+    tasks = [(u, job.spec.reader, job.spec.lang, unit_settings(job.spec), str(job.staging))
              for job in jobs for u in job.units if u.index not in job.results]
     by_name = {job.spec.name: job for job in jobs}
     total_bytes = sum(t[0].size for t in tasks)
@@ -378,28 +440,15 @@ def read_step(recipe: Recipe, workers: int | None = None, force: bool = False, c
 
     finish_ready()  # corpora whose units were all done by a killed run, and empty corpora
     if tasks:
-        if workers == 1 or len(tasks) == 1:
-            results_iter = map(_run_unit_task, tasks)
-            pool = None
-        else:
-            # Biggest units first so one large file does not start last and leave a core idle.
-            order = sorted(tasks, key=lambda t: -t[0].size)
-            pool = mp.get_context("fork").Pool(min(workers, len(tasks)))
-            results_iter = pool.imap_unordered(_run_unit_task, order, chunksize=1)
-        try:
-            for result in results_iter:
-                job = by_name[result["corpus"]]
-                job.results[result["index"]] = result
-                bar.update(result["size"])
-                finish_ready()
-        except BaseException:  # Ctrl-C or a failure: stop the workers now; finished units stay for the re-run
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-            raise
-        if pool is not None:
-            pool.close()
-            pool.join()
+        # Biggest units first so one large file does not start last and leave a core idle. Results come back
+        # in any order (keyed by unit index); a failure stops the workers, finished units stay for the re-run.
+        order = sorted(tasks, key=lambda t: -t[0].size)
+        ex = executor or Executor("local", workers=min(workers, len(tasks)))
+        for result in ex.map(_run_unit_task, order, ordered=False, describe=_describe_task):
+            job = by_name[result["corpus"]]
+            job.results[result["index"]] = result
+            bar.update(result["size"])
+            finish_ready()
     bar.close()
     ordered = {spec.name: report[spec.name] for spec in recipe.corpora}
     totals = {k: sum(c[k] for c in ordered.values()) for k in ("files", "bytes", "read", "kept", "rejected")}
@@ -498,22 +547,31 @@ def check_step_inputs(recipe: Recipe, step: str, docs_root: Path, tokenizer_dir:
             checked_parts(d, require_manifest=True)
     except MissingInputError as e:
         raise MissingInputError(f"the {step} step cannot run: {e}") from None
+    dedup_dir = recipe.data_dir / "dedup"
+    if step in ("tokenizer", "tokenize", "stage") and docs_root != dedup_dir and any(dedup_dir.glob("*/manifest.json")):
+        # dedup started here and did not finish: the clean records would silently stand in for deduplicated ones
+        raise MissingInputError(f"the {step} step cannot run: {dedup_dir} has no report.json (the dedup step did "
+                                f"not finish): run `python data_process.py --steps dedup` first")
     if step in ("tokenize", "stage") and not (tokenizer_dir / "tokenizer.model").is_file():
         raise MissingInputError(f"the {step} step cannot run: {tokenizer_dir / 'tokenizer.model'} is missing: "
                                 f"run `python data_process.py --steps tokenizer` first")
 
 
 def run(recipe: Recipe, steps=STEPS, workers: int | None = None, force: bool = False, progress: bool = True,
-        chunk_bytes: int = CHUNK_BYTES) -> dict:
+        chunk_bytes: int = CHUNK_BYTES, engine: str = "local", ray_address: str | None = None) -> dict:
     """Run the named steps in pipeline order; returns the summary (also in data/summary.json).
 
     The data dir is locked for the run (fileio.DirLock: a second run on it raises fileio.LockedError naming the
     first; a dead run's lock is taken over), and the temporary files killed runs left in it are removed first.
-    A step whose input is missing raises MissingInputError naming the step to run."""
+    A step whose input is missing raises MissingInputError naming the step to run.
+    engine "ray" runs the read, dedup and tokenize work units as Ray tasks (a local Ray instance for the run, or
+    the cluster at `ray_address`; data_process/executor.py); the outputs are byte-identical to the local engine's."""
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         raise ValueError(f"unknown step(s) {unknown}; steps are {list(STEPS)}")
     steps = [s for s in STEPS if s in steps]
+    if engine == "ray" and ray_address and ray_address != "auto":
+        check_reachable(ray_address)   # a one-line error before the data dir is touched
     with DirLock(recipe.data_dir) as lock:
         if lock.took_over:
             print(f"note: took over the lock of a run that died: {describe_holder(lock.took_over)}",
@@ -522,10 +580,19 @@ def run(recipe: Recipe, steps=STEPS, workers: int | None = None, force: bool = F
         if stale:
             print(f"note: removed {stale} temporary file(s) left under {recipe.data_dir} by a killed run",
                   file=sys.stderr, flush=True)
-        return _run_steps(recipe, steps, workers, force, progress, chunk_bytes)
+        try:
+            if engine == "local" and not ray_address:
+                return _run_steps(recipe, steps, workers, force, progress, chunk_bytes, None)
+            with Executor(engine, workers=workers or recipe.run.workers, ray_address=ray_address) as executor:
+                print_engine(executor)
+                return _run_steps(recipe, steps, workers, force, progress, chunk_bytes, executor)
+        except BaseException:   # a full disk, Ctrl-C: workers stopped mid-write leave temporaries; still locked
+            remove_stale_temporaries(recipe.data_dir)
+            raise
 
 
-def _run_steps(recipe: Recipe, steps: list[str], workers, force: bool, progress: bool, chunk_bytes: int) -> dict:
+def _run_steps(recipe: Recipe, steps: list[str], workers, force: bool, progress: bool, chunk_bytes: int,
+               executor: Executor | None) -> dict:
     data_dir = recipe.data_dir
     tokenizer_dir = data_dir / "tokenizer"
     docs_root = docs_root_for(recipe, steps)
@@ -534,20 +601,22 @@ def _run_steps(recipe: Recipe, steps: list[str], workers, force: bool, progress:
         t0 = time.time()
         check_step_inputs(recipe, step, docs_root, tokenizer_dir)
         if step == "read":
-            result = read_step(recipe, workers=workers, force=force, chunk_bytes=chunk_bytes, progress=progress)
+            result = read_step(recipe, workers=workers, force=force, chunk_bytes=chunk_bytes, progress=progress,
+                               executor=executor)
             print(format_read_table(result))
             if result["totals"]["kept"] == 0:
                 write_summary(data_dir, "read", result)
                 raise NothingReadError(_nothing_read_message(recipe, result))
         elif step == "dedup":
             from data_process import dedup
-            result = dedup.run(recipe, data_dir / "clean", data_dir / "dedup")
+            result = dedup.run(recipe, data_dir / "clean", data_dir / "dedup",
+                               mapper=executor.mapper if executor is not None else None)
         elif step == "tokenizer":
             from data_process.train_tokenizer import train_tokenizer
             result = {"tokenizer": str(train_tokenizer(recipe, docs_root, tokenizer_dir))}
         elif step == "tokenize":
             from data_process import tokenize_docs
-            result = tokenize_docs.run(recipe, docs_root, tokenizer_dir, data_dir / "pretrain")
+            result = tokenize_docs.run(recipe, docs_root, tokenizer_dir, data_dir / "pretrain", executor=executor)
         else:
             from data_process import stage
             result = stage.run(recipe, docs_root, tokenizer_dir, data_dir)

@@ -261,18 +261,55 @@ def _messages(value, where: str) -> list[dict]:
     return out
 
 
-def check_conversation(messages: list[dict]) -> list[dict]:
-    """Optional system, then user/assistant alternating, ending with assistant (a trailing user turn is dropped)."""
+def conversation_prefix(messages: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Optional system, then user/assistant alternating, ending with assistant: the valid prefix of `messages` and
+    the turns cut after it by reason. A turn that breaks the alternation ends the conversation after the complete
+    pairs before it ("bad_roles"); a trailing user turn has no answer and is dropped ("trailing_user"). BadRecord
+    when no complete pair is left."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     body = messages[len(system):]
-    while body and body[-1]["role"] == "user":
-        body = body[:-1]
-    if not body:
-        raise BadRecord("no_answer", "no assistant turn")
+    cut: dict[str, int] = {}
     for i, m in enumerate(body):
         if m["role"] != ("user" if i % 2 == 0 else "assistant"):
-            raise BadRecord("bad_roles", f"turn {i} is {m['role']}")
-    return system + body
+            keep = i - i % 2
+            if keep == 0 and not any(t["role"] == "assistant" for t in body):
+                raise BadRecord("no_answer", "no assistant turn")
+            if keep == 0:
+                raise BadRecord("bad_roles", f"turn {i} is {m['role']}")
+            cut["bad_roles"], body = len(body) - keep, body[:keep]
+            break
+    if body and body[-1]["role"] == "user":
+        cut["trailing_user"], body = 1, body[:-1]
+    if not body:
+        raise BadRecord("no_answer", "no assistant turn")
+    return system + body, cut
+
+
+def check_conversation(messages: list[dict]) -> list[dict]:
+    """The valid prefix of a conversation (conversation_prefix), without the counts."""
+    return conversation_prefix(messages)[0]
+
+
+ZERO_WIDTH = re.compile("[\u200b-\u200d\u2060\ufeff]")
+
+
+def is_blank(text: str) -> bool:
+    """Empty, whitespace or zero-width characters only (a reply that is one U+200B is no reply)."""
+    return not ZERO_WIDTH.sub("", text).strip()
+
+
+def valid_prefix(messages: list[dict]) -> tuple[list[dict], int]:
+    """The part of a user/assistant-alternating conversation worth keeping: the optional system message, then the
+    pairs up to the first blank turn (is_blank); returns (kept messages, turns cut after them). No pair is kept
+    when the first user or assistant turn is blank: the caller rejects that conversation."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(system):]
+    n = 0
+    while n + 1 < len(body) and not is_blank(body[n]["content"]) and not is_blank(body[n + 1]["content"]):
+        n += 2
+    if system and is_blank(system[0]["content"]):
+        system = []
+    return system + body[:n], len(body) - n
 
 
 def _prompt(messages: list[dict]) -> list[dict]:
@@ -294,7 +331,10 @@ def doc(text: str, title: str | None = None) -> dict:
 
 
 def conv(messages: list[dict]) -> dict:
-    return {"kind": "conv", "messages": check_conversation(messages)}
+    """A conversation record; "cut" ({reason: turns}) says what conversation_prefix dropped, for the cleaner to
+    count (Cleaner.clean removes the key)."""
+    kept, cut = conversation_prefix(messages)
+    return {"kind": "conv", "messages": kept, **({"cut": cut} if cut else {})}
 
 
 def pref(prompt: list[dict], chosen: str, rejected: str) -> dict:
@@ -400,6 +440,24 @@ def convert_conversations(o) -> dict:
     """MiniMind SFT/r1 ({role, content}) and ShareGPT ({from, value}): {"conversations": [...]}.
     r1 answers keep their literal <think>...</think><answer>...</answer>."""
     return conv(_messages(_obj(o).get("conversations"), "conversations"))
+
+
+def convert_openai_tools(o) -> dict:
+    """OpenAI chat layout with tool calls: {"messages": [... assistant "tool_calls", "tool" results ...],
+    "tools": [function schemas]} -> our turns, written by the chat template's one converter
+    (tokenizer.openai_to_chat: tools in the system turn, <tool_call> blocks, <tool_response> user turns)."""
+    from tokenizer import openai_to_chat
+    o = _obj(o)
+    messages, tools = o.get("messages"), o.get("tools")
+    if messages is None:
+        raise BadRecord("missing_field", "no messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages) or \
+            not isinstance(tools, (list, type(None))):
+        raise BadRecord("wrong_type", "messages must be a list of objects and tools a list")
+    try:
+        return conv(openai_to_chat(messages, tools))
+    except (ValueError, KeyError, TypeError) as e:   # unknown role, arguments that are not JSON, a call without name
+        raise BadRecord("bad_record", f"tool conversation: {type(e).__name__}: {e}") from None
 
 
 QUESTION_KEYS = ("问", "question", "prompt", "query", "instruction")
@@ -544,6 +602,37 @@ def check_encoding(encoding: str) -> str:
     return name
 
 
+def gb18030_or_utf8(path: Path, head_bytes: int = 1 << 16) -> str:
+    """The Toyhom readers' default encoding: GB18030 (the upstream files), but UTF-8 when the file's first 64 KB
+    hold non-ASCII text that is valid UTF-8 (re-exports such as shibing624/medical's are). Decoding UTF-8 Chinese
+    as GB18030 does not always fail: some lines come out as plausible-looking garbage, so guessing is safer than
+    trusting the default. GB18030 Chinese text is practically never valid UTF-8."""
+    head = _head_lines(path, head_bytes)
+    return "utf-8" if not head.isascii() and "utf-8" in _decoding(head) else "gb18030"
+
+
+def _head_lines(path: Path, head_bytes: int) -> bytes:
+    """The file's first complete lines in about `head_bytes` (decompressed, without a BOM); b"" if unreadable."""
+    try:
+        with open_binary(path) as f:
+            head = f.read(head_bytes).removeprefix(UTF8_BOM)
+    except DECOMPRESS_ERRORS:
+        return b""
+    return head[:head.rfind(b"\n") + 1] if len(head) >= head_bytes - 3 else head
+
+
+def _decoding(data: bytes) -> list[str]:
+    """Which of UTF-8 and GB18030 decode `data`."""
+    fits = []
+    for encoding in ("utf-8", "gb18030"):
+        try:
+            data.decode(encoding)
+            fits.append(encoding)
+        except UnicodeDecodeError:
+            pass
+    return fits
+
+
 def _starts_with_bom(path: Path) -> bool:
     with open_binary(path) as f:
         return f.read(3) == UTF8_BOM
@@ -610,11 +699,12 @@ def _dialogue(title: str, ask: str, answer: str) -> dict:
     return conv([{"role": "user", "content": user}, {"role": "assistant", "content": answer}])
 
 
-def read_medical_dialogue_txt(path: Path, src: str, span=None, encoding: str = "gb18030") -> Iterator[dict | Reject]:
+def read_medical_dialogue_txt(path: Path, src: str, span=None, encoding: str | None = None) -> Iterator[dict | Reject]:
     """Toyhom Chinese-medical-dialogue-data department .txt (Data_数据/IM_内科/内科.txt, written from the CSVs by the
-    repository's 数据处理.py as `title + ',' + ask + '\\n' + answer + '\\n\\n\\n'`): GB18030 unless the corpus sets
-    `encoding`; one dialogue per block of two lines, a "title,ask" line and the answer line, blocks separated by
-    blank lines. id = the block's first line."""
+    repository's 数据处理.py as `title + ',' + ask + '\\n' + answer + '\\n\\n\\n'`): GB18030 (or UTF-8, see
+    gb18030_or_utf8) unless the corpus sets `encoding`; one dialogue per block of two lines, a "title,ask" line and
+    the answer line, blocks separated by blank lines. id = the block's first line."""
+    encoding = encoding or gb18030_or_utf8(path)
     block: list[str] = []
     first, bad = 0, None
 
@@ -677,11 +767,12 @@ class _GbLines:
                 yield raw.decode(self.encoding, "replace")
 
 
-def read_medical_dialogue_csv(path: Path, src: str, span=None, encoding: str = "gb18030") -> Iterator[dict | Reject]:
+def read_medical_dialogue_csv(path: Path, src: str, span=None, encoding: str | None = None) -> Iterator[dict | Reject]:
     """Toyhom Chinese-medical-dialogue-data: GB18030 (not gb2312: real files use GBK-only characters),
     header department,title,ask,answer; quoted fields may span lines. id = first physical line of the row.
-    The corpus may set another `encoding`; a leading byte-order mark is dropped (a UTF-8 one means UTF-8)."""
-    lines = _GbLines(None, check_encoding(encoding))
+    The corpus may set another `encoding` (default: gb18030_or_utf8); a leading byte-order mark is dropped (a UTF-8
+    one means UTF-8)."""
+    lines = _GbLines(None, check_encoding(encoding or gb18030_or_utf8(path)))
     try:
         with open_binary(path) as f:
             lines.f = f
@@ -780,16 +871,18 @@ READERS: dict[str, Callable] = {
     "moss_firefly_jsonl": json_reader(convert_human_assistant),
     "medical_dialogue_txt": read_medical_dialogue_txt,
     "magpie_parquet": parquet_reader(convert_magpie),
+    "openai_tools_jsonl": json_reader(convert_openai_tools),
 }
 # Readers that decode text themselves and so take the corpus's `encoding` setting (JSON is UTF-8 by its RFC 8259).
-ENCODING_READERS = {"plain_text": "utf-8", "medical_dialogue_csv": "gb18030", "medical_dialogue_txt": "gb18030"}
+# Defaults: plain_text UTF-8, the Toyhom readers gb18030_or_utf8.
+ENCODING_READERS = {"plain_text", "medical_dialogue_csv", "medical_dialogue_txt"}
 
 # Readers that may split one uncompressed file into byte ranges at line boundaries (JSONL and plain text).
 # JSON arrays, CSV (quoted fields span lines), parquet and compressed files are read whole by one process.
 LINE_READERS = {"text_jsonl", "baidubaike_jsonl", "guidelines_jsonl", "minimind_pretrain_jsonl", "plain_text",
                 "instruction_json", "sharegpt_jsonl", "minimind_sft_jsonl", "qa_jsonl", "medical_reward_jsonl",
                 "pref_messages_jsonl", "sharegpt_pref_jsonl", "wiki_json_array", "wudao_json_array",
-                "sharegpt_pref_msg", "moss_firefly_jsonl"}
+                "sharegpt_pref_msg", "moss_firefly_jsonl", "openai_tools_jsonl"}
 
 
 def splittable(reader: str, path: Path) -> bool:
@@ -849,8 +942,15 @@ def explain_all_rejected(reader: str, path: Path, src: str, rejected: dict, firs
     if first is not None:
         where = ", ".join(f"{k} {v}" for k, v in first.where.items())
         parts.append(f"first ({where}): {first.reason}: {first.detail[:160]}")
-    parts.append(f"{reader} expects " + " ".join((read_fn.__doc__ or "").split())[:240])
+    parts.append(f"{reader} expects " + " ".join((read_fn.__doc__ or "").split())[:240].rstrip("."))
     kind = "parquet" if path.name.endswith(".parquet") else "json"
+    if 2 * (rejected.get("bad_encoding", 0) + rejected.get("bad_utf8", 0)) > total:   # mostly undecodable
+        fits = _decoding(_head_lines(path, 1 << 16))
+        if fits and reader in ENCODING_READERS:
+            parts.append(f"the text decodes as {' and '.join(fits)}: set encoding = {fits[0]!r} on the corpus")
+        elif fits and "utf-8" not in fits:
+            parts.append(f"the text decodes as {' and '.join(fits)}, not UTF-8: JSON must be UTF-8 (iconv -f "
+                         f"{fits[0]} -t utf-8)")
     values = _sample(path, kind, sample)
     if values:
         parts.append(f"the records here look like {_describe(values[0])}"[:300])

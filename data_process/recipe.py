@@ -20,6 +20,36 @@ class RunConfig:
     fingerprint: str = "stat"       # how the read step tells changed inputs: "stat" (name, size, mtime) | "content" (sha256)
 
 
+PPL_BUCKETS = ("head", "middle", "tail")   # CCNet's perplexity split (data_process/quality_model.py)
+
+
+@dataclass
+class RulesConfig:
+    """Thresholds of the repetition and quality rules (data_process/quality.py); the measured figures behind
+    each default are in config/recipe.toml and docs/cleaning.md. A document fails at the first rule it breaks."""
+    min_lines: int = field(default=3, metadata=settings.limits(ge=1))           # line rules need this many lines
+    min_ngram_chars: int = field(default=200, metadata=settings.limits(ge=1))   # n-gram rules need this many chars
+    short_line_chars: int = field(default=10, metadata=settings.limits(ge=1))   # a "short line" has <= this many
+    max_dup_line_frac: float = field(default=0.30, metadata=settings.limits(ge=0, le=1))
+    max_dup_line_chars: float = field(default=0.20, metadata=settings.limits(ge=0, le=1))
+    max_dup_para_frac: float = field(default=0.30, metadata=settings.limits(ge=0, le=1))
+    max_dup_para_chars: float = field(default=0.20, metadata=settings.limits(ge=0, le=1))
+    max_top_ngram: list[float] = field(default_factory=lambda: [0.20, 0.18, 0.16],   # n = 2, 3, 4
+                                       metadata=settings.limits(ge=0, le=1))
+    max_dup_ngram: list[float] = field(default_factory=lambda: [0.80, 0.78, 0.76, 0.74, 0.72, 0.70],  # n = 5..10
+                                       metadata=settings.limits(ge=0, le=1))
+    min_punct_end_lines: float = field(default=0.12, metadata=settings.limits(ge=0, le=1))
+    max_short_lines: float = field(default=0.67, metadata=settings.limits(ge=0, le=1))
+    max_bullet_lines: float = field(default=0.90, metadata=settings.limits(ge=0, le=1))
+    max_ellipsis_lines: float = field(default=0.30, metadata=settings.limits(ge=0, le=1))
+    max_symbol_ratio: float = field(default=0.05, metadata=settings.limits(ge=0, le=1))
+    max_flagged_per_kchar: float = field(default=3.0, metadata=settings.limits(ge=0))
+
+    def __post_init__(self):
+        if len(self.max_top_ngram) != 3 or len(self.max_dup_ngram) != 6:
+            raise ValueError("max_top_ngram takes 3 values (n = 2, 3, 4) and max_dup_ngram 6 (n = 5..10)")
+
+
 @dataclass
 class CleanConfig:
     min_chars: int = 10
@@ -28,6 +58,27 @@ class CleanConfig:
     max_punct_repeat: int = 3       # runs of the same punctuation mark longer than this are shortened
     nfkc: bool = True               # NFKC-normalize, keeping Chinese full-width punctuation (see clean.py)
     boilerplate: bool = True        # drop lines that are obvious web boilerplate (pretrain docs only)
+    # Quality operators (data_process/quality.py, pii.py, quality_model.py; order and reasons: docs/cleaning.md)
+    t2s: bool = False               # OpenCC traditional -> simplified (documents and messages)
+    t2s_min_share: float = field(default=0.05, metadata=settings.limits(ge=0, le=1))  # share of traditional Han chars
+    langid: bool = False            # drop documents whose language (py3langid) the corpus lang does not take
+    langid_min_chars: int = field(default=20, metadata=settings.limits(ge=0))   # shorter documents are not judged
+    rules: bool = False             # the repetition and quality rules ([clean.quality_rules] thresholds)
+    quality_rules: RulesConfig = field(default_factory=RulesConfig)
+    pii: bool = False               # typed PII placeholders (<PHONE>, <ID>, ...) in documents and messages
+    audit_samples: int = field(default=20, metadata=settings.limits(ge=0))   # before/after samples kept per operator
+    # Model scores (data_process/quality_model.py): the folder `python data_process.py train-quality` wrote
+    quality_model: str = ""         # "" = no scores; e.g. "data/quality" (relative to the project root)
+    quality_keep: str = field(default="all", metadata=settings.limits(choices=("all", "threshold", "pareto")))
+    quality_threshold: float = field(default=0.5, metadata=settings.limits(ge=0, le=1))   # for keep = "threshold"
+    pareto_alpha: float = field(default=9.0, metadata=settings.limits(gt=0))   # GPT-3's alpha, for keep = "pareto"
+    ppl_keep: list[str] = field(default_factory=list)   # perplexity buckets to keep (head/middle/tail); [] = all
+    ppl_reference: str = ""         # the corpus whose perplexity cutoffs define the buckets ("" = this corpus)
+
+    def __post_init__(self):
+        bad = [b for b in self.ppl_keep if b not in PPL_BUCKETS]
+        if bad:
+            raise ValueError(f"ppl_keep: {bad} are not buckets; the buckets are {list(PPL_BUCKETS)}")
 
 
 @dataclass
@@ -36,7 +87,7 @@ class CorpusSpec:
     reader: str
     paths: list[str]
     lang: str = "zh"                # "zh" | "en" | "mixed"
-    role: str = "pretrain"          # "pretrain" | "sft" | "dpo"
+    role: str = "pretrain"          # "pretrain" | "sft" | "dpo" | "rl" (GRPO prompt sets: data/rl/<stage>.jsonl)
     stage: str = ""
     priority: int = 50
     encoding: str = ""              # text readers (plain_text, medical_dialogue_csv/_txt): "" = the reader's default
@@ -50,10 +101,10 @@ class DedupConfig:
     threshold: float = 0.8
     num_perm: int = 128
     ngram: int = 5
-    decontam_ngram: int = 13
+    decontam_ngram: int = 10
     # share of a question's n-grams (in one of its printed forms) a text must hold to be contamination
     # (dedup.py's docstring says how the default was chosen)
-    decontam_min_share: float = field(default=0.5, metadata=settings.limits(gt=0, le=1))
+    decontam_min_share: float = field(default=0.3, metadata=settings.limits(gt=0, le=1))
     # memory the dedup step may use, all its workers together; signatures and band partitions live on disk
     memory_gb: float = field(default=2.0, metadata=settings.limits(gt=0))
 
@@ -108,7 +159,7 @@ class Recipe:
         raise KeyError(f"no corpus named {name!r} in the recipe")
 
 
-ROLES = ("pretrain", "sft", "dpo")
+ROLES = ("pretrain", "sft", "dpo", "rl")
 FINGERPRINTS = ("stat", "content")
 LANGS = ("zh", "en", "mixed")
 EVAL_FORMATS = ("ceval", "cmmlu")

@@ -13,7 +13,9 @@ conversations of the SFT corpora of that stage, rendered with the chat template,
   documents seen meanwhile are closed with it as the next val shard. Each closed pair is a checkpoint
   (`progress.json`: input position + counts), so a killed run resumes after the last one and never redoes
   a finished shard. `manifest.json` is written last; its presence (with the same fingerprint: tokenizer
-  hash, settings, input files) means the corpus is done.
+  hash, settings, input files) means the corpus is done, once every shard it lists has the sizes and sha256 it
+  recorded (a missing or damaged shard retokenizes the corpus). Input parts must be the ones their manifest
+  lists, with its sizes and sha256 (records.checked_parts): a deleted part is an error, never fewer documents.
 - Speed: documents are encoded in batches, in order, by SentencePiece's own C++ threads (`mode="threads"`,
   the GIL is released while it encodes) or by a process pool (`mode="processes"`); the output does not
   depend on either, nor on the worker count or the batch size. Each text is encoded to UTF-8 once, for
@@ -26,15 +28,15 @@ Later steps check shards against their tokenizer with `check_manifest(corpus_dir
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,7 @@ import orjson
 import sentencepiece as spm
 import xxhash
 
+from data_process.executor import Executor
 from data_process.records import MissingInputError, checked_parts, iter_records, step_that_writes
 from fileio import atomic_write_json
 from data_process.shards import (ShardWriter, check_vocab_fits, remove_shard, remove_temporaries, verify_shard)
@@ -112,17 +115,26 @@ def _encode_in_worker(kind: str, payloads: list, dtype: str):
     return encode_documents(_worker_tokenizer, kind, payloads, dtype, num_threads=1)
 
 
-class Encoder:
-    """Encodes batches in order with at most `depth` batches in flight."""
+def _encode_task(job):
+    kind, payloads, dtype = job
+    return _encode_in_worker(kind, payloads, dtype)
 
-    def __init__(self, tok, tokenizer_dir, workers: int, mode: str):
+
+class Encoder:
+    """Encodes batches in order with at most `depth` batches in flight: on SentencePiece's threads here, or
+    through data_process/executor.py on a local process pool (mode "processes") or as Ray tasks (an `executor`
+    on the Ray engine; each worker loads the tokenizer from the shared data dir)."""
+
+    def __init__(self, tok, tokenizer_dir, workers: int, mode: str, executor=None):
         if mode not in ("threads", "processes"):
             raise ValueError(f"mode must be 'threads' or 'processes', got {mode!r}")
         self.tok, self.workers, self.mode = tok, workers, mode
-        if mode == "processes" and workers > 1:
-            self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                            initializer=_init_worker, initargs=(str(tokenizer_dir),))
-            self.depth = 2 * workers
+        self.tokenizer_dir = str(tokenizer_dir)
+        self.executor, self.pool = None, None
+        if executor is not None and executor.engine == "ray":
+            self.executor = executor
+        elif mode == "processes" and workers > 1:
+            self.executor = Executor("local", workers)
         else:
             # Two Python threads, each handing a batch to SentencePiece's C++ threads (GIL released): while
             # one turns its ids into an array (GIL held), the other batch keeps the cores encoding. Each
@@ -138,11 +150,18 @@ class Encoder:
         return encode_documents(self.tok, kind, payloads, dtype, self.workers, sp_pool)
 
     def _submit(self, kind, batch, dtype):
-        if isinstance(self.pool, ProcessPoolExecutor):
-            return self.pool.submit(_encode_in_worker, kind, batch.payloads, dtype)
         return self.pool.submit(self._encode_here, kind, batch.payloads, dtype)
 
     def map(self, kind: str, batches, dtype: str):
+        if self.executor is not None:   # processes or Ray; tee holds only the batches in flight
+            mine, sent = itertools.tee(batches)
+            jobs = ((kind, batch.payloads, dtype) for batch in sent)
+            results = self.executor.map(_encode_task, jobs, ordered=True, initializer=_init_worker,
+                                        initargs=(self.tokenizer_dir,), start_method="spawn",
+                                        describe=lambda job: f"tokenize batch of {len(job[1])} documents")
+            for batch, (flat, lengths) in zip(mine, results):
+                yield batch, flat, lengths
+            return
         pending = deque()
         for batch in batches:
             pending.append((batch, self._submit(kind, batch, dtype)))
@@ -154,7 +173,8 @@ class Encoder:
             yield batch, *future.result()
 
     def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -413,7 +433,7 @@ def _listed_shards_complete(out_dir: Path, state: dict, full: bool = True) -> bo
 
 def tokenize_corpus(name: str, parts: list[Path], docs_root: Path, tok, tokenizer_dir, out_dir: Path,
                     settings: Settings, *, workers: int = 2, mode: str = "threads",
-                    batch_chars: int = BATCH_CHARS, progress: bool = True) -> dict:
+                    batch_chars: int = BATCH_CHARS, progress: bool = True, executor=None) -> dict:
     """Tokenize one corpus (its part files, in order) into `out_dir`. Returns a report."""
     t0 = time.perf_counter()
     check_vocab_fits(tok.vocab_size, np.dtype(settings.dtype))
@@ -446,7 +466,7 @@ def tokenize_corpus(name: str, parts: list[Path], docs_root: Path, tok, tokenize
 
     threshold = val_threshold(parts, settings.kind, settings.val_fraction)
     writer = CorpusWriter(out_dir, settings, state)
-    encoder = Encoder(tok, tokenizer_dir, workers, mode)
+    encoder = Encoder(tok, tokenizer_dir, workers, mode, executor)
     bar = _progress_bar(name, progress)
     try:
         batches = iter_batches(parts, settings.kind, threshold, tuple(state["position"]), batch_chars)
@@ -506,9 +526,10 @@ def _progress_bar(name: str, enabled: bool):
 # The pipeline step
 
 def run(recipe, docs_root, tokenizer_dir, out_root, *, workers: int | None = None, mode: str = "threads",
-        dtype: str = "uint16", progress: bool = True) -> dict:
+        dtype: str = "uint16", progress: bool = True, executor=None) -> dict:
     """Tokenize every pretrain corpus, and the SFT stages in `recipe.tokenize.sft_as_pretrain` as
-    `sft_<stage>`, into `out_root/<corpus>/`. Returns {"corpora": {name: report}, ...}."""
+    `sft_<stage>`, into `out_root/<corpus>/`. Returns {"corpora": {name: report}, ...}. An `executor` on the
+    Ray engine encodes the batches as Ray tasks (data_process/executor.py); otherwise `mode` decides."""
     from tokenizer import Tokenizer
     docs_root, out_root = Path(docs_root), Path(out_root)
     tok = Tokenizer.load(tokenizer_dir)
@@ -534,7 +555,7 @@ def run(recipe, docs_root, tokenizer_dir, out_root, *, workers: int | None = Non
             reports[name] = {"corpus": name, "status": "no input", "documents": 0, "tokens": 0}
             continue
         reports[name] = tokenize_corpus(name, parts, docs_root, tok, tokenizer_dir, out_root / name, settings,
-                                        workers=workers, mode=mode, progress=progress)
+                                        workers=workers, mode=mode, progress=progress, executor=executor)
     if progress:
         print_summary(reports)
     return {"corpora": reports, "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,

@@ -5,6 +5,7 @@ import json
 import random
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import SAMPLES, edit
@@ -41,11 +42,11 @@ def docs(corpus, texts, start=0):
             for i, t in enumerate(texts)]
 
 
-def make_run(tmp_path, corpora: dict, priorities: dict, eval_sets=(), dedup_cfg=None):
+def make_run(tmp_path, corpora: dict, priorities: dict, eval_sets=(), dedup_cfg=None, part_records=100_000):
     """Write cleaned corpora (in the given recipe order) and return (recipe, clean_root, out_root)."""
     clean = tmp_path / "clean"
     for name, records in corpora.items():
-        write_parts(records, clean / name)
+        write_parts(records, clean / name, part_records=part_records)
         (clean / name / "manifest.json").write_text(json.dumps({"records": len(records)}))
     raw = {"corpus": [{"name": n, "reader": "jsonl", "paths": [], "priority": priorities[n]} for n in corpora],
            "eval_set": list(eval_sets), "dedup": dedup_cfg or {}}
@@ -288,18 +289,18 @@ def test_a_run_killed_while_writing_is_redone_and_gives_the_same_output(tmp_path
     texts = skywork(30)
     corpora = {"a": docs("a", texts[:20]), "b": docs("b", texts[10:30] + [edit(texts[0], 0.01, rng)])}
     recipe, clean, out = make_run(tmp_path, corpora, {"a": 50, "b": 40})
-    real_write = dedup.write_parts
+    real_write = dedup.write_unit
 
-    def dies_on_b(records, out_dir, **kw):
-        if out_dir.name == "b":
-            next(iter(records))
+    def dies_on_b(task):
+        if task["out_dir"].endswith("b"):
             raise KeyboardInterrupt("killed")
-        return real_write(records, out_dir, **kw)
-    monkeypatch.setattr(dedup, "write_parts", dies_on_b)
+        return real_write(task)
+    monkeypatch.setattr(dedup, "write_unit", dies_on_b)
     with pytest.raises(KeyboardInterrupt):
         dedup.run(recipe, clean, out, workers=1)
     assert not (out / "report.json").exists()      # the done-marker is written last
-    monkeypatch.setattr(dedup, "write_parts", real_write)
+    assert not (out / "a" / "manifest.json").exists()
+    monkeypatch.setattr(dedup, "write_unit", real_write)
     report = dedup.run(recipe, clean, out, workers=1)
     assert kept_ids(out, "a") == [f"a.jsonl:{i}" for i in range(20)]
     assert kept_ids(out, "b") == [f"b.jsonl:{i}" for i in range(10, 20)]
@@ -374,3 +375,267 @@ def test_default_recipe_decontaminates_every_split_that_exists():
         assert sorted(files) == sorted(bench.files())
         assert {evalsets.split_of(f) for f in files} == set(bench.splits)
     assert "test" in evalsets.discover(recipe.root / "corpora/eval/ceval").splits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The chain rule, bounded memory, the audit file (issue 20 items 2-4), decontamination by share (issue 14.10)
+def true_jaccard(a, b):
+    return minhash.jaccard(set(minhash.shingles(minhash.normalize(a), 5)), set(minhash.shingles(minhash.normalize(b), 5)))
+
+
+def chains(n_chains, length, rate, seed):
+    """Chains of documents from real text, each link `rate` of its characters edited from the previous one."""
+    rng = random.Random(seed)
+    base = [t for t in skywork() + toyhom(400) + fever(60) if len(t) >= 300][:n_chains]
+    out = []
+    for t in base:
+        chain = [t]
+        for _ in range(length - 1):
+            chain.append(edit(chain[-1], rate, rng))
+        out.append(chain)
+    return out
+
+
+def components(n, u, v):
+    """Connected components by union-find: the old cluster rule, as the reference of what collapsed."""
+    parent = list(range(n))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+    for a, b in zip(u, v):
+        parent[find(a)] = find(b)
+    return [find(x) for x in range(n)]
+
+
+def test_chains_with_small_edits_per_link_keep_a_document_within_the_threshold_of_every_removed_one(tmp_path):
+    cs = chains(40, 8, 0.015, seed=11)
+    texts = [t for chain in cs for t in chain]
+    recipe, clean, out = make_run(tmp_path, {"web": docs("web", texts)}, {"web": 50})
+    report = dedup.run(recipe, clean, out, workers=1)
+    kept = {int(i.split(":")[1]) for i in kept_ids(out, "web")}
+    audit = pd.read_parquet(out / "removed.parquet")
+    removed = {int(i.split(":")[1]): row for i, row in zip(audit["id"], audit.itertuples())}
+    assert len(kept) + len(removed) == len(texts) and report["totals"]["near_dups"] == len(removed) > 0
+    for c in range(len(cs)):
+        members = range(c * 8, c * 8 + 8)
+        assert c * 8 in kept                                  # the original of every chain stays
+        assert len(kept & set(members)) >= 2                  # no chain collapses to one document
+    # every removed document names a kept one, truly within Jaccard 0.7 (the issue's audit criterion)
+    far = 0
+    for i, row in removed.items():
+        k = int(row.kept_id.split(":")[1])
+        assert k in kept and k < i and row.reason == "near" and row.similarity >= 0.8
+        far += true_jaccard(texts[i], texts[k]) < 0.7
+    assert far / len(removed) < 0.02
+    # what the old rule (connected components over the same verified edges) did to the same chains
+    norm = [minhash.normalize(t) for t in texts]
+    sigs = minhash.MinHasher().signatures(norm)
+    b, r = minhash.lsh_params(0.8, 128)
+    edges, _ = dedup.verified_edges(minhash.band_hashes(sigs, b, r), minhash.sketch(sigs), np.ones(len(texts), bool), 0.8)
+    roots = components(len(texts), edges["u"].tolist(), edges["v"].tolist())
+    collapsed = sum(len({roots[i] for i in range(c * 8, c * 8 + 8)}) == 1 for c in range(len(cs)))
+    assert collapsed >= len(cs) // 2      # the chains are real chains: connectivity would have merged them
+
+
+def test_greedy_rule_on_a_hand_made_graph():
+    # 0~1, 1~2, 2~3 (a chain); 4~5 and 0~5; 6 alone. Keep order = index order.
+    e = np.array([(1, 0, .9), (2, 1, .9), (3, 2, .9), (5, 4, .85), (5, 0, .95)], dedup.EDGE)
+    status, matches = dedup.keep_greedy(7, e)
+    assert [int(s) for s in status] == [0, 3, 0, 3, 0, 3, 0]
+    assert {int(m["v"]): int(m["u"]) for m in matches} == {1: 0, 3: 2, 5: 0}   # 5: its best kept match
+    # a record excluded (exact duplicate) is never the kept match of another
+    status, matches = dedup.keep_greedy(4, e[:3], excluded=np.array([True, False, False, False]))
+    assert [int(s) for s in status] == [2, 0, 3, 0]
+
+
+def test_a_long_chain_is_resolved_past_the_vectorized_rounds():
+    n = 300
+    e = np.empty(n - 1, dedup.EDGE)
+    e["v"], e["u"], e["s"] = np.arange(1, n), np.arange(n - 1), 0.9
+    status = np.zeros(n, np.uint8)
+    dedup.resolve(0, n, e, status, rounds=3)
+    assert (status[0::2] == dedup.KEPT).all() and (status[1::2] == dedup.NEAR).all()
+
+
+def mixed_corpora(seed=21):
+    """Several corpora with exact copies, near copies across corpora, chains and a planted eval question."""
+    rng = random.Random(seed)
+    texts = skywork(150)
+    cs = chains(12, 5, 0.015, seed)
+    a = docs("a", texts[:100] + [t for c in cs[:6] for t in c])
+    b = docs("b", texts[80:150] + [edit(t, 0.01, rng) for t in texts[:30]] + [t for c in cs[6:] for t in c])
+    c = docs("c", [texts[5], texts[90], edit(texts[120], 0.005, rng)] + texts[140:150])
+    return {"a": a, "b": b, "c": c}, {"a": 50, "b": 60, "c": 40}
+
+
+def outputs(out, names):
+    audit = pd.read_parquet(out / "removed.parquet").sort_values(["corpus", "id"]).reset_index(drop=True)
+    return {n: kept_ids(out, n) for n in names}, audit
+
+
+def test_a_tiny_memory_budget_cuts_the_work_into_many_partitions_and_gives_the_same_decisions(tmp_path):
+    corpora, prio = mixed_corpora()
+    small_parts = {}
+    for budget in (64.0, 1e-5):
+        recipe, clean, out = make_run(tmp_path / str(budget), corpora, prio, dedup_cfg={"memory_gb": budget},
+                                      part_records=40)
+        report = dedup.run(recipe, clean, out, workers=1)
+        small_parts[budget] = (outputs(out, corpora), report)
+    (big, big_report), (small, small_report) = small_parts[64.0], small_parts[1e-5]
+    assert big_report["totals"]["bucket_partitions"] == 1 and big_report["totals"]["exact_partitions"] == 1
+    assert small_report["totals"]["bucket_partitions"] >= 8 and small_report["totals"]["exact_partitions"] >= 2
+    assert small_report["totals"]["decide_ranges"] >= 2 and small_report["totals"]["units"] >= 8
+    assert big[0] == small[0]
+    pd.testing.assert_frame_equal(big[1], small[1])
+    assert big_report["corpora"] == small_report["corpora"]
+    assert big_report["totals"]["exact_dups"] > 0 and big_report["totals"]["near_dups"] > 0
+
+
+def test_a_mapper_that_runs_units_out_of_order_gives_the_same_output(tmp_path):
+    corpora, prio = mixed_corpora()
+
+    def scrambled(fn, units):       # what a cluster does: units finish in any order, results come back in order
+        units = list(units)
+        results = {i: fn(units[i]) for i in reversed(range(len(units)))}
+        return [results[i] for i in range(len(units))]
+    got = []
+    for name, mapper in (("pool", None), ("scrambled", scrambled)):
+        recipe, clean, out = make_run(tmp_path / name, corpora, prio, dedup_cfg={"memory_gb": 1e-5}, part_records=40)
+        dedup.run(recipe, clean, out, workers=2, mapper=mapper)
+        got.append(outputs(out, corpora))
+    assert got[0][0] == got[1][0]
+    pd.testing.assert_frame_equal(got[0][1], got[1][1])
+
+
+def test_a_run_killed_in_the_bucket_stage_resumes_without_redoing_the_signatures(tmp_path, monkeypatch):
+    corpora, prio = mixed_corpora()
+    recipe, clean, out = make_run(tmp_path / "ref", corpora, prio, dedup_cfg={"memory_gb": 1e-5}, part_records=40)
+    dedup.run(recipe, clean, out, workers=1)
+    reference = outputs(out, corpora)
+
+    recipe, clean, out = make_run(tmp_path / "run", corpora, prio, dedup_cfg={"memory_gb": 1e-5}, part_records=40)
+    real_bucket, calls = dedup.bucket_partition, []
+
+    def dies_after_three(task):
+        calls.append(task["j"])
+        if len(calls) > 3:
+            raise KeyboardInterrupt("killed")
+        return real_bucket(task)
+    monkeypatch.setattr(dedup, "bucket_partition", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        dedup.run(recipe, clean, out, workers=1)
+    assert not (out / "report.json").exists() and (out / dedup.WORK).is_dir()
+    monkeypatch.setattr(dedup, "bucket_partition", real_bucket)
+    real_hash, hashed = dedup.hash_batch, []
+    monkeypatch.setattr(dedup, "hash_batch", lambda *a: hashed.append(1) or real_hash(*a))
+    dedup.run(recipe, clean, out, workers=1)
+    assert hashed == []                              # every signature unit was done and verified, none redone
+    assert outputs(out, corpora)[0] == reference[0]
+    pd.testing.assert_frame_equal(outputs(out, corpora)[1], reference[1])
+    assert not (out / dedup.WORK).exists()           # the stage files go once the step is done
+    (out / "removed.parquet").unlink()               # an output the report vouches for is gone: redone
+    dedup.run(recipe, clean, out, workers=1)
+    assert (out / "removed.parquet").is_file()
+
+
+def test_two_runs_on_one_dedup_dir_cannot_mix(tmp_path):
+    from fileio import DirLock, LockedError
+    recipe, clean, out = make_run(tmp_path, {"a": docs("a", skywork(3))}, {"a": 50})
+    with DirLock(out, "another dedup run"):
+        with pytest.raises(LockedError, match="another dedup run"):
+            dedup.run(recipe, clean, out, workers=1)
+
+
+def test_the_audit_file_records_every_removed_document_with_what_it_matched(tmp_path):
+    corpora, prio = mixed_corpora()
+    q = [q for q in ceval_questions() if len(minhash.normalize_alnum(q.question)) >= 20][2]
+    corpora["c"] = corpora["c"] + docs("c", ["题目：" + q.question + "。" + skywork(3)[2][:200]], 500)
+    eval_sets = [{"name": "ceval", "format": "ceval", "paths": [str(SAMPLES / "ceval-medical/val/*.csv")]}]
+    recipe, clean, out = make_run(tmp_path, corpora, prio, eval_sets)
+    report = dedup.run(recipe, clean, out, workers=1)
+    audit = pd.read_parquet(out / "removed.parquet")
+    import pyarrow.parquet as pq
+    assert pq.read_table(out / "removed.parquet").num_rows == len(audit)
+    t = report["totals"]
+    assert len(audit) == t["in"] - t["kept"]
+    assert audit["reason"].value_counts().to_dict() == {"exact": t["exact_dups"], "near": t["near_dups"],
+                                                        "contamination": t["decontaminated"]}
+    by_id = {(c, i): text for c in corpora for i, text in ((r["id"], dedup.dedup_text(r)) for r in corpora[c])}
+    kept = {(c, i) for c in corpora for i in kept_ids(out, c)}
+    removed = set(zip(audit["corpus"], audit["id"]))
+    assert not removed & kept and len(removed) == len(audit)
+    assert len(kept) + len(removed) == sum(len(v) for v in corpora.values())
+    for row in audit[audit["reason"] != "contamination"].itertuples():
+        assert (row.kept_corpus, row.kept_id) in kept
+        j = true_jaccard(by_id[(row.corpus, row.id)], by_id[(row.kept_corpus, row.kept_id)])
+        assert j >= 0.7 and (row.reason != "exact" or row.similarity >= j - 0.1)
+    hit = audit[audit["reason"] == "contamination"]
+    assert list(hit["id"]) == ["c.jsonl:500"] and hit.iloc[0]["eval_question"] == q.question
+    assert hit.iloc[0]["eval_set"] == "ceval" and hit.iloc[0]["eval_subject"] == q.subject
+    assert hit.iloc[0]["similarity"] == 1.0 and pd.isna(hit.iloc[0]["kept_id"])
+    assert report["eval_sets"]["ceval"]["removed_by_subject"] == {q.subject: 1}
+    # the per-corpus "dups of" counts come from the same rows
+    for name, r in report["corpora"].items():
+        mine = audit[audit["corpus"] == name]
+        assert r["near_dups_of"] == mine[mine["reason"] == "near"]["kept_corpus"].value_counts().to_dict()
+        assert r["exact_dups_of"] == mine[mine["reason"] == "exact"]["kept_corpus"].value_counts().to_dict()
+
+
+def test_a_stock_phrase_shared_with_a_question_is_not_contamination_but_the_question_is():
+    stock = "全面建设社会主义现代化国家"
+    q = evalsets.Question("law", "test", "0", f"党的二十大报告提出，{stock}的首要任务是____", dict(zip("ABCD", [
+        "高质量发展", "科技创新", "乡村振兴", "共同富裕"])), "A")
+    index = dedup.eval_index([[q]], 13)
+    news = ("新华社北京电 各地区各部门认真贯彻落实党中央决策部署，为" + stock + "开好局起好步，"
+            "推动经济运行持续好转，就业物价总体稳定。")
+    pasted = "练习题：" + q.question + " A. 高质量发展 B. 科技创新"
+    typo = "练习：" + q.question.replace("报告", "报道")        # one character changed
+    texts = [news, pasted, typo]
+    cps, lengths = minhash.fold_batch(*minhash.encode_batch(texts), alnum=True)
+    question, share = dedup.find_contamination(cps, lengths, index, 13, 0.5)
+    assert question.tolist() == [-1, 0, 0]
+    assert 0 < share[0] < 0.2 and share[1] == 1.0 and 0.5 <= share[2] < 1.0
+    # matching on any one shared window (the old rule) removes the news text
+    question, _ = dedup.find_contamination(cps, lengths, index, 13, 1e-9)
+    assert question[0] == 0
+
+
+def test_inspect_dedup_summarizes_the_audit_and_shows_pairs_side_by_side(tmp_path, capsys):
+    from data_process import dedup_audit
+    sys_path_main = dedup.Path(__file__).resolve().parents[1] / "data_process.py"
+    corpora, prio = mixed_corpora()
+    recipe, clean, out = make_run(tmp_path, corpora, prio)
+    report = dedup.run(recipe, clean, out, workers=1)
+    capsys.readouterr()
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("data_process_cli", sys_path_main)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["inspect", "dedup", "--dir", str(out), "--examples", "2", "--width", "30"]) == 0
+    text = capsys.readouterr().out
+    t = report["totals"]
+    assert f"removed records: {t['in'] - t['kept']:,} of {t['in']:,} read" in text
+    a = report["corpora"]["a"]
+    assert any(line.split() == ["a", f"{a['exact_dups']:,}", f"{a['near_dups']:,}"] for line in text.splitlines())
+    assert f"a -> b: {a['exact_dups_of']['b'] + a['near_dups_of']['b']:,}" in text
+    examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    near = [e for e in examples if e["kind"] == "near"][0]
+    first_line = dedup_audit.wrap(near["dropped"]["text"], 30, 3)[0]
+    assert any(line.startswith(first_line) and " | " in line for line in text.splitlines())
+    assert dedup_audit.main(["--dir", str(tmp_path / "nowhere")]) == 1
+
+
+def test_a_deleted_or_truncated_output_part_is_noticed_and_redone(tmp_path):
+    corpora, prio = mixed_corpora()
+    recipe, clean, out = make_run(tmp_path, corpora, prio, part_records=40)
+    dedup.run(recipe, clean, out, workers=1)
+    before = {n: kept_ids(out, n) for n in corpora}
+    parts = sorted((out / "a").glob("part-*.jsonl.zst"))
+    assert len(parts) >= 2 and [p.name for p in parts] == json.loads((out / "a" / "manifest.json").read_text())["parts"]
+    parts[0].unlink()
+    parts[1].write_bytes(parts[1].read_bytes()[:-10])
+    dedup.run(recipe, clean, out, workers=1)
+    assert {n: kept_ids(out, n) for n in corpora} == before

@@ -104,27 +104,29 @@ def test_lsh_bands_make_pairs_at_the_threshold_almost_surely_candidates_and_fit_
 
 
 def test_candidate_pairs_find_documents_sharing_a_band():
+    from data_process.dedup import verified_edges
     bands = np.array([[1, 2], [3, 2], [5, 6], [1, 7], [8, 9], [8, 6]], dtype=np.uint64)
-    u, v = minhash.candidate_pairs(bands)
-    assert set(zip(u.tolist(), v.tolist())) == {(0, 1), (0, 3), (2, 5), (4, 5)}
-    u, v = minhash.candidate_pairs(bands, valid=np.array([1, 1, 0, 1, 1, 1], bool))
-    assert set(zip(u.tolist(), v.tolist())) == {(0, 1), (0, 3), (4, 5)}
+    sk = np.zeros((6, 16), np.uint8)            # identical sketches: every candidate verifies
+    e, n = verified_edges(bands, sk, np.ones(6, bool), 0.8)
+    assert set(zip(e["u"].tolist(), e["v"].tolist())) == {(0, 1), (0, 3), (2, 5), (4, 5)} and n == 4
+    e, _ = verified_edges(bands, sk, np.array([1, 1, 0, 1, 1, 1], bool), 0.8)
+    assert set(zip(e["u"].tolist(), e["v"].tolist())) == {(0, 1), (0, 3), (4, 5)}
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_components_min_matches_union_find(seed):
+@pytest.mark.parametrize("seed", range(4))
+def test_bucket_pairs_are_every_pair_of_small_buckets_and_first_members_plus_predecessor_of_big_ones(seed):
+    from data_process.dedup import bucket_pairs
     rng = np.random.default_rng(seed)
-    n = 300
-    u, v = rng.integers(0, n, 200), rng.integers(0, n, 200)
-    parent = list(range(n))
-
-    def find(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-    for a, b in zip(u, v):
-        ra, rb = find(a), find(b)
-        parent[max(ra, rb)] = min(ra, rb)
-    expected = [find(x) for x in range(n)]
-    assert minhash.components_min(n, u, v).tolist() == expected
+    h = rng.integers(0, 40, 600).astype(np.uint64)       # buckets of ~15 members, some above the cap
+    d = rng.permutation(600).astype(np.int64)
+    got = set()
+    for u, v in bucket_pairs(h, d, cap=8):
+        assert (u < v).all()
+        got |= set(zip(u.tolist(), v.tolist()))
+    expected = set()
+    for bucket in np.unique(h):
+        members = sorted(d[h == bucket].tolist())
+        for r, m in enumerate(members):
+            partners = members[:min(r, 8)] + ([members[r - 1]] if r >= 1 else [])
+            expected |= {(p, m) for p in partners}
+    assert got == expected

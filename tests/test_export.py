@@ -122,6 +122,19 @@ def test_chat_template_renders_identically(exported):
         assert ids["input_ids"] == tok.render_chat(messages, add_generation_prompt=gen).ids
 
 
+def test_thinking_switch_renders_identically_in_transformers(exported):
+    """apply_chat_template(..., enable_thinking=...) (the kwarg Qwen3's template takes) gives our ids."""
+    _, tok, _, hf_tok, _ = exported
+    messages = [{"role": "user", "content": "发烧三天了，要紧吗？"}]
+    for thinking in (None, True, False):
+        kwargs = {} if thinking is None else {"enable_thinking": thinking}
+        text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        assert text == tok.render_text(messages, add_generation_prompt=True, enable_thinking=thinking)
+        ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, **kwargs)
+        assert ids["input_ids"] == tok.render_chat(messages, add_generation_prompt=True, enable_thinking=thinking).ids
+    assert text.endswith("<|im_start|>assistant\n<think></think>")
+
+
 def test_moe_checkpoint_exports_to_mixtral_with_matching_logits(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", preset="moe", chat=False, seed=1, dim=64, n_layers=2, n_heads=4,
                            n_kv_heads=2, ffn_dim=32, n_experts=4, n_experts_per_tok=2, max_seq_len=128)
@@ -194,3 +207,48 @@ def test_a_tokenizer_trained_by_the_project_exports_with_the_same_ids(tmp_path):
     assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"] == \
         tok.render_chat(messages, add_generation_prompt=True).ids
     assert hf_tok.eos_token == "<|im_end|>" and hf_tok.bos_token is None
+
+
+def test_export_modes_follow_the_umask_and_the_context_is_the_model_max_length(tmp_path):
+    import os
+    import stat
+    ckpt = make_checkpoint(tmp_path / "ckpt", max_seq_len=384)
+    old = os.umask(0o022)
+    try:
+        out = export(ckpt, tmp_path / "hf")
+        os.umask(0o077)
+        private = export(ckpt, tmp_path / "private")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in private.iterdir()} == {0o600}
+    assert AutoTokenizer.from_pretrained(out).model_max_length == 384
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 384
+
+
+def test_lora_adapter_exported_apart_loads_with_auto_peft_model(tmp_path, monkeypatch):
+    """--adapter-out: the base exported unmerged, the adapter in peft's layout naming it by absolute path, so
+    peft's AutoPeftModelForCausalLM loads both from the adapter folder (from any working directory)."""
+    from peft import AutoPeftModelForCausalLM
+    from lora import LoraSettings, add_lora, load_adapter, save_adapter
+    ckpt = make_checkpoint(tmp_path / "ckpt", chat=True, seed=4)
+    model, tok, _ = load_model(ckpt)
+    settings = LoraSettings(rank=4, alpha=8, targets=["q", "v", "down"])
+    add_lora(model, settings)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    save_adapter(model, settings, tmp_path / "adapter")
+    monkeypatch.chdir(tmp_path)
+    assert export_main([str(ckpt), "hf-base", "--lora", "adapter", "--adapter-out", "hf-lora"]) == 0
+    config = json.loads((tmp_path / "hf-lora" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"] == str(tmp_path / "hf-base")
+    monkeypatch.chdir("/")
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "hf-lora", dtype=torch.float32).eval()
+    with_adapter = load_adapter(load_model(ckpt)[0], tmp_path / "adapter").eval()
+    ids = tok.encode(real_chinese_texts()[3])[:80]
+    assert max_logit_diff(with_adapter, peft_model, ids) < 1e-4
+    assert max_logit_diff(load_model(ckpt)[0], peft_model, ids) > 1e-2     # the adapter is really applied

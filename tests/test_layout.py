@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_SCRIPTS = {"pretrain", "sft", "dpo", "eval", "chat", "serve", "export"}
+ENTRY_SCRIPTS = {"pretrain", "sft", "dpo", "grpo", "eval", "chat", "serve", "export"}
 
 
 def imported_modules(path: Path) -> set[str]:

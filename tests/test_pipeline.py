@@ -169,6 +169,17 @@ pipeline.run(recipe, steps=["read"], workers=2, progress=False, chunk_bytes=250_
 
 
 @pytest.mark.slow
+def wait_until_gone(pgid: int, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process group {pgid} still alive after SIGKILL")
+
+
 def test_kill_9_mid_run_then_rerun_gives_identical_output_and_no_partial_files(tmp_path, samples):
     big_jsonl(samples, tmp_path / "web.jsonl", 24)  # ~23 MB, ~60 units
     corpora = f'[[corpus]]\nname = "web"\nreader = "text_jsonl"\npaths = ["{tmp_path}/web.jsonl"]\n'
@@ -187,6 +198,7 @@ def test_kill_9_mid_run_then_rerun_gives_identical_output_and_no_partial_files(t
     assert proc.poll() is None, "the run finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    wait_until_gone(proc.pid)   # its pool workers hold the data dir's lock until they are gone too
     assert not (corpus_dir / "manifest.json").exists()
     # every file under a final name is complete: units with their counts file decode fully
     staging = next(corpus_dir.glob(".staging-*"))

@@ -47,7 +47,7 @@ def check_record(r):
 RECIPE = load_recipe(ROOT / "config" / "recipe.toml", root=ROOT)
 # (records, {reason: count}) each embedded corpus must give: pins the deliberate problems in the samples
 EXPECTED_REJECTS = {"c4_zh": {"bad_json": 1}, "wudao": {"missing_field": 2}, "medical_finetune": {"missing_field": 1},
-                    "sharegpt": {"no_answer": 1}}
+                    "sharegpt": {"no_answer": 1}, "medical_qa_rl": {"missing_field": 1}}
 
 
 @pytest.mark.parametrize("spec", RECIPE.corpora, ids=lambda s: s.name)
@@ -65,7 +65,7 @@ def test_every_embedded_corpus_reads_in_its_format(spec):
             assert r["id"] not in ids
             ids.add(r["id"])
         rejects.update(x.reason for x in rej)
-    want_kind = {"pretrain": "doc", "sft": "conv", "dpo": "pref"}[spec.role]
+    want_kind = {"pretrain": "doc", "sft": "conv", "dpo": "pref", "rl": "conv"}[spec.role]
     assert set(kinds) == {want_kind} and kinds[want_kind] >= 5
     assert dict(rejects) == EXPECTED_REJECTS.get(spec.name, {})
 
@@ -242,6 +242,11 @@ JSONL_GOOD = {
     "sharegpt_pref_jsonl": {"conversations": [{"from": "human", "value": "q"}], "chosen": "a", "rejected": "b"},
     "wiki_json_array": {"completion": "文本", "source": "s"},
     "wudao_json_array": {"id": 1, "title": "t", "content": "正文"},
+    "openai_tools_jsonl": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                           "messages": [{"role": "user", "content": "问"}, {"role": "assistant", "tool_calls": [
+                               {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                               {"role": "tool", "tool_call_id": "c", "content": "结果"},
+                               {"role": "assistant", "content": "答"}]},
     "sharegpt_pref_msg": {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
                           "rejected": {"from": "gpt", "value": "b"}},
     "moss_firefly_jsonl": {"conversation_id": 1, "category": "Brainstorming", "dataset": "moss",
@@ -253,7 +258,7 @@ MISSING = {"sharegpt_pref_msg": {"conversations": [{"from": "human", "value": "q
            "minimind_pretrain_jsonl": {}, "instruction_json": {"instruction": "q"}, "sharegpt_jsonl": {},
            "minimind_sft_jsonl": {"messages": []}, "qa_jsonl": {"问": "q"}, "medical_reward_jsonl": {"question": "q"},
            "pref_messages_jsonl": {"chosen": []}, "sharegpt_pref_jsonl": {"conversations": []},
-           "wiki_json_array": {"source": "s"}, "wudao_json_array": {"title": "t"}}
+           "wiki_json_array": {"source": "s"}, "wudao_json_array": {"title": "t"}, "openai_tools_jsonl": {"tools": []}}
 WRONG_TYPE = {"text_jsonl": {"text": ["a"]}, "baidubaike_jsonl": {"title": "t", "sections": "not a list"},
               "guidelines_jsonl": {"clean_text": {"a": 1}}, "minimind_pretrain_jsonl": {"text": None, "x": 1},
               "instruction_json": {"instruction": "q", "output": ["a"]},
@@ -261,6 +266,7 @@ WRONG_TYPE = {"text_jsonl": {"text": ["a"]}, "baidubaike_jsonl": {"title": "t", 
               "qa_jsonl": {"问": "q", "答": {"x": 1}}, "medical_reward_jsonl": {"question": "q", "response_chosen": [], "response_rejected": "b"},
               "pref_messages_jsonl": {"chosen": "a", "rejected": "b"}, "sharegpt_pref_jsonl": {"conversations": [{"from": "human", "value": "q"}], "chosen": ["a"], "rejected": "b"},
               "wiki_json_array": {"completion": ["x"]}, "wudao_json_array": {"content": {"x": 1}},
+              "openai_tools_jsonl": {"messages": "hi"},
               "sharegpt_pref_msg": {"conversations": [{"from": "human", "value": "q"}], "chosen": "a", "rejected": "b"},
               "moss_firefly_jsonl": {"conversation": "hi"}}
 
@@ -292,7 +298,7 @@ def test_jsonl_reader_rejects_each_malformation_and_keeps_going(tmp_path, reader
 
 
 @pytest.mark.parametrize("reader", ["text_jsonl", "instruction_json", "wiki_json_array", "medical_dialogue_csv",
-                                    "plain_text", "pref_messages_jsonl"])
+                                    "plain_text", "pref_messages_jsonl", "medical_dialogue_txt"])
 @pytest.mark.parametrize("codec", ["gz", "zst"])
 def test_truncated_compressed_file_is_a_counted_reject(tmp_path, samples, reader, codec):
     if reader == "medical_dialogue_csv":
@@ -301,6 +307,8 @@ def test_truncated_compressed_file_is_a_counted_reject(tmp_path, samples, reader
         data = json.dumps([{"completion": f"条目{i}" * 40} for i in range(2000)], ensure_ascii=False).encode()
     elif reader == "plain_text":
         data = (samples / "medicalgpt/pretrain/fever.txt").read_bytes()
+    elif reader == "medical_dialogue_txt":
+        data = toyhom_txt_from_csv(samples / "toyhom-medical-dialogue/样例_内科5000-6000.csv")[0].encode("gb18030")
     elif reader == "pref_messages_jsonl":
         data = (samples / "firefly/dummy_dpo.jsonl").read_bytes()
     elif reader == "instruction_json":
@@ -739,6 +747,14 @@ def test_all_rejected_file_says_what_the_reader_expects_and_which_reader_fits(tm
     records, rejects = read_all("text_jsonl", book)
     message = explain_all_rejected("text_jsonl", book, "book.jsonl", dict(reasons(rejects)), rejects[0])
     assert "no JSON records" in message and "plain_text" in message
+    for reader, name, data, hint in (
+            ("plain_text", "g.txt", "第一段。\n第二段。\n".encode("gb18030") * 20, "set encoding = 'gb18030'"),
+            ("text_jsonl", "g.jsonl", json.dumps({"text": "正文内容"}, ensure_ascii=False).encode("gb18030") + b"\n",
+             "JSON must be UTF-8")):
+        (tmp_path / name).write_bytes(data)
+        records, rejects = read_all(reader, tmp_path / name)
+        assert not records and rejects
+        assert hint in explain_all_rejected(reader, tmp_path / name, name, dict(reasons(rejects)), rejects[0])
     odd = tmp_path / "odd.jsonl"
     odd.write_text(json.dumps({"foo": "bar"}) + "\n")
     rejects = read_all("text_jsonl", odd)[1]
@@ -764,3 +780,74 @@ def test_read_step_warns_about_a_file_the_reader_rejects_whole(tmp_path):
     assert warning.startswith("dpo/dpo_zh_demo.json: reader 'sharegpt_pref_jsonl' rejected every record (3: wrong_type 3)")
     assert "use reader sharegpt_pref_msg" in warning
     assert f"warning: dpo: {warning}" in format_read_table(result)
+
+
+# ---------------------------------------------------------------- conversations keep their valid prefix (issue 14.6)
+
+def test_read_step_keeps_the_pairs_before_a_zero_width_reply_and_counts_the_cut(tmp_path, samples):
+    from data_process.pipeline import read_step
+    from data_process.records import iter_records
+    from data_process.recipe import parse_recipe
+
+    real = [json.loads(x) for x in (samples / "medicalgpt/sft/medical_sft_1K_format.jsonl").read_text().splitlines()]
+    turns = [t for o in real[:14] for t in o["conversations"][:2]]              # 28 turns of real dialogue
+    assert len(turns) == 28 and [t["from"] for t in turns[:2]] == ["human", "gpt"]
+    broken = [dict(t) for t in turns]
+    broken[9]["value"] = "\u200b"                                               # the 5th reply: a zero-width space
+    (tmp_path / "sg").mkdir()
+    (tmp_path / "sg" / "a.jsonl").write_text("\n".join(json.dumps({"conversations": c}, ensure_ascii=False)
+                                                       for c in (broken, turns)) + "\n", encoding="utf-8")
+    recipe = parse_recipe({"run": {"data_dir": "data"}, "corpus": [
+        {"name": "sg", "reader": "sharegpt_jsonl", "paths": ["sg/*.jsonl"], "role": "sft", "stage": "general"}]},
+        tmp_path)
+    counts = read_step(recipe, workers=1, progress=False)["corpora"]["sg"]
+    assert (counts["read"], counts["kept"]) == (2, 2)
+    assert counts["clean"]["convs_truncated_empty_turn"] == 1 and counts["clean"]["turns_cut_empty_turn"] == 20
+    first, second = iter_records(tmp_path / "data" / "clean" / "sg")
+    assert [m["content"] for m in first["messages"]] == [t["value"].strip() for t in turns[:8]]
+    assert len(second["messages"]) == 28
+
+
+def test_toyhom_readers_read_a_utf8_reexport_without_mojibake(tmp_path, samples):
+    """Decoding UTF-8 Chinese as GB18030 does not always fail (some lines come out as other characters), so the
+    Toyhom readers' default is GB18030 unless the file is valid UTF-8; an explicit encoding is obeyed."""
+    src = samples / "toyhom-medical-dialogue/样例_内科5000-6000.csv"
+    want, _ = read_all("medical_dialogue_csv", src, "t.csv")
+    (tmp_path / "t.csv").write_bytes(src.read_bytes().decode("gb18030").encode("utf-8"))
+    assert read_all("medical_dialogue_csv", tmp_path / "t.csv") == (want, [])
+    text, _ = toyhom_txt_from_csv(src)
+    (tmp_path / "g.txt").write_bytes(text.encode("gb18030"))
+    (tmp_path / "u.txt").write_bytes(text.encode("utf-8"))
+    assert read_all("medical_dialogue_txt", tmp_path / "u.txt", "x") == read_all("medical_dialogue_txt", tmp_path / "g.txt", "x")
+    forced = list(READERS["medical_dialogue_txt"](tmp_path / "u.txt", "x", None, encoding="gb18030"))
+    assert forced != read_all("medical_dialogue_txt", tmp_path / "u.txt", "x")[0]
+
+
+def test_a_turn_that_breaks_the_alternation_keeps_the_pairs_before_it_and_is_counted(tmp_path):
+    from data_process.pipeline import read_step
+    from data_process.recipe import parse_recipe
+
+    def turns(*roles):
+        return [{"from": r, "value": f"第{i}轮的内容，足够长的一句话。"} for i, r in enumerate(roles)]
+
+    convs = [turns("human", "gpt", "human", "gpt", "gpt", "human", "gpt"),    # a doubled reply at turn 4
+             turns("human", "gpt", "human"),                                   # no answer to the last question
+             turns("gpt", "human", "gpt"),                                     # starts with the assistant
+             turns("human", "human")]                                          # no answer at all
+    (tmp_path / "sg").mkdir()
+    (tmp_path / "sg" / "a.jsonl").write_text("\n".join(json.dumps({"conversations": c}, ensure_ascii=False)
+                                                       for c in convs) + "\n")
+    records, rejects = read_all("sharegpt_jsonl", tmp_path / "sg" / "a.jsonl")
+    assert [len(r["messages"]) for r in records] == [4, 2]
+    assert [r["cut"] for r in records] == [{"bad_roles": 3}, {"trailing_user": 1}]
+    assert [(x.where["line"], x.reason) for x in rejects] == [(3, "bad_roles"), (4, "no_answer")]
+    recipe = parse_recipe({"run": {"data_dir": "data"}, "corpus": [
+        {"name": "sg", "reader": "sharegpt_jsonl", "paths": ["sg/*.jsonl"], "role": "sft", "stage": "general"}]},
+        tmp_path)
+    counts = read_step(recipe, workers=1, progress=False)["corpora"]["sg"]
+    assert (counts["read"], counts["kept"], counts["rejected"]) == (4, 2, 2)
+    assert {k: v for k, v in counts["clean"].items() if "cut" in k or "truncated" in k} == {
+        "convs_truncated_bad_roles": 1, "turns_cut_bad_roles": 3,
+        "convs_truncated_trailing_user": 1, "turns_cut_trailing_user": 1}
+    from data_process.records import iter_records
+    assert all("cut" not in r for r in iter_records(tmp_path / "data" / "clean" / "sg"))

@@ -260,9 +260,18 @@ BAD_REQUESTS = [
     ("prefill without a user turn", "/v1/chat/completions",
      OK_CHAT | {"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
     # official parameters this server does not implement: a 400, not a silent 200
-    ("tools", "/v1/chat/completions", OK_CHAT | {"tools": [{"type": "function", "function": {"name": "f"}}]},
-     400, "tools"),
-    ("tool_choice", "/v1/chat/completions", OK_CHAT | {"tool_choice": "required"}, 400, "tool_choice"),
+    ("tool_choice required", "/v1/chat/completions", OK_CHAT | {"tool_choice": "required"}, 400, "tool_choice"),
+    ("tool_choice naming a function", "/v1/chat/completions",
+     OK_CHAT | {"tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
+    ("a tool that is not a function", "/v1/chat/completions", OK_CHAT | {"tools": [{"type": "retrieval"}]},
+     400, "tools[0].type"),
+    ("tool-call arguments not JSON", "/v1/chat/completions", OK_CHAT | {"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "x"}]}, 400, "messages"),
+    ("ends with an assistant tool call", "/v1/chat/completions", OK_CHAT | {"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, 400, "messages"),
     ("response_format json", "/v1/chat/completions", OK_CHAT | {"response_format": {"type": "json_object"}},
      400, "response_format"),
     ("frequency_penalty", "/v1/chat/completions", OK_CHAT | {"frequency_penalty": 0.5}, 400, "frequency_penalty"),
@@ -534,25 +543,29 @@ def test_server_survived_everything(server):
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
-@pytest.mark.slow
-def test_web_page_streams_multi_turn_chinese_replies_in_headless_chromium(server, reference, tmp_path):
+def headless_chromium(tmp_path):
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.fail("Debian's chromium + chromium-driver are needed: run script/setup.sh (apt-get install)")
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    reply, chat_ids, _ = reference
     options = Options()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,800"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.mark.slow
+def test_web_page_streams_multi_turn_chinese_replies_in_headless_chromium(server, reference, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    reply, chat_ids, _ = reference
+    driver = headless_chromium(tmp_path)
     try:
         driver.set_page_load_timeout(60)
         driver.get(server + "/")
@@ -597,6 +610,78 @@ def test_web_page_streams_multi_turn_chinese_replies_in_headless_chromium(server
         print(f"screenshot: {png}")
     finally:
         driver.quit()
+
+
+SMALL_CONTEXT = 256   # the tiny preset's whole context, which the page's max_tokens once equalled
+
+
+@pytest.mark.slow
+def test_web_page_fits_replies_to_a_small_context_and_drops_failed_turns(tmp_path_factory, tmp_path):
+    """A server whose model has a 256-token context and a 512-token default reply: the page's first question is
+    answered (the reply fits the room the prompt leaves), a max_tokens setting beyond the context still gets an
+    answer, a conversation that outgrows the context drops its oldest exchanges, and a failed turn (a wrong API
+    key) is left out of the conversation the next question sends."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    from inference import load_model
+    from tokenizer import StreamDecoder
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", chat=True, seed=5, tie_embeddings=False,
+                           max_seq_len=SMALL_CONTEXT)
+    model, tok, _ = load_model(ckpt)
+
+    def expected(conversation):
+        """What the page must show: the reply to the conversation it sends (oldest exchanges dropped until
+        the prompt fits), as long as the context allows."""
+        while len(tok.render_chat(conversation, add_generation_prompt=True).ids) >= SMALL_CONTEXT:
+            conversation = conversation[2:]
+        ids = tok.render_chat(conversation, add_generation_prompt=True).ids
+        decoder = StreamDecoder(tok)
+        return "".join(decoder.push(t) for t in model.generate(ids, max_new_tokens=SMALL_CONTEXT - len(ids),
+                                                               temperature=0, stop_ids=tok.stop_ids()))
+
+    proc, url = start_server(ckpt, "--api-key", API_KEY, "--max-tokens", "512")
+    driver = headless_chromium(tmp_path)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(url + "/")
+        driver.find_element(By.ID, "api-key").send_keys(API_KEY)
+        driver.execute_script("const t = document.getElementById('temperature'); t.value = '0';"
+                              "t.dispatchEvent(new Event('input'));")
+        wait = WebDriverWait(driver, 120)
+
+        def ask(question: str) -> tuple[str, bool]:
+            n = len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
+            box = driver.find_element(By.ID, "input")
+            box.send_keys(question)
+            box.send_keys(Keys.ENTER)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]")) == n + 1)
+            return driver.execute_script("const m = document.querySelectorAll('.msg.assistant');"
+                                         "const last = m[m.length - 1];"
+                                         "return [last.textContent, last.classList.contains('error')]")
+
+        history = []
+        for question, max_tokens in [("我最近总是头疼，怎么办？", ""), ("需要做什么检查？", "1000"),
+                                     ("平时饮食要注意什么？", "1000")]:
+            driver.execute_script(f"document.getElementById('max_tokens').value = '{max_tokens}'")
+            answer, error = ask(question)
+            history += [{"role": "user", "content": question}]
+            assert not error and answer == expected(history) and answer, (question, answer)
+            history += [{"role": "assistant", "content": answer}]
+        key = driver.find_element(By.ID, "api-key")
+        key.clear()
+        key.send_keys("wrong-key")
+        answer, error = ask("这句不会被回答")
+        assert error and "API key" in answer
+        key.clear()
+        key.send_keys(API_KEY)
+        answer, error = ask("谢谢医生")
+        assert not error and answer == expected(history + [{"role": "user", "content": "谢谢医生"}])
+        assert driver.find_elements(By.CSS_SELECTOR, ".msg.user.failed")[0].text == "这句不会被回答"
+    finally:
+        driver.quit()
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 # ----------------------------------------------------------------------------- pieces, in-process
@@ -739,3 +824,164 @@ def test_a_request_whose_sampling_fails_ends_alone_and_the_batch_goes_on(ckpt, r
     last = max(range(4), key=lambda i: jobs[i].completion_tokens if results[i]["end"][0] == "done" else -1)
     assert results[last]["active_at_end"] == 0            # the last one to finish sees an idle engine
     assert all(r["active_at_end"] < 4 for r in results)
+
+
+def test_reasoning_parser_splits_think_and_answer_however_the_text_is_cut():
+    from serve import ReasoningParser
+    text = "<think>先想：发热 38.5℃，<可能>是感冒</think><answer>多喝水，必要时就医。</answer>"
+    expected = [("reasoning_content", "先想：发热 38.5℃，<可能>是感冒"), ("content", "多喝水，必要时就医。")]
+    for size in range(1, len(text) + 1):   # every piece size, so a tag is split at every place
+        parser, fields = ReasoningParser(), {"reasoning_content": "", "content": ""}
+        for i in range(0, len(text), size):
+            for field, piece in parser.push(text[i:i + size]):
+                fields[field] += piece
+        for field, piece in parser.flush():
+            fields[field] += piece
+        assert [(k, v) for k, v in fields.items() if v] == expected, size
+    assert ReasoningParser(thinking=True).push("还在想</think>答") == [("reasoning_content", "还在想"),
+                                                                  ("content", "答")]
+    parser = ReasoningParser()
+    assert parser.push("没有标签 <thi") == [("content", "没有标签 ")] and parser.flush() == [("content", "<thi")]
+
+
+def _split_reasoning(text: str, thinking: bool) -> tuple[str, str]:
+    """The reference split, by regular expressions: what is inside <think>…</think> (or before </think> when the
+    prompt opened it) is reasoning; the rest is content, <answer> tags removed."""
+    import re
+    if thinking:
+        text = "<think>" + text
+    reasoning = "".join(re.findall(r"<think>(.*?)(?:</think>|$)", text, flags=re.S))
+    content = re.sub(r"<think>.*?(?:</think>|$)", "", text, flags=re.S)
+    return reasoning, re.sub(r"</?answer>", "", content)
+
+
+def test_enable_thinking_switch_and_reasoning_content_streamed_and_whole(client, reference):
+    """chat_template_kwargs.enable_thinking puts <think> (or <think></think>) after the generation prompt; with it on
+    the reply is reasoning until </think>, returned as reasoning_content, streamed as delta.reasoning_content."""
+    reply, _, tok = reference
+    messages = [{"role": "user", "content": "胸口疼是怎么回事？"}]
+    for thinking in (True, False):
+        ids = tok.render_chat(messages, add_generation_prompt=True, enable_thinking=thinking).ids
+        think = [tok.special["think_start"]] + ([] if thinking else [tok.special["think_end"]])
+        assert ids[-len(think):] == think
+        reasoning, content = _split_reasoning(reply(ids, 20), thinking)
+        kwargs = dict(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                      extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
+        r = client.chat.completions.create(**kwargs)
+        assert r.usage.prompt_tokens == len(ids)
+        assert r.choices[0].message.content == content
+        assert (getattr(r.choices[0].message, "reasoning_content", None) or "") == reasoning
+        if thinking:
+            assert reasoning        # the whole reply was reasoning (the model never closed it)
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.content or "" for d in deltas) == content
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
+
+
+def test_tool_call_parser_cuts_calls_out_of_the_stream_however_it_is_cut():
+    from serve import ToolCallParser
+    text = '先查一下。<tool_call>\n{"name": "lookup_dose", "arguments": {"drug": "布洛芬"}}\n</tool_call>' \
+           '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>'
+    for size in (1, 2, 3, 7, len(text)):
+        parser, out = ToolCallParser(), []
+        for i in range(0, len(text), size):
+            out += parser.push(text[i:i + size])
+        out += parser.flush()
+        content = "".join(v for k, v in out if k == "content")
+        calls = [v["function"] for k, v in out if k == "tool_call"]
+        assert content == "先查一下。", size
+        assert calls == [{"name": "lookup_dose", "arguments": '{"drug": "布洛芬"}'}, {"name": "f", "arguments": '{"a": 1}'}]
+        assert [c["index"] for c in parser.calls] == [0, 1]
+    parser = ToolCallParser()      # not JSON: stays text; an unclosed but whole call at the end is a call
+    assert parser.push("<tool_call>oops</tool_call>") == [("content", "<tool_call>oops</tool_call>")]
+    assert [k for k, _ in parser.push('<tool_call>{"name": "g", "arguments": {}}') + parser.flush()] == ["tool_call"]
+
+
+def tool_checkpoint(path):
+    """A small chat model whose tokenizer (trained here, 2,000 pieces) knows the tool prompt's words."""
+    from checkpoint import save_checkpoint
+    from data_process.train_tokenizer import train_sentencepiece
+    from model import Transformer, make_config
+    from test_export import real_chinese_texts
+    from tokenizer import Tokenizer, openai_to_chat
+    from tool_data import tool_conversations
+    turns = [m["content"] for r in tool_conversations() for m in openai_to_chat(r["messages"], r["tools"])]
+    tok = Tokenizer(train_sentencepiece(real_chinese_texts() + turns * 20, 2000))
+    torch.manual_seed(0)
+    model = Transformer(make_config("tiny", tok.vocab_size, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    ffn_dim=256, max_seq_len=512))
+    return save_checkpoint(path, model, tok, {"step": 0, "kind": "sft", "chat": True})
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    """Fine-tune (train_loop.train, 60 full-batch steps) on the project's tiny tool set read through the
+    openai_tools_jsonl reader, then serve the result."""
+    from checkpoint import load_checkpoint
+    from data_process.readers import READERS
+    from tool_data import write_tool_dataset
+    from train_loop import TrainConfig, train
+    tmp = tmp_path_factory.mktemp("tools")
+    path = write_tool_dataset(tmp / "tools.jsonl")
+    conversations = [r["messages"] for r in READERS["openai_tools_jsonl"](path, "tools")]
+    assert len(conversations) == 3 and all(c[0]["role"] == "system" and "<tools>" in c[0]["content"]
+                                           for c in conversations)
+    model, tok, _ = load_checkpoint(tool_checkpoint(tmp / "init"))
+    rendered = [tok.render_chat(c) for c in conversations]
+    T = max(len(r.ids) for r in rendered)
+    ids, weights = torch.full((len(rendered), T), tok.pad_id), torch.zeros(len(rendered), T)
+    for i, r in enumerate(rendered):
+        ids[i, :len(r.ids)], weights[i, :len(r.ids)] = torch.tensor(r.ids), torch.tensor(r.weights)
+
+    class Batches:   # the whole set every step
+        def next_batch(self, step, micro_step):
+            return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_weights": weights[:, 1:]}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+    cfg = TrainConfig(out_dir=str(tmp / "sft"), total_steps=60, batch_size=len(rendered), seq_len=T - 1, lr=5e-3,
+                      min_lr=1e-4, warmup_steps=5, stable_steps=35, decay_steps=20, weight_decay=0.0, dtype="fp32",
+                      device="cpu", eval_interval=0, save_interval=0, progress=False)
+    summary = train(cfg, model, tok, Batches(), meta={"kind": "sft", "chat": True, "stage": "tools"})
+    proc, url = start_server(summary["final_dir"], "--api-key", API_KEY)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_official_client_tool_loop_on_a_model_fine_tuned_for_tools(tool_server):
+    from tool_data import DOSES, DRUG_TOOL, answer
+    client = openai.OpenAI(base_url=tool_server + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    for drug in ("布洛芬", "阿莫西林"):
+        messages = [{"role": "user", "content": f"{drug}怎么吃？"}]
+        r = client.chat.completions.create(model=MODEL, messages=messages, tools=[DRUG_TOOL], temperature=0,
+                                           max_tokens=60)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.function.name == "lookup_dose" and call.id.startswith("call_")
+        args = json.loads(call.function.arguments)
+        assert args == {"drug": drug}
+        # streamed: the same call as a tool_calls delta, finish_reason tool_calls
+        chunks = list(client.chat.completions.create(model=MODEL, messages=messages, tools=[DRUG_TOOL],
+                                                     temperature=0, max_tokens=60, stream=True))
+        deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
+            [(0, "lookup_dose", {"drug": drug})]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+        # the client runs the tool and sends its result back: the model answers from it
+        messages += [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": DOSES[args["drug"]]}]
+        final = client.chat.completions.create(model=MODEL, messages=messages, tools=[DRUG_TOOL], temperature=0,
+                                               max_tokens=60)
+        assert final.choices[0].finish_reason == "stop" and not final.choices[0].message.tool_calls
+        assert final.choices[0].message.content == answer(drug)
+    # tool_choice "none": the tools are not offered, so no call comes back
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "布洛芬怎么吃？"}],
+                                       tools=[DRUG_TOOL], tool_choice="none", temperature=0, max_tokens=20)
+    assert r.choices[0].finish_reason != "tool_calls" and not r.choices[0].message.tool_calls

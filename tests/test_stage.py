@@ -9,7 +9,7 @@ import pytest
 from conftest import SAMPLES
 from data_process.recipe import parse_recipe
 from data_process.records import write_parts
-from data_process.stage import SFT_COLUMNS, is_val, read_dpo_jsonl, read_sft_csv, row_messages, run
+from data_process.stage import SFT_COLUMNS, StageInputError, is_val, read_dpo_jsonl, read_sft_csv, row_messages, run
 from tokenizer import TAGS, Tokenizer
 
 CHATGLM2 = SAMPLES / "chatglm2-tokenizer" / "tokenizer.model"
@@ -81,16 +81,23 @@ def prefs():
             for name, rs in out.items()}
 
 
+def rejected_sft():
+    return [conv(0, [{"role": "user", "content": "长" * 3000}, {"role": "assistant", "content": "答"}]),
+            {"id": "f.jsonl:1", "corpus": "", "kind": "doc", "text": "not a conversation"}]
+
+
 SFT_CORPORA = {"medical_finetune": ("medical", medical_sft), "minimind_sft": ("general", general_sft),
-               "minimind_r1": ("reasoning", reasoning_sft), "broken": ("general", bad_sft)}
+               "minimind_r1": ("reasoning", reasoning_sft), "broken": ("general", bad_sft),
+               "medical_dialogue": ("medical_dialogue", rejected_sft)}
 DPO_STAGES = {"medical_reward": "medical", "dpo_zh": "general", "minimind_dpo": "general", "firefly_dpo": ""}
 
 
 def make_recipe(root, **sft):
-    corpora = [{"name": n, "reader": "jsonl", "paths": ["x"], "role": "sft", "stage": s} for n, (s, _) in SFT_CORPORA.items()]
+    corpora = [{"name": n, "reader": "jsonl", "paths": ["x"], "role": "sft", "stage": s} for n, (s, _) in SFT_CORPORA.items()
+               if n != "medical_dialogue"]
     corpora += [{"name": n, "reader": "jsonl", "paths": ["x"], "role": "dpo", "stage": s} for n, s in DPO_STAGES.items()]
     corpora += [{"name": "medical_dialogue", "reader": "toyhom_csv", "paths": ["x"], "role": "sft",
-                 "stage": "medical_dialogue"}]   # not on disk: counted as missing, stage still written
+                 "stage": "medical_dialogue"}]   # every record rejected: an empty stage, no CSV written
     return parse_recipe({"corpus": corpora, "sft": {"max_tokens": 1024, "val_fraction": 0.1, **sft}}, root)
 
 
@@ -140,15 +147,19 @@ def test_system_prompt_and_multi_turn_render_as_the_template_says(glm):
 def test_one_csv_pair_per_stage_in_curriculum_order(staged):
     root, summary = staged
     assert list(summary["sft"]) == ["general", "medical", "medical_dialogue", "reasoning"]
-    for stage in summary["sft"]:
+    for stage in ("general", "medical", "reasoning"):
         for suffix in (".csv", ".val.csv"):
             df = read_sft_csv(root / "data" / "sft" / f"{stage}{suffix}")
             assert list(df.columns) == SFT_COLUMNS
     med = summary["sft"]["medical"]
     assert med["train"] + med["val"] + sum(med["rejected"].values()) == 1000
     assert 50 <= med["val"] <= 160                      # ~10 % held out
-    assert summary["sft"]["medical_dialogue"]["missing_corpora"] == ["medical_dialogue"]
-    assert summary["sft"]["medical_dialogue"]["train"] == 0
+    empty = summary["sft"]["medical_dialogue"]
+    assert (empty["train"], empty["val"], empty["missing_corpora"]) == (0, 0, [])
+    assert empty["empty"] == ["medical_dialogue: all 2 record(s) rejected here (too_long 1, not_a_conversation 1)"]
+    assert not (root / "data" / "sft" / "medical_dialogue.csv").exists()          # no header-only CSV
+    assert not (root / "data" / "sft" / "medical_dialogue.val.csv").exists()
+    assert len(jsonl(root / "data" / "sft" / "medical_dialogue.rejects.jsonl")) == 2
     assert summary["sft"]["reasoning"]["train"] + summary["sft"]["reasoning"]["val"] == 1
     assert not list((root / "data").rglob(".*tmp*"))    # no temporary files left
 
@@ -276,3 +287,121 @@ def test_sft_corpus_with_unknown_stage_is_an_error(tmp_path, glm):
                                        "stage": "medicla"}]}, tmp_path)
     with pytest.raises(ValueError, match="medicla"):
         run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")
+
+
+# ---------------------------------------------------------------- cut conversations, empty and missing stages (#14)
+
+def one_stage_recipe(root, corpora, kind="sft", stage="general", **sft):
+    return parse_recipe({"corpus": [{"name": c, "reader": "jsonl", "paths": ["x"], "role": kind, "stage": stage}
+                                    for c in corpora], "sft": {"val_fraction": 0.0, "stages": ["general", "medical"],
+                                                               **sft}}, root)
+
+
+def test_an_empty_or_zero_width_turn_keeps_the_complete_pairs_before_it(tmp_path, glm):
+    pairs = [[{"role": "user", "content": f"第{i}个问题"}, {"role": "assistant", "content": f"第{i}个回答"}] for i in range(14)]
+    turns = [m for p in pairs for m in p]                         # 28 turns
+    zero_width = [dict(m) for m in turns]
+    zero_width[9]["content"] = "\u200b"                           # the 5th reply is one zero-width space
+    blank_user = [dict(m) for m in turns]
+    blank_user[4]["content"] = "  "
+    first_blank = [dict(m) for m in turns]
+    first_blank[1]["content"] = "\u200b\u200d"
+    records = [conv(i, m) for i, m in enumerate([zero_width, blank_user, first_blank, turns])]
+    write_parts([{**r, "corpus": "sharegpt"} for r in records], tmp_path / "dedup" / "sharegpt")
+    glm.save(tmp_path / "tokenizer")
+    counts = run(one_stage_recipe(tmp_path, ["sharegpt"]), tmp_path / "dedup", tmp_path / "tokenizer",
+                 tmp_path / "data")["sft"]["general"]
+    rows = {r["id"]: row_messages(r) for _, r in read_sft_csv(tmp_path / "data" / "sft" / "general.csv").iterrows()}
+    assert rows["sharegpt:f.jsonl:0"] == turns[:8] and rows["sharegpt:f.jsonl:1"] == turns[:4]
+    assert rows["sharegpt:f.jsonl:3"] == turns and "sharegpt:f.jsonl:2" not in rows
+    assert counts["rejected"] == {"empty_turn": 1}
+    assert counts["truncated"] == {"empty_turn": 2} and counts["turns_cut"] == {"empty_turn": 20 + 24}
+
+
+def test_a_conversation_over_the_token_limit_is_cut_at_the_last_complete_pair_that_fits(tmp_path, glm):
+    # real medical dialogues chained into long multi-turn conversations
+    singles = [messages_of(o["conversations"]) for o in jsonl(SAMPLES / "medicalgpt/sft/medical_sft_1K_format.jsonl")]
+    singles = [m for m in singles if len(m) == 2][:120]
+    long_convs = [[{"role": "system", "content": "你是一名医生。"}] + [t for m in singles[i:i + 12] for t in m]
+                  for i in range(0, 120, 12)]
+    first_too_long = [{"role": "user", "content": "长" * 3000}, {"role": "assistant", "content": "答"}] + singles[0]
+    records = [conv(i, m) for i, m in enumerate(long_convs + [first_too_long])]
+    write_parts([{**r, "corpus": "sharegpt"} for r in records], tmp_path / "dedup" / "sharegpt")
+    glm.save(tmp_path / "tokenizer")
+    max_tokens = 600
+    counts = run(one_stage_recipe(tmp_path, ["sharegpt"], max_tokens=max_tokens), tmp_path / "dedup",
+                 tmp_path / "tokenizer", tmp_path / "data")["sft"]["general"]
+    df = read_sft_csv(tmp_path / "data" / "sft" / "general.csv")
+    assert counts["rejected"] == {"too_long": 1} and len(df) == len(long_convs)
+    cut = 0
+    for (_, row), full in zip(df.iterrows(), long_convs):
+        kept = row_messages(row)
+        k = len(kept)
+        assert kept == full[:k] and k % 2 == 1 and kept[-1]["role"] == "assistant"
+        assert row["n_tokens"] == len(glm.render_chat(kept).ids) <= max_tokens
+        if k < len(full):   # the next complete pair would not have fitted
+            assert len(glm.render_chat(full[:k + 2]).ids) > max_tokens
+        cut += len(full) - k
+    assert counts["truncated"] == {"too_long": sum(1 for _, r in df.iterrows() if len(row_messages(r)) < 25)}
+    assert counts["turns_cut"] == {"too_long": cut} and cut > 0
+
+
+def test_an_empty_stage_writes_no_output_and_warns_naming_the_corpus_and_reason(tmp_path, glm, capsys):
+    pairs = [{"id": f"p.jsonl:{i}", "corpus": "dpo_x", "kind": "pref", "prompt": [{"role": "user", "content": "同"}],
+              "chosen": "一样", "rejected": "一样"} for i in range(3)]
+    write_parts(pairs, tmp_path / "dedup" / "dpo_x")
+    (tmp_path / "dedup" / "dpo_none").mkdir(parents=True)            # read but gave nothing
+    (tmp_path / "data" / "clean" / "dpo_none").mkdir(parents=True)
+    (tmp_path / "data" / "clean" / "dpo_none" / "manifest.json").write_text(json.dumps(
+        {"counts": {"files": 1, "read": 4, "kept": 0, "rejected_by_reason": {"wrong_type": 4}}}))
+    glm.save(tmp_path / "tokenizer")
+    recipe = one_stage_recipe(tmp_path, ["dpo_x", "dpo_none"], kind="dpo", stage="pairs")
+    dpo_dir = tmp_path / "data" / "dpo"
+    dpo_dir.mkdir(parents=True)
+    (dpo_dir / "pairs.jsonl").write_text('{"stale": 1}\n')             # from an earlier run: must not survive
+    counts = run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")["dpo"]["pairs"]
+    assert not (dpo_dir / "pairs.jsonl").exists() and not (dpo_dir / "pairs.val.jsonl").exists()
+    assert counts["empty"] == [
+        "dpo_x: all 3 record(s) rejected here (chosen_equals_rejected 3)",
+        f"dpo_none: no records in {tmp_path / 'dedup' / 'dpo_none'} (read step: all 4 rejected: wrong_type 4; see "
+        f"{tmp_path / 'data' / 'rejects' / 'dpo_none.jsonl'})"]
+    out = capsys.readouterr().out
+    assert "warning: stage dpo/pairs is empty, no dpo/pairs.jsonl written: dpo_x: all 3" in out
+    assert "rejected: chosen_equals_rejected 3" in out and "rejected: none" not in out
+    again = run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")["dpo"]["pairs"]
+    out = capsys.readouterr().out
+    assert "dpo/pairs is up to date" in out and "warning: stage dpo/pairs is empty" in out
+    assert again["empty"] == counts["empty"]
+    # the general/medical SFT stages no corpus feeds: skipped, nothing written
+    assert "stage: sft/general: no corpus in the recipe feeds it, skipped" in out
+    assert not (tmp_path / "data" / "sft" / "general.csv").exists()
+
+
+def test_a_stage_with_no_input_at_all_is_an_error_naming_the_step_to_run(tmp_path, glm):
+    glm.save(tmp_path / "tokenizer")
+    write_parts([{**r, "corpus": "here"} for r in general_sft()], tmp_path / "dedup" / "here")
+    recipe = parse_recipe({"corpus": [
+        {"name": "here", "reader": "jsonl", "paths": ["x"], "role": "sft", "stage": "general"},
+        {"name": "gone", "reader": "jsonl", "paths": ["x"], "role": "sft", "stage": "medical"},
+        {"name": "gone_too", "reader": "jsonl", "paths": ["x"], "role": "dpo", "stage": ""}]}, tmp_path)
+    with pytest.raises(StageInputError, match=r"sft/medical \(corpora \['gone'\]\), dpo/gone_too .*--steps read,dedup"):
+        run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")
+    assert not (tmp_path / "data" / "sft" / "general.csv").exists()   # checked before anything is written
+
+
+def test_a_truncated_or_altered_staged_file_is_redone_not_trusted(tmp_path, glm, capsys):
+    write_parts([{**r, "corpus": "minimind_sft"} for r in general_sft()], tmp_path / "dedup" / "minimind_sft")
+    glm.save(tmp_path / "tokenizer")
+    recipe = one_stage_recipe(tmp_path, ["minimind_sft"])
+    run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")
+    csv = tmp_path / "data" / "sft" / "general.csv"
+    good = csv.read_bytes()
+    for damage in (good[: len(good) // 2], good.replace("多轮".encode(), "多伦".encode(), 1)):   # cut; same size
+        csv.write_bytes(damage)
+        capsys.readouterr()
+        run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")
+        out = capsys.readouterr().out
+        assert "staging again" in out and "up to date" not in out
+        assert csv.read_bytes() == good
+    run(recipe, tmp_path / "dedup", tmp_path / "tokenizer", tmp_path / "data")
+    assert "sft/general is up to date" in capsys.readouterr().out

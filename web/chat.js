@@ -3,7 +3,9 @@
 
 const $ = (id) => document.getElementById(id);
 const history = [];          // [{role, content}] sent with every request: the server keeps no state
+let historyStart = 0;        // turns before this index were dropped to fit the model's context
 let modelName = null;
+let maxModelLen = null;      // the model's context in tokens (GET /v1/models): max_tokens never asks for more
 let controller = null;       // AbortController of the reply being streamed
 
 const SETTINGS = ["temperature", "top_p", "max_tokens", "system", "api-key"];
@@ -36,6 +38,8 @@ async function loadModel() {
     const body = await r.json();
     if (!r.ok) throw new Error(body.error ? body.error.message : r.statusText);
     modelName = body.data[0].id;
+    maxModelLen = body.data[0].max_model_len || null;
+    if (maxModelLen) $("max_tokens").max = String(maxModelLen - 1);
     $("model-name").textContent = modelName;
     setStatus("");
   } catch (e) {
@@ -74,33 +78,57 @@ async function readEvents(response, onData) {
   }
 }
 
-async function send(text) {
-  if (!modelName) await loadModel();
-  if (!modelName) return;
-  history.push({ role: "user", content: text });
-  addBubble("user", text);
-  const bubble = addBubble("assistant streaming", "");
-  let reply = "";
+// The request body for the conversation from turn `start` on. max_tokens: the setting if one is given (never more
+// than the context), else left out, so the server gives the reply whatever room the conversation leaves.
+function requestBody(start, withMaxTokens) {
   const messages = [];
   const system = $("system").value.trim();
   if (system) messages.push({ role: "system", content: system });
-  messages.push(...history);
+  messages.push(...history.slice(start));
   const body = {
     model: modelName, messages, stream: true,
     temperature: parseFloat($("temperature").value),
     top_p: parseFloat($("top_p").value),
-    max_tokens: parseInt($("max_tokens").value, 10) || 256,
   };
-  controller = new AbortController();
-  $("send").disabled = true; $("stop").disabled = false;
-  try {
+  const wanted = parseInt($("max_tokens").value, 10);
+  if (withMaxTokens && wanted > 0) body.max_tokens = maxModelLen ? Math.min(wanted, maxModelLen - 1) : wanted;
+  return body;
+}
+
+// POST the conversation; when it does not fit the context, first let the server fit the reply (no max_tokens),
+// then drop the oldest exchanges, until it fits or only the new question is left.
+async function post() {
+  let withMaxTokens = true;
+  for (;;) {
+    const body = requestBody(historyStart, withMaxTokens);
     const r = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
     });
-    if (!r.ok) {
-      const err = await r.json().catch(() => ({}));
+    if (r.ok) return r;
+    const err = await r.json().catch(() => ({}));
+    const code = err.error ? err.error.code : null;
+    if (code === "context_length_exceeded" && withMaxTokens && body.max_tokens) {
+      withMaxTokens = false;
+    } else if (code === "context_length_exceeded" && historyStart + 2 < history.length) {
+      historyStart += 2;   // one user + assistant exchange
+      setStatus("较早的对话已省略以适应上下文 (earlier turns dropped to fit the context)");
+    } else {
       throw new Error(err.error ? err.error.message : r.status + " " + r.statusText);
     }
+  }
+}
+
+async function send(text) {
+  if (!modelName) await loadModel();
+  if (!modelName) return;
+  history.push({ role: "user", content: text });
+  const question = addBubble("user", text);
+  const bubble = addBubble("assistant streaming", "");
+  let reply = "", failed = false;
+  controller = new AbortController();
+  $("send").disabled = true; $("stop").disabled = false;
+  try {
+    const r = await post();
     await readEvents(r, (data) => {
       if (data === "[DONE]") return false;
       const chunk = JSON.parse(data);
@@ -114,13 +142,20 @@ async function send(text) {
     });
   } catch (e) {
     if (e.name !== "AbortError") {
+      failed = true;
       bubble.classList.add("error");
       bubble.textContent = reply + "\n[错误 error: " + e.message + "]";
     }
   } finally {
     bubble.classList.remove("streaming");
+    if (failed || !reply) {   // a failed (or empty) turn is not sent again: the next question follows the last good one
+      history.pop();
+      question.classList.add("failed");
+      if (historyStart > history.length) historyStart = history.length;
+    } else {
+      history.push({ role: "assistant", content: reply });
+    }
     bubble.dataset.done = "1";
-    history.push({ role: "assistant", content: reply });
     controller = null;
     $("send").disabled = false; $("stop").disabled = true;
   }
@@ -143,6 +178,7 @@ $("stop").addEventListener("click", () => controller && controller.abort());
 $("new-chat").addEventListener("click", () => {
   if (controller) controller.abort();
   history.length = 0;
+  historyStart = 0;
   $("messages").innerHTML = "";
 });
 loadModel();

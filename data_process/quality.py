@@ -1,0 +1,272 @@
+"""Chinese quality operators for pretraining documents: traditional -> simplified, language id, and the
+repetition and quality rules of Gopher / C4 / FineWeb adapted to Chinese, plus a flagged-words list.
+
+Used by data_process/clean.py (the Cleaner calls them per record, in the order docs/cleaning.md explains);
+each function is pure and cheap to call on its own:
+- `to_simplified(text, min_share) -> (text, changed)`: OpenCC t2s, only for documents where at least
+  `min_share` of the Han characters are traditional-only, so a simplified page that quotes a name (梁靖崑,
+  华为昇腾) keeps it: t2s on simplified text would rewrite 昇腾 -> 升腾 and 乾和 -> 干和 (seen on the
+  skywork-zh-web sample).
+- `detect_language(text) -> (lang, prob)`: py3langid (langid.py's model, shipped in the wheel: works offline),
+  normalized probabilities, on the first `LANGID_CHARS` characters; `language_matches(text, corpus_lang, ...)`
+  decides by script first (Han, no kana or hangul: Chinese) and asks py3langid only otherwise.
+- `rule_stats(text) -> dict` and `check_rules(stats, rules) -> reason | None`: the numbers and the decision,
+  separately, so the bench and the threshold measurement (bench/bench_quality.py --measure) print the same
+  numbers the filter uses.
+Character n-grams, not words: Chinese has no spaces, and the Gopher thresholds were set on English words, so
+ours were re-measured on the real samples (config/recipe.toml says the figures beside each default).
+"""
+from __future__ import annotations
+
+import functools
+import re
+
+import numpy as np
+
+from data_process.recipe import RulesConfig
+
+# ---------------------------------------------------------------- traditional -> simplified (OpenCC)
+
+HAN_BMP = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+HAN_ALL = HAN_BMP + "\U00020000-\U0002a6df"
+
+
+@functools.lru_cache(maxsize=1)
+def _t2s():
+    import opencc
+
+    converter = opencc.OpenCC("t2s")
+    # The characters t2s changes on their own: converted one per line, so no phrase rule spans two of them.
+    chars = [chr(cp) for lo, hi in ((0x3400, 0x4DC0), (0x4E00, 0xA000), (0xF900, 0xFB00), (0x20000, 0x2A6E0))
+             for cp in range(lo, hi)]
+    out = converter.convert("\n".join(chars)).split("\n")
+    trad = [a for a, b in zip(chars, out) if a != b]
+    # Two classes, as in clean.py: sre tests a BMP-only class with a bitmap, a class with astral ranges slowly.
+    bmp = re.compile("[" + re.escape("".join(c for c in trad if ord(c) < 0x10000)) + "]")
+    astral = re.compile("[" + re.escape("".join(c for c in trad if ord(c) >= 0x10000)) + "]")
+    return converter, bmp, astral
+
+
+HAN = re.compile(f"[{HAN_ALL}]")
+
+
+def traditional_share(text: str) -> float:
+    """Share of Han characters that OpenCC t2s converts (0 when there is no Han character)."""
+    _, bmp, astral = _t2s()
+    has_astral = max(text, default="\0") > "\uffff"
+    if bmp.search(text) is None and not (has_astral and astral.search(text)):
+        return 0.0
+    n_trad = len(bmp.findall(text)) + (len(astral.findall(text)) if has_astral else 0)
+    return n_trad / max(1, len(HAN.findall(text)))
+
+
+def to_simplified(text: str, min_share: float) -> tuple[str, bool]:
+    """OpenCC t2s when at least `min_share` of the Han characters are traditional-only; (text, changed).
+    OpenCC converts faster (~140 MB/s) than a regex can look for traditional characters, so it converts first
+    and measures the share only on the few documents it changed."""
+    if text.isascii():
+        return text, False
+    out = _t2s()[0].convert(text)
+    if out == text or (min_share > 0 and traditional_share(text) < min_share):
+        return text, False
+    return out, True
+
+
+# ---------------------------------------------------------------- language identification (py3langid)
+
+LANGID_CHARS = 1000      # langid.py walks a DFA per byte in Python (~3 MB/s): judge the head of long documents
+# py3langid's model also has wuu (Wu) and yue (Cantonese), which it gives to some Mandarin medical texts.
+ZH_CODES = {"zh", "wuu", "yue"}
+ACCEPT = {"zh": ZH_CODES, "en": {"en"}, "mixed": ZH_CODES | {"en"}}
+
+
+@functools.lru_cache(maxsize=1)
+def _identifier():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+KANA_HANGUL = re.compile("[\u3040-\u30ff\u31f0-\u31ff\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
+FAST_ZH_MIN_HAN = 0.8   # Han share among letters above which a kana- and hangul-free text is Chinese
+
+
+def detect_language(text: str) -> tuple[str, float]:
+    """(ISO 639-1 code, probability) of the text's head; py3langid's 97-language model."""
+    lang, prob = _identifier().classify(text[:LANGID_CHARS])
+    return lang, prob
+
+
+def language_matches(text: str, corpus_lang: str, min_chars: int) -> tuple[bool, str, float]:
+    """Whether the document's language is one the corpus takes (mixed: zh or en). Documents shorter than
+    `min_chars` (after whitespace) are not judged: langid is unreliable on a few characters."""
+    if len(text) < min_chars:
+        return True, "", 0.0
+    head = text[:LANGID_CHARS]
+    if corpus_lang != "en" and KANA_HANGUL.search(head) is None:
+        from data_process.clean import zh_ratio   # (clean imports this module)
+
+        if zh_ratio(head) >= FAST_ZH_MIN_HAN:
+            # Script decides it: Han letters and no kana or hangul is Chinese (py3langid agrees on every such
+            # document of the samples, tests/test_quality.py); langid.py's Python DFA walk is the slowest step
+            return True, "zh", 1.0
+    lang, prob = detect_language(head)
+    return lang in ACCEPT[corpus_lang], lang, prob
+
+
+# ---------------------------------------------------------------- repetition and quality rules
+
+# Lines "end in punctuation" (C4 / FineWeb line_punct) when their last character is one of these.
+END_PUNCT = set("。！？；：…”’」』）)》.!?;:\"'")
+BULLETS = ("•", "●", "○", "■", "□", "◆", "◇", "▪", "►", "▶", "-", "*", "·", "★", "☆", "√", "→")
+# Gopher counts "#" and "..." per word; here the share of characters that are such symbols or decoration.
+# Not | = or arrows: a markdown table or a formula in a medical text is content.
+SYMBOL_CHARS = "#\u2026★☆■□◆◇●○▲△▼▽►◄※❤♥♡"       # and "...", counted as one
+# Flagged words written for this project: gambling, pornography and the spam adverts of Chinese web pages.
+# Two characters or more each, chosen so a medical text does not hit them (性 alone, 乳房, 阴道 are not here).
+FLAGGED_WORDS = (
+    # gambling
+    "博彩", "赌场", "赌博网", "网上赌", "百家乐", "时时彩", "六合彩", "彩票平台", "北京赛车", "北京pk10", "快三",
+    "老虎机", "真人娱乐", "棋牌游戏", "赌球", "足彩", "体育投注", "澳门威尼斯人", "葡京", "太阳城", "金沙娱乐",
+    "线上娱乐城", "娱乐城", "开户送", "首存", "彩金", "返水", "提款秒到",
+    # pornography
+    "色情", "黄色网站", "成人网站", "成人影片", "av女优", "女优", "无码", "有码", "一夜情", "约炮", "裸聊", "援交",
+    "楼凤", "小姐服务", "上门服务", "同城交友", "激情视频", "黄片", "毛片", "三级片", "偷拍", "自拍偷拍", "乱伦",
+    # advert and spam
+    "代开发票", "发票代开", "办证", "刷单", "刷信誉", "网赚", "日赚", "躺赚", "兼职日结", "贷款秒批", "无抵押贷款",
+    "网贷秒下", "私服", "外挂", "加微信", "加qq", "代孕", "香港六合", "壮阳", "增大增粗", "延时喷剂",
+)
+FLAGGED_LOWER = tuple(w.lower() for w in FLAGGED_WORDS)
+FLAGGED = re.compile("|".join(sorted(map(re.escape, FLAGGED_LOWER), key=len, reverse=True)))
+SPACE = re.compile(r"\s+")
+HASH_BASE = np.uint64(1_000_003)
+
+
+def _ngram_stats(cps: np.ndarray, stats: dict, orders=range(2, 11)) -> None:
+    """Gopher's top n-gram fraction (n = 2..4: characters covered by the most frequent n-gram / all characters)
+    and duplicated n-gram fraction (n = 5..10: characters inside any n-gram that occurs more than once), on a
+    polynomial hash of every window (uint64 arithmetic wraps; collisions ~2^-64), each order's hashes built from
+    the previous order's, one sort per order."""
+    n_chars = len(cps)
+    h = cps
+    for n in range(2, max(orders) + 1):
+        if n_chars < n:
+            return
+        h = h[:-1] * HASH_BASE + cps[n - 1:]
+        if n not in orders:
+            continue
+        if n <= 4:
+            s = np.sort(h)
+            bounds = np.flatnonzero(s[1:] != s[:-1])
+            runs = np.diff(np.concatenate(([-1], bounds, [len(s) - 1])))
+            stats[f"top_{n}gram"] = float(runs.max()) * n / n_chars
+            continue
+        order = np.argsort(h)
+        s = h[order]
+        eq = s[1:] == s[:-1]
+        if not eq.any():
+            stats[f"dup_{n}gram"] = 0.0
+            continue
+        dup_sorted = np.zeros(len(s), dtype=bool)
+        dup_sorted[1:] = eq
+        dup_sorted[:-1] |= eq
+        starts = order[dup_sorted]
+        cover = np.zeros(n_chars + 1, dtype=np.int32)
+        cover[starts] += 1          # starts are distinct, so plain fancy indexing adds once each
+        cover[starts + n] -= 1
+        stats[f"dup_{n}gram"] = float(np.count_nonzero(np.cumsum(cover[:-1]))) / n_chars
+
+
+def symbol_ratio(chars: str) -> float:
+    """Share of characters that are #, …, ★, ■... ("..." counts as one), of a text without whitespace."""
+    return (sum(chars.count(c) for c in SYMBOL_CHARS) + chars.count("...")) / max(1, len(chars))
+
+
+def flagged_per_kchar(chars: str) -> float:
+    """Flagged words per 1000 characters, a text under 1000 counting as 1000 (one news story about a 赌场 case is
+    not spam). str `in` first (a C substring search per word): the regex alternation is slower and most text has
+    none."""
+    lowered = chars.lower()
+    hits = len(FLAGGED.findall(lowered)) if any(w in lowered for w in FLAGGED_LOWER) else 0
+    return hits * 1000 / max(len(chars), 1000)
+
+
+def dup_ngram_share(chars: str, n: int) -> float:
+    """The duplicated n-gram fraction of one order alone (what rule_stats computes for n = 5..10)."""
+    stats: dict = {}
+    _ngram_stats(np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64),
+                 stats, orders=(n,))
+    return stats.get(f"dup_{n}gram", 0.0)
+
+
+def _dup_share(items: list[str]) -> tuple[float, float]:
+    """(share of items that repeat an earlier one, share of characters in them), as Gopher counts."""
+    seen, dup_items, dup_chars = set(), 0, 0
+    for it in items:
+        if it in seen:
+            dup_items += 1
+            dup_chars += len(it)
+        else:
+            seen.add(it)
+    total_chars = sum(len(it) for it in items) or 1
+    return dup_items / len(items), dup_chars / total_chars
+
+
+def rule_stats(text: str, rules: RulesConfig) -> dict:
+    """Every number the rules decide on, for one document."""
+    lines = [ln.strip() for ln in text.split("\n")]
+    lines = [ln for ln in lines if ln]
+    paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    chars = SPACE.sub("", text)
+    n = len(chars)
+    stats = {"chars": n, "lines": len(lines)}
+    if not lines or n == 0:
+        return stats
+    stats["dup_line_frac"], stats["dup_line_chars"] = _dup_share(lines)
+    stats["dup_para_frac"], stats["dup_para_chars"] = _dup_share(paras)
+    stats["punct_end_lines"] = sum(ln[-1] in END_PUNCT for ln in lines) / len(lines)
+    stats["short_lines"] = sum(len(ln) <= rules.short_line_chars for ln in lines) / len(lines)
+    stats["bullet_lines"] = sum(ln.startswith(BULLETS) for ln in lines) / len(lines)
+    stats["ellipsis_lines"] = sum(ln.endswith(("…", "...")) for ln in lines) / len(lines)
+    stats["symbol_ratio"] = symbol_ratio(chars)
+    stats["flagged_per_kchar"] = flagged_per_kchar(chars)
+    if n >= rules.min_ngram_chars:   # the n-gram rules judge only documents this long
+        _ngram_stats(np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64),
+                     stats)
+    return stats
+
+
+RULE_STAT = {"flagged_words": "flagged_per_kchar"}   # the rule names whose statistic is named otherwise
+
+
+def rule_value(stats: dict, rule: str) -> float:
+    """The statistic a failed rule judged (for audit samples)."""
+    return stats[RULE_STAT.get(rule, rule)]
+
+
+def check_rules(stats: dict, rules: RulesConfig) -> str | None:
+    """The first rule the document fails (its drop reason), or None. Line rules need `min_lines` lines (a
+    one-paragraph document has no line structure to judge); n-gram rules need `min_ngram_chars` characters."""
+    if stats.get("lines", 0) == 0:
+        return None
+    if stats["lines"] >= rules.min_lines:
+        for key, limit in (("dup_line_frac", rules.max_dup_line_frac), ("dup_line_chars", rules.max_dup_line_chars),
+                           ("dup_para_frac", rules.max_dup_para_frac), ("dup_para_chars", rules.max_dup_para_chars),
+                           ("short_lines", rules.max_short_lines), ("bullet_lines", rules.max_bullet_lines),
+                           ("ellipsis_lines", rules.max_ellipsis_lines)):
+            if stats[key] > limit:
+                return key
+        if stats["punct_end_lines"] < rules.min_punct_end_lines:
+            return "punct_end_lines"
+    if stats["symbol_ratio"] > rules.max_symbol_ratio:
+        return "symbol_ratio"
+    if stats["flagged_per_kchar"] > rules.max_flagged_per_kchar:
+        return "flagged_words"
+    if stats["chars"] >= rules.min_ngram_chars:
+        for k, limit in zip((2, 3, 4), rules.max_top_ngram):
+            if stats[f"top_{k}gram"] > limit:
+                return f"top_{k}gram"
+        for k, limit in zip(range(5, 11), rules.max_dup_ngram):
+            if stats[f"dup_{k}gram"] > limit:
+                return f"dup_{k}gram"
+    return None

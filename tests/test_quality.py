@@ -1,0 +1,207 @@
+"""The quality operators (data_process/quality.py): OpenCC t2s, language id, repetition and quality rules,
+on the real samples and on hand-made hard cases."""
+from collections import Counter
+
+import numpy as np
+import opencc
+import pytest
+
+from data_process import quality
+from data_process.clean import Cleaner
+from data_process.readers import READERS
+from data_process.recipe import CleanConfig, RulesConfig
+
+RULES = RulesConfig()
+
+
+def real_docs(samples, reader, rel):
+    path = samples / rel
+    return [r["text"] for r in READERS[reader](path, path.name, None) if isinstance(r, dict)]
+
+
+# ---------------------------------------------------------------- traditional -> simplified
+
+TRADITIONAL = "醫生建議患者每日服藥兩次，並注意觀察血壓變化。糖尿病患者應當控制飲食，適當運動，定期檢查血糖。"
+SIMPLIFIED = "医生建议患者每日服药两次，并注意观察血压变化。糖尿病患者应当控制饮食，适当运动，定期检查血糖。"
+
+
+def test_t2s_converts_a_traditional_document_to_the_hand_written_simplified_text():
+    out, changed = quality.to_simplified(TRADITIONAL, 0.05)
+    assert changed and out == SIMPLIFIED
+
+
+def test_t2s_leaves_simplified_real_text_alone_even_where_opencc_would_rewrite_names(samples):
+    docs = real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
+    converter = opencc.OpenCC("t2s")
+    would_change = [d for d in docs if converter.convert(d) != d]
+    assert would_change, "the sample has names t2s rewrites (梁靖崑, 华为昇腾): the gate is what keeps them"
+    assert all(quality.to_simplified(d, 0.05) == (d, False) for d in docs)
+    assert any("梁靖崑" in d for d in docs)
+
+
+def test_t2s_gate_counts_exactly_the_characters_opencc_changes():
+    text = TRADITIONAL + "梁靖崑"
+    converter = opencc.OpenCC("t2s")
+    n_changed = sum(a != b for a, b in zip(text, converter.convert(text)))
+    n_han = sum(1 for ch in text if "\u4e00" <= ch <= "\u9fff")
+    assert quality.traditional_share(text) == pytest.approx(n_changed / n_han)
+
+
+def test_cleaner_t2s_counts_and_audits_before_and_after():
+    cleaner = Cleaner(CleanConfig(t2s=True), "zh")
+    record = {"id": "x:1", "kind": "doc", "text": TRADITIONAL}
+    assert cleaner.clean(record) is None
+    assert record["text"] == SIMPLIFIED and cleaner.stats["t2s_converted"] == 1
+    [entry] = cleaner.audit
+    assert entry["op"] == "t2s" and entry["before"].startswith("醫生") and entry["after"].startswith("医生")
+
+
+# ---------------------------------------------------------------- language id
+
+JA_SHORT = ["今日はとても良い天気ですね。", "この薬は食後に飲んでください。", "病院へ行く前に予約が必要です。"]
+KO_SHORT = ["오늘은 날씨가 정말 좋네요.", "이 약은 식후에 드세요.", "병원에 가기 전에 예약이 필요합니다."]
+JA_LONG = ("高血圧は自覚症状がほとんどないため、定期的に血圧を測ることが大切です。塩分を控えた食事を心がけ、"
+           "適度な運動を続けることで血圧を下げることができます。薬を飲み始めたら、自己判断でやめないでください。")
+KO_LONG = ("고혈압은 자각 증상이 거의 없기 때문에 정기적으로 혈압을 측정하는 것이 중요합니다. 염분을 줄인 식사를 하고 "
+           "적당한 운동을 꾸준히 하면 혈압을 낮출 수 있습니다. 약을 먹기 시작했다면 스스로 판단해서 끊지 마세요.")
+MIXED = ("本研究采用随机对照试验。The primary endpoint was all-cause mortality at 30 days. "
+         "结果显示，治疗组死亡率显著降低。Secondary endpoints included length of hospital stay.")
+
+
+def test_langid_labels_real_chinese_and_english_and_hand_written_japanese_and_korean(samples):
+    zh = real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")[:40]
+    en = real_docs(samples, "text_jsonl", "llamafactory-demo/c4_demo.jsonl")[:40]
+    assert Counter(quality.detect_language(d)[0] for d in zh)["zh"] == len(zh)
+    assert Counter(quality.detect_language(d)[0] for d in en)["en"] == len(en)
+    for text in JA_SHORT + [JA_LONG]:
+        assert quality.detect_language(text)[0] == "ja", text
+    for text in KO_SHORT + [KO_LONG]:
+        assert quality.detect_language(text)[0] == "ko", text
+
+
+def test_langid_keeps_what_the_corpus_lang_takes():
+    assert quality.language_matches(MIXED, "mixed", 20)[0]
+    assert not quality.language_matches(JA_LONG, "zh", 20)[0]
+    assert not quality.language_matches(KO_LONG, "mixed", 20)[0]
+    assert quality.language_matches("疼痛", "zh", 20)[0]           # too short to judge: kept
+    classical = "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？人不知而不愠，不亦君子乎？"
+    assert quality.language_matches(classical, "zh", 20)[0]
+    code_page = ("下面的代码计算列表中所有数的平方和，注意缩进：\n```python\ndef square_sum(xs):\n    return sum(x * x for x in xs)\n"
+                 "```\n运行后输出结果为十四。这个函数可以用于统计分析中的方差计算。")
+    assert quality.language_matches(code_page, "zh", 20)[0]
+
+
+def test_cleaner_drops_a_japanese_page_from_a_chinese_corpus_and_samples_it():
+    cleaner = Cleaner(CleanConfig(langid=True, min_zh_ratio=0.0), "zh")
+    assert cleaner.clean({"id": "ja:1", "kind": "doc", "text": JA_LONG}) == "lang_mismatch"
+    assert cleaner.audit[0]["op"] == "lang_mismatch" and cleaner.audit[0]["lang"] == "ja"
+
+
+# ---------------------------------------------------------------- repetition and quality rules
+
+
+def reference_dup_ngram_share(chars: str, n: int) -> float:
+    """Gopher's duplicated n-gram fraction, computed the slow obvious way."""
+    grams = Counter(chars[i:i + n] for i in range(len(chars) - n + 1))
+    covered = [False] * len(chars)
+    for i in range(len(chars) - n + 1):
+        if grams[chars[i:i + n]] > 1:
+            for k in range(i, i + n):
+                covered[k] = True
+    return sum(covered) / len(chars)
+
+
+def test_ngram_statistics_equal_a_plain_python_reference_on_real_documents(samples):
+    docs = real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")[:8]
+    for doc in docs:
+        stats = quality.rule_stats(doc, RULES)
+        chars = "".join(doc.split())
+        for n in (2, 3, 4):
+            top = Counter(chars[i:i + n] for i in range(len(chars) - n + 1)).most_common(1)[0][1]
+            assert stats[f"top_{n}gram"] == pytest.approx(top * n / len(chars))
+        for n in (5, 7, 10):
+            assert stats[f"dup_{n}gram"] == pytest.approx(reference_dup_ngram_share(chars, n))
+
+
+def test_real_web_and_book_text_mostly_passes_the_rules(samples):
+    web = real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
+    failed = Counter(quality.check_rules(quality.rule_stats(d, RULES), RULES) for d in web)
+    assert failed[None] >= 0.9 * len(web)
+    assert set(failed) <= {None, "punct_end_lines"}    # the "详情点击>>" link digests (config/recipe.toml)
+
+
+NEWS = "国家卫生健康委员会今天发布了新版诊疗指南，强调早期筛查的重要性。"
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("\n".join(["欢迎访问本站，最新优惠活动火热进行中！"] * 6 + [NEWS] * 2), "dup_line_frac"),
+    ("\n".join(["首页", "新闻", "体育", "娱乐", "财经", "科技", "登录", NEWS]), "short_lines"),
+    ("\n".join(f"• 第{i}条内容没有任何结尾标点的列表项目说明文字" for i in range(8)), "bullet_lines"),
+    ("\n".join([f"这是第{i}段文字的开头但是没有说完就结束了……" for i in range(6)]), "ellipsis_lines"),
+    ("\n".join([f"导航栏目第{i}组链接文字甲乙丙丁" for i in range(8)] + [NEWS]), "punct_end_lines"),   # 1/9 < 0.12
+    ("★★★★★ 五星好评 ★★★★★ ■■■ 限时抢购 ■■■ ###### 热卖 ###### ……" + NEWS, "symbol_ratio"),
+    ("线上娱乐城百家乐真人娱乐，首存送彩金，时时彩北京赛车，老虎机返水提款秒到。" + NEWS, "flagged_words"),
+    ("买买买" * 100, "top_2gram"),
+    (("本店专业销售各类品牌手机配件，欢迎选购，价格实惠质量保证。" * 12) + NEWS * 2, "dup_5gram"),
+])
+def test_hand_made_bad_pages_fail_the_rule_that_describes_them(text, reason):
+    assert quality.check_rules(quality.rule_stats(text, RULES), RULES) == reason
+
+
+@pytest.mark.parametrize("text", [
+    "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？人不知而不愠，不亦君子乎？曾子曰：吾日三省吾身。为人谋而不忠乎？"
+    "与朋友交而不信乎？传不习乎？子曰：道千乘之国，敬事而信，节用而爱人，使民以时。" * 2,   # classical Chinese (repeated
+    # once, as anthologies quote it)
+    "常用抗生素剂量表：\n| 药物 | 剂量 | 频次 |\n|---|---|---|\n| 阿莫西林 | 0.5g | 每日3次 |\n| 头孢呋辛 | 0.25g | 每日2次 |\n"
+    "| 左氧氟沙星 | 0.5g | 每日1次 |\n以上剂量仅供成人参考，儿童需按体重计算。",
+    "患者男，56岁，血压160/100mmHg，空腹血糖7.8mmol/L，糖化血红蛋白8.2%，诊断为2型糖尿病（E11.9）合并高血压（I10）。"
+    "给予二甲双胍0.5g每日三次，氨氯地平5mg每日一次，2023年9月1日复查，血糖降至6.1mmol/L。",
+])
+def test_hand_made_good_texts_pass(text):
+    assert quality.check_rules(quality.rule_stats(text, RULES), RULES) is None
+
+
+def test_cleaner_rule_drop_is_named_and_sampled_with_its_value():
+    cleaner = Cleaner(CleanConfig(rules=True), "zh")
+    text = "\n".join(["欢迎访问本站，最新优惠活动火热进行中！"] * 6 + [NEWS] * 2)
+    assert cleaner.clean({"id": "spam:1", "kind": "doc", "text": text}) == "rule_dup_line_frac"
+    assert cleaner.audit == [{"op": "rule_dup_line_frac", "id": "spam:1", "value": 0.75, "text": text[:300]}]
+    gambling = "线上娱乐城百家乐真人娱乐，首存送彩金，时时彩北京赛车，老虎机返水提款秒到。" + NEWS
+    assert cleaner.clean({"id": "spam:2", "kind": "doc", "text": gambling}) == "rule_flagged_words"
+    assert cleaner.audit[-1]["value"] == 10.0   # 线上娱乐城 百家乐 真人娱乐 首存 彩金 时时彩 北京赛车 老虎机 返水 提款秒到, per 1000 chars
+
+
+def test_rule_settings_come_from_the_recipe_and_bad_values_are_errors(tmp_path):
+    from data_process.recipe import RecipeError, parse_recipe
+
+    raw = {"clean": {"rules": True, "quality_rules": {"max_dup_line_frac": 0.5}},
+           "corpus": [{"name": "web", "reader": "text_jsonl", "paths": ["x"],
+                       "clean": {"quality_rules": {"max_short_lines": 0.9}}}]}
+    spec = parse_recipe(raw, tmp_path).corpora[0]
+    assert spec.clean.rules and spec.clean.quality_rules.max_dup_line_frac == 0.5
+    assert spec.clean.quality_rules.max_short_lines == 0.9
+    with pytest.raises(RecipeError, match="max_dup_ngram"):
+        parse_recipe({"clean": {"quality_rules": {"max_dup_ngram": [0.5]}}}, tmp_path)
+    with pytest.raises(RecipeError, match="out of range"):
+        parse_recipe({"clean": {"quality_rules": {"max_bullet_lines": 1.5}}}, tmp_path)
+
+
+def test_rules_on_empty_whitespace_and_huge_repetitive_text_do_not_crash():
+    for text in ("", "   \n\n  ", "a", "。"):
+        assert quality.check_rules(quality.rule_stats(text, RULES), RULES) is None
+    big = "这是一段重复的文字。" * 50_000          # 500K characters
+    assert quality.check_rules(quality.rule_stats(big, RULES), RULES) == "top_3gram"   # top 2-gram: exactly 0.20
+    assert np.isfinite(quality.rule_stats("\x00\x01\ufffd" * 100, RULES)["dup_5gram"])
+
+
+def test_script_fast_path_agrees_with_py3langid_on_every_real_document_it_decides(samples):
+    docs = (real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
+            + real_docs(samples, "plain_text", "medicalgpt/pretrain/fever.txt")
+            + real_docs(samples, "text_jsonl", "firefly/dummy_pretrain.jsonl"))
+    from data_process.clean import zh_ratio
+
+    fast = [d for d in docs if len(d) >= 20 and quality.KANA_HANGUL.search(d[:quality.LANGID_CHARS]) is None
+            and zh_ratio(d[:quality.LANGID_CHARS]) >= quality.FAST_ZH_MIN_HAN]
+    assert len(fast) >= 0.8 * len(docs)
+    assert all(quality.detect_language(d)[0] in quality.ZH_CODES for d in fast)
+    assert not quality.language_matches(JA_LONG, "zh", 20)[0] and not quality.language_matches(KO_LONG, "zh", 20)[0]
