@@ -1,21 +1,22 @@
 """Benchmark of `--engine ray` against the local engine (issue 20): the same pipeline run, same input, same machine.
 
 Input: the real Chinese web and medical samples from ../shared/corpora-samples (SkyPile-style web JSONL, Firefly
-web text, the MedicalGPT fever textbook) repeated into a temporary corpus set of `--size-mb` (default 300 MB;
-1 GB with --size-mb 1000 takes over the 5-minute budget on the shared 2-core machine). Dedup runs its full
+web text, the MedicalGPT fever textbook) repeated into a temporary corpus set of `--size-mb` (default 200 MB;
+1 GB, --size-mb 1000, takes over the 5-minute budget of the shared 2-core machine). Dedup runs its full
 hashing pass (MinHash signatures, exact hashes, decontamination against C-Eval) but with its exact/near
 decisions switched off, so the repeated copies all survive and the tokenize step also sees the whole input
 (otherwise dedup would leave one copy and tokenize would measure nothing).
 
-Each engine runs `pipeline.run(steps=read,dedup,tokenizer,tokenize)` in a fresh `python` process with 2 workers
-(local: the process pools; ray: a local Ray instance with 2 CPUs, started and shut down inside the measured
-time). Figures, all from this one run: wall seconds per engine and per step, the ratio ray / local (overhead,
-target <= 15%), input MB/s per core for each step on the local engine (the figures docs/scaling.md's estimate
-uses), and that both engines wrote byte-identical shards.
+Each engine runs steps read,dedup,tokenizer,tokenize in a fresh `python` process with 2 workers (local: the
+process pools, one pipeline.run per step so each step's CPU-seconds are known; ray: one pipeline.run on a local
+Ray instance with 2 CPUs, started and shut down inside the measured time), `--repeat` times, alternating. Figures,
+all from this one run: the best wall seconds per engine and per step, the ratio ray / local (overhead, target
+<= 15%), input MB per CPU-second of each step on the local engine (robust to a busy machine: docs/scaling.md's
+estimate uses them), and that every run wrote byte-identical shards.
 
-    python bench/bench_ray.py                 # 300 MB (a few minutes)
+    python bench/bench_ray.py                 # 200 MB, 2 runs per engine (about 5 minutes)
     python bench/bench_ray.py --size-mb 1000  # 1 GB
-    python bench/bench_ray.py --quick         # 20 MB, under a minute or two (Ray start-up dominates)
+    python bench/bench_ray.py --quick         # 20 MB, one run each, about a minute (Ray start-up dominates)
 """
 from __future__ import annotations
 
@@ -41,16 +42,29 @@ MIX = [
 ]
 
 RUN_SCRIPT = """
-import json, sys, time
+import json, resource, sys, time
 sys.path.insert(0, {root!r})
 from data_process import pipeline
 from data_process.recipe import load_recipe
+
+def cpu():
+    return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
+               for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
 recipe = load_recipe({recipe!r})
 t0 = time.perf_counter()
-summary = pipeline.run(recipe, steps={steps!r}, workers={workers}, progress=False, engine={engine!r})
+if {engine!r} == "local":   # one call per step: each step's CPU-seconds (the pools' workers are reaped children)
+    summary, cpu_s = {{}}, {{}}
+    for step in {steps!r}:
+        c0 = cpu()
+        summary.update(pipeline.run(recipe, steps=[step], workers={workers}, progress=False, engine="local"))
+        cpu_s[step] = cpu() - c0
+else:                        # one call: one Ray instance for the run, its start and stop inside the time
+    summary = pipeline.run(recipe, steps={steps!r}, workers={workers}, progress=False, engine="ray")
+    cpu_s = {{}}
 seconds = time.perf_counter() - t0
 print("RESULT", json.dumps({{"seconds": seconds, "steps": {{s: summary[s]["seconds"] for s in summary}},
-                             "read_mb": summary["read"]["totals"]["bytes"] / 1e6,
+                             "cpu_seconds": cpu_s, "read_mb": summary["read"]["totals"]["bytes"] / 1e6,
                              "tokens": summary["tokenize"]["tokens"]}}))
 """
 
@@ -95,46 +109,54 @@ def run_engine(recipe: Path, engine: str) -> dict:
     return result
 
 
-def run(quick: bool = False, size_mb: int | None = None) -> dict:
-    size_mb = size_mb or (20 if quick else 300)
+def run(quick: bool = False, size_mb: int | None = None, repeat: int | None = None) -> dict:
+    size_mb = size_mb or (20 if quick else 200)
+    repeat = repeat or (1 if quick else 2)
     tmp = Path(tempfile.mkdtemp(prefix="bench_ray_"))
+    runs = {"local": [], "ray": []}
     try:
         recipe = build_input(tmp, size_mb * 1_000_000)
-        local = run_engine(recipe, "local")
-        ray = run_engine(recipe, "ray")
+        for i in range(repeat):   # alternating, so a change in the machine's load hits both engines
+            for engine in (("local", "ray") if i % 2 == 0 else ("ray", "local")):
+                runs[engine].append(run_engine(recipe, engine))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    local = min(runs["local"], key=lambda r: r["seconds"])
+    ray = min(runs["ray"], key=lambda r: r["seconds"])
     mb = local["read_mb"]
-    print(f"input {mb:.0f} MB, {local['tokens']:,} tokens, {WORKERS} workers / 2 Ray CPUs "
-          f"(load average {os.getloadavg()[0]:.1f})")
-    print(f"  {'step':10s} {'local s':>8s} {'ray s':>8s} {'ray/local':>9s}  local MB/s per core")
-    figures = {"input_mb": round(mb), "tokens": local["tokens"], "workers": WORKERS}
+    print(f"input {mb:.0f} MB, {local['tokens']:,} tokens, {WORKERS} workers / 2 Ray CPUs, best of {repeat} "
+          f"alternating runs each (load average {os.getloadavg()[0]:.1f})")
+    print(f"  {'step':10s} {'local s':>8s} {'ray s':>8s} {'ray/local':>9s}  local MB per CPU-second")
+    figures = {"input_mb": round(mb), "tokens": local["tokens"], "workers": WORKERS, "repeat": repeat}
     for step in STEPS:
         lo, ra = local["steps"][step], ray["steps"][step]
-        per_core = mb / lo / WORKERS if step != "tokenizer" else mb / lo   # the tokenizer trains on one core
-        print(f"  {step:10s} {lo:8.1f} {ra:8.1f} {ra / lo:9.2f}  {per_core:8.1f}")
+        per_cpu = mb / local["cpu_seconds"][step]
+        print(f"  {step:10s} {lo:8.1f} {ra:8.1f} {ra / lo:9.2f}  {per_cpu:8.1f}")
         figures.update({f"{step}_local_s": round(lo, 1), f"{step}_ray_s": round(ra, 1),
-                        f"{step}_ratio_ray_vs_local": round(ra / lo, 2)})
-        if step != "tokenizer":
-            figures[f"{step}_local_mb_per_s_per_core"] = round(per_core, 1)
+                        f"{step}_ratio_ray_vs_local": round(ra / lo, 2),
+                        f"{step}_local_mb_per_cpu_s": round(per_cpu, 1)})
     ratio = ray["seconds"] / local["seconds"]
     print(f"  {'total':10s} {local['seconds']:8.1f} {ray['seconds']:8.1f} {ratio:9.2f}  "
           f"(ray includes starting and stopping its local instance; overhead {100 * (ratio - 1):+.0f}%, "
           f"target <= +15%)")
-    print(f"  shards byte-identical: {local['digest'] == ray['digest']}")
+    print(f"  all runs, seconds: local {[round(r['seconds'], 1) for r in runs['local']]}, "
+          f"ray {[round(r['seconds'], 1) for r in runs['ray']]}")
+    identical = len({r["digest"] for r in runs["local"] + runs["ray"]}) == 1
+    print(f"  shards byte-identical across every run: {identical}")
     figures.update({"total_local_s": round(local["seconds"], 1), "total_ray_s": round(ray["seconds"], 1),
                     "ratio_ray_vs_local": round(ratio, 3), "overhead_pct": round(100 * (ratio - 1), 1),
-                    "shards_identical": local["digest"] == ray["digest"],
-                    "load_average": round(os.getloadavg()[0], 1)})
+                    "tokens_per_cpu_s_tokenize": round(local["tokens"] / local["cpu_seconds"]["tokenize"]),
+                    "shards_identical": identical, "load_average": round(os.getloadavg()[0], 1)})
     return figures
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="20 MB of input")
-    p.add_argument("--size-mb", type=int, default=None, help="input size in MB (default 300; 20 with --quick)")
+    p.add_argument("--size-mb", type=int, default=None, help="input size in MB (default 200; 20 with --quick)")
+    p.add_argument("--repeat", type=int, default=None, help="runs per engine, alternating (default 2; 1 with --quick)")
     args = p.parse_args(argv)
-    print(json.dumps(run(quick=args.quick, size_mb=args.size_mb), indent=1))
+    print(json.dumps(run(quick=args.quick, size_mb=args.size_mb, repeat=args.repeat), indent=1))
     return 0
 
 

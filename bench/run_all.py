@@ -30,12 +30,15 @@ BENCHES = [
     ("dedup", "exact + MinHash dedup"),
     ("tokenizer", "tokenizer compression"),
     ("tokenize", "tokenize to .bin/.idx"),
+    ("ray", "Ray engine vs local"),
     ("faults", "fault checks (verify done work)"),
     ("model", "model fwd+bwd, decode"),
     ("pretrain", "pretrain step"),
     ("sft", "SFT and DPO"),
+    ("grpo", "GRPO rollouts and step"),
     ("eval", "evaluation"),
     ("serve", "decode vs transformers, server"),
+    ("decode", "decode vs llama.cpp"),
 ]
 
 

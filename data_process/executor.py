@@ -82,7 +82,7 @@ class Executor:
         try:
             import ray
         except ImportError:
-            raise EngineError("--engine ray needs the ray package: pip install -r requirements.txt") from None
+            raise EngineError("--engine ray needs the ray package (pyproject.toml lists it: pip install ray)") from None
         self._remote = ray.remote(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)(_call_unit)
         address = self.ray_address
         if address and address != "auto":
@@ -167,12 +167,12 @@ class Executor:
         init = None
         if initializer is not None:   # its arguments go to the object store once for this map, not per task
             init = (uuid.uuid4().hex, initializer, ray.put(initargs))
-        pending: dict = {}               # ObjectRef -> (sequence number, item)
+        pending: dict = {}               # ObjectRef -> its item (named in errors)
         order = collections.deque()      # refs in submission order (ordered=True)
         try:
-            for seq, item in enumerate(items):
+            for item in items:
                 ref = self._remote.remote(fn, item, init)
-                pending[ref] = (seq, item)
+                pending[ref] = item
                 order.append(ref)
                 while len(pending) >= ahead:
                     yield self._ray_next(pending, order, ordered, describe)
@@ -190,7 +190,7 @@ class Executor:
         else:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             order.remove(ref)
-        _, item = pending.pop(ref)
+        item = pending.pop(ref)
         try:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as e:
@@ -287,6 +287,9 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 
 def print_engine(ex: Executor, file=sys.stderr) -> None:
+    """One line saying what will run the units: `engine: ray, 2 node(s), 64 CPUs (cluster at 10.0.0.1:6379)`."""
     if ex.engine == "ray" and ex._ray is not None:
         nodes = [n for n in ex._ray.nodes() if n.get("Alive")]
-        print(f"engine: ray, {len(nodes)} node(s), {ex.parallelism} CPUs", file=file, flush=True)
+        where = "a local instance for this run" if ex._owned and not ex.ray_address else \
+            f"cluster at {ex._ray.get_runtime_context().gcs_address}"
+        print(f"engine: ray, {len(nodes)} node(s), {ex.parallelism} CPUs ({where})", file=file, flush=True)

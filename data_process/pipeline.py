@@ -44,7 +44,7 @@ from data_process import pii as pii_mod
 from data_process import quality as quality_mod
 from data_process import quality_model as quality_model_mod
 from data_process import readers as readers_mod
-from data_process.executor import Executor, check_reachable
+from data_process.executor import Executor, check_reachable, print_engine
 from data_process.readers import READERS, Reject
 from data_process.recipe import CleanConfig, CorpusSpec, Recipe, resolve_paths
 from data_process.records import MissingInputError, checked_parts
@@ -584,6 +584,7 @@ def run(recipe: Recipe, steps=STEPS, workers: int | None = None, force: bool = F
             if engine == "local" and not ray_address:
                 return _run_steps(recipe, steps, workers, force, progress, chunk_bytes, None)
             with Executor(engine, workers=workers or recipe.run.workers, ray_address=ray_address) as executor:
+                print_engine(executor)
                 return _run_steps(recipe, steps, workers, force, progress, chunk_bytes, executor)
         except BaseException:   # a full disk, Ctrl-C: workers stopped mid-write leave temporaries; still locked
             remove_stale_temporaries(recipe.data_dir)
