@@ -513,7 +513,7 @@ class Transformer(nn.Module):
     def new_slot_cache(self, n_slots: int, dtype: torch.dtype | None = None) -> SlotCache:
         return SlotCache(self, n_slots, dtype)
 
-    def decode_step(self, tokens, positions, cache: SlotCache):
+    def decode_step(self, tokens, positions, cache: SlotCache, lean: bool = True):
         """One new token for each of B independent sequences at once: tokens [B] go to positions [B] of slots
         0..B-1 of `cache` (each slot holding its sequence up to there); -> logits [B, V]. One forward for all
         rows: on a CPU, 8 rows cost about 1.5x one row, so concurrent requests are served ~5x faster than one
@@ -521,7 +521,7 @@ class Transformer(nn.Module):
         On a CPU, dense layers take a lean path (decode_layer: [B, C] activations, q/k/v and gate/up stacked into
         one matmul each, bf16 weights packed once for oneDNN; the module path's operations otherwise, and on this
         CPU its logits to the bit in fp32 and bf16); MoE layers, autocast (GRPO's bf16 rollouts), active dropout and
-        other devices run the modules as training does."""
+        other devices run the modules as training does, and so does lean=False (the reference: tests, bench)."""
         positions = torch.as_tensor(positions, dtype=torch.long, device=self.lm_head.weight.device)
         length = int(positions.max()) + 1
         if length > cache.capacity:
@@ -530,7 +530,7 @@ class Transformer(nn.Module):
         rows = Rows(positions, mask, length, torch.arange(len(positions), device=positions.device))
         x = self.model.embed_tokens(torch.as_tensor(tokens, dtype=torch.long, device=positions.device))
         cos, sin = self.rope_cos[positions][:, None, :], self.rope_sin[positions][:, None, :]   # [B, 1, D]
-        lean = (x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        lean = (lean and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
                 and not (self.training and self.config.dropout))   # dropout active: the modules apply it
         if lean:
             weights, head, linear = self._decode_weights()
