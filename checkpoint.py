@@ -331,5 +331,16 @@ def data_provenance(job: str, data_path, recipe_path=None) -> dict:
 
 
 def provenance_chain(init_meta: dict | None, record: dict) -> list[dict]:
-    """The provenance list of a new checkpoint: the one it started from, then this job's record."""
-    return [*(init_meta or {}).get("provenance", []), record]
+    """The provenance list of a new checkpoint: the one it started from, then this job's record. A record made
+    without a recipe (SFT, DPO) whose data has the very dedup report (same sha256) an earlier job's recipe made
+    inherits that recipe's eval files: the same pipeline run made both."""
+    chain = list((init_meta or {}).get("provenance", []))
+    report = record.get("dedup_report")
+    if record.get("eval_files") is None and report:
+        for prev in reversed(chain):
+            if prev.get("eval_files") is not None and (prev.get("dedup_report") or {}).get("sha256") == \
+                    report["sha256"] and prev.get("recipe_matches_report", True):
+                record = {**record, "recipe": prev["recipe"], "eval_files": prev["eval_files"],
+                          "recipe_from": prev.get("job")}
+                break
+    return [*chain, record]

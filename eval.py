@@ -36,6 +36,7 @@ from data_process import evalsets
 from data_process.evalsets import Question
 from fileio import atomic_write_text
 from inference import Sampling
+from settings import ConfigError, add_set_flag, apply_sets, build, limits, read_toml
 
 LETTERS = "ABCD"
 LN2 = math.log(2)
@@ -452,39 +453,40 @@ def contamination_line(name: str, split: str, c: dict) -> str:
     head = f"{name} {split}: "
     if not c["jobs"]:
         return head + "NOT checked for contamination: the checkpoint records no data provenance"
-    parts = []
+    groups: dict[str, list[str]] = {}   # what was found -> the jobs it holds for, in training order
     for j in c["jobs"]:
         if not j["dedup_report"]:
-            parts.append(f"{j['job']}: no dedup report for {j['data']}")
+            what = f"no dedup report for {j['data']}"
         else:
             sets = ", ".join(repr(s) for s in j["eval_sets"]) or "none"
-            parts.append(f"{j['job']}: {j['files_in_eval_sets']}/{c['files']} files in decontamination eval set(s) "
-                         f"{sets}, {j['removed']} training docs removed against them (all their splits)")
+            what = (f"{j['files_in_eval_sets']}/{c['files']} files in decontamination eval set(s) {sets}, "
+                    f"{j['removed']} training docs removed against them (all their splits)")
+        groups.setdefault(what, []).append(str(j["job"]))
     verdict = {"checked": "decontaminated", "partial": "only PARTLY checked for contamination",
                "not checked": "NOT checked for contamination"}[c["status"]]
-    return head + verdict + " — " + "; ".join(parts)
+    return head + verdict + " — " + "; ".join(f"{', '.join(jobs)}: {what}" for what, jobs in groups.items())
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reports
 
 
-def evaluate(ckpt_dir: Path, args) -> dict:
+def evaluate(ckpt_dir: Path, cfg: "EvalConfig") -> dict:
     from checkpoint import load_checkpoint
     model, tokenizer, meta = load_checkpoint(ckpt_dir)
     model.eval()
     torch.manual_seed(0)
-    chat = bool(meta.get("chat")) if args.template == "auto" else args.template == "chat"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    report = {"checkpoint": str(ckpt_dir), "kind": meta.get("kind"), "chat": chat, "dtype": args.dtype,
+    chat = bool(meta.get("chat")) if cfg.template == "auto" else cfg.template == "chat"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+    report = {"checkpoint": str(ckpt_dir), "kind": meta.get("kind"), "chat": chat, "dtype": cfg.dtype,
               "device": "cpu", "params": model.num_params(), "tokenizer_sha256": tokenizer.sha256}
     t0 = time.perf_counter()
-    if not args.no_lm:
-        report["lm"] = run_lm(model, tokenizer, args.data_dir, dtype, args.max_val_tokens)
-    if not args.no_mc:
+    if not cfg.no_lm:
+        report["lm"] = run_lm(model, tokenizer, Path(cfg.data_dir), dtype, cfg.max_val_tokens)
+    if not cfg.no_mc:
         report["mc"], report["benchmarks"] = {}, {}
-        for name, root in [("ceval", p) for p in args.ceval] + [("cmmlu", p) for p in args.cmmlu]:
-            bench = load_benchmark(Path(root), args.split, name)
+        for name, root in [("ceval", p) for p in cfg.ceval] + [("cmmlu", p) for p in cfg.cmmlu]:
+            bench = load_benchmark(Path(root), cfg.split, name)
             dropped, shot_dropped = bench.dropped(), bench.dropped(shots=True)
             cont = contamination(meta, bench)
             report["benchmarks"][name] = {"root": bench.root, "split": bench.split, "format": bench.format,
@@ -495,12 +497,12 @@ def evaluate(ckpt_dir: Path, args) -> dict:
                                           "contamination": cont}
             print(f"{name}: {bench.root}: scoring split {bench.split}/ ({len(bench.subjects)} subjects, "
                   f"{bench.n_questions} questions; dropped {dropped or 'none'}), shots from dev/ (dropped "
-                  f"{shot_dropped or 'none'}), {bench.format} prompt format, {args.dtype}")
+                  f"{shot_dropped or 'none'}), {bench.format} prompt format, {cfg.dtype}")
             print(("" if cont["status"] == "checked" else "warning: ") + contamination_line(name, bench.split, cont),
                   file=sys.stdout if cont["status"] == "checked" else sys.stderr)
-            for k in args.shots:
+            for k in cfg.shots:
                 t = time.perf_counter()
-                r = run_mc(model, tokenizer, bench, k, chat, dtype, args.max_questions)
+                r = run_mc(model, tokenizer, bench, k, chat, dtype, cfg.max_questions)
                 r["questions_per_s"] = r["overall"]["n"] / max(1e-9, time.perf_counter() - t)
                 fit = r["context"]
                 if fit["over_context"]:
@@ -509,14 +511,14 @@ def evaluate(ckpt_dir: Path, args) -> dict:
                           f"fewer shots ({fit['shots_dropped']} shots dropped), {fit['question_cut']} zero-shot "
                           f"prompts cut from the left", file=sys.stderr)
                 report["mc"][f"{name} {k}-shot"] = r
-    if not args.no_gen:
-        sampling = Sampling(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if not cfg.no_gen:
+        sampling = Sampling(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         report["generation"] = {"sampling": asdict(sampling),
                                 "samples": run_generation(model, tokenizer, chat, sampling)}
-        if args.judge_url:
-            judge = judge_samples(report["generation"]["samples"], args.judge_url, args.judge_model, args.judge_key)
+        if cfg.judge_url:
+            judge = judge_samples(report["generation"]["samples"], cfg.judge_url, cfg.judge_model, cfg.judge_key)
             report["generation"]["judge"] = judge
-            print(("warning: " if judge["scored"] < judge["n"] else "") + f"judge {args.judge_url}: "
+            print(("warning: " if judge["scored"] < judge["n"] else "") + f"judge {cfg.judge_url}: "
                   + judge_counts(judge), file=sys.stderr if judge["scored"] < judge["n"] else sys.stdout)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
@@ -600,57 +602,117 @@ def to_markdown(reports: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv):
+@dataclass
+class EvalConfig:
+    """Every eval setting, with its default (the one place): a `--config` TOML file (keys at the top level or in
+    an [eval] table), then `--set key=value`, then the command-line shortcuts below."""
+    data_dir: str = "data"                  # where data/pretrain/<corpus>/ val shards are
+    ceval: list[str] = field(default_factory=lambda: ["corpora/eval/ceval"])   # folders with dev/ val/ [test/]
+    cmmlu: list[str] = field(default_factory=lambda: ["corpora/eval/cmmlu"])   # folders with dev/ and test/
+    split: str = field(default="auto", metadata=limits(choices=("auto", "test", "val")))
+    shots: list[int] = field(default_factory=lambda: [0, 5], metadata=limits(ge=0))
+    template: str = field(default="auto", metadata=limits(choices=("auto", "base", "chat")))
+    max_questions: int = field(default=0, metadata=limits(ge=0))     # per subject, 0 = all
+    max_val_tokens: int = field(default=0, metadata=limits(ge=0))    # per corpus, 0 = the whole val split
+    dtype: str = field(default="fp32", metadata=limits(choices=("fp32", "bf16")))
+    max_new_tokens: int = field(default=96, metadata=limits(gt=0))
+    seed: int = 1234
+    lm: bool = True                         # bits per character
+    mc: bool = True                         # C-Eval/CMMLU multiple choice
+    gen: bool = True                        # generation samples
+    judge_url: str = ""
+    judge_model: str = ""
+    judge_key: str = ""
+    out: str = "out/eval"
+
+    # the names evaluate() reads
+    @property
+    def no_lm(self) -> bool:
+        return not self.lm
+
+    @property
+    def no_mc(self) -> bool:
+        return not self.mc
+
+    @property
+    def no_gen(self) -> bool:
+        return not self.gen
+
+
+def parse_args(argv) -> tuple[list[Path], EvalConfig]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint dirs (two or more: a comparison table)")
-    p.add_argument("--data-dir", type=Path, default=Path("data"), help="where data/pretrain/<corpus>/ val shards are")
-    p.add_argument("--ceval", action="append", default=None,
+    p.add_argument("--config", type=Path, default=None,
+                   help="a TOML file of eval settings (EvalConfig's keys, at the top level or in [eval])")
+    add_set_flag(p, example="shots=[0,5]")
+    g = p.add_argument_group("shortcuts for --set <key>=...")
+    g.add_argument("--data-dir", help="where data/pretrain/<corpus>/ val shards are (default data)")
+    g.add_argument("--ceval", action="append", default=None,
                    help="C-Eval folder with dev/ val/ [test/] (repeatable; default corpora/eval/ceval)")
-    p.add_argument("--cmmlu", action="append", default=None,
+    g.add_argument("--cmmlu", action="append", default=None,
                    help="CMMLU folder with dev/ and test/ (repeatable; default corpora/eval/cmmlu)")
-    p.add_argument("--split", choices=["auto", "test", "val"], default="auto",
-                   help="split to score: auto = test when it has answers, else val (C-Eval's official test has none)")
-    p.add_argument("--shots", default="0,5", help="comma-separated shot counts (examples from dev/)")
-    p.add_argument("--template", choices=["auto", "base", "chat"], default="auto",
-                   help="prompt format: auto = chat template for SFT/DPO checkpoints, C-Eval prompt for base ones")
-    p.add_argument("--max-questions", type=int, default=0, help="per subject, 0 = all")
-    p.add_argument("--max-val-tokens", type=int, default=0, help="per corpus, 0 = the whole val split")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="dtype for scoring (default fp32: bf16 flips a few close choices; one pass per question is "
-                        "cheap on a CPU); the report states it")
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--no-lm", action="store_true", help="skip bits per character")
-    p.add_argument("--no-mc", action="store_true", help="skip C-Eval/CMMLU")
-    p.add_argument("--no-gen", action="store_true", help="skip generation samples")
-    p.add_argument("--judge-url", default="", help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1)")
-    p.add_argument("--judge-model", default="", help="judge model name (default: the endpoint's first model)")
-    p.add_argument("--judge-key", default="", help="API key for the judge endpoint")
-    p.add_argument("--out", type=Path, default=Path("out/eval"), help="where report.json/report.md go")
+    g.add_argument("--split", help="split to score: auto (default) = test when it has answers, else val (C-Eval's "
+                                   "official test has none); test; val")
+    g.add_argument("--shots", help="comma-separated shot counts, examples from dev/ (default 0,5)")
+    g.add_argument("--template", help="prompt format: auto (default) = chat template for SFT/DPO checkpoints, C-Eval "
+                                      "prompt for base ones; base; chat")
+    g.add_argument("--max-questions", type=int, help="per subject, 0 = all (default)")
+    g.add_argument("--max-val-tokens", type=int, help="per corpus, 0 = the whole val split (default)")
+    g.add_argument("--dtype", help="fp32 (default: bf16 flips a few close choices; one pass per question is cheap on "
+                                   "a CPU) or bf16; the report states it")
+    g.add_argument("--max-new-tokens", type=int, help="generation samples (default 96)")
+    g.add_argument("--seed", type=int, help="generation seed (default 1234)")
+    g.add_argument("--no-lm", action="store_true", help="skip bits per character")
+    g.add_argument("--no-mc", action="store_true", help="skip C-Eval/CMMLU")
+    g.add_argument("--no-gen", action="store_true", help="skip generation samples")
+    g.add_argument("--judge-url", help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1)")
+    g.add_argument("--judge-model", help="judge model name (default: the endpoint's first model)")
+    g.add_argument("--judge-key", help="API key for the judge endpoint")
+    g.add_argument("--out", help="where report.json/report.md go (default out/eval)")
     args = p.parse_args(argv)
-    args.shots = [int(s) for s in args.shots.split(",") if s.strip()]
-    args.ceval = args.ceval if args.ceval is not None else ["corpora/eval/ceval"]
-    args.cmmlu = args.cmmlu if args.cmmlu is not None else ["corpora/eval/cmmlu"]
-    return args
+    table, where = {}, "eval"
+    if args.config is not None:
+        table, where = read_toml(args.config), str(args.config)
+        if set(table) == {"eval"}:
+            table = table["eval"]
+    table = apply_sets(table, args.sets, f"{where}: --set")
+    shortcuts = {"data_dir": args.data_dir, "ceval": args.ceval, "cmmlu": args.cmmlu, "split": args.split,
+                 "template": args.template, "max_questions": args.max_questions,
+                 "max_val_tokens": args.max_val_tokens, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
+                 "seed": args.seed, "judge_url": args.judge_url, "judge_model": args.judge_model,
+                 "judge_key": args.judge_key, "out": args.out,
+                 "lm": False if args.no_lm else None, "mc": False if args.no_mc else None,
+                 "gen": False if args.no_gen else None}
+    if args.shots is not None:
+        try:
+            shortcuts["shots"] = [int(s) for s in args.shots.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--shots: expected comma-separated integers, got {args.shots!r}") from None
+    table.update({k: v for k, v in shortcuts.items() if v is not None})
+    return args.checkpoints, build(EvalConfig, table, where)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    missing = [str(c) for c in args.checkpoints if not (c / "config.json").is_file()]
+    try:
+        checkpoints, cfg = parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    missing = [str(c) for c in checkpoints if not (c / "config.json").is_file()]
     if missing:
         print(f"error: not a checkpoint dir (no config.json): {', '.join(missing)}", file=sys.stderr)
         return 2
-    reports = [evaluate(c, args) for c in args.checkpoints]
-    args.out.mkdir(parents=True, exist_ok=True)
+    reports = [evaluate(c, cfg) for c in checkpoints]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     stem = "report" if len(reports) == 1 else "compare"
-    atomic_write_text(args.out / f"{stem}.json", json.dumps(reports if len(reports) > 1 else reports[0], indent=2,
-                                                            ensure_ascii=False))
+    atomic_write_text(out / f"{stem}.json", json.dumps(reports if len(reports) > 1 else reports[0], indent=2,
+                                                       ensure_ascii=False))
     md = to_markdown(reports)
-    atomic_write_text(args.out / f"{stem}.md", md)
+    atomic_write_text(out / f"{stem}.md", md)
     print(md)
-    print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')}")
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -87,10 +87,12 @@ def fsync_dir(path) -> None:
 class AtomicWriter:
     """A file written under a temporary name beside `path`: commit() flushes, fsyncs and renames it onto `path`
     (then fsyncs the directory); abort() removes it and leaves `path` as it was. For writers that stay open
-    across calls; `atomic_file` is the same as a context manager."""
+    across calls; `atomic_file` is the same as a context manager. durable=False skips the fsyncs (still atomic
+    against a killed process, not against a power cut): for scratch files a step verifies or recomputes anyway."""
 
-    def __init__(self, path, mode: str = "wb", **open_kwargs):
+    def __init__(self, path, mode: str = "wb", durable: bool = True, **open_kwargs):
         self.path = Path(path)
+        self.durable = durable
         self.tmp = tmp_path_for(self.path)
         with disk_full_as_error(self.path):
             self.f = open(self.tmp, mode, **open_kwargs)
@@ -99,13 +101,15 @@ class AtomicWriter:
         with disk_full_as_error(self.path):
             try:
                 self.f.flush()
-                os.fsync(self.f.fileno())
+                if self.durable:
+                    os.fsync(self.f.fileno())
                 self.f.close()
                 os.replace(self.tmp, self.path)
             except BaseException:
                 self.abort()
                 raise
-        fsync_dir(self.path.parent)
+        if self.durable:
+            fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         with contextlib.suppress(OSError):
@@ -114,10 +118,10 @@ class AtomicWriter:
 
 
 @contextlib.contextmanager
-def atomic_file(path, mode: str = "wb", **open_kwargs):
+def atomic_file(path, mode: str = "wb", durable: bool = True, **open_kwargs):
     """Open a temporary file beside `path` for writing; on a clean exit it is flushed, fsynced and renamed onto
     `path` (and the directory fsynced); on an exception it is removed and `path` is left as it was."""
-    writer = AtomicWriter(path, mode, **open_kwargs)
+    writer = AtomicWriter(path, mode, durable=durable, **open_kwargs)
     try:
         with disk_full_as_error(path):
             yield writer.f

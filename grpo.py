@@ -15,7 +15,7 @@ train_loop's resume after kill -9 reproduces the same losses.
 
 The objective (grpo_loss, group_advantages), every option the field uses:
     advantage   "group": (r - mean_G) / (std_G + 1e-4)  (GRPO);  "mean": r - mean_G  (Dr. GRPO, arXiv:2503.20783)
-    ratio       pi/pi_old per token, clipped to [1 - eps_low, 1 + eps_high] (PPO; clip-higher of DAPO, arXiv:2503.14476);
+    ratio       pi/pi_old per token, clipped to [1 - eps_low, 1 + eps_high] (PPO; DAPO's clip-higher, 2503.14476);
                 pi_old is the policy that sampled, which differs from pi when updates_per_rollout > 1
     KL          beta * k3 = exp(ref - logp) - (ref - logp) - 1 per token (Schulman's estimator, as GRPO)
     loss_norm   "token": sum over all completion tokens / their count (DAPO);  "sequence": mean per completion,
@@ -306,7 +306,9 @@ class GRPOBatches:
         k = self.cfg.updates_per_rollout
         rollout = step // k
         if k > 1 and self.buffer.get("rollout") == rollout and micro_step in self.buffer["micro"]:
-            return self.buffer["micro"][micro_step]
+            batch = self.buffer["micro"][micro_step]   # reused: this step sampled and scored nothing
+            timing = {key: 0.0 for key in ("rollout_s", "reward_s", "old_logps_s", "reference_s")}
+            return {**batch, "stats": {**batch["stats"], **timing}}
         batch = self.make_batch(rollout, micro_step)
         if k > 1:
             if self.buffer.get("rollout") != rollout:
@@ -321,7 +323,8 @@ class GRPOBatches:
         idx = self.prompts_for(rollout, micro_step)
         prompts = [self.data.prompt_ids[i] for i in idx for _ in range(G)]
         items = [self.data.items[i] for i in idx for _ in range(G)]
-        samplings = [dataclasses.replace(self.sampling, seed=rollout_seed(self.seed, rollout, micro_step, self.rank, i, j))
+        samplings = [dataclasses.replace(self.sampling,
+                                         seed=rollout_seed(self.seed, rollout, micro_step, self.rank, i, j))
                      for i in idx for j in range(G)]
         device = self.model.lm_head.weight.device.type
         was_training = self.model.training
@@ -364,7 +367,8 @@ class GRPOBatches:
         if self.ref_model is not None:
             self.ref_model.to(dev)   # a no-op after the first call
             with _dtype_ctx(self.dtype, device):
-                batch["ref_logps"] = token_logps(self.ref_model, on_dev["input_ids"], on_dev["targets"])[0].float().cpu()
+                ref = token_logps(self.ref_model, on_dev["input_ids"], on_dev["targets"])[0]
+                batch["ref_logps"] = ref.float().cpu()
         reference_s = time.perf_counter() - t0
         self.model.train(was_training)
 

@@ -7,9 +7,11 @@ Items are the RL prompt records (data/rl/<task>.jsonl, data_process/stage.py `re
 reference (a short answer, or the letter for multiple choice). Components:
 
     exact        1 if the answer (inside <answer>…</answer> if present) equals the reference, after normalization
-                 (NFKC, case, whitespace and punctuation removed); the {question, answer} layout MedicalGPT's GRPO data uses
+                 (NFKC, case, whitespace and punctuation removed); for the {question, answer} layout of
+                 MedicalGPT's GRPO data
     choice       1 if the first option letter A-D (E…) of the answer is the reference letter, else 0
-    format       1 for exactly <think>…</think><answer>…</answer> (DeepSeek-R1's template), 0.5 for the answer tags alone
+    format       1 for exactly <think>…</think><answer>…</answer> (DeepSeek-R1's template), 0.5 for the
+                 answer tags alone
     length       -min(1, max(0, tokens - target_tokens) / target_tokens): no penalty up to target_tokens
     repetition   -(share of repeated character n-grams): 0 for text without repeats, towards -1 for a loop
     judge        0-10 score of an OpenAI-compatible endpoint (`url`, e.g. our own serve.py) against the reference,
@@ -35,7 +37,8 @@ log = logging.getLogger("rewards")
 KINDS = ("exact", "choice", "format", "length", "repetition", "judge")
 
 JUDGE_RUBRIC = (
-    "你是一名严格的评审。根据参考答案判断模型的回答是否正确，给出 0-10 的整数分（10 = 与参考答案一致且正确，0 = 错误或答非所问）。\n"
+    "你是一名严格的评审。根据参考答案判断模型的回答是否正确，给出 0-10 的整数分"
+    "（10 = 与参考答案一致且正确，0 = 错误或答非所问）。\n"
     "只输出这个整数。\n\n【问题】\n%s\n\n【参考答案】\n%s\n\n【模型的回答】\n%s")
 
 

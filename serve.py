@@ -22,6 +22,9 @@ Extensions beyond OpenAI's fields, as vLLM names them: `top_k`, `repetition_pena
 `chat_template_kwargs: {"enable_thinking": true | false}` (the chat template's thinking switch).
 Reasoning: a reply's `<think>…</think>` comes back as `message.reasoning_content` (streamed as
 `delta.reasoning_content`), the rest as `content` with the `<answer>` tags dropped, as DeepSeek-style servers do.
+Tools: `tools` (function JSON schemas) and `tool_choice` "auto" | "none" are rendered by tokenizer.openai_to_chat
+(with `tool` messages and assistant `tool_calls`); the reply's `<tool_call>{json}</tool_call>` blocks come back as
+OpenAI `tool_calls` (streamed as one delta per call) with `finish_reason: "tool_calls"`.
 Sampling ranges: temperature or top_p below GREEDY_BELOW sample greedily (as vLLM does: their fp32 math would
 overflow), repetition_penalty must lie in [0.01, 10].
 """
@@ -49,6 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import Engine, EngineBusy, Job
 from inference import Sampling, device_error, load_model
+from tokenizer import openai_to_chat
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 API_KEY_ENV = "SERVE_API_KEY"
@@ -95,8 +99,6 @@ NEUTRAL_VALUES = {
     "top_logprobs": _is_zero,
     "best_of": lambda v: v is None or (type(v) is int and v == 1),
     "suffix": lambda v: v is None or v == "",
-    "tools": lambda v: v is None or v == [],
-    "tool_choice": lambda v: v is None or v == "none",
     "functions": lambda v: v is None or v == [],
     "function_call": lambda v: v is None or v == "none",
     "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
@@ -143,9 +145,34 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str            # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class FunctionDef(_Strict):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None     # assistant
+    tool_call_id: str | None = None              # tool
 
     def text(self) -> str:
         if self.content is None:
@@ -164,6 +191,65 @@ class ChatTemplateKwargs(_Strict):
 
 
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+class ToolCallParser:
+    """Takes the reply's content stream and cuts out <tool_call>{json}</tool_call> blocks as OpenAI tool calls;
+    a block that is not a JSON {"name", "arguments"} stays content. An unclosed block at the end (the model stopped
+    at <|im_end|>) is still a call if its JSON is whole."""
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(self):
+        self.pending, self.inside, self.calls = "", False, []
+
+    def push(self, text: str) -> list[tuple[str, object]]:
+        """-> [("content", str) | ("tool_call", dict)] in order."""
+        self.pending += text
+        out: list[tuple[str, object]] = []
+        while True:
+            if self.inside:
+                end = self.pending.find(self.CLOSE)
+                if end < 0:
+                    return out
+                self._call(out, self.pending[:end], closed=True)
+                self.pending, self.inside = self.pending[end + len(self.CLOSE):], False
+            else:
+                start = self.pending.find(self.OPEN)
+                if start < 0:
+                    hold = max((k for k in range(1, len(self.OPEN)) if self.pending.endswith(self.OPEN[:k])),
+                               default=0)
+                    cut = len(self.pending) - hold
+                    if cut:
+                        out.append(("content", self.pending[:cut]))
+                    self.pending = self.pending[cut:]
+                    return out
+                if start:
+                    out.append(("content", self.pending[:start]))
+                self.pending, self.inside = self.pending[start + len(self.OPEN):], True
+
+    def flush(self) -> list[tuple[str, object]]:
+        out: list[tuple[str, object]] = []
+        if self.inside:
+            self._call(out, self.pending, closed=False)
+        elif self.pending:
+            out.append(("content", self.pending))
+        self.pending, self.inside = "", False
+        return out
+
+    def _call(self, out: list, body: str, closed: bool) -> None:
+        try:
+            obj = json.loads(body)
+            name, args = obj["name"], obj.get("arguments", {})
+            if not isinstance(name, str) or not isinstance(args, (dict, str)):
+                raise TypeError
+        except (ValueError, TypeError, KeyError, AttributeError):
+            out.append(("content", self.OPEN + body + (self.CLOSE if closed else "")))
+            return
+        arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        call = {"index": len(self.calls), "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                "function": {"name": name, "arguments": arguments}}
+        self.calls.append(call)
+        out.append(("tool_call", call))
 
 
 class ReasoningParser:
@@ -240,6 +326,17 @@ class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)   # the newer name for max_tokens
     chat_template_kwargs: ChatTemplateKwargs | None = None          # vLLM's name: {"enable_thinking": bool}
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto"] | dict | None = None
+    parallel_tool_calls: bool | None = None
+
+    def active_tools(self) -> list[dict]:
+        if isinstance(self.tool_choice, dict):
+            raise ApiError(400, "tool_choice naming a function is not supported by this server (use \"auto\")",
+                           param="tool_choice", code="unsupported_value")
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def enable_thinking(self) -> bool | None:
         return self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs else None
@@ -259,7 +356,8 @@ class CompletionRequest(SamplingRequest):
         return self.prompt if isinstance(self.prompt[0], int) else self.prompt[0]
 
 
-_FIELD_NAMES = {"role", "content", "text", "type", "include_usage", "enable_thinking"}
+_FIELD_NAMES = {"role", "content", "text", "type", "include_usage", "enable_thinking", "tool_calls", "function",
+                "name", "arguments", "id", "tool_call_id", "parameters", "description", "strict"}
 
 
 def _param_from_loc(loc) -> str:
@@ -418,7 +516,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.completion_tokens,
                 "total_tokens": len(job.prompt_ids) + job.completion_tokens}
 
-    async def respond(request: Request, req: SamplingRequest, job: HttpJob, chat: bool, thinking: bool = False):
+    async def respond(request: Request, req: SamplingRequest, job: HttpJob, chat: bool, thinking: bool = False,
+                      tools: bool = False):
         try:
             engine.submit(job)
         except EngineBusy as e:
@@ -430,9 +529,24 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         parser = ReasoningParser(thinking)
+        calls = ToolCallParser() if tools else None
 
-        def chunk(text: str | None, finish: str | None, first=False, field: str = "content") -> str:
+        def pieces(text: str | None) -> list[tuple[str, object]]:
+            """A text event (None: the end) -> [(field, value)]: reasoning_content, content, tool_call."""
+            if not chat:
+                return [("content", text)] if text else []
+            split = parser.push(text) if text is not None else parser.flush()
+            if calls is None:
+                return split
+            out = []
+            for field, piece in split:
+                out += calls.push(piece) if field == "content" else [(field, piece)]
+            return out + (calls.flush() if text is None else [])
+
+        def chunk(text, finish: str | None, first=False, field: str = "content") -> str:
             if chat:
+                if field == "tool_call":
+                    text, field = [text], "tool_calls"
                 delta = ({"role": "assistant", "content": ""} if first else {}) | ({field: text} if text else {})
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
@@ -475,12 +589,18 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 job.cancelled.set()
             text, finish = "".join(parts), event[1]
             if chat:
-                fields = {"content": "", "reasoning_content": ""}
-                for field, piece in parser.push(text) + parser.flush():
-                    fields[field] += piece
+                fields, tool_calls = {"content": "", "reasoning_content": ""}, []
+                for field, piece in pieces(text) + pieces(None):
+                    if field == "tool_call":
+                        tool_calls.append({k: v for k, v in piece.items() if k != "index"})
+                    else:
+                        fields[field] += piece
                 message = {"role": "assistant", "content": fields["content"]}
                 if fields["reasoning_content"] or thinking:
                     message["reasoning_content"] = fields["reasoning_content"]
+                if tool_calls:
+                    message["tool_calls"], finish = tool_calls, "tool_calls"
+                    message["content"] = fields["content"].strip() or None
                 choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
@@ -496,16 +616,16 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                     if event is None:
                         return
                     if event[0] == "text":
-                        for field, piece in (parser.push(event[1]) if chat else [("content", event[1])]):
+                        for field, piece in pieces(event[1]):
                             yield chunk(piece, None, field=field)
                     elif event[0] == "error":
                         err = {"error": {"message": event[1], "type": "server_error", "param": None, "code": None}}
                         yield "data: " + json.dumps(err, ensure_ascii=False) + "\n\n"
                         break
                     else:
-                        for field, piece in (parser.flush() if chat else []):
+                        for field, piece in pieces(None):
                             yield chunk(piece, None, field=field)
-                        yield chunk(None, event[1])
+                        yield chunk(None, "tool_calls" if calls and calls.calls else event[1])
                         if include_usage:
                             yield "data: " + json.dumps(base | {"choices": [], "usage": usage(job)}) + "\n\n"
                         break
@@ -522,14 +642,19 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         req = await read_body(request, ChatRequest, settings.max_body_bytes)
         check_model(req.model)
         req.check_unsupported()
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
-        if messages[-1]["role"] not in ("user", "assistant"):
-            raise ApiError(400, "the last message must come from the user (or be an assistant prefill to continue)",
-                           param="messages")
-        prefill = messages[-1]["role"] == "assistant"
-        if prefill and len(messages) == 1:
+        last = req.messages[-1]
+        if last.role not in ("user", "assistant", "tool") or (last.role == "assistant" and last.tool_calls):
+            raise ApiError(400, "the last message must come from the user or a tool (or be an assistant prefill "
+                                "to continue)", param="messages")
+        prefill = last.role == "assistant"
+        if prefill and len(req.messages) == 1:
             raise ApiError(400, "an assistant prefill needs a user message before it", param="messages")
+        tools = req.active_tools()
+        try:
+            messages = openai_to_chat([{"role": m.role, "content": m.text(), "tool_calls": [
+                c.model_dump() for c in m.tool_calls or []]} for m in req.messages], tools)
+        except ValueError as e:   # e.g. tool-call arguments that are not JSON
+            raise ApiError(400, f"invalid messages: {e}", param="messages") from None
         try:
             # prefill: the conversation as rendered, less the last <|im_end|>: the reply continues that message
             prompt_ids = tokenizer.render_chat(messages, add_generation_prompt=not prefill,
@@ -543,7 +668,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         opened = ReasoningParser()
         opened.push(messages[-1]["content"] if prefill else "")
         thinking = req.enable_thinking() is True or opened.thinking
-        return await respond(request, req, job, chat=True, thinking=thinking)
+        return await respond(request, req, job, chat=True, thinking=thinking, tools=bool(tools))
 
     @v1.post("/completions")
     async def completions(request: Request):

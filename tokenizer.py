@@ -19,6 +19,12 @@ Reasoning answers are `<think>…</think><answer>…</answer>` inside the assist
 the four tags become their single special tokens. The thinking switch (`enable_thinking`, as Qwen3's template
 names it) acts on the generation prompt only: True appends `<think>` (the reply starts by reasoning), False appends
 `<think></think>` (an empty reasoning: the reply answers at once), None (the default) leaves it to the model.
+
+Tool calls (`openai_to_chat`, the one place that writes them; Qwen2.5/Hermes's text layout, so their parsers
+read ours): the tools' JSON schemas go into the system turn inside <tools></tools>; an assistant's call is
+`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` in its content; tool results become the next user
+turn as `<tool_response>\n...\n</tool_response>` blocks. So a tool conversation is still system/user/assistant
+turns, and every reader, stage and template of the project takes it as it is.
 """
 from __future__ import annotations
 
@@ -387,6 +393,55 @@ class StreamDecoder:
         text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return text
+
+
+TOOLS_SYSTEM = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n"
+                "</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
+                "<args-json-object>}}\n</tool_call>")
+
+
+def tool_call_text(name: str, arguments) -> str:
+    """One call as the model writes it; `arguments` a dict or its JSON text."""
+    args = json.loads(arguments) if isinstance(arguments, str) else arguments
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": args}, ensure_ascii=False) + "\n</tool_call>"
+
+
+def openai_to_chat(messages, tools=None) -> list[dict]:
+    """OpenAI chat messages (roles system/developer/user/assistant/tool, assistant `tool_calls`, `tools` schemas)
+    -> the {role, content} turns render_chat takes (module docstring). Raises ValueError on what it cannot place."""
+    out: list[dict] = []
+
+    def add(role: str, content: str):
+        if out and out[-1]["role"] == role and role == "user":   # tool results + a user message: one user turn
+            out[-1]["content"] += "\n" + content
+        else:
+            out.append({"role": role, "content": content})
+
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content") or ""
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be text")
+        if role in ("system", "developer"):
+            add("system", content)
+        elif role == "user":
+            add("user", content)
+        elif role == "assistant":
+            calls = [tool_call_text(c["function"]["name"], c["function"].get("arguments") or "{}")
+                     for c in m.get("tool_calls") or []]
+            add("assistant", "\n".join(([content] if content else []) + calls))
+        elif role == "tool":
+            add("user", "<tool_response>\n" + content + "\n</tool_response>")
+        else:
+            raise ValueError(f"message {i}: unknown role {role!r}")
+    if tools:
+        block = TOOLS_SYSTEM.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if out and out[0]["role"] == "system":
+            out[0]["content"] += block
+        else:
+            out.insert(0, {"role": "system", "content": block.lstrip("\n")})
+    return out
 
 
 def _check_messages(messages) -> None:

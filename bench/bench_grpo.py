@@ -10,8 +10,8 @@
    equal up to float rounding, so a few may part ways late).
 2. A GRPO step on the synthetic task (grpo.synthetic_choice_items, choice reward, beta > 0 so the reference
    forward is timed too), through train_loop: rollout, reference, reward and policy forward+backward seconds
-   (step_s - data_s) as the loop logs them, averaged over the steps after the first. On a GPU also tokens/s and
-   MFU of the policy update (train_loop's figures).
+   (step_s - data_s) as the loop logs them, averaged over the steps after the first; train_loop's tokens/s and
+   MFU (input tokens and model FLOPs over the whole step, rollouts included), the figures to read on a GPU.
 The tokenizer is trained by the project's own trainer at its default size on the real samples, as bench_serve.
 """
 from __future__ import annotations
@@ -102,7 +102,8 @@ def bench_step(tmp: Path, tok, preset: str, device: str, steps: int, prompts_n: 
     print(f"GRPO step ({preset}, {prompts_n} prompts x G={group}, up to {new_tokens} new tokens, mean completion "
           f"{mean['completion_len']:.0f}, {device}, bf16): {mean['step_s']:.2f} s = rollout {mean['rollout_s']:.2f} + "
           f"reference {mean['reference_s']:.2f} + reward {mean['reward_s']:.3f} + policy fwd/bwd {policy_s:.2f} + "
-          f"other {other_s:.3f}; policy update {mean['tokens_per_s']:,.0f} tokens/s, MFU {mean['mfu']:.1%}")
+          f"other {other_s:.3f}; train_loop's tokens/s and MFU over the whole step: {mean['tokens_per_s']:,.0f}, "
+          f"{mean['mfu']:.1%}")
     return {"step_s": round(mean["step_s"], 3), "step_rollout_s": round(mean["rollout_s"], 3),
             "step_reference_s": round(mean["reference_s"], 3), "step_reward_s": round(mean["reward_s"], 4),
             "step_policy_fwd_bwd_s": round(policy_s, 3), "step_other_s": round(other_s, 4),

@@ -5,6 +5,7 @@ real samples, with a per-operator cost table, side by side with data-juicer's eq
     python bench/bench_quality.py --mb 200        # the issue's scale
     python bench/bench_quality.py --quick         # 3 MB, < 60 s
     python bench/bench_quality.py --measure       # the rule statistics per sample set (thresholds in recipe.toml)
+    python bench/bench_quality.py --filter-effect # tiny models on the web text before / after the chain (bpc)
 
 The text: documents of skywork-zh-web, firefly, MedicalGPT fever.txt and medical_corpus, the Toyhom medical
 dialogues (question + answer as one document) and LLaMA-Factory's English C4 demo, with planted hard cases: 8%
@@ -360,6 +361,70 @@ def _fast_zh(text: str) -> bool:
     return quality.KANA_HANGUL.search(head) is None and zh_ratio(head) >= quality.FAST_ZH_MIN_HAN
 
 
+# ---------------------------------------------------------------- what the filters do to a model
+
+
+def filter_effect(steps: int = 200, seeds=(0, 1), batch: int = 16, seq_len: int = 128) -> dict:
+    """Two tiny models (the `tiny` preset) on equal token budgets, from the web text before and after the quality
+    chain, scored by bits per character on held-out web documents that pass the chain. The web text is all there
+    is here: skywork-zh-web + firefly (285 documents, ~1 MB), so expect the difference to be within noise."""
+    import numpy as np
+    import torch
+
+    from bpc import contiguous_windows, score_windows
+    from data_process.train_tokenizer import train_sentencepiece
+    from model import Transformer, make_config
+    from tokenizer import Tokenizer
+
+    torch.set_num_threads(1)    # the machine is shared: one core per run, as the other figures here
+    sets = sample_sets()
+    web = sets["web:skywork"] + sets["web:firefly"]
+    rng = random.Random(0)
+    order = list(range(len(web)))
+    rng.shuffle(order)
+    settings = CleanConfig(t2s=True, langid=True, rules=True, pii=True)
+    cleaner = Cleaner(settings, "zh")
+
+    def passes(text):
+        return cleaner.clean({"id": "", "kind": "doc", "text": text}) is None
+
+    held = [web[i] for i in order[:40] if passes(web[i])]
+    before = [web[i] for i in order[40:]]
+    after = [d for d in before if passes(d)]
+    tok = Tokenizer(train_sentencepiece((line for d in before for line in d.split("\n") if line), 4096))
+
+    def stream(docs):
+        ids = []
+        for d in docs:
+            ids += tok.encode(d) + [tok.eos_id]
+        return np.asarray(ids, dtype=np.int64)
+
+    held_windows = list(contiguous_windows(stream(held), seq_len))
+    out = {"docs_before": len(before), "docs_after": len(after), "held_out_docs": len(held),
+           "tokens_per_run": steps * batch * seq_len}
+    for name, docs in (("before", before), ("after", after)):
+        data = stream(docs)
+        bpcs = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            gen = np.random.default_rng(seed)
+            model = Transformer(make_config("tiny", tok.vocab_size, max_seq_len=seq_len))
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+            for _ in range(steps):
+                starts = gen.integers(0, len(data) - seq_len - 1, size=batch)
+                x = torch.from_numpy(np.stack([data[s:s + seq_len] for s in starts]))
+                y = torch.from_numpy(np.stack([data[s + 1:s + seq_len + 1] for s in starts]))
+                loss = model(x, y).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            model.eval()
+            with torch.no_grad():
+                bpcs.append(score_windows(model, tok, held_windows).bits_per_char)
+        out[f"bpc_{name}"] = [round(b, 4) for b in bpcs]
+    return out
+
+
 # ---------------------------------------------------------------- --measure
 
 
@@ -447,9 +512,14 @@ def main(argv=None) -> int:
     p.add_argument("--mb", type=float, default=None, help="size of the benchmark text (default 60)")
     p.add_argument("--dj-mb", type=float, default=None, help="size data-juicer runs on (default 20)")
     p.add_argument("--measure", action="store_true", help="print the rule statistics of every sample set")
+    p.add_argument("--filter-effect", action="store_true",
+                   help="train two tiny models on the web text before / after the chain, compare bits per char")
     args = p.parse_args(argv)
     if args.measure:
         measure()
+        return 0
+    if args.filter_effect:
+        print(json.dumps(filter_effect(steps=60 if args.quick else 200), indent=1))
         return 0
     print(json.dumps(run(args.quick, args.mb, args.dj_mb), indent=1))
     return 0

@@ -10,7 +10,7 @@ LocalPipelineExecutor runs datatrove's four stages (MinhashDedupSignature -> Min
 MinhashDedupCluster -> MinhashDedupFilter). `word`: its default for Chinese (language "zh": spaCy's Chinese
 tokenizer with the jieba segmenter, word 5-grams, 14 buckets x 8 hashes). `char`: the same pipeline and
 config with a word tokenizer that returns characters, so shingles are character 5-grams. Prints one JSON
-line: seconds per stage and the ids of the removed documents.
+line: seconds per stage, the ids of the removed documents and the cluster of every clustered one.
 """
 from __future__ import annotations
 
@@ -59,10 +59,11 @@ def main(argv=None) -> int:
         ("signature", [JsonlReader(str(args.input)), MinhashDedupSignature(str(w / "sigs"), config=config,
                                                                            language=language)], len(files)),
         ("buckets", [MinhashDedupBuckets(str(w / "sigs"), str(w / "buckets"), config=config)], config.num_buckets),
-        ("cluster", [MinhashDedupCluster(str(w / "buckets"), str(w / "remove_ids"), config=config)], 1),
+        ("cluster", [MinhashDedupCluster(str(w / "buckets"), str(w / "remove_ids"), config=config,
+                                         save_cluster_id=True)], 1),
         ("filter", [JsonlReader(str(args.input)), MinhashDedupFilter(
-            str(w / "remove_ids"), exclusion_writer=JsonlWriter(str(w / "removed"))), JsonlWriter(str(w / "kept"))],
-         len(files)),
+            str(w / "remove_ids"), exclusion_writer=JsonlWriter(str(w / "removed")), load_cluster_ids=True),
+            JsonlWriter(str(w / "kept"))], len(files)),
     ]
     seconds = {}
     for name, pipeline, tasks in stages:
@@ -71,12 +72,20 @@ def main(argv=None) -> int:
                               logging_dir=str(w / "logs" / name)).run()
         seconds[name] = time.perf_counter() - t0
     import gzip
-    removed = []
-    for f in sorted((w / "removed").glob("*")):
-        opener = gzip.open if f.suffix == ".gz" else open
-        with opener(f, "rt", encoding="utf-8") as fh:
-            removed += [json.loads(line)["id"] for line in fh if line.strip()]
-    print(json.dumps({"seconds": seconds, "removed": removed}))
+    removed, cluster = [], {}
+    for what in ("removed", "kept"):
+        for f in sorted((w / what).glob("*")):
+            opener = gzip.open if f.suffix == ".gz" else open
+            with opener(f, "rt", encoding="utf-8") as fh:
+                for line in fh:
+                    if line.strip():
+                        doc = json.loads(line)
+                        if what == "removed":
+                            removed.append(doc["id"])
+                        c = (doc.get("metadata") or {}).get("minhash_cluster_id", -1)
+                        if c != -1:
+                            cluster[doc["id"]] = c
+    print(json.dumps({"seconds": seconds, "removed": removed, "cluster": cluster}))
     return 0
 
 

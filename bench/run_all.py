@@ -35,8 +35,10 @@ BENCHES = [
     ("model", "model fwd+bwd, decode"),
     ("pretrain", "pretrain step"),
     ("sft", "SFT and DPO"),
+    ("grpo", "GRPO rollouts and step"),
     ("eval", "evaluation"),
     ("serve", "decode vs transformers, server"),
+    ("decode", "decode vs llama.cpp"),
 ]
 
 

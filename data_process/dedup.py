@@ -138,6 +138,30 @@ def read_eval_questions(path: Path, fmt: str) -> tuple[list[evalsets.Question], 
     return result.questions, sum(result.dropped.values())
 
 
+def _variant_pieces(q: evalsets.Question) -> list[str]:
+    """The raw texts question_variants normalizes: stem, lettered options, bare options, filled form (if any).
+    Normalization is character by character, so normalizing the pieces and joining them equals normalizing the
+    joined text: all questions' pieces are normalized in one batch."""
+    options = q.option_list
+    pieces = [BLANK.sub("", q.question), *(letter + opt for letter, opt in zip("ABCD", options)), *options]
+    answer = q.answer_text
+    if answer is not None:
+        # a function, not a template: an answer such as "$\\mathrm{e}$" holds backslashes that re.sub would
+        # read as escapes ("bad escape \\m")
+        question = q.question
+        pieces.append(BLANK.sub(lambda _: answer, question, count=1) if BLANK.search(question) else question + answer)
+    return pieces
+
+
+def _variants_of(norm: list[str], n: int) -> list[tuple[str, int | None]]:
+    stem, labeled, bare = norm[0], norm[0] + "".join(norm[1:5]), norm[0] + "".join(norm[5:9])
+    windows = len(stem) - min(len(stem), (n + 1) // 2) + 1 if stem else 0
+    variants = [(stem, None), (labeled, windows), (bare, windows)]
+    if len(norm) > 9:
+        variants.insert(1, (norm[9], None))
+    return variants
+
+
 def question_variants(q: evalsets.Question, n: int) -> list[tuple[str, int | None]]:
     """Alnum-normalized forms in which a question shows up in training text, each with how many of its
     n-character windows count (None: all): the question; the question with its blank filled by (or followed
@@ -145,19 +169,24 @@ def question_variants(q: evalsets.Question, n: int) -> list[tuple[str, int | Non
     their letters (how exam dumps on the web print them). In the options forms a window must hold at least
     half a window (or the whole stem, if shorter) of question text, so a run of options such as 'a是b否c...'
     never matches alone."""
-    question, options = q.question, q.option_list
-    stem = minhash.normalize_alnum(BLANK.sub("", question))
-    labeled = stem + "".join(minhash.normalize_alnum(letter + opt) for letter, opt in zip("ABCD", options))
-    bare = stem + "".join(minhash.normalize_alnum(opt) for opt in options)
-    windows = len(stem) - min(len(stem), (n + 1) // 2) + 1 if stem else 0
-    variants = [(stem, None), (labeled, windows), (bare, windows)]
-    answer = q.answer_text
-    if answer is not None:
-        # a function, not a template: an answer such as "$\\mathrm{e}$" holds backslashes that re.sub would
-        # read as escapes ("bad escape \\m")
-        filled = BLANK.sub(lambda _: answer, question, count=1) if BLANK.search(question) else question + answer
-        variants.insert(1, (minhash.normalize_alnum(filled), None))
-    return variants
+    return _variants_of([minhash.normalize_alnum(p) for p in _variant_pieces(q)], n)
+
+
+def _all_variants(questions: list, n: int) -> list[list[tuple[str, int | None]]]:
+    """question_variants of many questions, normalized in one batch."""
+    pieces = [_variant_pieces(q) for q in questions]
+    flat = [p for ps in pieces for p in ps]
+    if not flat:
+        return []
+    cps, lengths = minhash.fold_batch(*minhash.encode_batch(flat), alnum=True)
+    ends = np.cumsum(lengths)
+    text = minhash._decode(cps)
+    norm = [text[e - k:e] for e, k in zip(ends.tolist(), lengths.tolist())]
+    out, at = [], 0
+    for ps in pieces:
+        out.append(_variants_of(norm[at:at + len(ps)], n))
+        at += len(ps)
+    return out
 
 
 def eval_index(question_sets: list[list], n: int) -> dict:
@@ -167,11 +196,11 @@ def eval_index(question_sets: list[list], n: int) -> dict:
     n-gram at all (too short in every form)."""
     hashes, entries, entry_q, entry_windows, q_set, too_short = [], [], [], [], [], 0
     for s, questions in enumerate(question_sets):
-        for q in questions:
+        for variants in _all_variants(questions, n):
             qi = len(q_set)
             q_set.append(s)
             got = 0
-            for text, windows in question_variants(q, n):
+            for text, windows in variants:
                 h = np.unique(minhash.ngram_hashes64(minhash.codepoints(text), n)[:windows])
                 if not len(h):
                     continue
@@ -235,8 +264,11 @@ def find_contamination(cps: np.ndarray, lengths: np.ndarray, index: dict, n: int
 # ---------------------------------------------------------------------------------------------------------
 # Files between the stages: .npy written atomically, read back through memory maps
 def _save(path: Path, arr: np.ndarray) -> None:
+    """A stage file: atomic (a killed run never leaves half of one under its name), not fsynced (scratch that
+    the next stage checks by size, and that a re-run after a power cut recomputes: data/dedup/.work goes when
+    the step is done; the step's outputs are fsynced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
+    with atomic_file(path, durable=False) as f:
         np.save(f, arr)
 
 
@@ -285,9 +317,12 @@ def hash_batch(texts: list[str], dtexts: list[str], cfg: dict, index: dict) -> d
                         np.uint64, len(texts))
     sigs = _hasher(cfg["num_perm"], cfg["ngram"]).signatures_cps(cps, lengths)
     n, share = cfg["decontam_ngram"], cfg["decontam_min_share"]
-    contam, score = find_contamination(*minhash.alnum_only(cps, lengths), index, n, share)
+    if len(index["hashes"]):
+        contam, score = find_contamination(*minhash.alnum_only(cps, lengths), index, n, share)
+    else:                                        # no eval set: nothing to look for
+        contam, score = np.full(len(texts), -1, np.int64), np.zeros(len(texts), np.float32)
     own = [i for i, (t, d) in enumerate(zip(texts, dtexts)) if d is not t]   # preference pairs: prompt only
-    if own:
+    if own and len(index["hashes"]):
         dcps, dlengths = minhash.fold_batch(*minhash.encode_batch([dtexts[i] for i in own]), alnum=True)
         contam[own], score[own] = find_contamination(dcps, dlengths, index, n, share)
     return {"exact": exact, "bands": minhash.band_hashes(sigs, cfg["bands"], cfg["rows"]),
@@ -362,9 +397,9 @@ def sign_unit(unit: dict) -> dict:
     _save(_unit_file(work, k, "sketch.npy"), a["sketch"])
     _save(_unit_file(work, k, "bands.npy"), band_rows)
     _save(_unit_file(work, k, "exact.npy"), exact_rows)
-    with atomic_file(_unit_file(work, k, "ids.parquet")) as f:
+    with atomic_file(_unit_file(work, k, "ids.parquet"), durable=False) as f:
         pq.write_table(pa.table({"id": pa.array(ids, pa.string())}), f)
-    with atomic_file(_unit_file(work, k, "meta.npz")) as f:
+    with atomic_file(_unit_file(work, k, "meta.npz"), durable=False) as f:
         np.savez(f, n=n, chars=chars, band_rows=len(band_rows), exact_rows=len(exact_rows),
                  contam=a["contam"].astype(np.int32), score=a["score"], has_shingles=a["has_shingles"])
     return {"index": k, "n": n, "chars": chars, "band_rows": len(band_rows), "exact_rows": len(exact_rows)}
@@ -877,7 +912,7 @@ def _run(recipe, clean_root: Path, out_root: Path, workers, mapper) -> dict:
     question_sets, eval_report = _load_eval_sets(recipe, eval_files)
     index = eval_index(question_sets, cfg.decontam_ngram)
     too_short = index.pop("too_short")
-    with atomic_file(work / "eval_index.npz") as f:
+    with atomic_file(work / "eval_index.npz", durable=False) as f:
         np.savez(f, **index)
     questions = [(s, q) for s, qs in enumerate(question_sets) for q in qs]
     set_names = [e.name for e in recipe.eval_sets]

@@ -119,8 +119,11 @@ def _pad(s: str, width: int) -> str:
 
 
 def side_by_side(left_title: str, left: str, right_title: str, right: str, width: int, max_lines: int) -> list[str]:
+    """Two texts in two columns under their titles (a title longer than a column wraps, never cut)."""
+    ta, tb = wrap(left_title, width, 3), wrap(right_title, width, 3)
+    rows = [_pad(ta[i] if i < len(ta) else "", width) + " | " + (tb[i] if i < len(tb) else "")
+            for i in range(max(len(ta), len(tb)))]
     a, b = wrap(left, width, max_lines), wrap(right, width, max_lines)
-    rows = [_pad(left_title[:width], width) + " | " + right_title[:width]]
     rows.append("-" * width + "-+-" + "-" * width)
     for i in range(max(len(a), len(b))):
         rows.append(_pad(a[i] if i < len(a) else "", width) + " | " + (b[i] if i < len(b) else ""))

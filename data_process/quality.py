@@ -8,7 +8,8 @@ each function is pure and cheap to call on its own:
   华为昇腾) keeps it: t2s on simplified text would rewrite 昇腾 -> 升腾 and 乾和 -> 干和 (seen on the
   skywork-zh-web sample).
 - `detect_language(text) -> (lang, prob)`: py3langid (langid.py's model, shipped in the wheel: works offline),
-  normalized probabilities, on the first `LANGID_CHARS` characters.
+  normalized probabilities, on the first `LANGID_CHARS` characters; `language_matches(text, corpus_lang, ...)`
+  decides by script first (Han, no kana or hangul: Chinese) and asks py3langid only otherwise.
 - `rule_stats(text) -> dict` and `check_rules(stats, rules) -> reason | None`: the numbers and the decision,
   separately, so the bench and the threshold measurement (bench/bench_quality.py --measure) print the same
   numbers the filter uses.

@@ -442,6 +442,24 @@ def convert_conversations(o) -> dict:
     return conv(_messages(_obj(o).get("conversations"), "conversations"))
 
 
+def convert_openai_tools(o) -> dict:
+    """OpenAI chat layout with tool calls: {"messages": [... assistant "tool_calls", "tool" results ...],
+    "tools": [function schemas]} -> our turns, written by the chat template's one converter
+    (tokenizer.openai_to_chat: tools in the system turn, <tool_call> blocks, <tool_response> user turns)."""
+    from tokenizer import openai_to_chat
+    o = _obj(o)
+    messages, tools = o.get("messages"), o.get("tools")
+    if messages is None:
+        raise BadRecord("missing_field", "no messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages) or \
+            not isinstance(tools, (list, type(None))):
+        raise BadRecord("wrong_type", "messages must be a list of objects and tools a list")
+    try:
+        return conv(openai_to_chat(messages, tools))
+    except (ValueError, KeyError, TypeError) as e:   # unknown role, arguments that are not JSON, a call without name
+        raise BadRecord("bad_record", f"tool conversation: {type(e).__name__}: {e}") from None
+
+
 QUESTION_KEYS = ("问", "question", "prompt", "query", "instruction")
 ANSWER_KEYS = ("答", "answer", "response", "output")
 
@@ -853,6 +871,7 @@ READERS: dict[str, Callable] = {
     "moss_firefly_jsonl": json_reader(convert_human_assistant),
     "medical_dialogue_txt": read_medical_dialogue_txt,
     "magpie_parquet": parquet_reader(convert_magpie),
+    "openai_tools_jsonl": json_reader(convert_openai_tools),
 }
 # Readers that decode text themselves and so take the corpus's `encoding` setting (JSON is UTF-8 by its RFC 8259).
 # Defaults: plain_text UTF-8, the Toyhom readers gb18030_or_utf8.
@@ -863,7 +882,7 @@ ENCODING_READERS = {"plain_text", "medical_dialogue_csv", "medical_dialogue_txt"
 LINE_READERS = {"text_jsonl", "baidubaike_jsonl", "guidelines_jsonl", "minimind_pretrain_jsonl", "plain_text",
                 "instruction_json", "sharegpt_jsonl", "minimind_sft_jsonl", "qa_jsonl", "medical_reward_jsonl",
                 "pref_messages_jsonl", "sharegpt_pref_jsonl", "wiki_json_array", "wudao_json_array",
-                "sharegpt_pref_msg", "moss_firefly_jsonl"}
+                "sharegpt_pref_msg", "moss_firefly_jsonl", "openai_tools_jsonl"}
 
 
 def splittable(reader: str, path: Path) -> bool:

@@ -611,12 +611,12 @@ def stage_rl(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path,
     """Write out_dir/<stage>.jsonl and <stage>.val.jsonl (RL prompt sets) from the conversations of `corpora`:
     prompt = every turn before the last, answer = the last assistant turn. Rejects (counted, logged to
     <stage>.rejects.jsonl): not a conversation, malformed, empty turn, a prompt longer than max_tokens."""
-    counts = {"train": 0, "val": 0, "rejected": Counter(), "sources": Counter(), "missing_corpora": []}
+    counts = _new_counts()
     train, val = _JsonlWriter(out_dir / f"{stage}.jsonl"), _JsonlWriter(out_dir / f"{stage}.val.jsonl")
     rejects = _JsonlWriter(out_dir / f"{stage}.rejects.jsonl")
 
     def produce():
-        for corpus, record in _records(docs_root, corpora, counts["missing_corpora"]):
+        for corpus, record in _records(docs_root, corpora, counts["missing_corpora"], counts["seen"]):
             rid = f"{corpus}:{record.get('id')}"
             messages = record.get("messages")
             reason = "not_a_conversation" if record.get("kind") != "conv" else check_conversation(messages)
@@ -636,5 +636,5 @@ def stage_rl(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path,
             counts["sources"][corpus] += 1
         _ensure_one_val(train, val, counts, val_fraction)
 
-    _write_all([train, val, rejects], produce)
-    return {**counts, "rejected": dict(counts["rejected"]), "sources": dict(counts["sources"])}
+    _write_all([train, val], [rejects], produce, counts)
+    return _plain(counts)

@@ -118,7 +118,11 @@ def test_two_ranks_give_the_losses_and_weights_of_one_process_on_the_same_global
 def test_sft_and_dpo_run_under_two_process_ddp(tmp_path, job):
     from test_sft_fixtures import (FAST_TRAIN, MEDICAL_REWARD, MEDICAL_SFT, base_checkpoint, read_records, stage,
                                    write_toml)
+    from checkpoint import data_provenance, load_checkpoint, save_checkpoint
     base = base_checkpoint(tmp_path / "base")
+    model, tok, meta = load_checkpoint(base)   # as a pretrain phase leaves it: with its provenance
+    keep = {k: v for k, v in meta.items() if k not in ("files", "format", "tokenizer_sha256")}
+    save_checkpoint(base, model, tok, {**keep, "provenance": [data_provenance("pretrain converge", tmp_path)]})
     if job == "sft":
         data = stage(tmp_path, read_records("sharegpt_jsonl", MEDICAL_SFT, "medical_sft", limit=60), "medical",
                      max_tokens=96)
@@ -142,4 +146,5 @@ def test_sft_and_dpo_run_under_two_process_ddp(tmp_path, job):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("step-", "final"))) == ["final", "step-000002"]
     model, _, _ = checkpoint.load_checkpoint(out / "final")
     assert checkpoint.param_digest(model) == meta["param_sha256"]
-    assert [r["job"] for r in meta["provenance"]] == [f"{job} run"]   # provenance recorded under DDP too
+    # the provenance of the checkpoint it started from, carried on, then its own (recorded under DDP too)
+    assert [r["job"] for r in meta["provenance"]] == ["pretrain converge", f"{job} run"]

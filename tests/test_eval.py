@@ -4,6 +4,7 @@ import math
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -447,7 +448,13 @@ def test_eval_says_per_benchmark_split_whether_training_was_decontaminated_again
     assert line.startswith("ceval val: decontaminated — pretrain warmup: 4/4 files in decontamination eval set(s) "
                            "'ceval', 1 training docs removed against them")
     assert ev.contamination({"provenance": [pre]}, cmmlu)["status"] == "not checked"   # not in its eval sets
-    assert ev.contamination(loaded, ceval)["status"] == "partial"   # the SFT job's record has no eval files
+    # the SFT job read the same data dir (same dedup report): it inherits the recipe's eval files
+    assert loaded["provenance"][1]["recipe_from"] == "pretrain warmup"
+    assert ev.contamination(loaded, ceval)["status"] == "checked"
+    assert "pretrain warmup, sft medical: 4/4 files" in ev.contamination_line("ceval", "val",
+                                                                            ev.contamination(loaded, ceval))
+    other = data_provenance("sft other", tmp_path / "elsewhere")          # data without a dedup report
+    assert ev.contamination({"provenance": [pre, other]}, ceval)["status"] == "partial"
     none = ev.contamination({}, ceval)
     assert none["status"] == "not checked" and "records no data provenance" in ev.contamination_line("c", "v", none)
     # through main: printed per benchmark split, and in report.md
@@ -494,3 +501,19 @@ def test_eval_main_writes_json_and_markdown_reports_and_compares_checkpoints(tmp
 def test_eval_main_refuses_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
     assert ev.main([str(tmp_path)]) == 2
     assert "not a checkpoint" in capsys.readouterr().err
+
+
+def test_eval_settings_come_from_one_config_a_toml_file_then_set_then_the_flags(tmp_path, capsys):
+    cfg_file = tmp_path / "eval.toml"
+    cfg_file.write_text('[eval]\nshots = [0, 3]\ndtype = "bf16"\nmax_questions = 7\n')
+    ckpts, cfg = ev.parse_args(["ck", "--config", str(cfg_file), "--set", "max_questions=9", "--shots", "1,2",
+                                "--no-gen"])
+    assert ckpts == [Path("ck")]
+    assert (cfg.shots, cfg.dtype, cfg.max_questions, cfg.gen, cfg.lm) == ([1, 2], "bf16", 9, False, True)
+    assert cfg.ceval == ["corpora/eval/ceval"] and cfg.out == "out/eval"   # defaults: EvalConfig only
+    # typos, wrong types and out-of-range values are one-line errors naming the file and key, exit code 2
+    for bad, where in ((["--set", "shot=[1]"], "shot"), (["--set", "max_questions=-1"], "max_questions"),
+                       (["--set", 'dtype="fp16"'], "dtype"), (["--shots", "a,b"], "--shots")):
+        assert ev.main([str(tmp_path), "--config", str(cfg_file), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and where in err and err.count("\n") == 1

@@ -47,7 +47,7 @@ def check_record(r):
 RECIPE = load_recipe(ROOT / "config" / "recipe.toml", root=ROOT)
 # (records, {reason: count}) each embedded corpus must give: pins the deliberate problems in the samples
 EXPECTED_REJECTS = {"c4_zh": {"bad_json": 1}, "wudao": {"missing_field": 2}, "medical_finetune": {"missing_field": 1},
-                    "sharegpt": {"no_answer": 1}}
+                    "sharegpt": {"no_answer": 1}, "medical_qa_rl": {"missing_field": 1}}
 
 
 @pytest.mark.parametrize("spec", RECIPE.corpora, ids=lambda s: s.name)
@@ -65,7 +65,7 @@ def test_every_embedded_corpus_reads_in_its_format(spec):
             assert r["id"] not in ids
             ids.add(r["id"])
         rejects.update(x.reason for x in rej)
-    want_kind = {"pretrain": "doc", "sft": "conv", "dpo": "pref"}[spec.role]
+    want_kind = {"pretrain": "doc", "sft": "conv", "dpo": "pref", "rl": "conv"}[spec.role]
     assert set(kinds) == {want_kind} and kinds[want_kind] >= 5
     assert dict(rejects) == EXPECTED_REJECTS.get(spec.name, {})
 
@@ -242,6 +242,11 @@ JSONL_GOOD = {
     "sharegpt_pref_jsonl": {"conversations": [{"from": "human", "value": "q"}], "chosen": "a", "rejected": "b"},
     "wiki_json_array": {"completion": "文本", "source": "s"},
     "wudao_json_array": {"id": 1, "title": "t", "content": "正文"},
+    "openai_tools_jsonl": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                           "messages": [{"role": "user", "content": "问"}, {"role": "assistant", "tool_calls": [
+                               {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                               {"role": "tool", "tool_call_id": "c", "content": "结果"},
+                               {"role": "assistant", "content": "答"}]},
     "sharegpt_pref_msg": {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
                           "rejected": {"from": "gpt", "value": "b"}},
     "moss_firefly_jsonl": {"conversation_id": 1, "category": "Brainstorming", "dataset": "moss",
@@ -253,7 +258,7 @@ MISSING = {"sharegpt_pref_msg": {"conversations": [{"from": "human", "value": "q
            "minimind_pretrain_jsonl": {}, "instruction_json": {"instruction": "q"}, "sharegpt_jsonl": {},
            "minimind_sft_jsonl": {"messages": []}, "qa_jsonl": {"问": "q"}, "medical_reward_jsonl": {"question": "q"},
            "pref_messages_jsonl": {"chosen": []}, "sharegpt_pref_jsonl": {"conversations": []},
-           "wiki_json_array": {"source": "s"}, "wudao_json_array": {"title": "t"}}
+           "wiki_json_array": {"source": "s"}, "wudao_json_array": {"title": "t"}, "openai_tools_jsonl": {"tools": []}}
 WRONG_TYPE = {"text_jsonl": {"text": ["a"]}, "baidubaike_jsonl": {"title": "t", "sections": "not a list"},
               "guidelines_jsonl": {"clean_text": {"a": 1}}, "minimind_pretrain_jsonl": {"text": None, "x": 1},
               "instruction_json": {"instruction": "q", "output": ["a"]},
@@ -261,6 +266,7 @@ WRONG_TYPE = {"text_jsonl": {"text": ["a"]}, "baidubaike_jsonl": {"title": "t", 
               "qa_jsonl": {"问": "q", "答": {"x": 1}}, "medical_reward_jsonl": {"question": "q", "response_chosen": [], "response_rejected": "b"},
               "pref_messages_jsonl": {"chosen": "a", "rejected": "b"}, "sharegpt_pref_jsonl": {"conversations": [{"from": "human", "value": "q"}], "chosen": ["a"], "rejected": "b"},
               "wiki_json_array": {"completion": ["x"]}, "wudao_json_array": {"content": {"x": 1}},
+              "openai_tools_jsonl": {"messages": "hi"},
               "sharegpt_pref_msg": {"conversations": [{"from": "human", "value": "q"}], "chosen": "a", "rejected": "b"},
               "moss_firefly_jsonl": {"conversation": "hi"}}
 

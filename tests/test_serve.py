@@ -260,9 +260,18 @@ BAD_REQUESTS = [
     ("prefill without a user turn", "/v1/chat/completions",
      OK_CHAT | {"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
     # official parameters this server does not implement: a 400, not a silent 200
-    ("tools", "/v1/chat/completions", OK_CHAT | {"tools": [{"type": "function", "function": {"name": "f"}}]},
-     400, "tools"),
-    ("tool_choice", "/v1/chat/completions", OK_CHAT | {"tool_choice": "required"}, 400, "tool_choice"),
+    ("tool_choice required", "/v1/chat/completions", OK_CHAT | {"tool_choice": "required"}, 400, "tool_choice"),
+    ("tool_choice naming a function", "/v1/chat/completions",
+     OK_CHAT | {"tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
+    ("a tool that is not a function", "/v1/chat/completions", OK_CHAT | {"tools": [{"type": "retrieval"}]},
+     400, "tools[0].type"),
+    ("tool-call arguments not JSON", "/v1/chat/completions", OK_CHAT | {"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "x"}]}, 400, "messages"),
+    ("ends with an assistant tool call", "/v1/chat/completions", OK_CHAT | {"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, 400, "messages"),
     ("response_format json", "/v1/chat/completions", OK_CHAT | {"response_format": {"type": "json_object"}},
      400, "response_format"),
     ("frequency_penalty", "/v1/chat/completions", OK_CHAT | {"frequency_penalty": 0.5}, 400, "frequency_penalty"),
@@ -868,3 +877,111 @@ def test_enable_thinking_switch_and_reasoning_content_streamed_and_whole(client,
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join(d.content or "" for d in deltas) == content
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
+
+
+def test_tool_call_parser_cuts_calls_out_of_the_stream_however_it_is_cut():
+    from serve import ToolCallParser
+    text = '先查一下。<tool_call>\n{"name": "lookup_dose", "arguments": {"drug": "布洛芬"}}\n</tool_call>' \
+           '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>'
+    for size in (1, 2, 3, 7, len(text)):
+        parser, out = ToolCallParser(), []
+        for i in range(0, len(text), size):
+            out += parser.push(text[i:i + size])
+        out += parser.flush()
+        content = "".join(v for k, v in out if k == "content")
+        calls = [v["function"] for k, v in out if k == "tool_call"]
+        assert content == "先查一下。", size
+        assert calls == [{"name": "lookup_dose", "arguments": '{"drug": "布洛芬"}'}, {"name": "f", "arguments": '{"a": 1}'}]
+        assert [c["index"] for c in parser.calls] == [0, 1]
+    parser = ToolCallParser()      # not JSON: stays text; an unclosed but whole call at the end is a call
+    assert parser.push("<tool_call>oops</tool_call>") == [("content", "<tool_call>oops</tool_call>")]
+    assert [k for k, _ in parser.push('<tool_call>{"name": "g", "arguments": {}}') + parser.flush()] == ["tool_call"]
+
+
+def tool_checkpoint(path):
+    """A small chat model whose tokenizer (trained here, 2,000 pieces) knows the tool prompt's words."""
+    from checkpoint import save_checkpoint
+    from data_process.train_tokenizer import train_sentencepiece
+    from model import Transformer, make_config
+    from test_export import real_chinese_texts
+    from tokenizer import Tokenizer, openai_to_chat
+    from tool_data import tool_conversations
+    turns = [m["content"] for r in tool_conversations() for m in openai_to_chat(r["messages"], r["tools"])]
+    tok = Tokenizer(train_sentencepiece(real_chinese_texts() + turns * 20, 2000))
+    torch.manual_seed(0)
+    model = Transformer(make_config("tiny", tok.vocab_size, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    ffn_dim=256, max_seq_len=512))
+    return save_checkpoint(path, model, tok, {"step": 0, "kind": "sft", "chat": True})
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    """Fine-tune (train_loop.train, 60 full-batch steps) on the project's tiny tool set read through the
+    openai_tools_jsonl reader, then serve the result."""
+    from checkpoint import load_checkpoint
+    from data_process.readers import READERS
+    from tool_data import write_tool_dataset
+    from train_loop import TrainConfig, train
+    tmp = tmp_path_factory.mktemp("tools")
+    path = write_tool_dataset(tmp / "tools.jsonl")
+    conversations = [r["messages"] for r in READERS["openai_tools_jsonl"](path, "tools")]
+    assert len(conversations) == 3 and all(c[0]["role"] == "system" and "<tools>" in c[0]["content"]
+                                           for c in conversations)
+    model, tok, _ = load_checkpoint(tool_checkpoint(tmp / "init"))
+    rendered = [tok.render_chat(c) for c in conversations]
+    T = max(len(r.ids) for r in rendered)
+    ids, weights = torch.full((len(rendered), T), tok.pad_id), torch.zeros(len(rendered), T)
+    for i, r in enumerate(rendered):
+        ids[i, :len(r.ids)], weights[i, :len(r.ids)] = torch.tensor(r.ids), torch.tensor(r.weights)
+
+    class Batches:   # the whole set every step
+        def next_batch(self, step, micro_step):
+            return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_weights": weights[:, 1:]}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+    cfg = TrainConfig(out_dir=str(tmp / "sft"), total_steps=60, batch_size=len(rendered), seq_len=T - 1, lr=5e-3,
+                      min_lr=1e-4, warmup_steps=5, stable_steps=35, decay_steps=20, weight_decay=0.0, dtype="fp32",
+                      device="cpu", eval_interval=0, save_interval=0, progress=False)
+    summary = train(cfg, model, tok, Batches(), meta={"kind": "sft", "chat": True, "stage": "tools"})
+    proc, url = start_server(summary["final_dir"], "--api-key", API_KEY)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_official_client_tool_loop_on_a_model_fine_tuned_for_tools(tool_server):
+    from tool_data import DOSES, DRUG_TOOL, answer
+    client = openai.OpenAI(base_url=tool_server + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    for drug in ("布洛芬", "阿莫西林"):
+        messages = [{"role": "user", "content": f"{drug}怎么吃？"}]
+        r = client.chat.completions.create(model=MODEL, messages=messages, tools=[DRUG_TOOL], temperature=0,
+                                           max_tokens=60)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.function.name == "lookup_dose" and call.id.startswith("call_")
+        args = json.loads(call.function.arguments)
+        assert args == {"drug": drug}
+        # streamed: the same call as a tool_calls delta, finish_reason tool_calls
+        chunks = list(client.chat.completions.create(model=MODEL, messages=messages, tools=[DRUG_TOOL],
+                                                     temperature=0, max_tokens=60, stream=True))
+        deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
+            [(0, "lookup_dose", {"drug": drug})]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+        # the client runs the tool and sends its result back: the model answers from it
+        messages += [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": DOSES[args["drug"]]}]
+        final = client.chat.completions.create(model=MODEL, messages=messages, tools=[DRUG_TOOL], temperature=0,
+                                               max_tokens=60)
+        assert final.choices[0].finish_reason == "stop" and not final.choices[0].message.tool_calls
+        assert final.choices[0].message.content == answer(drug)
+    # tool_choice "none": the tools are not offered, so no call comes back
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "布洛芬怎么吃？"}],
+                                       tools=[DRUG_TOOL], tool_choice="none", temperature=0, max_tokens=20)
+    assert r.choices[0].finish_reason != "tool_calls" and not r.choices[0].message.tool_calls
