@@ -321,14 +321,20 @@ def run_lm(model, tokenizer, data_dir: Path, dtype, max_tokens=0, batch_size=4) 
     scorer pretrain validation uses): characters are counted on exactly the text tokens scored, so a prefix cut
     by max_tokens (per corpus) counts its own characters, and chat-template tokens are not charged to them."""
     from data_process.shards import IndexedDataset
+    from data_process.tokenize_docs import ManifestError, check_manifest
     results = {}
     seq_len = model.config.max_seq_len
     for manifest_path in sorted(Path(data_dir, "pretrain").glob("*/manifest.json")):
-        manifest = json.loads(manifest_path.read_text())
         corpus = manifest_path.parent.name
+        manifest = json.loads(manifest_path.read_text())
         if manifest.get("tokenizer_sha256") != tokenizer.sha256:
             results[corpus] = {"error": "shards were made with another tokenizer "
                                         f"({manifest.get('tokenizer_sha256', '?')[:12]}…): re-tokenize or skip"}
+            continue
+        try:   # finished, every shard there with the sizes, counts and sample digest its manifest recorded
+            manifest = check_manifest(manifest_path.parent, tokenizer.sha256)
+        except ManifestError as e:
+            results[corpus] = {"error": str(e)}
             continue
         val = manifest.get("splits", {}).get("val", {})
         if not val.get("tokens"):

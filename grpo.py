@@ -482,13 +482,13 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     """Train one GRPO task through train_loop.train; returns the loop's summary."""
     import glob
 
-    from checkpoint import load_checkpoint
+    from checkpoint import data_provenance, load_checkpoint, provenance_chain
     from train_loop import dist_env, train
     if not cfg.init_from:
         raise ValueError(f"GRPO task {cfg.name!r}: init_from (the starting checkpoint) is required")
     check_init_from(cfg.init_from, "run `sh script/sft.sh` first; each GRPO config names the run it starts from")
     out_dir = Path(cfg.out_dir)
-    model, tokenizer, _ = load_checkpoint(cfg.init_from)
+    model, tokenizer, init_meta = load_checkpoint(cfg.init_from)
     context = model.config.max_seq_len
     if cfg.max_new_tokens >= context:
         raise ConfigError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
@@ -517,6 +517,10 @@ def run_grpo(cfg: GRPOConfig) -> dict:
           f"{batches.batch_size} prompts per micro-batch, {total_steps} steps, rewards "
           f"{', '.join(f'{r.kind}*{r.weight:g}' for r in cfg.reward)}, from {cfg.init_from}")
     meta = {"kind": "grpo", "stage": cfg.name, "chat": True, "init_from": str(cfg.init_from)}
+    # what trained it, after the chain its starting checkpoint carries (eval.py reads it back: contamination)
+    patterns = [cfg.data] if isinstance(cfg.data, str) else cfg.data
+    first_file = sorted(p for pat in patterns for p in glob.glob(str(pat)))[0]   # load_prompts found at least one
+    meta["provenance"] = provenance_chain(init_meta, data_provenance(f"grpo {cfg.name}", first_file))
     metrics_path = out_dir / "metrics.jsonl"
     val_fn = make_val_fn(cfg, val, batches, metrics_path)
     summary = train(train_cfg, model, tokenizer, batches, loss_fn=make_loss_fn(cfg), val_fn=val_fn, meta=meta)

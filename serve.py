@@ -539,8 +539,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             if calls is None:
                 return split
             out = []
-            for field, piece in split:
-                out += calls.push(piece) if field == "content" else [(field, piece)]
+            for kind, piece in split:
+                out += calls.push(piece) if kind == "content" else [(kind, piece)]
             return out + (calls.flush() if text is None else [])
 
         def chunk(text, finish: str | None, first=False, field: str = "content") -> str:
@@ -590,11 +590,11 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             text, finish = "".join(parts), event[1]
             if chat:
                 fields, tool_calls = {"content": "", "reasoning_content": ""}, []
-                for field, piece in pieces(text) + pieces(None):
-                    if field == "tool_call":
+                for kind, piece in pieces(text) + pieces(None):
+                    if kind == "tool_call":
                         tool_calls.append({k: v for k, v in piece.items() if k != "index"})
                     else:
-                        fields[field] += piece
+                        fields[kind] += piece
                 message = {"role": "assistant", "content": fields["content"]}
                 if fields["reasoning_content"] or thinking:
                     message["reasoning_content"] = fields["reasoning_content"]
@@ -616,15 +616,15 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                     if event is None:
                         return
                     if event[0] == "text":
-                        for field, piece in pieces(event[1]):
-                            yield chunk(piece, None, field=field)
+                        for kind, piece in pieces(event[1]):
+                            yield chunk(piece, None, field=kind)
                     elif event[0] == "error":
                         err = {"error": {"message": event[1], "type": "server_error", "param": None, "code": None}}
                         yield "data: " + json.dumps(err, ensure_ascii=False) + "\n\n"
                         break
                     else:
-                        for field, piece in pieces(None):
-                            yield chunk(piece, None, field=field)
+                        for kind, piece in pieces(None):
+                            yield chunk(piece, None, field=kind)
                         yield chunk(None, "tool_calls" if calls and calls.calls else event[1])
                         if include_usage:
                             yield "data: " + json.dumps(base | {"choices": [], "usage": usage(job)}) + "\n\n"

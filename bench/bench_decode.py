@@ -16,7 +16,6 @@ the ratio ours / llama.cpp bf16 (the issue's target: >= 0.8).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import sys
 import tempfile
 import threading
@@ -186,7 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args(argv)
     try:
-        import llama_cpp  # noqa: F401
+        import llama_cpp  # noqa: F401  (only: is it installed?)
     except ImportError:
         print("bench_decode.py needs llama-cpp-python: bash script/setup.sh --with-llama-cpp", file=sys.stderr)
         return 2

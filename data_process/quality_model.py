@@ -250,13 +250,13 @@ def model_digest(model_dir: Path) -> str:
 
 
 def corpus_docs(clean_root: Path, name: str, limit: int) -> list[str]:
-    from data_process.records import iter_records
+    from data_process.records import checked_parts, iter_records
 
     out_dir = clean_root / name
-    if not (out_dir / "manifest.json").exists():
+    if not (out_dir / "manifest.json").exists():   # a corpus the read step has not written (not in this run)
         return []
     docs = []
-    for r in iter_records(out_dir):
+    for r in iter_records(checked_parts(out_dir, require_manifest=True)):   # damaged parts: an error naming the step
         if r.get("kind") == "doc" and r["text"].strip():
             docs.append(r["text"])
             if len(docs) >= limit:
@@ -306,7 +306,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python data_process.py train-quality",
                                 description="Train the fastText quality classifier (curated vs web documents of "
                                             "data/clean/) and the KenLM character perplexity model (curated text), "
-                                            "and measure per-corpus perplexity buckets. Run the read step first.")
+                                            "and measure per-corpus perplexity buckets. Run the read step first. "
+                                            "Exit status: 0 done; 1 no documents on one side; 2 a bad recipe; "
+                                            "3 the data dir is in use by another run; 5 a corpus in data/clean/ is damaged.")
     p.add_argument("--recipe", type=Path, default=None, help="recipe TOML (default: config/recipe.toml)")
     p.add_argument("--data-dir", type=Path, default=None, help="data folder (default: the recipe's)")
     p.add_argument("--out", type=Path, default=None, help="model folder (default: <data-dir>/quality)")
@@ -326,9 +328,20 @@ def main(argv=None) -> int:
     if args.data_dir is not None:
         recipe.data_dir = args.data_dir.resolve()
     out = args.out or recipe.data_dir / "quality"
+    from data_process.records import MissingInputError
+    from fileio import DirLock, LockedError
+
     try:
-        report = train(recipe, out, [s for s in args.positive.split(",") if s], [s for s in args.negative.split(",") if s],
-                       args.max_docs, args.lm_chars, args.seed)
+        # the data dir's lock, as the pipeline takes it: no read step may rewrite data/clean/ while it is read here
+        with DirLock(recipe.data_dir, "data_process.py train-quality"):
+            report = train(recipe, out, [s for s in args.positive.split(",") if s],
+                           [s for s in args.negative.split(",") if s], args.max_docs, args.lm_chars, args.seed)
+    except LockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except MissingInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 5
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -517,3 +517,11 @@ def test_eval_settings_come_from_one_config_a_toml_file_then_set_then_the_flags(
         assert ev.main([str(tmp_path), "--config", str(cfg_file), *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and where in err and err.count("\n") == 1
+
+
+def test_a_damaged_val_shard_is_an_error_for_its_corpus_not_a_score(tmp_path, glm, tiny):
+    _val_corpus(tmp_path, glm, [glm.encode("发烧了怎么办？多喝水。") + [glm.eos_id]] * 4)
+    shard = tmp_path / "pretrain" / "demo" / "val-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-6])   # truncated: the .idx says more tokens than the .bin holds
+    result = ev.run_lm(tiny, glm, tmp_path, torch.float32)["demo"]
+    assert "val-00000" in result["error"] and "bits_per_char" not in result

@@ -73,9 +73,8 @@ def test_llama_cpp_reads_the_chat_template_as_our_ids(dense):
         ids = tok.render_chat(messages, add_generation_prompt=True).ids
         text = tok.render_text(messages, add_generation_prompt=True)
         got = llm.tokenize(text.encode(), add_bos=False, special=True)
-        if "<|im_end|> 是文字" in text:   # our template keeps a user's literal special as text; llama.cpp cannot know
-            got = [t for t in got]   # noqa: C416  (compared below up to that turn only)
-            cut = len(tok.render_chat(messages[:3]).ids)
+        if "<|im_end|> 是文字" in text:   # our template keeps a user's literal special as text; llama.cpp cannot
+            cut = len(tok.render_chat(messages[:3]).ids)   # know, so compare up to that turn
             assert got[:cut] == ids[:cut]
         else:
             assert got == ids

@@ -525,6 +525,9 @@ def test_two_ddp_ranks_roll_out_different_prompts_and_stay_in_sync(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]   # train_loop checks the replicas' digests at each save
     assert (tmp_path / "run" / "final").is_dir() and (tmp_path / "run" / "step-000002").is_dir()
+    # the provenance chain goes on through GRPO: the SFT run it started from, then this run's data
+    meta = json.loads((tmp_path / "run" / "final" / "meta.json").read_text())
+    assert [r["job"] for r in meta["provenance"]][-1] == "grpo c" and meta["provenance"][-1]["data"] == str(data)
     cfg = grpo.load_grpo_config(str(config))
     prompts = grpo.load_prompts(small_tokenizer(), cfg.data, 60)
     ranks = [grpo.GRPOBatches(cfg, prompts, None, small_tokenizer(), batch_size=2, seed=3, rank=r, world_size=2)

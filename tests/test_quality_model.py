@@ -126,6 +126,11 @@ clean = {{ rules = true }}
     root = qm.Path(__file__).resolve().parents[1]
     train = [sys.executable, str(root / "data_process.py"), "train-quality", "--recipe", str(recipe_toml),
              "--positive", "medical_books", "--negative", "skypile"]
+    from fileio import DirLock
+
+    with DirLock(recipe.data_dir, "a read step"):      # a run on the data dir keeps train-quality out
+        locked = subprocess.run(train, cwd=tmp_path, capture_output=True, text=True)
+    assert locked.returncode == 3 and "in use by another run" in locked.stderr
     out = subprocess.run(train, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     model_dir = tmp_path / "data" / "quality"
