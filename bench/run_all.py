@@ -115,6 +115,14 @@ def run_one(name: str, quick: bool) -> dict:
     return figures
 
 
+def hand_written(path: Path) -> str:
+    """The sections of an existing results.md written by hand (everything from its first `## ` heading): a
+    rerun regenerates the table above them and keeps them."""
+    text = path.read_text() if path.is_file() else ""
+    at = text.find("\n## ")
+    return "" if at < 0 else "\n" + text[at + 1:]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -140,7 +148,7 @@ def main(argv=None) -> int:
         results["benches"][name] = figures
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str))
-    md = to_markdown(results)
+    md = to_markdown(results) + hand_written(args.out / "results.md")
     (args.out / "results.md").write_text(md)
     print("\n" + md)
     failed = [n for n, r in results["benches"].items() if "error" in r]

@@ -47,3 +47,12 @@ def test_only_reruns_a_subset_and_keeps_the_other_figures(tmp_path, monkeypatch)
     assert benches["read"]["figure"] == 1 and len(benches) == len(run_all.BENCHES)
     assert run_all.main(["--only", "read", "--quick", "--out", str(tmp_path)]) == 0   # quick never mixes with full
     assert list(json.loads((tmp_path / "results.json").read_text())["benches"]) == ["read"]
+
+
+def test_a_rerun_keeps_the_hand_written_sections_of_results_md(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_all, "run_one", lambda name, quick: {"figure": 1})
+    (tmp_path / "results.md").write_text("old table\n\n## Dedup at scale\n\nfigures by hand\n\n## Ray\n\nmore\n")
+    assert run_all.main(["--only", "read", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert "old table" not in md and "| figure | 1 |" in md
+    assert md.endswith("\n## Dedup at scale\n\nfigures by hand\n\n## Ray\n\nmore\n")
