@@ -21,10 +21,10 @@ import textwrap
 from pathlib import Path
 
 import settings
+from data_process.exits import EXIT_DISK_FULL, EXIT_LOCKED, EXIT_MISSING_INPUT, run_command
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_RECIPE = ROOT / "config" / "recipe.toml"
-EXIT_LOCKED, EXIT_DISK_FULL, EXIT_MISSING_INPUT = 3, 4, 5
 EPILOG = "\n\n".join(textwrap.fill(paragraph, 100) for paragraph in (
     "Sub-commands: `python data_process.py inspect ...` looks inside token shards (see `python data_process.py "
     "inspect --help`); `python data_process.py inspect dedup` shows what dedup removed and why; "
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         return quality_model.main(argv[1:])
 
     args = build_parser().parse_args(argv)
-    from data_process.pipeline import NothingReadError, run
+    from data_process.pipeline import run
     from data_process.readers import READERS
     from data_process.recipe import RecipeError, load_recipe
 
@@ -136,35 +136,11 @@ def main(argv=None) -> int:
     if args.ray_address and args.engine != "ray":
         print("error: --ray-address needs --engine ray", file=sys.stderr)
         return 2
-    from data_process.executor import EngineError
-    from data_process.records import MissingInputError, RecordsError
-    from fileio import DiskFullError, LockedError, disk_full_message, is_disk_full
-    try:
-        summary = run(recipe, steps=steps, workers=args.workers, force=args.force, progress=not args.no_progress,
-                      engine=args.engine, ray_address=args.ray_address)
-    except EngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NothingReadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except LockedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_LOCKED
-    except (MissingInputError, RecordsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_MISSING_INPUT
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if not is_disk_full(e):
-            raise
-        # DiskFullError already names the path and the space; a bare ENOSPC from elsewhere gets the same line
-        message = e.strerror if isinstance(e, DiskFullError) else disk_full_message(e.filename or recipe.data_dir)
-        print(f"error: {message}. Free some space (or use --data-dir elsewhere) and re-run: finished work is kept",
-              file=sys.stderr)
-        return EXIT_DISK_FULL
+    summary = run_command(lambda: run(recipe, steps=steps, workers=args.workers, force=args.force,
+                                      progress=not args.no_progress, engine=args.engine, ray_address=args.ray_address),
+                          recipe.data_dir)
+    if isinstance(summary, int):
+        return summary
     timings = ", ".join(f"{step} {result.get('seconds', 0):.1f}s" for step, result in summary.items())
     print(f"summary: {recipe.data_dir / 'summary.json'} ({timings})")
     return 0

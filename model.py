@@ -187,10 +187,12 @@ class KVCache:
 
 class Rows(NamedTuple):
     """Per-row positions of a batched decode step (SlotCache): row b's one new token sits at positions[b] and
-    attends to keys 0..positions[b] (mask [B, 1, 1, length], length = max position + 1)."""
+    attends to keys 0..positions[b] (mask [B, 1, 1, length], length = max position + 1); index = arange(B), made
+    once per step (None: update_rows makes it)."""
     positions: torch.Tensor
     mask: torch.Tensor
     length: int
+    index: torch.Tensor | None = None
 
 
 class SlotCache:
@@ -243,7 +245,7 @@ class SlotCache:
         """Write row b's new key/value (k, v [B, H, 1, D]) at rows.positions[b] of slot b; -> the keys and
         values of slots 0..B-1 up to rows.length (views)."""
         B = k.shape[0]
-        index = torch.arange(B, device=k.device)
+        index = torch.arange(B, device=k.device) if rows.index is None else rows.index
         self.k[layer][index, :, rows.positions] = k[:, :, 0]
         self.v[layer][index, :, rows.positions] = v[:, :, 0]
         return self.k[layer][:B, :, :rows.length], self.v[layer][:B, :, :rows.length]
@@ -383,6 +385,59 @@ class Block(nn.Module):
         return x + self.resid_dropout(y), aux
 
 
+def decode_linear(x, weight):
+    """x [B, in] @ weight.T for a decode step on a CPU: F.linear's product, by whichever kernel is fastest there
+    (1 thread): torch.mv at B = 1; above, bf16 with the weight on the left (weight @ x.T; F.linear is ~2x slower
+    in bf16: oneDNN packs the transposed weight every call), fp32 F.linear (MKL's sgemm is fastest on the small
+    projections). -> [B, out] (a transposed view for bf16 B > 1)."""
+    if x.shape[0] == 1:
+        return torch.mv(weight, x[0])[None]
+    if weight.dtype == torch.float32:
+        return F.linear(x, weight)
+    return (weight @ x.t()).t()
+
+
+def packed_linear(x, weight):
+    """F.linear(x, w) with w packed once by torch.ops.mkldnn._reorder_linear_weight (oneDNN's blocked layout, what
+    torch.compile's CPU freezing uses): bf16 results equal F.linear's bit for bit, 5-25% faster than decode_linear
+    at batch 1-8 (1 thread). x [B, in] contiguous -> [B, out]."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def can_pack(weight) -> bool:
+    """Whether decode packs this weight for packed_linear: bf16 on a CPU whose oneDNN does bf16."""
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def decode_norm(norm: RMSNorm, x):
+    """RMSNorm.forward in 4 operations instead of 8 (torch.rms_norm over the fp32 upcast gives the same bits)."""
+    return norm.weight * torch.rms_norm(x.float(), (x.shape[-1],), None, norm.eps).to(x.dtype)
+
+
+def decode_layer(block: "Block", weights: tuple, linear, x, cos, sin, cache: SlotCache, layer: int, rows: Rows):
+    """One dense Block on one new token per row: x [B, C] -> [B, C], the same operations as Block.forward over
+    [B, 1, C] (RMSNorm, rotary, GQA attention over slot b's keys 0..positions[b], SwiGLU) without the T axis, the
+    dropout modules or F.linear: `weights` = (q/k/v stacked, o, gate/up stacked, down) from
+    Transformer._decode_weights, each applied by `linear` (packed_linear or decode_linear); rotary on q and k at
+    once. cos [B, 1, D] and sin [B, 1, D] with its first half negated, in x's dtype, so x * cos + roll(x) * sin is
+    apply_rope's x * cos + rotate_half(x) * sin to the bit."""
+    w_qkv, w_o, w_gate_up, w_down = weights
+    attn = block.self_attn
+    B, H, Hkv, D = x.shape[0], attn.n_heads, attn.n_kv_heads, attn.head_dim
+    qkv = linear(decode_norm(block.input_layernorm, x), w_qkv)
+    qk = qkv[:, :(H + Hkv) * D].reshape(B, H + Hkv, D)
+    qk = qk * cos + qk.roll(D // 2, -1) * sin
+    v = qkv[:, (H + Hkv) * D:].reshape(B, Hkv, 1, D)
+    keys, values = cache.update_rows(layer, qk[:, H:, None], v, rows)
+    mask = rows.mask if B > 1 else None   # one row sees all `length` keys: its mask is all True
+    y = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=mask, enable_gqa=H != Hkv)
+    x = x + linear(y.reshape(B, H * D), w_o)
+    gate_up = linear(decode_norm(block.post_attention_layernorm, x), w_gate_up)
+    F_ = gate_up.shape[1] // 2
+    return x + linear(F.silu(gate_up[:, :F_]) * gate_up[:, F_:], w_down)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -458,22 +513,67 @@ class Transformer(nn.Module):
     def new_slot_cache(self, n_slots: int, dtype: torch.dtype | None = None) -> SlotCache:
         return SlotCache(self, n_slots, dtype)
 
-    def decode_step(self, tokens, positions, cache: SlotCache):
+    def decode_step(self, tokens, positions, cache: SlotCache, lean: bool = True):
         """One new token for each of B independent sequences at once: tokens [B] go to positions [B] of slots
         0..B-1 of `cache` (each slot holding its sequence up to there); -> logits [B, V]. One forward for all
         rows: on a CPU, 8 rows cost about 1.5x one row, so concurrent requests are served ~5x faster than one
-        after another. Row b's result equals forward_with_cache on that sequence alone (up to float rounding)."""
+        after another. Row b's result equals forward_with_cache on that sequence alone (up to float rounding).
+        On a CPU, dense layers take a lean path (decode_layer: [B, C] activations, q/k/v and gate/up stacked into
+        one matmul each, bf16 weights packed once for oneDNN; the module path's operations otherwise, and on this
+        CPU its logits to the bit in fp32 and bf16); MoE layers, autocast (GRPO's bf16 rollouts), active dropout and
+        other devices run the modules as training does, and so does lean=False (the reference: tests, bench)."""
         positions = torch.as_tensor(positions, dtype=torch.long, device=self.lm_head.weight.device)
         length = int(positions.max()) + 1
         if length > cache.capacity:
             raise ValueError(f"KV cache overflow: position {length - 1} >= capacity {cache.capacity}")
         mask = (torch.arange(length, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
-        rows = Rows(positions, mask, length)
-        x = self.model.embed_tokens(torch.as_tensor(tokens, dtype=torch.long, device=positions.device))[:, None]
-        cos, sin = self.rope_cos[positions][:, None, None, :], self.rope_sin[positions][:, None, None, :]
+        rows = Rows(positions, mask, length, torch.arange(len(positions), device=positions.device))
+        x = self.model.embed_tokens(torch.as_tensor(tokens, dtype=torch.long, device=positions.device))
+        cos, sin = self.rope_cos[positions][:, None, :], self.rope_sin[positions][:, None, :]   # [B, 1, D]
+        lean = (lean and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and not (self.training and self.config.dropout))   # dropout active: the modules apply it
+        if lean:
+            weights, head, linear = self._decode_weights()
+            half = cos.shape[-1] // 2
+            rope = cos.to(x.dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x, _ = layer(x, cos, sin, cache, i, rows)
-        return self.lm_head(self.model.norm(x))[:, 0]
+            if lean and weights[i] is not None:
+                x = decode_layer(layer, weights[i], linear, x, *rope, cache, i, rows)
+            else:
+                x = layer(x[:, None], cos[:, None], sin[:, None], cache, i, rows)[0][:, 0]
+        if lean:
+            return linear(decode_norm(self.model.norm, x), head)
+        return self.lm_head(self.model.norm(x))
+
+    def _decode_weights(self) -> tuple[list, torch.Tensor, object]:
+        """-> (per layer (q/k/v stacked [(H + 2 Hkv) * D, C], o, gate/up stacked [2 * F, C], down), or None for an
+        MoE layer; the lm_head weight; the linear that applies them) for decode_layer. bf16 weights are packed
+        for packed_linear (a second copy of every projection and the lm_head: +1x the weight memory); others use
+        decode_linear (copies of q/k/v and gate/up only). Built on first use and rebuilt whenever a source weight
+        is replaced or changed in place (its data pointer or version counter moves: .to(), load_state_dict, an
+        optimizer step), so GRPO's rollouts always decode the policy it trains. The check costs ~30 us a step."""
+        def weight(module, *path):   # module.a.b.weight without nn.Module.__getattr__ (this runs every step)
+            for name in path:
+                module = module._modules[name]
+            return module._parameters["weight"]
+        sources = [tuple(weight(l, *p) for p in (("self_attn", "q_proj"), ("self_attn", "k_proj"),
+                                                  ("self_attn", "v_proj"), ("self_attn", "o_proj"), ("mlp", "gate_proj"),
+                                                  ("mlp", "up_proj"), ("mlp", "down_proj")))
+                   if "mlp" in l._modules else () for l in self.model._modules["layers"]._modules.values()]
+        head = weight(self, "lm_head")
+        key = tuple((w.data_ptr(), w._version) for ws in sources for w in ws) + ((head.data_ptr(), head._version),)
+        cached = self.__dict__.get("_decode_cache")
+        if cached is None or cached[0] != key:
+            pack = can_pack(head)
+            prep = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1)) if pack else (lambda w: w)
+            with torch.no_grad():
+                weights = [tuple(prep(w) for w in (torch.cat(ws[:3]), ws[3], torch.cat(ws[4:6]), ws[6])) if ws else None
+                           for ws in sources]
+                # the sources' storages are held too, so no new weight can be allocated at a cached address
+                cached = (key, (weights, prep(head), packed_linear if pack else decode_linear),
+                          [w.detach() for ws in sources for w in ws] + [head.detach()])
+            self.__dict__["_decode_cache"] = cached   # a plain attribute: not a parameter, not in the state dict
+        return cached[1]
 
     def check_generation(self, prompt_ids: list[int], temperature: float, top_k: int, top_p: float,
                          repetition_penalty: float) -> None:

@@ -328,22 +328,16 @@ def main(argv=None) -> int:
     if args.data_dir is not None:
         recipe.data_dir = args.data_dir.resolve()
     out = args.out or recipe.data_dir / "quality"
-    from data_process.records import MissingInputError
-    from fileio import DirLock, LockedError
+    from data_process.exits import EXIT_NOTHING_READ, run_command
+    from fileio import DirLock
 
-    try:
+    def job():
         # the data dir's lock, as the pipeline takes it: no read step may rewrite data/clean/ while it is read here
         with DirLock(recipe.data_dir, "data_process.py train-quality"):
-            report = train(recipe, out, [s for s in args.positive.split(",") if s],
-                           [s for s in args.negative.split(",") if s], args.max_docs, args.lm_chars, args.seed)
-    except LockedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except MissingInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 5
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+            return train(recipe, out, [s for s in args.positive.split(",") if s],
+                         [s for s in args.negative.split(",") if s], args.max_docs, args.lm_chars, args.seed)
+    report = run_command(job, recipe.data_dir, value_error_exit=EXIT_NOTHING_READ)   # ValueError: no documents
+    if isinstance(report, int):
+        return report
     print(json.dumps(report, ensure_ascii=False, indent=1))
     return 0

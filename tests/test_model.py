@@ -119,6 +119,116 @@ def test_greedy_generation_with_cache_equals_greedy_full_recomputation(overrides
     assert got == ids[len(prompt):]
 
 
+def greedy_by_decode_step(model, prompts, n_new):
+    """Greedy tokens of each prompt through the server's path: a prefill into its SlotCache slot, then
+    decode_step for all rows together (the lean decode path for dense layers)."""
+    slots = model.new_slot_cache(len(prompts))
+    slots.reserve(max(map(len, prompts)) + n_new)
+    out = [[int(model.forward_with_cache(torch.tensor([p]), slots.slot(i), 0)[0, -1].argmax())]
+           for i, p in enumerate(prompts)]
+    for step in range(1, n_new):
+        logits = model.decode_step([o[-1] for o in out], [len(p) + step - 1 for p in prompts], slots)
+        for o, row in zip(out, logits):
+            o.append(int(row.argmax()))
+    return out
+
+
+def wandering(**overrides) -> Transformer:
+    """tiny, weights scaled up (as bench_decode.py) so that greedy decoding does not settle on one token."""
+    model = tiny(**overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(8.0)
+    return model
+
+
+@pytest.mark.parametrize("overrides", [{}, DENSE_GQA, MOE_GQA], ids=["dense", "gqa", "moe"])
+def test_decode_step_greedy_tokens_equal_generate_in_fp32_alone_and_batched(overrides):
+    """The lean decode path (stacked projections, weight-left matmuls, 4-op RMSNorm, rotary on q and k at
+    once) against the module path model.generate runs: the same greedy tokens, batch 1 and 3 rows."""
+    model = wandering(**overrides)
+    prompts = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 13, 9)]
+    with torch.inference_mode():
+        want = [list(model.generate(p, max_new_tokens=24, temperature=0)) for p in prompts]
+        assert len({tuple(w) for w in want}) == 3 and all(len(set(w)) > 4 for w in want)   # they do wander
+        assert greedy_by_decode_step(model, prompts[:1], 24) == want[:1]
+        assert greedy_by_decode_step(model, prompts, 24) == want
+
+
+@pytest.mark.parametrize("overrides", [DENSE_GQA, MOE_GQA], ids=["dense", "moe"])
+@pytest.mark.parametrize("n_rows", [1, 3])
+def test_bf16_decode_step_logits_match_each_sequence_alone(overrides, n_rows):
+    """bf16 weights: decode_step (projections packed for oneDNN where the CPU does bf16) against the module path
+    (forward_with_cache of each sequence alone), within bf16 rounding: rtol 1.6e-2, atol 1e-2 (logits ~1-10)."""
+    model = wandering(**overrides).to(torch.bfloat16)
+    prompts = [torch.randint(0, V, (n,)) for n in (6, 11, 3)[:n_rows]]
+    with torch.inference_mode():
+        slots = model.new_slot_cache(n_rows)
+        slots.reserve(32)
+        alone = [model.new_cache(1, 32) for _ in prompts]
+        for i, (p, cache) in enumerate(zip(prompts, alone)):
+            model.forward_with_cache(p[None], slots.slot(i), 0)
+            model.forward_with_cache(p[None], cache, 0)
+        for step in range(4):
+            tokens, pos = [10 * step + b for b in range(n_rows)], [len(p) + step for p in prompts]
+            got = model.decode_step(tokens, pos, slots)
+            assert got.dtype == torch.bfloat16 and got.shape == (n_rows, V)
+            for b in range(n_rows):
+                want = model.forward_with_cache(torch.tensor([[tokens[b]]]), alone[b], pos[b])[0, -1]
+                torch.testing.assert_close(got[b].float(), want.float(), rtol=1.6e-2, atol=1e-2)
+
+
+def test_decode_step_follows_weights_changed_in_place_replaced_or_cast():
+    """The stacked/packed decode weights are rebuilt when a source weight changes (an optimizer step, as GRPO
+    between rollouts), is loaded over, or the model is cast: decode_step keeps equal to forward_with_cache."""
+    model = wandering(**DENSE_GQA)
+    other = wandering(**DENSE_GQA)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    prompt = torch.randint(0, V, (7,))
+
+    def check(tol):
+        with torch.inference_mode():
+            slots, alone = model.new_slot_cache(1), model.new_cache(1, 16)
+            slots.reserve(16)
+            model.forward_with_cache(prompt[None], slots.slot(0), 0)
+            model.forward_with_cache(prompt[None], alone, 0)
+            got = model.decode_step([3], [len(prompt)], slots)[0]
+            want = model.forward_with_cache(torch.tensor([[3]]), alone, len(prompt))[0, -1]
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+            return got.float()
+
+    first = check(1e-5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(torch.randint(0, V, (1, 8)), targets=torch.randint(0, V, (1, 8))).loss.backward()
+    opt.step()
+    stepped = check(1e-5)
+    assert not torch.allclose(first, stepped)
+    model.load_state_dict(other.state_dict())
+    check(1e-5)
+    model.to(torch.bfloat16)
+    check(1.6e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_linears_equal_f_linear(dtype):
+    """decode_linear (mv / weight-left) and packed_linear against F.linear, batch 1 and 5."""
+    from model import can_pack, decode_linear, packed_linear
+    w = torch.randn(96, 64).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    with torch.inference_mode():
+        for rows in (1, 5):
+            x = torch.randn(rows, 64).to(dtype)
+            want = torch.nn.functional.linear(x, w)
+            torch.testing.assert_close(decode_linear(x, w), want, **tol)
+            if can_pack(w):
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+                torch.testing.assert_close(packed_linear(x, packed), want, **tol)
+    assert can_pack(w) == (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def test_generation_stops_at_stop_id_without_yielding_it_and_at_max_seq_len():
     model = tiny(max_seq_len=32)
     prompt = [5, 6, 7]
