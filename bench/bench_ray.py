@@ -136,15 +136,20 @@ def run(quick: bool = False, size_mb: int | None = None, repeat: int | None = No
                         f"{step}_ratio_ray_vs_local": round(ra / lo, 2),
                         f"{step}_local_mb_per_cpu_s": round(per_cpu, 1)})
     ratio = ray["seconds"] / local["seconds"]
+    steps_local, steps_ray = sum(local["steps"].values()), sum(ray["steps"].values())
     print(f"  {'total':10s} {local['seconds']:8.1f} {ray['seconds']:8.1f} {ratio:9.2f}  "
           f"(ray includes starting and stopping its local instance; overhead {100 * (ratio - 1):+.0f}%, "
           f"target <= +15%)")
+    print(f"  steps only {steps_local:.1f} s vs {steps_ray:.1f} s: ratio {steps_ray / steps_local:.2f}; Ray's start and "
+          f"stop around them {ray['seconds'] - steps_ray:.1f} s (a fixed cost, whatever the input size)")
     print(f"  all runs, seconds: local {[round(r['seconds'], 1) for r in runs['local']]}, "
           f"ray {[round(r['seconds'], 1) for r in runs['ray']]}")
     identical = len({r["digest"] for r in runs["local"] + runs["ray"]}) == 1
     print(f"  shards byte-identical across every run: {identical}")
     figures.update({"total_local_s": round(local["seconds"], 1), "total_ray_s": round(ray["seconds"], 1),
                     "ratio_ray_vs_local": round(ratio, 3), "overhead_pct": round(100 * (ratio - 1), 1),
+                    "steps_ratio_ray_vs_local": round(steps_ray / steps_local, 3),
+                    "ray_start_stop_s": round(ray["seconds"] - steps_ray, 1),
                     "tokens_per_cpu_s_tokenize": round(local["tokens"] / local["cpu_seconds"]["tokenize"]),
                     "shards_identical": identical, "load_average": round(os.getloadavg()[0], 1)})
     return figures

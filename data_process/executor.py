@@ -95,19 +95,26 @@ class Executor:
             self._ray, self._owned = ray, False
             return
         # Workers import data_process, fileio and tokenizer from the project root: on a cluster the checkout must
-        # be at the same path on every node (docs/scaling.md), like the data dir.
+        # be at the same path on every node (docs/scaling.md), like the data dir. A cluster's workers get it
+        # through the job's runtime_env; a local instance's inherit it from this process's environment, which
+        # lets Ray use the workers it prestarts (a runtime_env would start new ones: seconds per run).
         pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
-        kwargs = dict(runtime_env=runtime_env, include_dashboard=False, log_to_driver=True,
-                      logging_level="WARNING", configure_logging=True)
+        kwargs = dict(include_dashboard=False, log_to_driver=True, logging_level="WARNING", configure_logging=True)
+        saved = os.environ.get("PYTHONPATH")
         try:
             if address:
-                ray.init(address=address, **kwargs)
+                ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **kwargs)
             else:
+                os.environ["PYTHONPATH"] = pythonpath
                 ray.init(num_cpus=self.workers, object_store_memory=self.object_store_bytes, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EngineError(f"cannot reach a Ray cluster at {address!r}: {first}") from None
+        finally:
+            if saved is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = saved
         self._ray, self._owned = ray, True
 
     # ------------------------------------------------------------------------------------------ mapping
