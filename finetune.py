@@ -148,6 +148,7 @@ def run_cli(job) -> int:
     configuration or missing-file error is one line on stderr and exit code 2; the summary is printed as JSON."""
     from checkpoint import CheckpointError
     from fileio import DiskFullError, LockedError
+    from train_loop import shutdown_distributed
     try:
         summary = job()
     except (settings.ConfigError, FileNotFoundError, LockedError, DiskFullError, CheckpointError) as e:
@@ -155,4 +156,5 @@ def run_cli(job) -> int:
         print(f"error: {e.strerror if isinstance(e, DiskFullError) else e}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "param_sha256"}, default=str))
+    shutdown_distributed()   # under torchrun: every rank leaves the process group together
     return 0

@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune import (IGNORE, add_train_args, check_init_from, load_config, make_train_config, pad_length,
-                      train_overrides)
+from finetune import (IGNORE, add_train_args, check_init_from, cli_overrides, load_config, make_train_config,
+                      pad_length, run_cli)
 from model import TokenNLL
 from rewards import RewardSpec, make_scorers, score_batch
 from settings import ConfigError, limits
@@ -556,12 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    overrides = train_overrides(args) + list(args.sets)
-    for key, value in (("data", args.data), ("init_from", args.init_from), ("out_dir", args.out_dir),
-                       ("group_size", args.group_size)):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    try:
+    overrides = cli_overrides(args, ("data", "init_from", "out_dir", "group_size"))
+
+    def job():
         cfg = load_grpo_config(args.task, args.config_dir, overrides)
         if args.reward_url:
             judges = [r for r in cfg.reward if r.kind == "judge"] or [RewardSpec("judge")]
@@ -569,12 +566,8 @@ def main(argv=None) -> int:
                 cfg.reward.append(judges[0])
             for r in judges:
                 r.url = args.reward_url
-        summary = run_grpo(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "param_sha256"}, default=str))
-    return 0
+        return run_grpo(cfg)
+    return run_cli(job)
 
 
 if __name__ == "__main__":

@@ -522,6 +522,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    ok = False
     try:
         schedule = load_schedule(args.config_dir, args.sets)
         if args.total_tokens:
@@ -532,13 +533,13 @@ def main(argv=None) -> int:
                 val = " ".join(f"{k}={v:.4f}" for k, v in summary["val"].items() if k.endswith(("bpc", "val/loss")))
                 print(f"phase {name} done: step {summary['step']}, {summary['tokens_seen']:,} tokens, "
                       f"loss {summary['loss']:.4f} {val} -> {summary['final_dir']}")
+        ok = True
     except (train_loop.TrainingDiverged, checkpoint.CheckpointError, FileNotFoundError, ValueError,
             train_loop.LockedError, DiskFullError) as e:
         print(f"error: {e.strerror if isinstance(e, DiskFullError) else e}", file=sys.stderr)
         return 1
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        train_loop.shutdown_distributed(ok)
     return 0
 
 

@@ -151,6 +151,19 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
+def shutdown_distributed(ok: bool = True) -> None:
+    """Leave the process group, if one was joined. After a run that ended well (`ok`), every rank first waits for
+    the others, so that no rank tears gloo down while another is still using it (which aborts that one:
+    "terminate called without an active exception"). After an error there is no barrier: the other ranks may be
+    waiting in another collective, and torchrun stops them when this rank exits."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if ok:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def _all_reduce_mean(x: torch.Tensor, world_size: int) -> torch.Tensor:
     if world_size > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)

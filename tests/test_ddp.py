@@ -65,8 +65,7 @@ cfg = train_loop.TrainConfig(out_dir={out!r}, total_steps=6, batch_size=GLOBAL_B
 summary = train_loop.train(cfg, model, tok, GlobalBatches(env.rank, env.world_size))
 if env.is_main:
     print("SUMMARY " + json.dumps({{"step": summary["step"], "tokens_seen": summary["tokens_seen"]}}))
-if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()
+train_loop.shutdown_distributed()
 """
 
 
