@@ -28,15 +28,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SAMPLES = ROOT.parent / "shared" / "corpora-samples"
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def train_tokenizer():
-    from data_process.train_tokenizer import DEFAULT_VOCAB_SIZE, train_sentencepiece
-    from tokenizer import Tokenizer
-    lines = [l for l in (SAMPLES / "medicalgpt/pretrain/fever.txt").read_text(encoding="utf-8").splitlines() if l]
-    lines += [json.loads(l)["text"] for l in open(SAMPLES / "skywork-zh-web/zh_general.jsonl", encoding="utf-8")]
-    return Tokenizer(train_sentencepiece(lines, DEFAULT_VOCAB_SIZE))
+from bench_serve import train_tokenizer  # noqa: E402  (the same tokenizer on the same real text)
 
 
 def make_model(preset: str, tok, max_seq_len: int, device: str):
