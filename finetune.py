@@ -100,7 +100,8 @@ def check_init_from(path, hint: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
-TRAIN_FLAGS = [("--batch-size", int, "batch_size", "sequences (SFT) or pairs (DPO) per micro-batch per rank"),
+TRAIN_FLAGS = [("--batch-size", int, "batch_size",
+                "sequences (SFT), pairs (DPO) or prompts (GRPO) per micro-batch per rank"),
                ("--grad-accum", int, "grad_accum", "micro-batches per optimizer step"),
                ("--seq-len", int, "seq_len", "longest example in tokens (longer ones are dropped, counted)"),
                ("--lr", float, "lr", "peak learning rate"), ("--min-lr", float, "min_lr", None),
