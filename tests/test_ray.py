@@ -165,6 +165,20 @@ def test_a_run_on_its_own_local_ray_instance_is_byte_identical_to_the_local_engi
     assert web["rejected_by_reason"] and web["kept"] + web["rejected"] == web["read"]
 
 
+def test_a_local_ray_instance_runs_its_workers_at_the_drivers_priority(monkeypatch):
+    """Ray starts workers at niceness 15; on a machine with other load that starves the run, so the local
+    instance the engine starts runs them at the driver's niceness (a user's RAY_worker_niceness wins)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    with Executor(engine="ray", workers=2, object_store_bytes=OBJECT_STORE) as executor:
+        assert list(executor.map(os.nice, [0, 0])) == [os.nice(0)] * 2
+    assert not ray.is_initialized() and "RAY_worker_niceness" not in os.environ
+    monkeypatch.setenv("RAY_worker_niceness", "7")
+    with Executor(engine="ray", workers=1, object_store_bytes=OBJECT_STORE) as executor:
+        assert list(executor.map(os.nice, [0])) == [7]
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A two-node Ray cluster on this machine (1 CPU each), this process connected as the driver."""
