@@ -4,8 +4,8 @@
         for result in ex.map(run_unit, units, ordered=False, describe=lambda u: u.src):
             ...                                                     # results arrive at the driver
 
-This is the one place that maps work units over an engine; the read, dedup and tokenize steps call `map` with
-the units they already plan (files and byte ranges, text batches, token batches), so the units, and therefore
+This is the one place that maps work units over an engine; the read, dedup, tokenize and stage steps call `map`
+with the units they already plan (files and byte ranges, text batches, token batches, parts), so the units, and therefore
 the outputs, are the same whichever engine runs them:
 - `ordered=True` yields results in input order (dedup and tokenize consume them in order: the output never
   depends on the worker or node count); `ordered=False` yields them as they finish (the read step keys results

@@ -619,7 +619,7 @@ def _run_steps(recipe: Recipe, steps: list[str], workers, force: bool, progress:
             result = tokenize_docs.run(recipe, docs_root, tokenizer_dir, data_dir / "pretrain", executor=executor)
         else:
             from data_process import stage
-            result = stage.run(recipe, docs_root, tokenizer_dir, data_dir)
+            result = stage.run(recipe, docs_root, tokenizer_dir, data_dir, executor=executor)
         if not isinstance(result, dict):
             result = {"result": result}
         result.setdefault("seconds", round(time.time() - t0, 3))

@@ -303,15 +303,27 @@ def _up_to_date(manifest_path: Path, fingerprint: dict, outputs: list[Path]) -> 
     return counts
 
 
-def _records(docs_root: Path, corpora: list[str], missing: list[str], seen: Counter):
+def _units(kind: str, docs_root: Path, corpora: list[str], max_tokens: int, missing: list[str]) -> list[tuple]:
+    """The stage's work units, in output order: one per dedup part of each corpus (its manifest checked here)."""
+    units = []
     for name in corpora:
         d = docs_root / name
         if not d.is_dir():
             missing.append(name)
             continue
-        for record in iter_records(checked_parts(d)):   # the parts its manifest lists, all there (else an error)
-            seen[name] += 1
-            yield name, record
+        # the parts its manifest lists, all there (else an error naming the step to run)
+        units += [(kind, name, str(part), max_tokens) for part in checked_parts(d)]
+    return units
+
+
+def _outcomes(run_units, kind: str, docs_root: Path, corpora: list[str], max_tokens: int, counts: dict):
+    """(corpus, outcome) for every record of `corpora`, in order; `run_units` maps units to their outcome lists."""
+    units = _units(kind, docs_root, corpora, max_tokens, counts["missing_corpora"])
+    for (_, corpus, _, _), outcomes in zip(units, run_units(units)):
+        if outcomes:
+            counts["seen"][corpus] += len(outcomes)
+        for outcome in outcomes:
+            yield corpus, outcome
 
 
 def _chunks(items, size: int = RENDER_CHUNK):
@@ -323,6 +335,112 @@ def _chunks(items, size: int = RENDER_CHUNK):
             chunk = []
     if chunk:
         yield chunk
+
+
+# ----------------------------------------------------------------------------------- what each record becomes
+# A pure function of the record (and the tokenizer), so it runs wherever the engine puts it: in this process on
+# the local engine (SentencePiece's threads render the conversations) or as one Ray task per dedup part; the
+# driver then writes the rows in order, so the outputs are the same bytes either way.
+
+def _sft_outcomes(tok: Tokenizer, records, max_tokens: int, num_threads: int = -1) -> list[tuple]:
+    """-> (record id, reject reason or None, n_tokens, messages, turns cut at an empty turn, turns cut to fit)."""
+    out = []
+    for chunk in _chunks(records):
+        checked = []
+        for record in chunk:
+            messages = record.get("messages")
+            reason = "not_a_conversation" if record.get("kind") != "conv" else check_conversation(messages)
+            cut = 0
+            if reason == "empty_turn":   # keep the complete pairs before the first empty turn
+                kept, cut = valid_prefix(messages)
+                if any(m["role"] == "assistant" for m in kept):
+                    messages, reason = kept, None
+            checked.append((record, messages, reason, cut))
+        rendered = iter(tok.render_chat_batch([m for _, m, reason, _ in checked if reason is None],
+                                              num_threads=num_threads))
+        for record, messages, reason, cut in checked:
+            n_tokens = len(next(rendered).ids) if reason is None else 0
+            fit_cut = 0
+            if reason is None and n_tokens > max_tokens:   # keep the complete pairs that fit
+                kept, kept_tokens = fit_prefix(tok, messages, max_tokens)
+                if kept:
+                    fit_cut = len(messages) - len(kept)
+                    messages, n_tokens = kept, kept_tokens
+                else:
+                    reason = "too_long"
+            out.append((record.get("id"), reason, n_tokens, messages, cut, fit_cut))
+    return out
+
+
+def _dpo_outcomes(tok: Tokenizer, records, max_tokens: int, num_threads: int = -1) -> list[tuple]:
+    """-> (record id, reject reason or None, n_tokens, the record)."""
+    out = []
+    for record in records:
+        prompt, chosen, rejected = record.get("prompt"), record.get("chosen"), record.get("rejected")
+        if record.get("kind") != "pref":
+            reason = "not_a_preference_pair"
+        elif not isinstance(chosen, str) or not isinstance(rejected, str):
+            reason = "malformed"
+        else:
+            reason = check_prompt(prompt)
+        if reason is None:
+            if is_blank(chosen) or is_blank(rejected):
+                reason = "empty_response"
+            elif chosen == rejected:
+                reason = "chosen_equals_rejected"
+        n_tokens = 0
+        if reason is None:   # the longer of the two full conversations must fit
+            n_tokens = max(len(tok.render_chat(prompt + [{"role": "assistant", "content": r}]).ids)
+                           for r in (chosen, rejected))
+            if n_tokens > max_tokens:
+                reason = "too_long"
+        out.append((record.get("id"), reason, n_tokens, record))
+    return out
+
+
+def _rl_outcomes(tok: Tokenizer, records, max_tokens: int, num_threads: int = -1) -> list[tuple]:
+    """-> (record id, reject reason or None, n_tokens of the prompt, messages)."""
+    out = []
+    for record in records:
+        messages = record.get("messages")
+        reason = "not_a_conversation" if record.get("kind") != "conv" else check_conversation(messages)
+        n_tokens = 0
+        if reason is None:
+            n_tokens = len(tok.render_chat(messages[:-1], add_generation_prompt=True).ids)
+            if n_tokens > max_tokens:
+                reason = "too_long"
+        out.append((record.get("id"), reason, n_tokens, messages))
+    return out
+
+
+OUTCOMES = {"sft": _sft_outcomes, "dpo": _dpo_outcomes, "rl": _rl_outcomes}
+
+
+def part_outcomes(tok: Tokenizer, unit: tuple, num_threads: int = -1) -> list[tuple]:
+    """The outcome of every record of one unit (kind, corpus, part file, max_tokens), in order."""
+    kind, _, part, max_tokens = unit
+    return OUTCOMES[kind](tok, iter_records([Path(part)]), max_tokens, num_threads)
+
+
+_worker_tokenizer = None   # in an engine's worker process: the tokenizer, loaded once
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.load(tokenizer_dir)
+
+
+def _part_task(unit: tuple) -> list[tuple]:
+    return part_outcomes(_worker_tokenizer, unit, num_threads=1)   # one CPU per task: no thread pool of its own
+
+
+def unit_runner(tok: Tokenizer, tokenizer_dir=None, executor=None):
+    """units -> their outcome lists in order: as tasks of a Ray `executor`, else here."""
+    if executor is not None and executor.engine == "ray":
+        return lambda units: executor.map(_part_task, units, ordered=True, initializer=_init_worker,
+                                          initargs=(str(tokenizer_dir),),
+                                          describe=lambda u: f"stage {u[0]}: {u[1]} part {Path(u[2]).name}")
+    return lambda units: (part_outcomes(tok, unit) for unit in units)
 
 
 def _new_counts() -> dict:
@@ -347,42 +465,27 @@ def _reject(counts: dict, rejects, rid: str, corpus: str, reason: str, n_tokens:
 
 
 def stage_sft(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path, stage: str,
-              max_tokens: int, val_fraction: float) -> dict:
-    """Write out_dir/<stage>.csv and <stage>.val.csv from the conversations of `corpora`; returns counts."""
+              max_tokens: int, val_fraction: float, run_units=None) -> dict:
+    """Write out_dir/<stage>.csv and <stage>.val.csv from the conversations of `corpora`; returns counts.
+    `run_units` (unit_runner's) says where the per-record work runs; default: here."""
     counts = {**_new_counts(), "train_tokens": 0, "val_tokens": 0, "truncated": Counter(), "turns_cut": Counter()}
     train, val = _CsvWriter(out_dir / f"{stage}.csv"), _CsvWriter(out_dir / f"{stage}.val.csv")
     rejects = _JsonlWriter(out_dir / f"{stage}.rejects.jsonl")
 
     def produce():
-        for chunk in _chunks(_records(docs_root, corpora, counts["missing_corpora"], counts["seen"])):
-            checked = []
-            for corpus, record in chunk:
-                messages = record.get("messages")
-                reason = "not_a_conversation" if record.get("kind") != "conv" else check_conversation(messages)
-                cut = 0
-                if reason == "empty_turn":   # keep the complete pairs before the first empty turn
-                    kept, cut = valid_prefix(messages)
-                    if any(m["role"] == "assistant" for m in kept):
-                        messages, reason = kept, None
-                checked.append((corpus, record, messages, reason, cut))
-            rendered = iter(tok.render_chat_batch([m for _, _, m, reason, _ in checked if reason is None]))
-            for corpus, record, messages, reason, cut in checked:
-                handle(corpus, record, messages, reason, len(next(rendered).ids) if reason is None else 0, cut)
+        for corpus, outcome in _outcomes(run_units or unit_runner(tok), "sft", docs_root, corpora, max_tokens,
+                                         counts):
+            add(corpus, *outcome)
         moved = _ensure_one_val(train, val, counts, val_fraction)
         if moved is not None:
             counts["train_tokens"] -= moved["n_tokens"]
             counts["val_tokens"] += moved["n_tokens"]
 
-    def handle(corpus, record, messages, reason, n_tokens, empty_cut):
-        rid = f"{corpus}:{record.get('id')}"
-        if reason is None and n_tokens > max_tokens:   # keep the complete pairs that fit
-            kept, kept_tokens = fit_prefix(tok, messages, max_tokens)
-            if kept:
-                counts["truncated"]["too_long"] += 1
-                counts["turns_cut"]["too_long"] += len(messages) - len(kept)
-                messages, n_tokens = kept, kept_tokens
-            else:
-                reason = "too_long"
+    def add(corpus, record_id, reason, n_tokens, messages, empty_cut, fit_cut):
+        rid = f"{corpus}:{record_id}"
+        if fit_cut:
+            counts["truncated"]["too_long"] += 1
+            counts["turns_cut"]["too_long"] += fit_cut
         if reason is not None:
             _reject(counts, rejects, rid, corpus, reason, n_tokens, max_tokens, messages)
             return
@@ -404,39 +507,22 @@ def stage_sft(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path
 
 
 def stage_dpo(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path, stage: str,
-              max_tokens: int, val_fraction: float) -> dict:
+              max_tokens: int, val_fraction: float, run_units=None) -> dict:
     """Write out_dir/<stage>.jsonl and <stage>.val.jsonl from the preference pairs of `corpora`; returns counts."""
     counts = _new_counts()
     train, val = _JsonlWriter(out_dir / f"{stage}.jsonl"), _JsonlWriter(out_dir / f"{stage}.val.jsonl")
     rejects = _JsonlWriter(out_dir / f"{stage}.rejects.jsonl")
 
     def produce():
-        for corpus, record in _records(docs_root, corpora, counts["missing_corpora"], counts["seen"]):
-            rid = f"{corpus}:{record.get('id')}"
-            prompt, chosen, rejected = record.get("prompt"), record.get("chosen"), record.get("rejected")
-            if record.get("kind") != "pref":
-                reason = "not_a_preference_pair"
-            elif not isinstance(chosen, str) or not isinstance(rejected, str):
-                reason = "malformed"
-            else:
-                reason = check_prompt(prompt)
-            if reason is None:
-                if is_blank(chosen) or is_blank(rejected):
-                    reason = "empty_response"
-                elif chosen == rejected:
-                    reason = "chosen_equals_rejected"
-            n_tokens = 0
-            if reason is None:   # the longer of the two full conversations must fit
-                n_tokens = max(len(tok.render_chat(prompt + [{"role": "assistant", "content": r}]).ids)
-                               for r in (chosen, rejected))
-                if n_tokens > max_tokens:
-                    reason = "too_long"
+        for corpus, (record_id, reason, n_tokens, record) in _outcomes(run_units or unit_runner(tok), "dpo",
+                                                                      docs_root, corpora, max_tokens, counts):
+            rid = f"{corpus}:{record_id}"
             if reason is not None:
                 _reject(counts, rejects, rid, corpus, reason, n_tokens, max_tokens, record)
                 continue
             split = "val" if is_val(rid, val_fraction) else "train"
-            (val if split == "val" else train).add(
-                {"id": rid, "source": corpus, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+            (val if split == "val" else train).add({"id": rid, "source": corpus, "prompt": record["prompt"],
+                                                    "chosen": record["chosen"], "rejected": record["rejected"]})
             counts[split] += 1
             counts["sources"][corpus] += 1
         _ensure_one_val(train, val, counts, val_fraction)
@@ -493,8 +579,10 @@ def _summary_line(kind: str, stage: str, corpora: list[str], counts: dict) -> st
             f"{rejected}{truncated}{missing} ({counts.get('seconds', 0)}s)")
 
 
-def run(recipe, docs_root, tokenizer_dir, data_dir) -> dict:
-    """The pipeline's stage step. Returns {"sft": {stage: counts}, "dpo": {stage: counts}} for the run summary."""
+def run(recipe, docs_root, tokenizer_dir, data_dir, executor=None) -> dict:
+    """The pipeline's stage step. Returns {"sft": {stage: counts}, "dpo": {stage: counts}} for the run summary.
+    On a Ray `executor` each dedup part's records are checked and rendered by a Ray task; the rows are written
+    here, in the same order, so the files are the local engine's bytes."""
     docs_root, data_dir = Path(docs_root), Path(data_dir)
     sft_groups, dpo_groups = _stage_groups(recipe)
     rl_groups = _rl_groups(recipe)
@@ -506,6 +594,7 @@ def run(recipe, docs_root, tokenizer_dir, data_dir) -> dict:
                               f"{docs_root}; run the read and dedup steps first (python data_process.py --steps "
                               f"read,dedup)")
     tok = Tokenizer.load(tokenizer_dir)
+    run_units = unit_runner(tok, tokenizer_dir, executor)
     settings = {"max_tokens": recipe.sft.max_tokens, "val_fraction": recipe.sft.val_fraction,
                 "tokenizer_sha256": tok.sha256}
     summary: dict = {"sft": {}, "dpo": {}, "rl": {}}
@@ -533,7 +622,7 @@ def run(recipe, docs_root, tokenizer_dir, data_dir) -> dict:
             else:
                 manifest_path.unlink(missing_ok=True)   # outputs are about to change
                 counts = stage_fn(tok, docs_root, corpora, out_dir, stage, recipe.sft.max_tokens,
-                                  recipe.sft.val_fraction)
+                                  recipe.sft.val_fraction, run_units)
                 counts["seconds"] = round(time.time() - t0, 2)
                 if counts["train"] + counts["val"] == 0:
                     for stale in outputs:
@@ -607,7 +696,7 @@ def _rl_groups(recipe) -> dict[str, list[str]]:
 
 
 def stage_rl(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path, stage: str,
-             max_tokens: int, val_fraction: float) -> dict:
+             max_tokens: int, val_fraction: float, run_units=None) -> dict:
     """Write out_dir/<stage>.jsonl and <stage>.val.jsonl (RL prompt sets) from the conversations of `corpora`:
     prompt = every turn before the last, answer = the last assistant turn. Rejects (counted, logged to
     <stage>.rejects.jsonl): not a conversation, malformed, empty turn, a prompt longer than max_tokens."""
@@ -616,22 +705,15 @@ def stage_rl(tok: Tokenizer, docs_root: Path, corpora: list[str], out_dir: Path,
     rejects = _JsonlWriter(out_dir / f"{stage}.rejects.jsonl")
 
     def produce():
-        for corpus, record in _records(docs_root, corpora, counts["missing_corpora"], counts["seen"]):
-            rid = f"{corpus}:{record.get('id')}"
-            messages = record.get("messages")
-            reason = "not_a_conversation" if record.get("kind") != "conv" else check_conversation(messages)
-            n_tokens = 0
-            if reason is None:
-                prompt = messages[:-1]
-                n_tokens = len(tok.render_chat(prompt, add_generation_prompt=True).ids)
-                if n_tokens > max_tokens:
-                    reason = "too_long"
+        for corpus, (record_id, reason, n_tokens, messages) in _outcomes(run_units or unit_runner(tok), "rl",
+                                                                        docs_root, corpora, max_tokens, counts):
+            rid = f"{corpus}:{record_id}"
             if reason is not None:
                 _reject(counts, rejects, rid, corpus, reason, n_tokens, max_tokens, messages)
                 continue
             split = "val" if is_val(rid, val_fraction) else "train"
             (val if split == "val" else train).add(
-                {"id": rid, "source": corpus, "prompt": prompt, "answer": messages[-1]["content"]})
+                {"id": rid, "source": corpus, "prompt": messages[:-1], "answer": messages[-1]["content"]})
             counts[split] += 1
             counts["sources"][corpus] += 1
         _ensure_one_val(train, val, counts, val_fraction)

@@ -243,6 +243,23 @@ def test_a_failing_unit_reraises_in_the_driver_naming_the_unit(cluster, tmp_path
     assert not (recipe.data_dir / "clean/web/manifest.json").exists()
 
 
+def test_the_stage_step_runs_its_parts_as_ray_tasks(cluster, tmp_path, samples):
+    """Each dedup part of an SFT corpus is a stage unit: a part damaged after its manifest was written (same
+    size, so only reading it shows it) fails in the Ray task that reads it, and the driver names that unit."""
+    recipe = make_recipe(tmp_path, samples)
+    pipeline.run(recipe, steps=["read", "dedup", "tokenizer"], engine="local", progress=False,
+                 chunk_bytes=CHUNK_BYTES)
+    part = sorted((recipe.data_dir / "dedup" / "medical_sft").glob("part-*.jsonl.zst"))[-1]
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    part.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="damaged") as e:
+        pipeline.run(recipe, steps=["stage"], engine="ray", ray_address=cluster, progress=False)
+    assert any(note == f"in work unit stage sft: medical_sft part {part.name}"
+               for note in getattr(e.value, "__notes__", ())), getattr(e.value, "__notes__", None)
+    assert not (recipe.data_dir / "sft" / "medical.csv").exists()
+
+
 KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
