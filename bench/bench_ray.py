@@ -101,8 +101,10 @@ def run_engine(recipe: Path, engine: str) -> dict:
     data_dir = recipe.parent / "data"
     shutil.rmtree(data_dir, ignore_errors=True)
     script = RUN_SCRIPT.format(root=str(ROOT), recipe=str(recipe), steps=STEPS, workers=WORKERS, engine=engine)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                         cwd=recipe.parent).stdout
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=recipe.parent)
+    if proc.returncode != 0:   # say why: the run's own error, not only the command line
+        raise RuntimeError(f"the {engine} run failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    out = proc.stdout
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     result["digest"] = shard_digest(data_dir)
     shutil.rmtree(data_dir, ignore_errors=True)
