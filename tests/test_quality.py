@@ -47,6 +47,36 @@ def test_t2s_gate_counts_exactly_the_characters_opencc_changes():
     assert quality.traditional_share(text) == pytest.approx(n_changed / n_han)
 
 
+def reference_to_simplified(text: str, min_share: float, converter) -> tuple[str, bool]:
+    """The t2s decision without the gate: OpenCC on everything, the share counted character by character."""
+    out = converter.convert(text)
+    han = [ch for ch in text if any(lo <= ord(ch) < hi for lo, hi in quality.HAN_RANGES)]
+    trad = sum(1 for ch in han if converter.convert(ch) != ch)
+    if out == text or (min_share > 0 and trad / max(1, len(han)) < min_share):
+        return text, False
+    return out, True
+
+
+def test_t2s_gate_decides_as_opencc_on_everything_would(samples):
+    converter = opencc.OpenCC("t2s")
+    s2t = opencc.OpenCC("s2t")
+    web = real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
+    docs = web[:60] + [s2t.convert(d) for d in web[:20]]                 # long and short, both scripts
+    docs += [d[:400] + "國" + d[400:] for d in web[:20] if len(d) > 600]  # one traditional character, past the
+    docs += ["中\U00020000文", "𠁞" * 3 + "中文", "😀中文" * 300, "国" * 100 + "國" * 5, "国" * 100 + "國" * 6,   # numpy gate
+             "說" + "x" * 600 + "😀", TRADITIONAL * 20 + "梁靖崑", ""]
+    for doc in docs:
+        for min_share in (0.05, 0.0):
+            assert quality.to_simplified(doc, min_share) == reference_to_simplified(doc, min_share, converter)
+
+
+def test_t2s_still_refuses_a_lone_surrogate_for_the_cleaner_to_count():
+    for text in ("正常的文字\ud800", "正常的文字" * 200 + "\udc00"):
+        with pytest.raises(UnicodeEncodeError):
+            quality.to_simplified(text, 0.05)
+    assert Cleaner(CleanConfig(t2s=True), "zh").clean({"id": "x", "kind": "doc", "text": "文字\ud800"}) == "invalid_unicode"
+
+
 def test_cleaner_t2s_counts_and_audits_before_and_after():
     cleaner = Cleaner(CleanConfig(t2s=True), "zh")
     record = {"id": "x:1", "kind": "doc", "text": TRADITIONAL}
