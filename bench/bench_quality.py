@@ -275,7 +275,7 @@ def compare_with_dj(docs, tmp: Path) -> list[dict]:
         "special_chars": ("symbol_ratio <= 0.05, not DJ's character set",
                           lambda t: quality.symbol_ratio(nows(t)) <= 0.05, "same keep/drop"),
         "flagged_words": ("flagged_per_kchar <= 3; DJ: our word list, whole-token match (no SentencePiece)",
-                          lambda t: quality.flagged_per_kchar(nows(t)) <= 3.0, "same keep/drop"),
+                          lambda t: quality.flagged_per_kchar(t) <= 3.0, "same keep/drop"),
         "langid": ("langid in {zh, en} (keep)", lambda t: quality.language_matches(t, "mixed", 20)[0],
                    "same keep/drop"),
     }

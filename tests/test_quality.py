@@ -153,6 +153,37 @@ def test_ngram_statistics_equal_a_plain_python_reference_on_real_documents(sampl
             assert stats[f"dup_{n}gram"] == pytest.approx(reference_dup_ngram_share(chars, n))
 
 
+def reference_flagged_per_kchar(text: str) -> float:
+    """Flagged words per 1000 characters the plain way: whitespace removed, lowercased, scanned left to right,
+    at each position the longest word that starts there counted and skipped."""
+    chars = "".join(text.split())
+    lowered, words = chars.lower(), sorted(quality.FLAGGED_LOWER, key=len, reverse=True)
+    hits = i = 0
+    while i < len(lowered):
+        word = next((w for w in words if lowered.startswith(w, i)), None)
+        hits, i = (hits + 1, i + len(word)) if word else (hits, i + 1)
+    return hits * 1000 / max(len(chars), 1000)
+
+
+def test_flagged_words_equal_a_plain_reference_on_real_text_and_spaced_or_cased_words(samples):
+    docs = (real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
+            + real_docs(samples, "text_jsonl", "llamafactory-demo/c4_demo.jsonl")[:100])
+    spam = []
+    for word in quality.FLAGGED_WORDS:
+        spam += [" \n\u3000".join(word) + "。", word.upper() + NEWS, NEWS + word + word, word.replace("k", "\u212a")]
+    spam += ["北京PK10开奖", "加QQ领彩金", "AV女优", "线上娱乐城真人娱乐城"]
+    for text in docs + spam:
+        assert quality.flagged_per_kchar(text) == pytest.approx(reference_flagged_per_kchar(text)), text
+    assert sum(quality.flagged_per_kchar(t) > 0 for t in spam) == len(spam)
+
+
+def test_only_the_kelvin_sign_lowercases_to_an_ascii_letter():
+    # what flagged_per_kchar's case handling assumes (quality._lowercasing_to)
+    odd = {chr(cp) for cp in range(0x80, 0x110000)
+           if len(chr(cp).lower()) == 1 and chr(cp).lower().isascii() and chr(cp).lower().isalpha()}
+    assert odd == {"\u212a"}
+
+
 def test_real_web_and_book_text_mostly_passes_the_rules(samples):
     web = real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
     failed = Counter(quality.check_rules(quality.rule_stats(d, RULES), RULES) for d in web)
