@@ -31,7 +31,8 @@ from data_process.recipe import RulesConfig
 
 HAN_RANGES = ((0x3400, 0x4DC0), (0x4E00, 0xA000), (0xF900, 0xFB00), (0x20000, 0x2A6E0))   # [lo, hi)
 NOT_HAN, HAN_KEPT, HAN_TRADITIONAL, SURROGATE = 0, 1, 2, 3
-NUMPY_GATE_CHARS = 500   # from this length numpy's table lookup (~1 ns a character) beats the regex scan (~4 ns)
+NUMPY_GATE_CHARS = 500   # from this length numpy's table lookup, a few times cheaper a character than the
+#                          regex scan, pays back its fixed cost
 
 
 @functools.lru_cache(maxsize=1)
@@ -201,47 +202,115 @@ def _flagged_regex() -> re.Pattern:
 
 FLAGGED = _flagged_regex()
 SPACE = re.compile(r"\s+")
-HASH_BASE = np.uint64(1_000_003)
+HASH_BASE = 1_000_003
+_POW = [np.uint64(pow(HASH_BASE, k, 2 ** 64)) for k in range(11)]     # HASH_BASE ** k, wrapped as uint64 wraps
+_POWERS = {n: np.array([_POW[n - 1 - k] for k in range(n)], dtype=np.uint64) for n in range(1, 11)}
+_TOP_SHIFT = np.uint64(32)
+WINDOW_DOT_CHARS = 500    # below this length one matrix product costs less than the doubling's array passes
 
 
-def _ngram_stats(cps: np.ndarray, stats: dict, orders=range(2, 11)) -> None:
-    """Gopher's top n-gram fraction (n = 2..4: characters covered by the most frequent n-gram / all characters)
-    and duplicated n-gram fraction (n = 5..10: characters inside any n-gram that occurs more than once), on a
-    polynomial hash of every window (uint64 arithmetic wraps; collisions ~2^-64), each order's hashes built from
-    the previous order's, one sort per order."""
+def _window_hashes(cps: np.ndarray, n: int) -> np.ndarray:
+    """The polynomial hash of every n-character window (uint64; the arithmetic wraps, collisions ~2^-64):
+    a short text as one product of its windows (a strided view of the code points, overlapping, not copied)
+    with the powers of the base, a long one by doubling, H_2a(i) = H_a(i) * B^a + H_a(i + a), which costs
+    log2(n) array passes instead of n."""
+    if len(cps) < WINDOW_DOT_CHARS:
+        wide = cps.astype(np.uint64)
+        windows = np.ndarray((len(cps) - n + 1, n), dtype=np.uint64, buffer=wide, strides=(8, 8))
+        return windows @ _POWERS[n]
+    if n == 1:
+        return cps
+    half = n // 2
+    h = _window_hashes(cps, half)
+    h = h[:-half] * _POW[half] + h[half:]
+    if n % 2:
+        h = h[:-1] * _POW[1] + cps[n - 1:]
+    return h
+
+
+def _top_fraction(h: np.ndarray, n: int, n_chars: int) -> float:
+    """Gopher's top n-gram fraction: characters covered by the most frequent n-gram / all characters."""
+    s = np.sort(h)
+    edges = np.concatenate(([-1], (s[1:] != s[:-1]).nonzero()[0], [len(s) - 1]))   # the last index of each run
+    return float((edges[1:] - edges[:-1]).max()) * n / n_chars
+
+
+def _any_repeat(h: np.ndarray) -> bool:
+    """Whether any hash occurs twice. First on the top 32 bits (numpy sorts uint32 much faster than uint64):
+    when those are all distinct so are the hashes, which settles most documents."""
+    top = np.sort((h >> _TOP_SHIFT).astype(np.uint32))
+    if not (top[1:] == top[:-1]).any():
+        return False
+    s = np.sort(h)
+    return bool((s[1:] == s[:-1]).any())
+
+
+def _repeated(h: np.ndarray) -> np.ndarray:
+    """Mask of the hashes that occur more than once."""
+    order = np.argsort(h)
+    at = np.flatnonzero(h[order[1:]] == h[order[:-1]])
+    mask = np.zeros(len(h), dtype=bool)
+    mask[order[at]] = True
+    mask[order[at + 1]] = True
+    return mask
+
+
+def _covered(starts: np.ndarray, n: int, n_chars: int) -> float:
+    """Share of characters inside the windows of length n at `starts` (ascending, distinct): their union,
+    counted from the gaps between starts."""
+    if len(starts) == 0:
+        return 0.0
+    return float(np.minimum(starts[1:] - starts[:-1], n).sum() + n) / n_chars
+
+
+def _dup_fraction(h: np.ndarray, n: int, n_chars: int) -> float:
+    """Gopher's duplicated n-gram fraction: characters inside any n-gram that occurs more than once / all
+    characters."""
+    if not _any_repeat(h):
+        return 0.0
+    return _covered(np.flatnonzero(_repeated(h)), n, n_chars)
+
+
+def _ngram_stats(cps: np.ndarray, stats: dict) -> None:
+    """top_2gram..top_4gram over every window, and dup_5gram..dup_10gram. A repeated n-gram's two (n-1)-gram
+    prefixes repeat too, so each order from 6 looks only at the windows that start where a repeated window of
+    the order below starts, its hash grown by one character (most documents repeat few: a few dozen windows
+    instead of all), and once none repeats the longer orders are 0."""
     n_chars = len(cps)
     h = cps
-    for n in range(2, max(orders) + 1):
+    for n in range(2, 6):
         if n_chars < n:
             return
-        h = h[:-1] * HASH_BASE + cps[n - 1:]
-        if n not in orders:
-            continue
+        h = h[:-1] * _POW[1] + cps[n - 1:]
         if n <= 4:
-            s = np.sort(h)
-            bounds = np.flatnonzero(s[1:] != s[:-1])
-            runs = np.diff(np.concatenate(([-1], bounds, [len(s) - 1])))
-            stats[f"top_{n}gram"] = float(runs.max()) * n / n_chars
-            continue
-        order = np.argsort(h)
-        s = h[order]
-        eq = s[1:] == s[:-1]
-        if not eq.any():
+            stats[f"top_{n}gram"] = _top_fraction(h, n, n_chars)
+    starts = np.flatnonzero(_repeated(h)) if _any_repeat(h) else np.zeros(0, dtype=np.intp)
+    h = h[starts]
+    stats["dup_5gram"] = _covered(starts, 5, n_chars)
+    for n in range(6, 11):
+        if n_chars < n:
+            return
+        if len(starts) == 0:
             stats[f"dup_{n}gram"] = 0.0
             continue
-        dup_sorted = np.zeros(len(s), dtype=bool)
-        dup_sorted[1:] = eq
-        dup_sorted[:-1] |= eq
-        starts = order[dup_sorted]
-        cover = np.zeros(n_chars + 1, dtype=np.int32)
-        cover[starts] += 1          # starts are distinct, so plain fancy indexing adds once each
-        cover[starts + n] -= 1
-        stats[f"dup_{n}gram"] = float(np.count_nonzero(np.cumsum(cover[:-1]))) / n_chars
+        fits = starts + n <= n_chars
+        starts, h = starts[fits], h[fits] * _POW[1] + cps[starts[fits] + n - 1]
+        repeated = _repeated(h)
+        starts, h = starts[repeated], h[repeated]
+        stats[f"dup_{n}gram"] = _covered(starts, n, n_chars)
 
 
-def symbol_ratio(chars: str) -> float:
-    """Share of characters that are #, …, ★, ■... ("..." counts as one), of a text without whitespace."""
-    return (sum(chars.count(c) for c in SYMBOL_CHARS) + chars.count("...")) / max(1, len(chars))
+SYMBOLS = re.compile("[" + re.escape(SYMBOL_CHARS) + "]")
+DOTS = re.compile(r"\.\s*\.\s*\.")   # "..." in the text without whitespace
+
+
+def symbol_ratio(text: str) -> float:
+    """Share of non-whitespace characters that are #, …, ★, ■... ("..." counts as one). One regex scan; the
+    dots only where there are three (str.count is a C loop, and most Chinese text has none)."""
+    n = len(SYMBOLS.findall(text))
+    if text.count(".") >= 3:
+        n += len(DOTS.findall(text))
+    return n / max(1, len(SPACE.sub("", text))) if n else 0.0
 
 
 def flagged_per_kchar(text: str) -> float:
@@ -253,10 +322,8 @@ def flagged_per_kchar(text: str) -> float:
 
 def dup_ngram_share(chars: str, n: int) -> float:
     """The duplicated n-gram fraction of one order alone (what rule_stats computes for n = 5..10)."""
-    stats: dict = {}
-    _ngram_stats(np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64),
-                 stats, orders=(n,))
-    return stats.get(f"dup_{n}gram", 0.0)
+    cps = np.frombuffer(codecs.utf_32_le_encode(chars, "surrogatepass")[0], dtype=np.uint32)
+    return _dup_fraction(_window_hashes(cps, n), n, len(cps)) if len(cps) >= n else 0.0
 
 
 def _dup_share(items: list[str]) -> tuple[float, float]:
@@ -291,8 +358,7 @@ def rule_stats(text: str, rules: RulesConfig) -> dict:
     stats["symbol_ratio"] = symbol_ratio(chars)
     stats["flagged_per_kchar"] = flagged_per_kchar(chars)
     if n >= rules.min_ngram_chars:   # the n-gram rules judge only documents this long
-        _ngram_stats(np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64),
-                     stats)
+        _ngram_stats(np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32), stats)
     return stats
 
 

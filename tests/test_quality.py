@@ -141,16 +141,46 @@ def reference_dup_ngram_share(chars: str, n: int) -> float:
     return sum(covered) / len(chars)
 
 
+def reference_symbol_ratio(text: str) -> float:
+    chars = "".join(text.split())
+    return (sum(chars.count(c) for c in quality.SYMBOL_CHARS) + chars.count("...")) / max(1, len(chars))
+
+
+def repetitive_docs(samples) -> list[str]:
+    """Real documents of every length, from both sides of the hashing's short/long switch, with repeats at
+    every order: web pages, dialogues, and the spam pages of the hard cases built from real lines."""
+    web = real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
+    path = samples / "toyhom-medical-dialogue/样例_内科5000-6000.csv"
+    dialogues = ["\n".join(m["content"] for m in r["messages"])
+                 for r in READERS["medical_dialogue_csv"](path, path.name, None) if isinstance(r, dict)][:40]
+    line = web[0].split("\n")[0][:40]
+    spam = ["\n".join([line] * 6 + [NEWS]), (line + NEWS) * 30, line[:7] * 40, "\n".join(web[1:3] * 2)]
+    return web[:12] + dialogues + spam
+
+
 def test_ngram_statistics_equal_a_plain_python_reference_on_real_documents(samples):
-    docs = real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")[:8]
-    for doc in docs:
+    for doc in repetitive_docs(samples):
         stats = quality.rule_stats(doc, RULES)
         chars = "".join(doc.split())
+        if len(chars) < RULES.min_ngram_chars:
+            continue
         for n in (2, 3, 4):
             top = Counter(chars[i:i + n] for i in range(len(chars) - n + 1)).most_common(1)[0][1]
             assert stats[f"top_{n}gram"] == pytest.approx(top * n / len(chars))
-        for n in (5, 7, 10):
+        for n in range(5, 11):
             assert stats[f"dup_{n}gram"] == pytest.approx(reference_dup_ngram_share(chars, n))
+
+
+def test_single_order_dup_share_and_symbol_ratio_equal_the_plain_reference(samples):
+    docs = repetitive_docs(samples) + ["★★ 好评 ..  . 热卖 ###", "短", "", "a. b. c."]
+    lengths = {len("".join(d.split())) >= quality.WINDOW_DOT_CHARS for d in docs}
+    assert lengths == {True, False}, "both hashings are exercised"
+    for doc in docs:
+        chars = "".join(doc.split())
+        for n in (5, 10):
+            expected = reference_dup_ngram_share(chars, n) if chars else 0.0
+            assert quality.dup_ngram_share(chars, n) == pytest.approx(expected)
+        assert quality.symbol_ratio(doc) == pytest.approx(reference_symbol_ratio(doc))
 
 
 def reference_flagged_per_kchar(text: str) -> float:
