@@ -44,20 +44,20 @@ def _t2s():
     chars = [chr(cp) for lo, hi in HAN_RANGES for cp in range(lo, hi)]
     out = converter.convert("\n".join(chars)).split("\n")
     trad = [a for a, b in zip(chars, out) if a != b]
-    # The gate before OpenCC, in two classes: sre tests a BMP-only class with a bitmap, a class with astral
-    # ranges ~10x slower. A lone surrogate passes the gate too: OpenCC refuses one, and the Cleaner counts that
-    # document as invalid_unicode.
+    # The gate before OpenCC: the traditional BMP characters, and lone surrogates (OpenCC refuses one: the
+    # Cleaner counts that document as invalid_unicode). BMP only, which sre tests with a bitmap; a class with
+    # astral characters it tests an order of magnitude slower.
     gate = re.compile("[" + re.escape("".join(c for c in trad if ord(c) < 0x10000)) + "\ud800-\udfff]")
-    astral = re.compile("[" + re.escape("".join(c for c in trad if ord(c) >= 0x10000)) + "]")
-    # Each code point's kind, for the share (and each UTF-16 unit's, for the gate of long documents): numpy
-    # counts them, where findall would build a one-character string per Han character.
-    kind = np.full(HAN_RANGES[-1][1] + 1, NOT_HAN, dtype=np.uint8)    # the last entry: every code point above the table
+    # Each code point's kind, for the share and for what the gate cannot see (astral characters), and each
+    # UTF-16 unit's, for the gate of long documents: numpy looks them up, where findall would build a
+    # one-character string per Han character.
+    kind = np.full(HAN_RANGES[-1][1] + 1, NOT_HAN, dtype=np.uint8)    # the last entry: every code point above
     for lo, hi in HAN_RANGES:
         kind[lo:hi] = HAN_KEPT
     kind[[ord(c) for c in trad]] = HAN_TRADITIONAL
     kind[0xD800:0xE000] = SURROGATE
     unit_passes = (kind[:0x10000] >= HAN_TRADITIONAL).astype(np.uint8)   # astral characters: surrogate pairs
-    return converter, gate, astral, kind, unit_passes
+    return converter, gate, kind, unit_passes
 
 
 # sys.getsizeof of a compact str is a fixed header plus (length + 1) * bytes per character, and CPython stores
@@ -65,24 +65,31 @@ def _t2s():
 _STR_HEADER = sys.getsizeof("\U00010000") - 8
 
 
+def _kinds(text: str) -> np.ndarray:
+    kind = _t2s()[2]
+    cps = np.frombuffer(codecs.utf_32_le_encode(text, "surrogatepass")[0], dtype=np.uint32)
+    return kind[np.minimum(cps, len(kind) - 1)]
+
+
 def _has_traditional(text: str) -> bool:
-    """Whether the text holds a character t2s converts on its own (or a lone surrogate)."""
-    _, gate, astral, _, unit_passes = _t2s()
+    """Whether the text holds a character t2s converts on its own (or a lone surrogate). A long text's UTF-16
+    units through a numpy table, a short one through the regex; what those cannot settle (a surrogate unit, an
+    astral character: the O(1) test of _STR_HEADER) by code point."""
+    _, gate, _, unit_passes = _t2s()
     if len(text) >= NUMPY_GATE_CHARS:
         units = np.frombuffer(codecs.utf_16_le_encode(text, "surrogatepass")[0], dtype=np.uint16)
         if not np.count_nonzero(unit_passes.take(units)):
             return False
-    if gate.search(text) is not None:
+    elif gate.search(text) is not None:
         return True
-    # The astral class only where the string can hold an astral character (an O(1) test, see _STR_HEADER)
-    return sys.getsizeof(text) >= _STR_HEADER + 4 * (len(text) + 1) and astral.search(text) is not None
+    elif sys.getsizeof(text) < _STR_HEADER + 4 * (len(text) + 1):
+        return False
+    return bool(np.count_nonzero(_kinds(text) >= HAN_TRADITIONAL))
 
 
 def _traditional_counts(text: str) -> tuple[float, bool]:
     """(share of Han characters that t2s converts, whether the text holds a lone surrogate)."""
-    kind = _t2s()[3]
-    cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    counts = np.bincount(kind[np.minimum(cps, len(kind) - 1)], minlength=4)
+    counts = np.bincount(_kinds(text), minlength=4)
     n_han = int(counts[HAN_KEPT] + counts[HAN_TRADITIONAL])
     return int(counts[HAN_TRADITIONAL]) / max(1, n_han), bool(counts[SURROGATE])
 
