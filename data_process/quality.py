@@ -210,28 +210,32 @@ def _flagged_regex() -> re.Pattern:
 FLAGGED = _flagged_regex()
 SPACE = re.compile(r"\s+")
 HASH_BASE = 1_000_003
-_POW = [np.uint64(pow(HASH_BASE, k, 2 ** 64)) for k in range(11)]     # HASH_BASE ** k, wrapped as uint64 wraps
-_POWERS = {n: np.array([_POW[n - 1 - k] for k in range(n)], dtype=np.uint64) for n in range(1, 11)}
-_TOP_SHIFT = np.uint64(32)
+# HASH_BASE ** k as uint64 and uint32 arithmetic wraps: the uint32 hash is the low half of the uint64 one
+_POW = {dtype: [dtype(pow(HASH_BASE, k, 2 ** (8 * np.dtype(dtype).itemsize))) for k in range(11)]
+        for dtype in (np.uint64, np.uint32)}
+_POWERS = {(dtype, n): np.array([pows[n - 1 - k] for k in range(n)], dtype=dtype)
+           for dtype, pows in _POW.items() for n in range(1, 11)}
 WINDOW_DOT_CHARS = 500    # below this length one matrix product costs less than the doubling's array passes
 
 
-def _window_hashes(cps: np.ndarray, n: int) -> np.ndarray:
-    """The polynomial hash of every n-character window (uint64; the arithmetic wraps, collisions ~2^-64):
-    a short text as one product of its windows (a strided view of the code points, overlapping, not copied)
-    with the powers of the base, a long one by doubling, H_2a(i) = H_a(i) * B^a + H_a(i + a), which costs
-    log2(n) array passes instead of n."""
+def _window_hashes(cps: np.ndarray, n: int, dtype=np.uint64) -> np.ndarray:
+    """The polynomial hash of every n-character window (uint64; the arithmetic wraps, collisions ~2^-64; or
+    its low 32 bits, computed in uint32): a short text as one product of its windows (a strided view of the
+    code points, overlapping, not copied) with the powers of the base, a long one by doubling,
+    H_2a(i) = H_a(i) * B^a + H_a(i + a), which costs log2(n) array passes instead of n."""
+    pows = _POW[dtype]
     if len(cps) < WINDOW_DOT_CHARS:
-        wide = cps.astype(np.uint64)
-        windows = np.ndarray((len(cps) - n + 1, n), dtype=np.uint64, buffer=wide, strides=(8, 8))
-        return windows @ _POWERS[n]
+        wide = cps.astype(dtype, copy=False)
+        size = wide.itemsize
+        windows = np.ndarray((len(cps) - n + 1, n), dtype=dtype, buffer=wide, strides=(size, size))
+        return windows @ _POWERS[dtype, n]
     if n == 1:
-        return cps
+        return cps.astype(dtype, copy=False)
     half = n // 2
-    h = _window_hashes(cps, half)
-    h = h[:-half] * _POW[half] + h[half:]
+    h = _window_hashes(cps, half, dtype)
+    h = h[:-half] * pows[half] + h[half:]
     if n % 2:
-        h = h[:-1] * _POW[1] + cps[n - 1:]
+        h = h[:-1] * pows[1] + cps[n - 1:]
     return h
 
 
@@ -242,11 +246,11 @@ def _top_fraction(h: np.ndarray, n: int, n_chars: int) -> float:
     return float((edges[1:] - edges[:-1]).max()) * n / n_chars
 
 
-def _may_repeat(h: np.ndarray) -> bool:
-    """False when no hash occurs twice, judged on their top 32 bits (numpy sorts uint32 several times faster
+def _may_repeat(low: np.ndarray) -> bool:
+    """False when no hash occurs twice, judged on their low 32 bits (numpy sorts uint32 several times faster
     than uint64): when those are all distinct so are the hashes, which settles most documents."""
-    top = np.sort((h >> _TOP_SHIFT).astype(np.uint32))
-    return bool(np.count_nonzero(top[1:] == top[:-1]))
+    s = np.sort(low)
+    return bool(np.count_nonzero(s[1:] == s[:-1]))
 
 
 def _repeated(h: np.ndarray) -> np.ndarray:
@@ -267,14 +271,6 @@ def _covered(starts: np.ndarray, n: int, n_chars: int) -> float:
     return float(np.minimum(starts[1:] - starts[:-1], n).sum() + n) / n_chars
 
 
-def _dup_fraction(h: np.ndarray, n: int, n_chars: int) -> float:
-    """Gopher's duplicated n-gram fraction: characters inside any n-gram that occurs more than once / all
-    characters."""
-    if not _may_repeat(h):
-        return 0.0
-    return _covered(np.flatnonzero(_repeated(h)), n, n_chars)
-
-
 def _ngram_stats(cps: np.ndarray, stats: dict) -> None:
     """top_2gram..top_4gram over every window, and dup_5gram..dup_10gram. A repeated n-gram's two (n-1)-gram
     prefixes repeat too, so each order from 6 looks only at the windows that start where a repeated window of
@@ -285,10 +281,10 @@ def _ngram_stats(cps: np.ndarray, stats: dict) -> None:
     for n in range(2, 6):
         if n_chars < n:
             return
-        h = h[:-1] * _POW[1] + cps[n - 1:]
+        h = h[:-1] * _POW[np.uint64][1] + cps[n - 1:]
         if n <= 4:
             stats[f"top_{n}gram"] = _top_fraction(h, n, n_chars)
-    starts = np.flatnonzero(_repeated(h)) if _may_repeat(h) else np.zeros(0, dtype=np.intp)
+    starts = np.flatnonzero(_repeated(h)) if _may_repeat(h.astype(np.uint32)) else np.zeros(0, dtype=np.intp)
     h = h[starts]
     stats["dup_5gram"] = _covered(starts, 5, n_chars)
     for n in range(6, 11):
@@ -298,7 +294,7 @@ def _ngram_stats(cps: np.ndarray, stats: dict) -> None:
             stats[f"dup_{n}gram"] = 0.0
             continue
         fits = starts + n <= n_chars
-        starts, h = starts[fits], h[fits] * _POW[1] + cps[starts[fits] + n - 1]
+        starts, h = starts[fits], h[fits] * _POW[np.uint64][1] + cps[starts[fits] + n - 1]
         repeated = _repeated(h)
         starts, h = starts[repeated], h[repeated]
         stats[f"dup_{n}gram"] = _covered(starts, n, n_chars)
@@ -327,7 +323,9 @@ def flagged_per_kchar(text: str) -> float:
 def dup_ngram_share(chars: str, n: int) -> float:
     """The duplicated n-gram fraction of one order alone (what rule_stats computes for n = 5..10)."""
     cps = np.frombuffer(codecs.utf_32_le_encode(chars, "surrogatepass")[0], dtype=np.uint32)
-    return _dup_fraction(_window_hashes(cps, n), n, len(cps)) if len(cps) >= n else 0.0
+    if len(cps) < n or not _may_repeat(_window_hashes(cps, n, np.uint32)):
+        return 0.0
+    return _covered(np.flatnonzero(_repeated(_window_hashes(cps, n))), n, len(cps))
 
 
 def _dup_share(items: list[str]) -> tuple[float, float]:

@@ -183,6 +183,17 @@ def test_single_order_dup_share_and_symbol_ratio_equal_the_plain_reference(sampl
         assert quality.symbol_ratio(doc) == pytest.approx(reference_symbol_ratio(doc))
 
 
+def test_the_32_bit_window_hash_is_the_low_half_of_the_64_bit_one(samples):
+    # what makes the 32-bit pre-check exact: distinct low halves mean distinct hashes
+    for doc in repetitive_docs(samples)[:14]:
+        cps = np.frombuffer("".join(doc.split()).encode("utf-32-le"), dtype=np.uint32)
+        for n in (2, 5, 10):
+            if len(cps) >= n:
+                low = quality._window_hashes(cps, n, np.uint32)
+                assert low.dtype == np.uint32
+                assert np.array_equal(low, quality._window_hashes(cps, n).astype(np.uint32))
+
+
 def reference_flagged_per_kchar(text: str) -> float:
     """Flagged words per 1000 characters the plain way: whitespace removed, lowercased, scanned left to right,
     at each position the longest word that starts there counted and skipped."""
