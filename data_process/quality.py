@@ -31,8 +31,9 @@ from data_process.recipe import RulesConfig
 
 HAN_RANGES = ((0x3400, 0x4DC0), (0x4E00, 0xA000), (0xF900, 0xFB00), (0x20000, 0x2A6E0))   # [lo, hi)
 NOT_HAN, HAN_KEPT, HAN_TRADITIONAL, SURROGATE = 0, 1, 2, 3
-NUMPY_GATE_CHARS = 500   # from this length numpy's table lookup, a few times cheaper a character than the
-#                          regex scan, pays back its fixed cost
+# From this length the gate looks characters up in a numpy table, a few times cheaper a character than the
+# regex scan, which is cheaper below it (numpy's fixed cost per call)
+NUMPY_GATE_CHARS = 500
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,6 +67,7 @@ _STR_HEADER = sys.getsizeof("\U00010000") - 8
 
 
 def _kinds(text: str) -> np.ndarray:
+    """The kind (NOT_HAN, HAN_KEPT, HAN_TRADITIONAL, SURROGATE) of each code point of the text."""
     kind = _t2s()[2]
     cps = np.frombuffer(codecs.utf_32_le_encode(text, "surrogatepass")[0], dtype=np.uint32)
     return kind[np.minimum(cps, len(kind) - 1)]
@@ -274,8 +276,8 @@ def _covered(starts: np.ndarray, n: int, n_chars: int) -> float:
 def _ngram_stats(cps: np.ndarray, stats: dict) -> None:
     """top_2gram..top_4gram over every window, and dup_5gram..dup_10gram. A repeated n-gram's two (n-1)-gram
     prefixes repeat too, so each order from 6 looks only at the windows that start where a repeated window of
-    the order below starts, its hash grown by one character (most documents repeat few: a few dozen windows
-    instead of all), and once none repeats the longer orders are 0."""
+    the order below starts, its hash grown by one character (a document repeats few of its windows), and once
+    none repeats the longer orders are 0."""
     n_chars = len(cps)
     h = cps
     for n in range(2, 6):
