@@ -217,6 +217,7 @@ _POW = {dtype: [dtype(pow(HASH_BASE, k, 2 ** (8 * np.dtype(dtype).itemsize))) fo
         for dtype in (np.uint64, np.uint32)}
 _POWERS = {(dtype, n): np.array([pows[n - 1 - k] for k in range(n)], dtype=dtype)
            for dtype, pows in _POW.items() for n in range(1, 11)}
+_NO_POSITIONS = np.zeros(0, dtype=np.intp)
 WINDOW_DOT_CHARS = 500    # below this length one matrix product costs less than the doubling's array passes
 
 
@@ -248,17 +249,23 @@ def _top_fraction(h: np.ndarray, n: int, n_chars: int) -> float:
     return float((edges[1:] - edges[:-1]).max()) * n / n_chars
 
 
-def _may_repeat(low: np.ndarray) -> bool:
-    """False when no hash occurs twice, judged on their low 32 bits (numpy sorts uint32 several times faster
-    than uint64): when those are all distinct so are the hashes, which settles most documents."""
+def _candidates(low: np.ndarray) -> np.ndarray:
+    """Ascending positions whose hash may occur twice, from the hashes' low 32 bits: none when those are all
+    distinct (most documents; numpy sorts uint32 several times faster than uint64), else those whose low 14
+    bits are those of a repeated low half: a superset of the repeats, few but on repetitive pages."""
     s = np.sort(low)
-    return bool(np.count_nonzero(s[1:] == s[:-1]))
+    eq = s[1:] == s[:-1]
+    if not np.count_nonzero(eq):
+        return _NO_POSITIONS
+    table = np.zeros(1 << 14, dtype=bool)
+    table[s[1:][eq] & 0x3FFF] = True
+    return table[low & 0x3FFF].nonzero()[0]
 
 
 def _repeated(h: np.ndarray) -> np.ndarray:
     """Mask of the hashes that occur more than once."""
     order = np.argsort(h)
-    at = np.flatnonzero(h[order[1:]] == h[order[:-1]])
+    at = (h[order[1:]] == h[order[:-1]]).nonzero()[0]
     mask = np.zeros(len(h), dtype=bool)
     mask[order[at]] = True
     mask[order[at + 1]] = True
@@ -286,7 +293,8 @@ def _ngram_stats(cps: np.ndarray, stats: dict) -> None:
         h = h[:-1] * _POW[np.uint64][1] + cps[n - 1:]
         if n <= 4:
             stats[f"top_{n}gram"] = _top_fraction(h, n, n_chars)
-    starts = np.flatnonzero(_repeated(h)) if _may_repeat(h.astype(np.uint32)) else np.zeros(0, dtype=np.intp)
+    starts = _candidates(h.astype(np.uint32))
+    starts = starts[_repeated(h[starts])]
     h = h[starts]
     stats["dup_5gram"] = _covered(starts, 5, n_chars)
     for n in range(6, 11):
@@ -325,9 +333,14 @@ def flagged_per_kchar(text: str) -> float:
 def dup_ngram_share(chars: str, n: int) -> float:
     """The duplicated n-gram fraction of one order alone (what rule_stats computes for n = 5..10)."""
     cps = np.frombuffer(codecs.utf_32_le_encode(chars, "surrogatepass")[0], dtype=np.uint32)
-    if len(cps) < n or not _may_repeat(_window_hashes(cps, n, np.uint32)):
+    if len(cps) < n:
         return 0.0
-    return _covered(np.flatnonzero(_repeated(_window_hashes(cps, n))), n, len(cps))
+    starts = _candidates(_window_hashes(cps, n, np.uint32))
+    if len(starts) == 0:
+        return 0.0
+    wide = cps.astype(np.uint64)    # the 64-bit hashes of the candidate windows only
+    windows = np.ndarray((len(cps) - n + 1, n), dtype=np.uint64, buffer=wide, strides=(8, 8))
+    return _covered(starts[_repeated(windows[starts] @ _POWERS[np.uint64, n])], n, len(cps))
 
 
 def _dup_share(items: list[str]) -> tuple[float, float]:
