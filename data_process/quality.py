@@ -259,7 +259,7 @@ def _candidates(low: np.ndarray) -> np.ndarray:
         return _NO_POSITIONS
     table = np.zeros(1 << 14, dtype=bool)
     table[s[1:][eq] & 0x3FFF] = True
-    return table[low & 0x3FFF].nonzero()[0]
+    return table.take(low & 0x3FFF).nonzero()[0]
 
 
 def _repeated(h: np.ndarray) -> np.ndarray:
