@@ -18,8 +18,10 @@ ours were re-measured on the real samples (config/recipe.toml says the figures b
 """
 from __future__ import annotations
 
+import codecs
 import functools
 import re
+import sys
 
 import numpy as np
 
@@ -27,8 +29,11 @@ from data_process.recipe import RulesConfig
 
 # ---------------------------------------------------------------- traditional -> simplified (OpenCC)
 
-HAN_BMP = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-HAN_ALL = HAN_BMP + "\U00020000-\U0002a6df"
+HAN_RANGES = ((0x3400, 0x4DC0), (0x4E00, 0xA000), (0xF900, 0xFB00), (0x20000, 0x2A6E0))   # [lo, hi)
+NOT_HAN, HAN_KEPT, HAN_TRADITIONAL, SURROGATE = 0, 1, 2, 3
+# From this length the gate looks characters up in a numpy table, a few times cheaper a character than the
+# regex scan, which is cheaper below it (numpy's fixed cost per call)
+NUMPY_GATE_CHARS = 500
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,37 +42,76 @@ def _t2s():
 
     converter = opencc.OpenCC("t2s")
     # The characters t2s changes on their own: converted one per line, so no phrase rule spans two of them.
-    chars = [chr(cp) for lo, hi in ((0x3400, 0x4DC0), (0x4E00, 0xA000), (0xF900, 0xFB00), (0x20000, 0x2A6E0))
-             for cp in range(lo, hi)]
+    chars = [chr(cp) for lo, hi in HAN_RANGES for cp in range(lo, hi)]
     out = converter.convert("\n".join(chars)).split("\n")
     trad = [a for a, b in zip(chars, out) if a != b]
-    # Two classes, as in clean.py: sre tests a BMP-only class with a bitmap, a class with astral ranges slowly.
-    bmp = re.compile("[" + re.escape("".join(c for c in trad if ord(c) < 0x10000)) + "]")
-    astral = re.compile("[" + re.escape("".join(c for c in trad if ord(c) >= 0x10000)) + "]")
-    return converter, bmp, astral
+    # The gate before OpenCC: the traditional BMP characters, and lone surrogates (OpenCC refuses one: the
+    # Cleaner counts that document as invalid_unicode). BMP only, which sre tests with a bitmap; a class with
+    # astral characters it tests an order of magnitude slower.
+    gate = re.compile("[" + re.escape("".join(c for c in trad if ord(c) < 0x10000)) + "\ud800-\udfff]")
+    # Each code point's kind, for the share and for what the gate cannot see (astral characters), and each
+    # UTF-16 unit's, for the gate of long documents: numpy looks them up, where findall would build a
+    # one-character string per Han character.
+    kind = np.full(HAN_RANGES[-1][1] + 1, NOT_HAN, dtype=np.uint8)    # the last entry: every code point above
+    for lo, hi in HAN_RANGES:
+        kind[lo:hi] = HAN_KEPT
+    kind[[ord(c) for c in trad]] = HAN_TRADITIONAL
+    kind[0xD800:0xE000] = SURROGATE
+    unit_passes = (kind[:0x10000] >= HAN_TRADITIONAL).astype(np.uint8)   # astral characters: surrogate pairs
+    return converter, gate, kind, unit_passes
 
 
-HAN = re.compile(f"[{HAN_ALL}]")
+# sys.getsizeof of a compact str is a fixed header plus (length + 1) * bytes per character, and CPython stores
+# a str with 4 bytes a character exactly when it holds one above U+FFFF (more only adds cached copies).
+_STR_HEADER = sys.getsizeof("\U00010000") - 8
+
+
+def _kinds(text: str) -> np.ndarray:
+    """The kind (NOT_HAN, HAN_KEPT, HAN_TRADITIONAL, SURROGATE) of each code point of the text."""
+    kind = _t2s()[2]
+    cps = np.frombuffer(codecs.utf_32_le_encode(text, "surrogatepass")[0], dtype=np.uint32)
+    return kind[np.minimum(cps, len(kind) - 1)]
+
+
+def _has_traditional(text: str) -> bool:
+    """Whether the text holds a character t2s converts on its own (or a lone surrogate). A long text's UTF-16
+    units through a numpy table, a short one through the regex; what those cannot settle (a surrogate unit, an
+    astral character: the O(1) test of _STR_HEADER) by code point."""
+    _, gate, _, unit_passes = _t2s()
+    if len(text) >= NUMPY_GATE_CHARS:
+        units = np.frombuffer(codecs.utf_16_le_encode(text, "surrogatepass")[0], dtype=np.uint16)
+        if not np.count_nonzero(unit_passes.take(units)):
+            return False
+    elif gate.search(text) is not None:
+        return True
+    elif sys.getsizeof(text) < _STR_HEADER + 4 * (len(text) + 1):
+        return False
+    return bool(np.count_nonzero(_kinds(text) >= HAN_TRADITIONAL))
+
+
+def _traditional_counts(text: str) -> tuple[float, bool]:
+    """(share of Han characters that t2s converts, whether the text holds a lone surrogate)."""
+    counts = np.bincount(_kinds(text), minlength=4)
+    n_han = int(counts[HAN_KEPT] + counts[HAN_TRADITIONAL])
+    return int(counts[HAN_TRADITIONAL]) / max(1, n_han), bool(counts[SURROGATE])
 
 
 def traditional_share(text: str) -> float:
     """Share of Han characters that OpenCC t2s converts (0 when there is no Han character)."""
-    _, bmp, astral = _t2s()
-    has_astral = max(text, default="\0") > "\uffff"
-    if bmp.search(text) is None and not (has_astral and astral.search(text)):
-        return 0.0
-    n_trad = len(bmp.findall(text)) + (len(astral.findall(text)) if has_astral else 0)
-    return n_trad / max(1, len(HAN.findall(text)))
+    return _traditional_counts(text)[0] if _has_traditional(text) else 0.0
 
 
 def to_simplified(text: str, min_share: float) -> tuple[str, bool]:
     """OpenCC t2s when at least `min_share` of the Han characters are traditional-only; (text, changed).
-    OpenCC converts faster (~140 MB/s) than a regex can look for traditional characters, so it converts first
-    and measures the share only on the few documents it changed."""
-    if text.isascii():
+    Most documents hold no character t2s converts: one scan says so and they skip OpenCC (data-juicer runs
+    OpenCC on everything); of the others, only those at the share go to OpenCC."""
+    if text.isascii() or (min_share > 0 and not _has_traditional(text)):
+        return text, False     # no traditional character: the share is 0, below any threshold
+    share, lone_surrogate = _traditional_counts(text)
+    if share < min_share and not lone_surrogate:
         return text, False
-    out = _t2s()[0].convert(text)
-    if out == text or (min_share > 0 and traditional_share(text) < min_share):
+    out = _t2s()[0].convert(text)    # raises on a lone surrogate, as it always did
+    if out == text or share < min_share:
         return text, False
     return out, True
 
@@ -137,66 +181,166 @@ FLAGGED_WORDS = (
     "网贷秒下", "私服", "外挂", "加微信", "加qq", "代孕", "香港六合", "壮阳", "增大增粗", "延时喷剂",
 )
 FLAGGED_LOWER = tuple(w.lower() for w in FLAGGED_WORDS)
-FLAGGED = re.compile("|".join(sorted(map(re.escape, FLAGGED_LOWER), key=len, reverse=True)))
+
+
+def _lowercasing_to(c: str) -> list[str]:
+    """The characters whose lowercase is c: c, its uppercase for an ASCII letter, and U+212A KELVIN SIGN for k
+    (the one non-ASCII character that lowercases to an ASCII letter)."""
+    if not (c.isascii() and c.isalpha()):
+        return [c]
+    return [c, c.upper()] + (["\u212a"] if c == "k" else [])
+
+
+def _flagged_regex() -> re.Pattern:
+    """One pass over the text as written that finds what a longest-first alternation of the words finds in the
+    lowercased text without whitespace: whitespace allowed between a word's characters, letters in any case that
+    lowercases to the word's. One group per first character, starting with that plain character: sre then scans
+    for the set of first characters and, where one stands, skips the other groups on it (a class or a case-blind
+    first character would have it try every word at every position). Within a group the words keep the
+    longest-first order, which is what decides between overlapping words."""
+    def char(c: str) -> str:
+        cases = _lowercasing_to(c)
+        return re.escape(c) if len(cases) == 1 else "[" + "".join(cases) + "]"
+
+    groups: dict[str, list[str]] = {}
+    for word in sorted(FLAGGED_LOWER, key=len, reverse=True):
+        for first in _lowercasing_to(word[0]):
+            groups.setdefault(first, []).append("".join(r"\s*" + char(c) for c in word[1:]))
+    return re.compile("|".join(re.escape(f) + "(?:" + "|".join(rests) + ")" for f, rests in groups.items()))
+
+
+FLAGGED = _flagged_regex()
 SPACE = re.compile(r"\s+")
-HASH_BASE = np.uint64(1_000_003)
+HASH_BASE = 1_000_003
+# HASH_BASE ** k as uint64 and uint32 arithmetic wraps: the uint32 hash is the low half of the uint64 one
+_POW = {dtype: [dtype(pow(HASH_BASE, k, 2 ** (8 * np.dtype(dtype).itemsize))) for k in range(11)]
+        for dtype in (np.uint64, np.uint32)}
+_POWERS = {(dtype, n): np.array([pows[n - 1 - k] for k in range(n)], dtype=dtype)
+           for dtype, pows in _POW.items() for n in range(1, 11)}
+_NO_POSITIONS = np.zeros(0, dtype=np.intp)
+WINDOW_DOT_CHARS = 500    # below this length one matrix product costs less than the doubling's array passes
 
 
-def _ngram_stats(cps: np.ndarray, stats: dict, orders=range(2, 11)) -> None:
-    """Gopher's top n-gram fraction (n = 2..4: characters covered by the most frequent n-gram / all characters)
-    and duplicated n-gram fraction (n = 5..10: characters inside any n-gram that occurs more than once), on a
-    polynomial hash of every window (uint64 arithmetic wraps; collisions ~2^-64), each order's hashes built from
-    the previous order's, one sort per order."""
+def _window_hashes(cps: np.ndarray, n: int, dtype=np.uint64) -> np.ndarray:
+    """The polynomial hash of every n-character window (uint64; the arithmetic wraps, collisions ~2^-64; or
+    its low 32 bits, computed in uint32): a short text as one product of its windows (a strided view of the
+    code points, overlapping, not copied) with the powers of the base, a long one by doubling,
+    H_2a(i) = H_a(i) * B^a + H_a(i + a), which costs log2(n) array passes instead of n."""
+    pows = _POW[dtype]
+    if len(cps) < WINDOW_DOT_CHARS:
+        wide = cps.astype(dtype, copy=False)
+        size = wide.itemsize
+        windows = np.ndarray((len(cps) - n + 1, n), dtype=dtype, buffer=wide, strides=(size, size))
+        return windows @ _POWERS[dtype, n]
+    if n == 1:
+        return cps.astype(dtype, copy=False)
+    half = n // 2
+    h = _window_hashes(cps, half, dtype)
+    h = h[:-half] * pows[half] + h[half:]
+    if n % 2:
+        h = h[:-1] * pows[1] + cps[n - 1:]
+    return h
+
+
+def _top_fraction(h: np.ndarray, n: int, n_chars: int) -> float:
+    """Gopher's top n-gram fraction: characters covered by the most frequent n-gram / all characters."""
+    s = np.sort(h)
+    edges = np.concatenate(([-1], (s[1:] != s[:-1]).nonzero()[0], [len(s) - 1]))   # the last index of each run
+    return float((edges[1:] - edges[:-1]).max()) * n / n_chars
+
+
+def _candidates(low: np.ndarray) -> np.ndarray:
+    """Ascending positions whose hash may occur twice, from the hashes' low 32 bits: none when those are all
+    distinct (most documents; numpy sorts uint32 several times faster than uint64), else those whose low 14
+    bits are those of a repeated low half: a superset of the repeats, few but on repetitive pages."""
+    s = np.sort(low)
+    eq = s[1:] == s[:-1]
+    if not np.count_nonzero(eq):
+        return _NO_POSITIONS
+    table = np.zeros(1 << 14, dtype=bool)
+    table[s[1:][eq] & 0x3FFF] = True
+    return table.take(low & 0x3FFF).nonzero()[0]
+
+
+def _repeated(h: np.ndarray) -> np.ndarray:
+    """Mask of the hashes that occur more than once."""
+    order = np.argsort(h)
+    at = (h[order[1:]] == h[order[:-1]]).nonzero()[0]
+    mask = np.zeros(len(h), dtype=bool)
+    mask[order[at]] = True
+    mask[order[at + 1]] = True
+    return mask
+
+
+def _covered(starts: np.ndarray, n: int, n_chars: int) -> float:
+    """Share of characters inside the windows of length n at `starts` (ascending, distinct): their union,
+    counted from the gaps between starts."""
+    if len(starts) == 0:
+        return 0.0
+    return float(np.minimum(starts[1:] - starts[:-1], n).sum() + n) / n_chars
+
+
+def _ngram_stats(cps: np.ndarray, stats: dict) -> None:
+    """top_2gram..top_4gram over every window, and dup_5gram..dup_10gram. A repeated n-gram's two (n-1)-gram
+    prefixes repeat too, so each order from 6 looks only at the windows that start where a repeated window of
+    the order below starts, its hash grown by one character (a document repeats few of its windows), and once
+    none repeats the longer orders are 0."""
     n_chars = len(cps)
     h = cps
-    for n in range(2, max(orders) + 1):
+    for n in range(2, 6):
         if n_chars < n:
             return
-        h = h[:-1] * HASH_BASE + cps[n - 1:]
-        if n not in orders:
-            continue
+        h = h[:-1] * _POW[np.uint64][1] + cps[n - 1:]
         if n <= 4:
-            s = np.sort(h)
-            bounds = np.flatnonzero(s[1:] != s[:-1])
-            runs = np.diff(np.concatenate(([-1], bounds, [len(s) - 1])))
-            stats[f"top_{n}gram"] = float(runs.max()) * n / n_chars
-            continue
-        order = np.argsort(h)
-        s = h[order]
-        eq = s[1:] == s[:-1]
-        if not eq.any():
+            stats[f"top_{n}gram"] = _top_fraction(h, n, n_chars)
+    starts = _candidates(h.astype(np.uint32))
+    starts = starts[_repeated(h[starts])]
+    h = h[starts]
+    stats["dup_5gram"] = _covered(starts, 5, n_chars)
+    for n in range(6, 11):
+        if n_chars < n:
+            return
+        if len(starts) == 0:
             stats[f"dup_{n}gram"] = 0.0
             continue
-        dup_sorted = np.zeros(len(s), dtype=bool)
-        dup_sorted[1:] = eq
-        dup_sorted[:-1] |= eq
-        starts = order[dup_sorted]
-        cover = np.zeros(n_chars + 1, dtype=np.int32)
-        cover[starts] += 1          # starts are distinct, so plain fancy indexing adds once each
-        cover[starts + n] -= 1
-        stats[f"dup_{n}gram"] = float(np.count_nonzero(np.cumsum(cover[:-1]))) / n_chars
+        fits = starts + n <= n_chars
+        starts, h = starts[fits], h[fits] * _POW[np.uint64][1] + cps[starts[fits] + n - 1]
+        repeated = _repeated(h)
+        starts, h = starts[repeated], h[repeated]
+        stats[f"dup_{n}gram"] = _covered(starts, n, n_chars)
 
 
-def symbol_ratio(chars: str) -> float:
-    """Share of characters that are #, …, ★, ■... ("..." counts as one), of a text without whitespace."""
-    return (sum(chars.count(c) for c in SYMBOL_CHARS) + chars.count("...")) / max(1, len(chars))
+SYMBOLS = re.compile("[" + re.escape(SYMBOL_CHARS) + "]")
+DOTS = re.compile(r"\.\s*\.\s*\.")   # "..." in the text without whitespace
 
 
-def flagged_per_kchar(chars: str) -> float:
-    """Flagged words per 1000 characters, a text under 1000 counting as 1000 (one news story about a 赌场 case is
-    not spam). str `in` first (a C substring search per word): the regex alternation is slower and most text has
-    none."""
-    lowered = chars.lower()
-    hits = len(FLAGGED.findall(lowered)) if any(w in lowered for w in FLAGGED_LOWER) else 0
-    return hits * 1000 / max(len(chars), 1000)
+def symbol_ratio(text: str) -> float:
+    """Share of non-whitespace characters that are #, …, ★, ■... ("..." counts as one). One regex scan; the
+    dots only where there are three (str.count is a C loop, and most Chinese text has none)."""
+    n = len(SYMBOLS.findall(text))
+    if text.count(".") >= 3:
+        n += len(DOTS.findall(text))
+    return n / max(1, len(SPACE.sub("", text))) if n else 0.0
+
+
+def flagged_per_kchar(text: str) -> float:
+    """Flagged words per 1000 non-whitespace characters (lowercased, whitespace inside a word ignored), a text
+    under 1000 counting as 1000 (one news story about a 赌场 case is not spam)."""
+    hits = len(FLAGGED.findall(text))
+    return hits * 1000 / max(len(SPACE.sub("", text)), 1000) if hits else 0.0
 
 
 def dup_ngram_share(chars: str, n: int) -> float:
     """The duplicated n-gram fraction of one order alone (what rule_stats computes for n = 5..10)."""
-    stats: dict = {}
-    _ngram_stats(np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64),
-                 stats, orders=(n,))
-    return stats.get(f"dup_{n}gram", 0.0)
+    cps = np.frombuffer(codecs.utf_32_le_encode(chars, "surrogatepass")[0], dtype=np.uint32)
+    if len(cps) < n:
+        return 0.0
+    starts = _candidates(_window_hashes(cps, n, np.uint32))
+    if len(starts) == 0:
+        return 0.0
+    wide = cps.astype(np.uint64)    # the 64-bit hashes of the candidate windows only
+    windows = np.ndarray((len(cps) - n + 1, n), dtype=np.uint64, buffer=wide, strides=(8, 8))
+    return _covered(starts[_repeated(windows[starts] @ _POWERS[np.uint64, n])], n, len(cps))
 
 
 def _dup_share(items: list[str]) -> tuple[float, float]:
@@ -231,8 +375,7 @@ def rule_stats(text: str, rules: RulesConfig) -> dict:
     stats["symbol_ratio"] = symbol_ratio(chars)
     stats["flagged_per_kchar"] = flagged_per_kchar(chars)
     if n >= rules.min_ngram_chars:   # the n-gram rules judge only documents this long
-        _ngram_stats(np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64),
-                     stats)
+        _ngram_stats(np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32), stats)
     return stats
 
 

@@ -47,6 +47,36 @@ def test_t2s_gate_counts_exactly_the_characters_opencc_changes():
     assert quality.traditional_share(text) == pytest.approx(n_changed / n_han)
 
 
+def reference_to_simplified(text: str, min_share: float, converter) -> tuple[str, bool]:
+    """The t2s decision without the gate: OpenCC on everything, the share counted character by character."""
+    out = converter.convert(text)
+    han = [ch for ch in text if any(lo <= ord(ch) < hi for lo, hi in quality.HAN_RANGES)]
+    trad = sum(1 for ch in han if converter.convert(ch) != ch)
+    if out == text or (min_share > 0 and trad / max(1, len(han)) < min_share):
+        return text, False
+    return out, True
+
+
+def test_t2s_gate_decides_as_opencc_on_everything_would(samples):
+    converter = opencc.OpenCC("t2s")
+    s2t = opencc.OpenCC("s2t")
+    web = real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
+    docs = web[:60] + [s2t.convert(d) for d in web[:20]]                 # long and short, both scripts
+    docs += [d[:400] + "國" + d[400:] for d in web[:20] if len(d) > 600]  # one traditional character, past the
+    docs += ["中\U00020000文", "𠁞" * 3 + "中文", "😀中文" * 300, "国" * 100 + "國" * 5, "国" * 100 + "國" * 6,   # numpy gate
+             "說" + "x" * 600 + "😀", TRADITIONAL * 20 + "梁靖崑", ""]
+    for doc in docs:
+        for min_share in (0.05, 0.0):
+            assert quality.to_simplified(doc, min_share) == reference_to_simplified(doc, min_share, converter)
+
+
+def test_t2s_still_refuses_a_lone_surrogate_for_the_cleaner_to_count():
+    for text in ("正常的文字\ud800", "正常的文字" * 200 + "\udc00"):
+        with pytest.raises(UnicodeEncodeError):
+            quality.to_simplified(text, 0.05)
+    assert Cleaner(CleanConfig(t2s=True), "zh").clean({"id": "x", "kind": "doc", "text": "文字\ud800"}) == "invalid_unicode"
+
+
 def test_cleaner_t2s_counts_and_audits_before_and_after():
     cleaner = Cleaner(CleanConfig(t2s=True), "zh")
     record = {"id": "x:1", "kind": "doc", "text": TRADITIONAL}
@@ -111,16 +141,88 @@ def reference_dup_ngram_share(chars: str, n: int) -> float:
     return sum(covered) / len(chars)
 
 
+def reference_symbol_ratio(text: str) -> float:
+    chars = "".join(text.split())
+    return (sum(chars.count(c) for c in quality.SYMBOL_CHARS) + chars.count("...")) / max(1, len(chars))
+
+
+def repetitive_docs(samples) -> list[str]:
+    """Real documents of every length, from both sides of the hashing's short/long switch, with repeats at
+    every order: web pages, dialogues, and the spam pages of the hard cases built from real lines."""
+    web = real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
+    path = samples / "toyhom-medical-dialogue/样例_内科5000-6000.csv"
+    dialogues = ["\n".join(m["content"] for m in r["messages"])
+                 for r in READERS["medical_dialogue_csv"](path, path.name, None) if isinstance(r, dict)][:40]
+    line = web[0].split("\n")[0][:40]
+    spam = ["\n".join([line] * 6 + [NEWS]), (line + NEWS) * 30, line[:7] * 40, "\n".join(web[1:3] * 2)]
+    return web[:12] + dialogues + spam
+
+
 def test_ngram_statistics_equal_a_plain_python_reference_on_real_documents(samples):
-    docs = real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")[:8]
-    for doc in docs:
+    for doc in repetitive_docs(samples):
         stats = quality.rule_stats(doc, RULES)
         chars = "".join(doc.split())
+        if len(chars) < RULES.min_ngram_chars:
+            continue
         for n in (2, 3, 4):
             top = Counter(chars[i:i + n] for i in range(len(chars) - n + 1)).most_common(1)[0][1]
             assert stats[f"top_{n}gram"] == pytest.approx(top * n / len(chars))
-        for n in (5, 7, 10):
+        for n in range(5, 11):
             assert stats[f"dup_{n}gram"] == pytest.approx(reference_dup_ngram_share(chars, n))
+
+
+def test_single_order_dup_share_and_symbol_ratio_equal_the_plain_reference(samples):
+    docs = repetitive_docs(samples) + ["★★ 好评 ..  . 热卖 ###", "短", "", "a. b. c."]
+    lengths = {len("".join(d.split())) >= quality.WINDOW_DOT_CHARS for d in docs}
+    assert lengths == {True, False}, "both hashings are exercised"
+    for doc in docs:
+        chars = "".join(doc.split())
+        for n in (5, 10):
+            expected = reference_dup_ngram_share(chars, n) if chars else 0.0
+            assert quality.dup_ngram_share(chars, n) == pytest.approx(expected)
+        assert quality.symbol_ratio(doc) == pytest.approx(reference_symbol_ratio(doc))
+
+
+def test_the_32_bit_window_hash_is_the_low_half_of_the_64_bit_one(samples):
+    # what makes the 32-bit pre-check exact: distinct low halves mean distinct hashes
+    for doc in repetitive_docs(samples)[:14]:
+        cps = np.frombuffer("".join(doc.split()).encode("utf-32-le"), dtype=np.uint32)
+        for n in (2, 5, 10):
+            if len(cps) >= n:
+                low = quality._window_hashes(cps, n, np.uint32)
+                assert low.dtype == np.uint32
+                assert np.array_equal(low, quality._window_hashes(cps, n).astype(np.uint32))
+
+
+def reference_flagged_per_kchar(text: str) -> float:
+    """Flagged words per 1000 characters the plain way: whitespace removed, lowercased, scanned left to right,
+    at each position the longest word that starts there counted and skipped."""
+    chars = "".join(text.split())
+    lowered, words = chars.lower(), sorted(quality.FLAGGED_LOWER, key=len, reverse=True)
+    hits = i = 0
+    while i < len(lowered):
+        word = next((w for w in words if lowered.startswith(w, i)), None)
+        hits, i = (hits + 1, i + len(word)) if word else (hits, i + 1)
+    return hits * 1000 / max(len(chars), 1000)
+
+
+def test_flagged_words_equal_a_plain_reference_on_real_text_and_spaced_or_cased_words(samples):
+    docs = (real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
+            + real_docs(samples, "text_jsonl", "llamafactory-demo/c4_demo.jsonl")[:100])
+    spam = []
+    for word in quality.FLAGGED_WORDS:
+        spam += [" \n\u3000".join(word) + "。", word.upper() + NEWS, NEWS + word + word, word.replace("k", "\u212a")]
+    spam += ["北京PK10开奖", "加QQ领彩金", "AV女优", "线上娱乐城真人娱乐城"]
+    for text in docs + spam:
+        assert quality.flagged_per_kchar(text) == pytest.approx(reference_flagged_per_kchar(text)), text
+    assert sum(quality.flagged_per_kchar(t) > 0 for t in spam) == len(spam)
+
+
+def test_only_the_kelvin_sign_lowercases_to_an_ascii_letter():
+    # what flagged_per_kchar's case handling assumes (quality._lowercasing_to)
+    odd = {chr(cp) for cp in range(0x80, 0x110000)
+           if len(chr(cp).lower()) == 1 and chr(cp).lower().isascii() and chr(cp).lower().isalpha()}
+    assert odd == {"\u212a"}
 
 
 def test_real_web_and_book_text_mostly_passes_the_rules(samples):
