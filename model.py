@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bf16_gemv
+
 
 @dataclass
 class ModelConfig:
@@ -533,7 +535,7 @@ class Transformer(nn.Module):
         lean = (lean and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
                 and not (self.training and self.config.dropout))   # dropout active: the modules apply it
         if lean:
-            weights, head, linear = self._decode_weights()
+            weights, head, linear = self._decode_weights(len(positions))
             half = cos.shape[-1] // 2
             rope = cos.to(x.dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(x.dtype)
         for i, layer in enumerate(self.model.layers):
@@ -545,10 +547,12 @@ class Transformer(nn.Module):
             return linear(decode_norm(self.model.norm, x), head)
         return self.lm_head(self.model.norm(x))
 
-    def _decode_weights(self) -> tuple[list, torch.Tensor, object]:
+    def _decode_weights(self, batch: int) -> tuple[list, object, object]:
         """-> (per layer (q/k/v stacked [(H + 2 Hkv) * D, C], o, gate/up stacked [2 * F, C], down), or None for an
-        MoE layer; the lm_head weight; the linear that applies them) for decode_layer. bf16 weights are packed
-        for packed_linear (a second copy of every projection and the lm_head: +1x the weight memory); others use
+        MoE layer; the lm_head weight; the linear that applies them) for decode_layer at `batch` rows. bf16
+        weights: at batch 1 packed for bf16_gemv.linear where this CPU runs it (the fastest matrix-vector product
+        here), otherwise for oneDNN's packed_linear; each packing is a second copy of every projection and the
+        lm_head (+1x the weight memory, +2x when both batch 1 and larger batches are decoded). fp32 weights use
         decode_linear (copies of q/k/v and gate/up only). Built on first use and rebuilt whenever a source weight
         is replaced or changed in place (its data pointer or version counter moves: .to(), load_state_dict, an
         optimizer step), so GRPO's rollouts always decode the policy it trains. The check costs ~30 us a step."""
@@ -564,16 +568,21 @@ class Transformer(nn.Module):
         key = tuple((w.data_ptr(), w._version) for ws in sources for w in ws) + ((head.data_ptr(), head._version),)
         cached = self.__dict__.get("_decode_cache")
         if cached is None or cached[0] != key:
-            pack = can_pack(head)
-            prep = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1)) if pack else (lambda w: w)
+            # the sources' storages are held too, so no new weight can be allocated at a cached address
+            cached = (key, {}, [w.detach() for ws in sources for w in ws] + [head.detach()])
+            self.__dict__["_decode_cache"] = cached   # a plain attribute: not a parameter, not in the state dict
+        if not can_pack(head):
+            kind, prep, linear = "plain", (lambda w: w), decode_linear
+        elif batch == 1 and bf16_gemv.available():
+            kind, prep, linear = "gemv", bf16_gemv.Packed, bf16_gemv.linear
+        else:
+            kind, prep, linear = "onednn", (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1)), packed_linear
+        if kind not in cached[1]:
             with torch.no_grad():
                 weights = [tuple(prep(w) for w in (torch.cat(ws[:3]), ws[3], torch.cat(ws[4:6]), ws[6])) if ws else None
                            for ws in sources]
-                # the sources' storages are held too, so no new weight can be allocated at a cached address
-                cached = (key, (weights, prep(head), packed_linear if pack else decode_linear),
-                          [w.detach() for ws in sources for w in ws] + [head.detach()])
-            self.__dict__["_decode_cache"] = cached   # a plain attribute: not a parameter, not in the state dict
-        return cached[1]
+                cached[1][kind] = (weights, prep(head), linear)
+        return cached[1][kind]
 
     def check_generation(self, prompt_ids: list[int], temperature: float, top_k: int, top_p: float,
                          repetition_penalty: float) -> None:

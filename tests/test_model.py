@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import bf16_gemv
 from model import PRESETS, ModelConfig, Transformer, lm_loss, make_config, sample_next
 
 V = 300
@@ -227,6 +228,47 @@ def test_decode_linears_equal_f_linear(dtype):
                 packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
                 torch.testing.assert_close(packed_linear(x, packed), want, **tol)
     assert can_pack(w) == (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@pytest.mark.skipif(not bf16_gemv.available(), reason="no avx512_bf16 CPU or no C compiler")
+@pytest.mark.parametrize("shape", [(96, 64), (13, 40), (2816, 512), (7, 1408)], ids=str)
+def test_bf16_gemv_equals_fp32_product_rounded_once(shape):
+    """The hand-written kernel: odd row counts (not whole 8-row blocks) and column counts (not whole 32-column
+    chunks) included, batch 1 and 3, against the product in fp64 rounded to bf16: within one bf16 rounding step
+    (fp32 accumulation can land on the other side of a rounding boundary), and never further than oneDNN's."""
+    n_out, n_in = shape
+    g = torch.Generator().manual_seed(n_out)
+    w = torch.randn(n_out, n_in, generator=g).bfloat16()
+    packed = bf16_gemv.Packed(w)
+    for rows in (1, 3):
+        x = torch.randn(rows, n_in, generator=g).bfloat16()
+        exact = x.double() @ w.double().t()
+        got = bf16_gemv.linear(x, packed)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n_out)
+        ulp = exact.abs().clamp_min(1e-30) * 2.0 ** -7
+        assert ((got.double() - exact).abs() <= ulp).all()
+        onednn = torch.nn.functional.linear(x, w)
+        assert (got.double() - exact).abs().max() <= (onednn.double() - exact).abs().max() + 1e-12
+    with pytest.raises(ValueError, match="bf16"):
+        bf16_gemv.linear(torch.randn(1, n_in), packed)
+
+
+@pytest.mark.skipif(not bf16_gemv.available(), reason="no avx512_bf16 CPU or no C compiler")
+def test_bf16_decode_at_batch_1_runs_the_gemv_kernel_and_above_it_onednn():
+    """Where the kernel runs, batch 1 uses it (the fast path must not fall away unnoticed); larger batches keep
+    oneDNN's packed weights (faster there); both give the module path's logits within bf16 rounding."""
+    model = wandering(**DENSE_GQA).to(torch.bfloat16)
+    assert model._decode_weights(1)[2] is bf16_gemv.linear
+    assert model._decode_weights(2)[2] is not bf16_gemv.linear
+    with torch.inference_mode():
+        for rows in (1, 2):
+            slots = model.new_slot_cache(rows)
+            slots.reserve(16)
+            for i in range(rows):
+                model.forward_with_cache(torch.tensor([[1, 2, 3 + i]]), slots.slot(i), 0)
+            lean = model.decode_step([4] * rows, [3] * rows, slots)
+            module = model.decode_step([4] * rows, [3] * rows, slots, lean=False)
+            torch.testing.assert_close(lean.float(), module.float(), rtol=1.6e-2, atol=1e-2)
 
 
 def test_generation_stops_at_stop_id_without_yielding_it_and_at_max_seq_len():
