@@ -247,9 +247,13 @@ class SlotCache:
         """Write row b's new key/value (k, v [B, H, 1, D]) at rows.positions[b] of slot b; -> the keys and
         values of slots 0..B-1 up to rows.length (views)."""
         B = k.shape[0]
-        index = torch.arange(B, device=k.device) if rows.index is None else rows.index
-        self.k[layer][index, :, rows.positions] = k[:, :, 0]
-        self.v[layer][index, :, rows.positions] = v[:, :, 0]
+        if B == 1:   # one row at position length - 1: a plain copy (index_put costs ~2x more)
+            self.k[layer][0, :, rows.length - 1] = k[0, :, 0]
+            self.v[layer][0, :, rows.length - 1] = v[0, :, 0]
+        else:
+            index = torch.arange(B, device=k.device) if rows.index is None else rows.index
+            self.k[layer][index, :, rows.positions] = k[:, :, 0]
+            self.v[layer][index, :, rows.positions] = v[:, :, 0]
         return self.k[layer][:B, :, :rows.length], self.v[layer][:B, :, :rows.length]
 
 
@@ -421,9 +425,10 @@ def decode_layer(block: "Block", weights: tuple, linear, x, cos, sin, cache: Slo
     """One dense Block on one new token per row: x [B, C] -> [B, C], the same operations as Block.forward over
     [B, 1, C] (RMSNorm, rotary, GQA attention over slot b's keys 0..positions[b], SwiGLU) without the T axis, the
     dropout modules or F.linear: `weights` = (q/k/v stacked, o, gate/up stacked, down) from
-    Transformer._decode_weights, each applied by `linear` (packed_linear or decode_linear); rotary on q and k at
-    once. cos [B, 1, D] and sin [B, 1, D] with its first half negated, in x's dtype, so x * cos + roll(x) * sin is
-    apply_rope's x * cos + rotate_half(x) * sin to the bit."""
+    Transformer._decode_weights, each applied by `linear` (bf16_gemv.linear, packed_linear or decode_linear);
+    rotary on q and k at once; bf16 attention computed in fp32 (as llama.cpp does). cos [B, 1, D] and sin [B, 1, D]
+    with its first half negated, in x's dtype, so x * cos + roll(x) * sin is apply_rope's x * cos + rotate_half(x)
+    * sin to the bit."""
     w_qkv, w_o, w_gate_up, w_down = weights
     attn = block.self_attn
     B, H, Hkv, D = x.shape[0], attn.n_heads, attn.n_kv_heads, attn.head_dim
@@ -433,7 +438,12 @@ def decode_layer(block: "Block", weights: tuple, linear, x, cos, sin, cache: Slo
     v = qkv[:, (H + Hkv) * D:].reshape(B, Hkv, 1, D)
     keys, values = cache.update_rows(layer, qk[:, H:, None], v, rows)
     mask = rows.mask if B > 1 else None   # one row sees all `length` keys: its mask is all True
-    y = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=mask, enable_gqa=H != Hkv)
+    q = qk[:, :H, None]
+    if q.dtype == torch.float32:
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != Hkv)
+    else:   # CPU SDPA in bf16 is 2-5x slower than in fp32 at one query (more so the longer the context), upcast
+        y = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
+                                           enable_gqa=H != Hkv).to(x.dtype)
     x = x + linear(y.reshape(B, H * D), w_o)
     gate_up = linear(decode_norm(block.post_attention_layernorm, x), w_gate_up)
     F_ = gate_up.shape[1] // 2
@@ -521,8 +531,9 @@ class Transformer(nn.Module):
         rows: on a CPU, 8 rows cost about 1.5x one row, so concurrent requests are served ~5x faster than one
         after another. Row b's result equals forward_with_cache on that sequence alone (up to float rounding).
         On a CPU, dense layers take a lean path (decode_layer: [B, C] activations, q/k/v and gate/up stacked into
-        one matmul each, bf16 weights packed once for oneDNN; the module path's operations otherwise, and on this
-        CPU its logits to the bit in fp32 and bf16); MoE layers, autocast (GRPO's bf16 rollouts), active dropout and
+        one matmul each, bf16 weights packed once for bf16_gemv at batch 1 or oneDNN above, bf16 attention in
+        fp32; the module path's operations otherwise: its logits to the bit in fp32 on this CPU, within bf16
+        rounding in bf16); MoE layers, autocast (GRPO's bf16 rollouts), active dropout and
         other devices run the modules as training does, and so does lean=False (the reference: tests, bench)."""
         positions = torch.as_tensor(positions, dtype=torch.long, device=self.lm_head.weight.device)
         length = int(positions.max()) + 1
