@@ -24,6 +24,7 @@ import torch
 
 SOURCE = r"""
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 static inline uint16_t to_bf16(float f) {   /* round to nearest even, as torch's float -> bfloat16 */
@@ -34,39 +35,58 @@ static inline uint16_t to_bf16(float f) {   /* round to nearest even, as torch's
     return (uint16_t)(u >> 16);
 }
 
-/* y[b, o] = sum_i w[o, i] * x[b, i] for b < batch, o < n_out; x [batch, n_in], y [batch, n_out], bf16. w as
-   pack() lays it out: blocks of 8 rows; within a block, for each 32-column chunk, the 8 rows' 32 values (512
-   bytes) one after another; zero-padded to whole blocks and chunks. */
-void gemv_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t n_out, int64_t n_in, int64_t batch) {
+/* One matrix-vector product y = W x' for a decode step, fp32 accumulation of bf16 products (vdpbf16ps).
+   x: fp32 [n_in]; x' = bf16(x), or with norm_eps >= 0 bf16(x * rsqrt(mean(x^2) + norm_eps)) (RMSNorm; its weight
+   is folded into W by pack()). W as pack() lays it out: blocks of 8 rows; within a block, for each 32-column
+   chunk, the 8 rows' 32 values (512 bytes) one after another, zero-padded to whole blocks and chunks, so the
+   weight streams front to back. mode 0: y fp32 [n_out] = Wx' (+ residual[o] if residual is not NULL; y may be
+   residual); 1: y bf16 [n_out]; 2 (SwiGLU, rows interleaved gate, up): y fp32 [n_out / 2], y[j] = silu(row 2j)
+   * row 2j+1. */
+void gemv_bf16(const uint16_t *w, const float *x, void *y, const float *residual, int64_t n_out, int64_t n_in,
+               float norm_eps, int mode) {
     const int64_t chunks = (n_in + 31) / 32;
-    const __mmask32 tail = (n_in % 32) ? (__mmask32)((1u << (n_in % 32)) - 1) : (__mmask32)0xffffffff;
+    uint16_t xb[chunks * 32] __attribute__((aligned(64)));
+    float scale = 1.0f;
+    if (norm_eps >= 0) {
+        float ss = 0;
+        for (int64_t i = 0; i < n_in; i++) ss += x[i] * x[i];
+        scale = 1.0f / sqrtf(ss / (float)n_in + norm_eps);
+    }
+    for (int64_t i = 0; i < chunks * 32; i++) xb[i] = i < n_in ? to_bf16(x[i] * scale) : 0;
     for (int64_t o = 0; o < n_out; o += 8) {
-        const uint16_t *block = w + o * chunks * 32;
-        for (int64_t b = 0; b < batch; b++) {
-            const uint16_t *xb = x + b * n_in, *p = block;
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-            __m512 a4 = _mm512_setzero_ps(), a5 = _mm512_setzero_ps(), a6 = _mm512_setzero_ps(), a7 = _mm512_setzero_ps();
-            for (int64_t c = 0; c < chunks; c++, p += 256) {
-                __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(c == chunks - 1 ? tail : 0xffffffff, xb + c * 32);
-                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(p), xv);
-                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(p + 32), xv);
-                a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(p + 64), xv);
-                a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(p + 96), xv);
-                a4 = _mm512_dpbf16_ps(a4, (__m512bh)_mm512_loadu_si512(p + 128), xv);
-                a5 = _mm512_dpbf16_ps(a5, (__m512bh)_mm512_loadu_si512(p + 160), xv);
-                a6 = _mm512_dpbf16_ps(a6, (__m512bh)_mm512_loadu_si512(p + 192), xv);
-                a7 = _mm512_dpbf16_ps(a7, (__m512bh)_mm512_loadu_si512(p + 224), xv);
-            }
-            float sums[8] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                             _mm512_reduce_add_ps(a3), _mm512_reduce_add_ps(a4), _mm512_reduce_add_ps(a5),
-                             _mm512_reduce_add_ps(a6), _mm512_reduce_add_ps(a7)};
-            int64_t rows = n_out - o < 8 ? n_out - o : 8;
-            for (int64_t r = 0; r < rows; r++) y[b * n_out + o + r] = to_bf16(sums[r]);
+        const uint16_t *p = w + o * chunks * 32;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        __m512 a4 = _mm512_setzero_ps(), a5 = _mm512_setzero_ps(), a6 = _mm512_setzero_ps(), a7 = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; c++, p += 256) {
+            __m512bh xv = (__m512bh)_mm512_load_si512(xb + c * 32);
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(p), xv);
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(p + 32), xv);
+            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(p + 64), xv);
+            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(p + 96), xv);
+            a4 = _mm512_dpbf16_ps(a4, (__m512bh)_mm512_loadu_si512(p + 128), xv);
+            a5 = _mm512_dpbf16_ps(a5, (__m512bh)_mm512_loadu_si512(p + 160), xv);
+            a6 = _mm512_dpbf16_ps(a6, (__m512bh)_mm512_loadu_si512(p + 192), xv);
+            a7 = _mm512_dpbf16_ps(a7, (__m512bh)_mm512_loadu_si512(p + 224), xv);
+        }
+        float s[8] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                      _mm512_reduce_add_ps(a3), _mm512_reduce_add_ps(a4), _mm512_reduce_add_ps(a5),
+                      _mm512_reduce_add_ps(a6), _mm512_reduce_add_ps(a7)};
+        int64_t rows = n_out - o < 8 ? n_out - o : 8;
+        if (mode == 0) {
+            float *out = (float *)y + o;
+            for (int64_t r = 0; r < rows; r++) out[r] = residual ? residual[o + r] + s[r] : s[r];
+        } else if (mode == 1) {
+            uint16_t *out = (uint16_t *)y + o;
+            for (int64_t r = 0; r < rows; r++) out[r] = to_bf16(s[r]);
+        } else {
+            float *out = (float *)y + o / 2;
+            for (int64_t r = 0; r + 1 < rows; r += 2) out[r / 2] = s[r] / (1.0f + expf(-s[r])) * s[r + 1];
         }
     }
 }
 """
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-shared", "-fPIC"]
+LIBS = ["-lm"]
 _kernel = None   # the loaded function; False once loading failed
 
 
@@ -81,7 +101,7 @@ def cpu_has_avx512_bf16() -> bool:
 def _build() -> Path:
     """Compile SOURCE once per (source, flags, compiler); concurrent builders each write a temp file and rename."""
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, *LIBS]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medllm-zh"
     lib = cache / f"bf16_gemv-{key}.so"
     if lib.is_file():
@@ -90,7 +110,7 @@ def _build() -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         src, out = Path(tmp) / "bf16_gemv.c", Path(tmp) / "bf16_gemv.so"
         src.write_text(SOURCE)
-        subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], check=True, capture_output=True, timeout=120)
+        subprocess.run([cc, *FLAGS, str(src), "-o", str(out), *LIBS], check=True, capture_output=True, timeout=120)
         os.replace(out, lib)
     return lib
 
@@ -105,7 +125,7 @@ def _load():
             except (OSError, subprocess.SubprocessError):   # no compiler, or one without avx512bf16
                 return False
             fn.restype = None
-            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
             _kernel = fn
     return _kernel
 
@@ -125,18 +145,36 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 class Packed:
-    """A weight packed for linear(): the packed tensor and its logical shape."""
-    __slots__ = ("data", "n_out", "n_in")
+    """A weight [out, in] packed for linear(), with what linear() applies around the product: `norm` (an RMSNorm's
+    weight [in], folded into the columns: linear() normalizes x first), `swiglu` (weight = gate and up stacked
+    [2F, in], interleaved row by row: linear() returns silu(gate x) * up x, [F]), `bf16_out` (the result in bf16,
+    not fp32)."""
+    __slots__ = ("data", "n_out", "n_in", "eps", "mode")
 
-    def __init__(self, weight: torch.Tensor):
-        self.data, (self.n_out, self.n_in) = pack(weight.detach()), weight.shape
+    def __init__(self, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+                 swiglu: bool = False, bf16_out: bool = False):
+        weight = weight.detach()
+        if norm is not None:   # W diag(g) x == W (g * x): the norm's scale rides on the weight
+            weight = (weight.float() * norm.detach().float()).to(weight.dtype)
+        if swiglu:
+            half = weight.shape[0] // 2
+            weight = torch.stack((weight[:half], weight[half:]), 1).reshape(weight.shape)
+        self.data, (self.n_out, self.n_in) = pack(weight), weight.shape
+        self.eps = float(eps) if norm is not None else -1.0   # < 0: no norm
+        self.mode = 2 if swiglu else 1 if bf16_out else 0
 
 
-def linear(x: torch.Tensor, weight: Packed) -> torch.Tensor:
-    """x [B, in] bf16 @ weight.T -> [B, out] bf16 (F.linear's product, rounded once)."""
-    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != weight.n_in or x.device.type != "cpu":
-        raise ValueError(f"bf16_gemv.linear needs a CPU bf16 [B, {weight.n_in}] input, got {x.dtype} {tuple(x.shape)}")
+def linear(x: torch.Tensor, weight: Packed, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, in] fp32 -> [1, out] (see Packed), plus `residual` [1, out] fp32 if given (mode 0 only)."""
+    if x.dtype != torch.float32 or x.shape != (1, weight.n_in) or x.device.type != "cpu":
+        raise ValueError(f"bf16_gemv.linear needs a CPU fp32 [1, {weight.n_in}] input, got {x.dtype} {tuple(x.shape)}")
     x = x.contiguous()
-    y = torch.empty(x.shape[0], weight.n_out, dtype=torch.bfloat16)
-    _kernel(weight.data.data_ptr(), x.data_ptr(), y.data_ptr(), weight.n_out, weight.n_in, x.shape[0])
+    n = weight.n_out // 2 if weight.mode == 2 else weight.n_out
+    y = torch.empty(1, n, dtype=torch.bfloat16 if weight.mode == 1 else torch.float32)
+    if residual is not None:
+        if weight.mode != 0 or residual.dtype != torch.float32 or residual.shape != (1, n):
+            raise ValueError("bf16_gemv.linear adds an fp32 [1, out] residual to a plain fp32 product only")
+        residual = residual.contiguous()
+    _kernel(weight.data.data_ptr(), x.data_ptr(), y.data_ptr(), None if residual is None else residual.data_ptr(),
+            weight.n_out, weight.n_in, weight.eps, weight.mode)
     return y

@@ -450,6 +450,24 @@ def decode_layer(block: "Block", weights: tuple, linear, x, cos, sin, cache: Slo
     return x + linear(F.silu(gate_up[:, :F_]) * gate_up[:, F_:], w_down)
 
 
+def decode_layer_gemv(block: "Block", weights: tuple, x, cos, sin, cache: SlotCache, layer: int, rows: Rows):
+    """decode_layer at batch 1 through bf16_gemv (bf16 weights): x [1, C] fp32 -> [1, C] fp32. The kernel does the
+    RMSNorms (their weights folded into q/k/v and gate/up), the residual adds and SwiGLU around its products, so a
+    layer is ~15 PyTorch operations instead of ~35 (each costs ~5-20 us once the weight stream has evicted the
+    caches). Activations stay in fp32 between products, as llama.cpp keeps them; the products read them rounded to
+    bf16. cos/sin [1, 1, D] fp32, sin's first half negated (as decode_layer)."""
+    w_qkv, w_o, w_gate_up, w_down = weights
+    attn = block.self_attn
+    H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    qkv = bf16_gemv.linear(x, w_qkv)
+    qk = qkv[:, :(H + Hkv) * D].view(1, H + Hkv, D)
+    qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)
+    keys, values = cache.update_rows(layer, qk[:, H:, None], qkv[:, (H + Hkv) * D:].view(1, Hkv, 1, D), rows)
+    y = F.scaled_dot_product_attention(qk[:, :H, None], keys.float(), values.float(), enable_gqa=H != Hkv)
+    x = bf16_gemv.linear(y.reshape(1, H * D), w_o, residual=x)
+    return bf16_gemv.linear(bf16_gemv.linear(x, w_gate_up), w_down, residual=x)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -547,8 +565,18 @@ class Transformer(nn.Module):
                 and not (self.training and self.config.dropout))   # dropout active: the modules apply it
         if lean:
             weights, head, linear = self._decode_weights(len(positions))
+            gemv = linear is bf16_gemv.linear
+            if gemv and any(w is None for w in weights):   # MoE layers take bf16 activations: not this path
+                weights, head, linear = self._decode_weights(len(positions), gemv=False)
+                gemv = False
             half = cos.shape[-1] // 2
-            rope = cos.to(x.dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(x.dtype)
+            dtype = torch.float32 if gemv else x.dtype
+            rope = cos.to(dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(dtype)
+            if gemv:
+                x = x.float()
+                for i, layer in enumerate(self.model.layers):
+                    x = decode_layer_gemv(layer, weights[i], x, *rope, cache, i, rows)
+                return linear(x, head)
         for i, layer in enumerate(self.model.layers):
             if lean and weights[i] is not None:
                 x = decode_layer(layer, weights[i], linear, x, *rope, cache, i, rows)
@@ -558,42 +586,57 @@ class Transformer(nn.Module):
             return linear(decode_norm(self.model.norm, x), head)
         return self.lm_head(self.model.norm(x))
 
-    def _decode_weights(self, batch: int) -> tuple[list, object, object]:
+    def _decode_weights(self, batch: int, gemv: bool = True) -> tuple[list, object, object]:
         """-> (per layer (q/k/v stacked [(H + 2 Hkv) * D, C], o, gate/up stacked [2 * F, C], down), or None for an
         MoE layer; the lm_head weight; the linear that applies them) for decode_layer at `batch` rows. bf16
-        weights: at batch 1 packed for bf16_gemv.linear where this CPU runs it (the fastest matrix-vector product
-        here), otherwise for oneDNN's packed_linear; each packing is a second copy of every projection and the
-        lm_head (+1x the weight memory, +2x when both batch 1 and larger batches are decoded). fp32 weights use
-        decode_linear (copies of q/k/v and gate/up only). Built on first use and rebuilt whenever a source weight
-        is replaced or changed in place (its data pointer or version counter moves: .to(), load_state_dict, an
-        optimizer step), so GRPO's rollouts always decode the policy it trains. The check costs ~30 us a step."""
+        weights: at batch 1 (and `gemv`) packed for bf16_gemv.linear where this CPU runs it (the fastest
+        matrix-vector product here; the RMSNorm weights folded in, for decode_layer_gemv), otherwise for oneDNN's
+        packed_linear; each packing is a second copy of every projection and the lm_head (+1x the weight memory,
+        +2x when both batch 1 and larger batches are decoded). fp32 weights use decode_linear (copies of q/k/v and
+        gate/up only). Built on first use and rebuilt whenever a source weight (norms included) is replaced or
+        changed in place (its data pointer or version counter moves: .to(), load_state_dict, an optimizer step),
+        so GRPO's rollouts always decode the policy it trains. The check costs ~30 us a step."""
         def weight(module, *path):   # module.a.b.weight without nn.Module.__getattr__ (this runs every step)
             for name in path:
                 module = module._modules[name]
             return module._parameters["weight"]
         sources = [tuple(weight(l, *p) for p in (("self_attn", "q_proj"), ("self_attn", "k_proj"),
                                                   ("self_attn", "v_proj"), ("self_attn", "o_proj"), ("mlp", "gate_proj"),
-                                                  ("mlp", "up_proj"), ("mlp", "down_proj")))
+                                                  ("mlp", "up_proj"), ("mlp", "down_proj"), ("input_layernorm",),
+                                                  ("post_attention_layernorm",)))
                    if "mlp" in l._modules else () for l in self.model._modules["layers"]._modules.values()]
-        head = weight(self, "lm_head")
-        key = tuple((w.data_ptr(), w._version) for ws in sources for w in ws) + ((head.data_ptr(), head._version),)
+        head, final_norm = weight(self, "lm_head"), weight(self, "model", "norm")
+        key = tuple((w.data_ptr(), w._version) for ws in sources for w in ws) + tuple(
+            (w.data_ptr(), w._version) for w in (head, final_norm))
         cached = self.__dict__.get("_decode_cache")
         if cached is None or cached[0] != key:
             # the sources' storages are held too, so no new weight can be allocated at a cached address
-            cached = (key, {}, [w.detach() for ws in sources for w in ws] + [head.detach()])
+            cached = (key, {}, [w.detach() for ws in sources for w in ws] + [head.detach(), final_norm.detach()])
             self.__dict__["_decode_cache"] = cached   # a plain attribute: not a parameter, not in the state dict
         if not can_pack(head):
-            kind, prep, linear = "plain", (lambda w: w), decode_linear
-        elif batch == 1 and bf16_gemv.available():
-            kind, prep, linear = "gemv", bf16_gemv.Packed, bf16_gemv.linear
+            kind = "plain"
+        elif batch == 1 and gemv and bf16_gemv.available():
+            kind = "gemv"
         else:
-            kind, prep, linear = "onednn", (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1)), packed_linear
+            kind = "onednn"
         if kind not in cached[1]:
             with torch.no_grad():
-                weights = [tuple(prep(w) for w in (torch.cat(ws[:3]), ws[3], torch.cat(ws[4:6]), ws[6])) if ws else None
-                           for ws in sources]
-                cached[1][kind] = (weights, prep(head), linear)
+                cached[1][kind] = self._pack_decode_weights(kind, sources, head, final_norm)
         return cached[1][kind]
+
+    def _pack_decode_weights(self, kind: str, sources: list, head, final_norm) -> tuple[list, object, object]:
+        """_decode_weights' build of one kind: "gemv" (bf16_gemv.Packed), "onednn" or "plain" (decode_linear)."""
+        if kind == "gemv":
+            eps = self.config.norm_eps
+            Packed = bf16_gemv.Packed
+            weights = [(Packed(torch.cat(ws[:3]), ws[7], eps), Packed(ws[3]),
+                        Packed(torch.cat(ws[4:6]), ws[8], eps, swiglu=True), Packed(ws[6])) if ws else None
+                       for ws in sources]
+            return weights, Packed(head, final_norm, eps, bf16_out=True), bf16_gemv.linear
+        prep = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1)) if kind == "onednn" else (lambda w: w)
+        weights = [tuple(prep(w) for w in (torch.cat(ws[:3]), ws[3], torch.cat(ws[4:6]), ws[6])) if ws else None
+                   for ws in sources]
+        return weights, prep(head), packed_linear if kind == "onednn" else decode_linear
 
     def check_generation(self, prompt_ids: list[int], temperature: float, top_k: int, top_p: float,
                          repetition_penalty: float) -> None:

@@ -241,26 +241,46 @@ def test_decode_linears_equal_f_linear(dtype):
 
 
 @pytest.mark.skipif(not bf16_gemv.available(), reason="no avx512_bf16 CPU or no C compiler")
-@pytest.mark.parametrize("shape", [(96, 64), (13, 40), (2816, 512), (7, 1408)], ids=str)
-def test_bf16_gemv_equals_fp32_product_rounded_once(shape):
-    """The hand-written kernel: odd row counts (not whole 8-row blocks) and column counts (not whole 32-column
-    chunks) included, batch 1 and 3, against the product in fp64 rounded to bf16: within one bf16 rounding step
-    (fp32 accumulation can land on the other side of a rounding boundary), and never further than oneDNN's."""
+@pytest.mark.parametrize("shape", [(96, 64), (14, 40), (2816, 512), (6, 1408)], ids=str)
+def test_bf16_gemv_modes_equal_the_fp64_product(shape):
+    """The hand-written kernel against the same product in fp64, odd row counts (not whole 8-row blocks) and
+    column counts (not whole 32-column chunks) included: the plain product (fp32 out, + a residual), in bf16 out
+    (within one bf16 step of the exact value, and never further than oneDNN's F.linear), with an RMSNorm folded in,
+    and SwiGLU. The kernel reads x rounded to bf16, so the fp64 reference is given bf16 inputs where it can be;
+    where the rounding happens inside (after the norm), the bound allows one bf16 rounding of each input."""
     n_out, n_in = shape
     g = torch.Generator().manual_seed(n_out)
     w = torch.randn(n_out, n_in, generator=g).bfloat16()
-    packed = bf16_gemv.Packed(w)
-    for rows in (1, 3):
-        x = torch.randn(rows, n_in, generator=g).bfloat16()
-        exact = x.double() @ w.double().t()
-        got = bf16_gemv.linear(x, packed)
-        assert got.dtype == torch.bfloat16 and got.shape == (rows, n_out)
-        ulp = exact.abs().clamp_min(1e-30) * 2.0 ** -7
-        assert ((got.double() - exact).abs() <= ulp).all()
-        onednn = torch.nn.functional.linear(x, w)
-        assert (got.double() - exact).abs().max() <= (onednn.double() - exact).abs().max() + 1e-12
-    with pytest.raises(ValueError, match="bf16"):
-        bf16_gemv.linear(torch.randn(1, n_in), packed)
+    x = torch.randn(1, n_in, generator=g) * 3
+    xb = x.bfloat16().double()
+    exact = xb @ w.double().t()
+    slack = 1e-5 * (xb.abs() @ w.double().abs().t())   # fp32 accumulation
+    got = bf16_gemv.linear(x, bf16_gemv.Packed(w))
+    assert got.dtype == torch.float32 and got.shape == (1, n_out)
+    assert ((got.double() - exact).abs() <= slack).all()
+    residual = torch.randn(1, n_out, generator=g)
+    added = bf16_gemv.linear(x, bf16_gemv.Packed(w), residual=residual)
+    assert ((added.double() - residual.double() - exact).abs() <= slack + 1e-6 * residual.abs()).all()
+    rounded = bf16_gemv.linear(x, bf16_gemv.Packed(w, bf16_out=True))
+    assert rounded.dtype == torch.bfloat16
+    assert ((rounded.double() - exact).abs() <= exact.abs() * 2.0 ** -7 + slack).all()
+    onednn = torch.nn.functional.linear(x.bfloat16(), w)
+    assert (rounded.double() - exact).abs().max() <= (onednn.double() - exact).abs().max() + 1e-12
+
+    norm = torch.rand(n_in, generator=g).bfloat16() + 0.5
+    folded = (w.float() * norm.float()).bfloat16().double()
+    xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+    input_rounding = 2.0 ** -8 * (xn.abs() @ folded.abs().t())
+    normed = bf16_gemv.linear(x, bf16_gemv.Packed(w, norm, 1e-5))
+    assert ((normed.double() - xn @ folded.t()).abs() <= input_rounding + slack).all()
+    if n_out % 2 == 0:
+        gate, up = (xb @ w.double().t()).chunk(2, dim=-1)
+        swiglu = bf16_gemv.linear(x, bf16_gemv.Packed(w, swiglu=True))
+        assert swiglu.shape == (1, n_out // 2)
+        want = torch.nn.functional.silu(gate) * up
+        torch.testing.assert_close(swiglu.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="fp32"):
+        bf16_gemv.linear(x.bfloat16(), bf16_gemv.Packed(w))
 
 
 @pytest.mark.skipif(not bf16_gemv.available(), reason="no avx512_bf16 CPU or no C compiler")
