@@ -39,11 +39,13 @@ static inline uint16_t to_bf16(float f) {   /* round to nearest even, as torch's
    x: fp32 [n_in]; x' = bf16(x), or with norm_eps >= 0 bf16(x * rsqrt(mean(x^2) + norm_eps)) (RMSNorm; its weight
    is folded into W by pack()). W as pack() lays it out: blocks of 8 rows; within a block, for each 32-column
    chunk, the 8 rows' 32 values (512 bytes) one after another, zero-padded to whole blocks and chunks, so the
-   weight streams front to back. mode 0: y fp32 [n_out] = Wx' (+ residual[o] if residual is not NULL; y may be
-   residual); 1: y bf16 [n_out]; 2 (SwiGLU, rows interleaved gate, up): y fp32 [n_out / 2], y[j] = silu(row 2j)
-   * row 2j+1. */
+   weight streams front to back. mode 0: y fp32 [n_out] = Wx' (+ residual[o] if residual is not NULL); 1: y
+   bf16 [n_out]; 2 (SwiGLU, rows interleaved gate, up): y fp32 [n_out / 2], y[j] = silu(row 2j) * row 2j+1;
+   3 (rotary on the first rope_rows rows, heads of head_dim rows, each head's rows j and j + head_dim / 2
+   interleaved): y fp32 [n_out] = Wx' with rows j, j + d/2 of each head turned by cos[j], sin[j] (HF's
+   rotate_half convention: y_j = a cos - b sin, y_{j+d/2} = b cos + a sin), the rows after rope_rows as mode 0. */
 void gemv_bf16(const uint16_t *w, const float *x, void *y, const float *residual, int64_t n_out, int64_t n_in,
-               float norm_eps, int mode) {
+               float norm_eps, int mode, const float *cos, const float *sin, int64_t rope_rows, int64_t head_dim) {
     const int64_t chunks = (n_in + 31) / 32;
     uint16_t xb[chunks * 32] __attribute__((aligned(64)));
     float scale = 1.0f;
@@ -72,7 +74,18 @@ void gemv_bf16(const uint16_t *w, const float *x, void *y, const float *residual
                       _mm512_reduce_add_ps(a3), _mm512_reduce_add_ps(a4), _mm512_reduce_add_ps(a5),
                       _mm512_reduce_add_ps(a6), _mm512_reduce_add_ps(a7)};
         int64_t rows = n_out - o < 8 ? n_out - o : 8;
-        if (mode == 0) {
+        if (mode == 3 && o < rope_rows) {   /* pairs start at even rows (head_dim and rope_rows are even) */
+            float *out = (float *)y;
+            for (int64_t r = 0; r < rows; r += 2) {
+                if (o + r >= rope_rows) {
+                    for (int64_t k = r; k < rows; k++) out[o + k] = s[k];
+                    break;
+                }
+                int64_t head = (o + r) / head_dim, j = (o + r) % head_dim / 2, base = head * head_dim;
+                out[base + j] = s[r] * cos[j] - s[r + 1] * sin[j];
+                out[base + j + head_dim / 2] = s[r + 1] * cos[j + head_dim / 2] + s[r] * sin[j + head_dim / 2];
+            }
+        } else if (mode == 0 || mode == 3) {
             float *out = (float *)y + o;
             for (int64_t r = 0; r < rows; r++) out[r] = residual ? residual[o + r] + s[r] : s[r];
         } else if (mode == 1) {
@@ -125,7 +138,8 @@ def _load():
             except (OSError, subprocess.SubprocessError):   # no compiler, or one without avx512bf16
                 return False
             fn.restype = None
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+            fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+                           + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2)
             _kernel = fn
     return _kernel
 
@@ -148,33 +162,47 @@ class Packed:
     """A weight [out, in] packed for linear(), with what linear() applies around the product: `norm` (an RMSNorm's
     weight [in], folded into the columns: linear() normalizes x first), `swiglu` (weight = gate and up stacked
     [2F, in], interleaved row by row: linear() returns silu(gate x) * up x, [F]), `bf16_out` (the result in bf16,
-    not fp32)."""
-    __slots__ = ("data", "n_out", "n_in", "eps", "mode")
+    not fp32), `rope_rows`/`head_dim` (rotary embeddings on the first rope_rows output rows, heads of head_dim:
+    linear() takes that position's cos and sin)."""
+    __slots__ = ("data", "n_out", "n_in", "eps", "mode", "rope_rows", "head_dim")
 
     def __init__(self, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
-                 swiglu: bool = False, bf16_out: bool = False):
+                 swiglu: bool = False, bf16_out: bool = False, rope_rows: int = 0, head_dim: int = 0):
         weight = weight.detach()
         if norm is not None:   # W diag(g) x == W (g * x): the norm's scale rides on the weight
             weight = (weight.float() * norm.detach().float()).to(weight.dtype)
         if swiglu:
             half = weight.shape[0] // 2
             weight = torch.stack((weight[:half], weight[half:]), 1).reshape(weight.shape)
+        if rope_rows:   # each head's rows j and j + head_dim / 2 side by side, so one 8-row block turns whole pairs
+            heads = weight[:rope_rows].view(rope_rows // head_dim, 2, head_dim // 2, -1).transpose(1, 2)
+            weight = torch.cat((heads.reshape(rope_rows, -1), weight[rope_rows:]))
         self.data, (self.n_out, self.n_in) = pack(weight), weight.shape
         self.eps = float(eps) if norm is not None else -1.0   # < 0: no norm
-        self.mode = 2 if swiglu else 1 if bf16_out else 0
+        self.mode = 2 if swiglu else 1 if bf16_out else 3 if rope_rows else 0
+        self.rope_rows, self.head_dim = rope_rows, head_dim
 
 
-def linear(x: torch.Tensor, weight: Packed, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, in] fp32 -> [1, out] (see Packed), plus `residual` [1, out] fp32 if given (mode 0 only)."""
+def linear(x: torch.Tensor, weight: Packed, residual: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+           sin: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, in] fp32 -> [1, out] (see Packed), plus `residual` [1, out] fp32 if given (plain products only);
+    cos, sin: fp32 [head_dim] of this position (weights packed with rope_rows only)."""
     if x.dtype != torch.float32 or x.shape != (1, weight.n_in) or x.device.type != "cpu":
         raise ValueError(f"bf16_gemv.linear needs a CPU fp32 [1, {weight.n_in}] input, got {x.dtype} {tuple(x.shape)}")
     x = x.contiguous()
     n = weight.n_out // 2 if weight.mode == 2 else weight.n_out
     y = torch.empty(1, n, dtype=torch.bfloat16 if weight.mode == 1 else torch.float32)
     if residual is not None:
-        if weight.mode != 0 or residual.dtype != torch.float32 or residual.shape != (1, n):
+        if weight.mode not in (0, 3) or residual.dtype != torch.float32 or residual.shape != (1, n):
             raise ValueError("bf16_gemv.linear adds an fp32 [1, out] residual to a plain fp32 product only")
         residual = residual.contiguous()
+    if weight.mode == 3:
+        if not all(t is not None and t.dtype == torch.float32 and t.shape == (weight.head_dim,) and t.is_contiguous()
+                   for t in (cos, sin)):
+            raise ValueError(f"bf16_gemv.linear with rotary needs contiguous fp32 cos and sin [{weight.head_dim}]")
+        rope = cos.data_ptr(), sin.data_ptr()
+    else:
+        rope = None, None
     _kernel(weight.data.data_ptr(), x.data_ptr(), y.data_ptr(), None if residual is None else residual.data_ptr(),
-            weight.n_out, weight.n_in, weight.eps, weight.mode)
+            weight.n_out, weight.n_in, weight.eps, weight.mode, *rope, weight.rope_rows, weight.head_dim)
     return y

@@ -207,7 +207,8 @@ class SlotCache:
         cfg = model.config
         self.n_slots, self.max_len, self.capacity = n_slots, cfg.max_seq_len, 0
         self.shape = (n_slots, cfg.n_kv_heads, cfg.head_dim)
-        self.dtype = dtype or model.lm_head.weight.dtype
+        # on a CPU in fp32 whatever the weights (as llama.cpp's default): CPU attention in bf16 is 2-5x slower
+        self.dtype = dtype or (torch.float32 if model.lm_head.weight.device.type == "cpu" else model.lm_head.weight.dtype)
         self.device = model.lm_head.weight.device
         self.k = [self._empty(0) for _ in range(cfg.n_layers)]
         self.v = [self._empty(0) for _ in range(cfg.n_layers)]
@@ -252,8 +253,8 @@ class SlotCache:
             self.v[layer][0, :, rows.length - 1] = v[0, :, 0]
         else:
             index = torch.arange(B, device=k.device) if rows.index is None else rows.index
-            self.k[layer][index, :, rows.positions] = k[:, :, 0]
-            self.v[layer][index, :, rows.positions] = v[:, :, 0]
+            self.k[layer][index, :, rows.positions] = k[:, :, 0].to(self.dtype)
+            self.v[layer][index, :, rows.positions] = v[:, :, 0].to(self.dtype)
         return self.k[layer][:B, :, :rows.length], self.v[layer][:B, :, :rows.length]
 
 
@@ -285,6 +286,8 @@ class Attention(nn.Module):
                 S = start_pos + T
                 mask = torch.arange(S, device=x.device)[None, :] <= (start_pos + torch.arange(T, device=x.device))[:, None]
                 causal = False
+        if k.dtype != q.dtype:   # a SlotCache kept in fp32 under bf16 weights: attend in the weights' dtype
+            k, v = k.to(q.dtype), v.to(q.dtype)
         # GQA: kv head j serves query heads j*rep..(j+1)*rep-1 (HF repeat_kv). SDPA's enable_gqa does that without
         # copies in the CPU kernel and CUDA flash (bf16/fp16, no mask); elsewhere it would fall back to the slow
         # math kernel, so expand there.
@@ -452,18 +455,18 @@ def decode_layer(block: "Block", weights: tuple, linear, x, cos, sin, cache: Slo
 
 def decode_layer_gemv(block: "Block", weights: tuple, x, cos, sin, cache: SlotCache, layer: int, rows: Rows):
     """decode_layer at batch 1 through bf16_gemv (bf16 weights): x [1, C] fp32 -> [1, C] fp32. The kernel does the
-    RMSNorms (their weights folded into q/k/v and gate/up), the residual adds and SwiGLU around its products, so a
-    layer is ~15 PyTorch operations instead of ~35 (each costs ~5-20 us once the weight stream has evicted the
-    caches). Activations stay in fp32 between products, as llama.cpp keeps them; the products read them rounded to
-    bf16. cos/sin [1, 1, D] fp32, sin's first half negated (as decode_layer)."""
+    RMSNorms (their weights folded into q/k/v and gate/up), rotary on q and k, the residual adds and SwiGLU around
+    its products, so a layer is ~10 PyTorch operations instead of ~35 (each costs ~5-20 us once the weight stream
+    has evicted the caches). Activations stay fp32 between products, as llama.cpp keeps them; the products read
+    them rounded to bf16. cos, sin: fp32 [D] of this position (rope_cos/rope_sin rows)."""
     w_qkv, w_o, w_gate_up, w_down = weights
     attn = block.self_attn
     H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    qkv = bf16_gemv.linear(x, w_qkv)
-    qk = qkv[:, :(H + Hkv) * D].view(1, H + Hkv, D)
-    qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)
-    keys, values = cache.update_rows(layer, qk[:, H:, None], qkv[:, (H + Hkv) * D:].view(1, Hkv, 1, D), rows)
-    y = F.scaled_dot_product_attention(qk[:, :H, None], keys.float(), values.float(), enable_gqa=H != Hkv)
+    qkv = bf16_gemv.linear(x, w_qkv, cos=cos, sin=sin)
+    keys, values = cache.update_rows(layer, qkv[:, H * D:(H + Hkv) * D].view(1, Hkv, 1, D),
+                                     qkv[:, (H + Hkv) * D:].view(1, Hkv, 1, D), rows)
+    y = F.scaled_dot_product_attention(qkv[:, :H * D].view(1, H, 1, D), keys.float(), values.float(),
+                                       enable_gqa=H != Hkv)
     x = bf16_gemv.linear(y.reshape(1, H * D), w_o, residual=x)
     return bf16_gemv.linear(bf16_gemv.linear(x, w_gate_up), w_down, residual=x)
 
@@ -553,7 +556,14 @@ class Transformer(nn.Module):
         fp32; the module path's operations otherwise: its logits to the bit in fp32 on this CPU, within bf16
         rounding in bf16); MoE layers, autocast (GRPO's bf16 rollouts), active dropout and
         other devices run the modules as training does, and so does lean=False (the reference: tests, bench)."""
-        positions = torch.as_tensor(positions, dtype=torch.long, device=self.lm_head.weight.device)
+        device = self.lm_head.weight.device
+        lean = (lean and device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and not (self.training and self.config.dropout))   # dropout active: the modules apply it
+        if lean and len(positions) == 1:
+            weights, head, linear = self._decode_weights(1)
+            if linear is bf16_gemv.linear:
+                return self._decode_one(int(tokens[0]), int(positions[0]), cache, weights, head)
+        positions = torch.as_tensor(positions, dtype=torch.long, device=device)
         length = int(positions.max()) + 1
         if length > cache.capacity:
             raise ValueError(f"KV cache overflow: position {length - 1} >= capacity {cache.capacity}")
@@ -561,22 +571,10 @@ class Transformer(nn.Module):
         rows = Rows(positions, mask, length, torch.arange(len(positions), device=positions.device))
         x = self.model.embed_tokens(torch.as_tensor(tokens, dtype=torch.long, device=positions.device))
         cos, sin = self.rope_cos[positions][:, None, :], self.rope_sin[positions][:, None, :]   # [B, 1, D]
-        lean = (lean and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-                and not (self.training and self.config.dropout))   # dropout active: the modules apply it
         if lean:
             weights, head, linear = self._decode_weights(len(positions))
-            gemv = linear is bf16_gemv.linear
-            if gemv and any(w is None for w in weights):   # MoE layers take bf16 activations: not this path
-                weights, head, linear = self._decode_weights(len(positions), gemv=False)
-                gemv = False
             half = cos.shape[-1] // 2
-            dtype = torch.float32 if gemv else x.dtype
-            rope = cos.to(dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(dtype)
-            if gemv:
-                x = x.float()
-                for i, layer in enumerate(self.model.layers):
-                    x = decode_layer_gemv(layer, weights[i], x, *rope, cache, i, rows)
-                return linear(x, head)
+            rope = cos.to(x.dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(x.dtype)
         for i, layer in enumerate(self.model.layers):
             if lean and weights[i] is not None:
                 x = decode_layer(layer, weights[i], linear, x, *rope, cache, i, rows)
@@ -586,10 +584,28 @@ class Transformer(nn.Module):
             return linear(decode_norm(self.model.norm, x), head)
         return self.lm_head(self.model.norm(x))
 
-    def _decode_weights(self, batch: int, gemv: bool = True) -> tuple[list, object, object]:
+    def _decode_one(self, token: int, position: int, cache: SlotCache, weights: list, head) -> torch.Tensor:
+        """decode_step of one row through bf16_gemv (decode_layer_gemv), without the batch's position tensors,
+        mask or index: at batch 1 they are each an operation for nothing. -> logits [1, V] bf16."""
+        if position + 1 > cache.capacity:
+            raise ValueError(f"KV cache overflow: position {position} >= capacity {cache.capacity}")
+        if not 0 <= token < self.config.vocab_size:
+            raise IndexError(f"token id {token} outside the vocabulary of {self.config.vocab_size}")
+        rows = Rows(None, None, position + 1)
+        x = self.model.embed_tokens.weight[token].float()[None]
+        tables = self.__dict__.get("_rope_fp32")
+        if tables is None:   # rope_cos/rope_sin follow the model's dtype (bf16 here): the kernel turns in fp32
+            cfg = self.config
+            tables = self.__dict__["_rope_fp32"] = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = tables[0][position], tables[1][position]
+        for i, layer in enumerate(self.model.layers):
+            x = decode_layer_gemv(layer, weights[i], x, cos, sin, cache, i, rows)
+        return bf16_gemv.linear(x, head)
+
+    def _decode_weights(self, batch: int) -> tuple[list, object, object]:
         """-> (per layer (q/k/v stacked [(H + 2 Hkv) * D, C], o, gate/up stacked [2 * F, C], down), or None for an
         MoE layer; the lm_head weight; the linear that applies them) for decode_layer at `batch` rows. bf16
-        weights: at batch 1 (and `gemv`) packed for bf16_gemv.linear where this CPU runs it (the fastest
+        weights: at batch 1 of a dense model packed for bf16_gemv.linear where this CPU runs it (the fastest
         matrix-vector product here; the RMSNorm weights folded in, for decode_layer_gemv), otherwise for oneDNN's
         packed_linear; each packing is a second copy of every projection and the lm_head (+1x the weight memory,
         +2x when both batch 1 and larger batches are decoded). fp32 weights use decode_linear (copies of q/k/v and
@@ -615,7 +631,7 @@ class Transformer(nn.Module):
             self.__dict__["_decode_cache"] = cached   # a plain attribute: not a parameter, not in the state dict
         if not can_pack(head):
             kind = "plain"
-        elif batch == 1 and gemv and bf16_gemv.available():
+        elif batch == 1 and all(sources) and bf16_gemv.available():   # MoE layers: decode_layer's modules
             kind = "gemv"
         else:
             kind = "onednn"
@@ -629,7 +645,9 @@ class Transformer(nn.Module):
         if kind == "gemv":
             eps = self.config.norm_eps
             Packed = bf16_gemv.Packed
-            weights = [(Packed(torch.cat(ws[:3]), ws[7], eps), Packed(ws[3]),
+            cfg = self.config
+            rope_rows = (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim
+            weights = [(Packed(torch.cat(ws[:3]), ws[7], eps, rope_rows=rope_rows, head_dim=cfg.head_dim), Packed(ws[3]),
                         Packed(torch.cat(ws[4:6]), ws[8], eps, swiglu=True), Packed(ws[6])) if ws else None
                        for ws in sources]
             return weights, Packed(head, final_norm, eps, bf16_out=True), bf16_gemv.linear

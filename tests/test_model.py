@@ -246,7 +246,7 @@ def test_bf16_gemv_modes_equal_the_fp64_product(shape):
     """The hand-written kernel against the same product in fp64, odd row counts (not whole 8-row blocks) and
     column counts (not whole 32-column chunks) included: the plain product (fp32 out, + a residual), in bf16 out
     (within one bf16 step of the exact value, and never further than oneDNN's F.linear), with an RMSNorm folded in,
-    and SwiGLU. The kernel reads x rounded to bf16, so the fp64 reference is given bf16 inputs where it can be;
+    SwiGLU, and rotary embeddings on the first rows. The kernel reads x rounded to bf16, so the fp64 reference is given bf16 inputs where it can be;
     where the rounding happens inside (after the norm), the bound allows one bf16 rounding of each input."""
     n_out, n_in = shape
     g = torch.Generator().manual_seed(n_out)
@@ -279,6 +279,14 @@ def test_bf16_gemv_modes_equal_the_fp64_product(shape):
         assert swiglu.shape == (1, n_out // 2)
         want = torch.nn.functional.silu(gate) * up
         torch.testing.assert_close(swiglu.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    if n_out % 16 == 0 and n_out >= 48:   # rotary on the first rows (heads of 16), HF's rotate_half convention
+        from model import apply_rope, rope_cos_sin
+        cos, sin = rope_cos_sin(16, 64, 10000.0)
+        turned = bf16_gemv.linear(x, bf16_gemv.Packed(w, rope_rows=32, head_dim=16), cos=cos[37], sin=sin[37])
+        plain = exact[0]
+        want = torch.cat((apply_rope(plain[:32].view(1, 2, 1, 16), cos[37:38].double(), sin[37:38].double()).flatten(),
+                          plain[32:]))
+        assert ((turned[0].double() - want).abs() <= 2 * slack[0].max()).all()
     with pytest.raises(ValueError, match="fp32"):
         bf16_gemv.linear(x.bfloat16(), bf16_gemv.Packed(w))
 
