@@ -97,10 +97,52 @@ void gemv_bf16(const uint16_t *w, const float *x, void *y, const float *residual
         }
     }
 }
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* One query's attention for a decode step at batch 1, after writing its key and value at position pos of an fp32
+   cache layer k_cache/v_cache [n_kv_heads, capacity, head_dim] (a SlotCache's slot 0): qkv fp32 [(H + 2 Hkv) D]
+   (q heads, k heads, v heads, rotary already applied), y fp32 [H D]. Query head h reads kv head h / (H / Hkv)
+   (GQA); softmax(q k / sqrt(D)) over positions 0..pos in fp32, its maximum subtracted. */
+void attend_one(const float *qkv, float *k_cache, float *v_cache, float *y, int64_t n_heads, int64_t n_kv_heads,
+                int64_t head_dim, int64_t capacity, int64_t pos) {
+    const int64_t D = head_dim, rep = n_heads / n_kv_heads;
+    const float *q = qkv, *k = qkv + n_heads * D, *v = k + n_kv_heads * D;
+    for (int64_t h = 0; h < n_kv_heads; h++)
+        for (int64_t i = 0; i < D; i++) {
+            k_cache[(h * capacity + pos) * D + i] = k[h * D + i];
+            v_cache[(h * capacity + pos) * D + i] = v[h * D + i];
+        }
+    const float scale = 1.0f / sqrtf((float)D);
+    float p[pos + 1];
+    for (int64_t h = 0; h < n_heads; h++) {
+        const float *keys = k_cache + h / rep * capacity * D, *values = v_cache + h / rep * capacity * D;
+        float top = -INFINITY, total = 0;
+        for (int64_t t = 0; t <= pos; t++) {
+            p[t] = dot(q + h * D, keys + t * D, D) * scale;
+            top = p[t] > top ? p[t] : top;
+        }
+        for (int64_t t = 0; t <= pos; t++) total += (p[t] = expf(p[t] - top));
+        float *out = y + h * D;
+        for (int64_t i = 0; i < D; i++) out[i] = 0;
+        for (int64_t t = 0; t <= pos; t++) {
+            const float w = p[t] / total;
+            for (int64_t i = 0; i < D; i++) out[i] += w * values[t * D + i];
+        }
+    }
+}
 """
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-shared", "-fPIC"]
 LIBS = ["-lm"]
-_kernel = None   # the loaded function; False once loading failed
+_kernel = None   # the loaded gemv_bf16; False once loading failed
+_attend = None   # attend_one from the same library
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -129,14 +171,18 @@ def _build() -> Path:
 
 
 def _load():
-    global _kernel
+    global _kernel, _attend
     if _kernel is None:
         _kernel = False
         if cpu_has_avx512_bf16():
             try:
-                fn = ctypes.CDLL(str(_build())).gemv_bf16
+                lib = ctypes.CDLL(str(_build()))
             except (OSError, subprocess.SubprocessError):   # no compiler, or one without avx512bf16
                 return False
+            _attend = lib.attend_one
+            _attend.restype = None
+            _attend.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+            fn = lib.gemv_bf16
             fn.restype = None
             fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
                            + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2)
@@ -205,4 +251,20 @@ def linear(x: torch.Tensor, weight: Packed, residual: torch.Tensor | None = None
         rope = None, None
     _kernel(weight.data.data_ptr(), x.data_ptr(), y.data_ptr(), None if residual is None else residual.data_ptr(),
             weight.n_out, weight.n_in, weight.eps, weight.mode, *rope, weight.rope_rows, weight.head_dim)
+    return y
+
+
+def attend(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, position: int) -> torch.Tensor:
+    """One query's attention at batch 1 (attend_one): writes the key and value of qkv [1, (H + 2 Hkv) D] fp32 at
+    `position` of slot 0 of the cache layer k_cache/v_cache [n_slots, Hkv, capacity, D] fp32, attends over positions
+    0..position -> [1, H D] fp32, the same as SDPA (enable_gqa) over those keys, up to fp32 rounding."""
+    _, n_kv_heads, capacity, head_dim = k_cache.shape
+    if not (qkv.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and qkv.is_contiguous()
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape
+            and qkv.shape == (1, (n_heads + 2 * n_kv_heads) * head_dim) and 0 <= position < capacity):
+        raise ValueError("bf16_gemv.attend needs contiguous fp32 qkv [1, (H + 2 Hkv) D] and cache layers, "
+                         "and a position inside the cache")
+    y = torch.empty(1, n_heads * head_dim)
+    _attend(qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), y.data_ptr(), n_heads, n_kv_heads, head_dim,
+            capacity, position)
     return y

@@ -456,18 +456,21 @@ def decode_layer(block: "Block", weights: tuple, linear, x, cos, sin, cache: Slo
 def decode_layer_gemv(block: "Block", weights: tuple, x, cos, sin, cache: SlotCache, layer: int, rows: Rows):
     """decode_layer at batch 1 through bf16_gemv (bf16 weights): x [1, C] fp32 -> [1, C] fp32. The kernel does the
     RMSNorms (their weights folded into q/k/v and gate/up), rotary on q and k, the residual adds and SwiGLU around
-    its products, so a layer is ~10 PyTorch operations instead of ~35 (each costs ~5-20 us once the weight stream
-    has evicted the caches). Activations stay fp32 between products, as llama.cpp keeps them; the products read
+    its products, and (an fp32 cache) the cache write and attention: 5 calls instead of ~35 PyTorch operations
+    (each costs ~5-20 us once the weight stream has evicted the caches). Activations stay fp32 between products, as llama.cpp keeps them; the products read
     them rounded to bf16. cos, sin: fp32 [D] of this position (rope_cos/rope_sin rows)."""
     w_qkv, w_o, w_gate_up, w_down = weights
     attn = block.self_attn
     H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     qkv = bf16_gemv.linear(x, w_qkv, cos=cos, sin=sin)
-    keys, values = cache.update_rows(layer, qkv[:, H * D:(H + Hkv) * D].view(1, Hkv, 1, D),
-                                     qkv[:, (H + Hkv) * D:].view(1, Hkv, 1, D), rows)
-    y = F.scaled_dot_product_attention(qkv[:, :H * D].view(1, H, 1, D), keys.float(), values.float(),
-                                       enable_gqa=H != Hkv)
-    x = bf16_gemv.linear(y.reshape(1, H * D), w_o, residual=x)
+    if cache.dtype == torch.float32:   # the cache write and attention in one call
+        y = bf16_gemv.attend(qkv, cache.k[layer], cache.v[layer], H, rows.length - 1)
+    else:
+        keys, values = cache.update_rows(layer, qkv[:, H * D:(H + Hkv) * D].view(1, Hkv, 1, D),
+                                         qkv[:, (H + Hkv) * D:].view(1, Hkv, 1, D), rows)
+        y = F.scaled_dot_product_attention(qkv[:, :H * D].view(1, H, 1, D), keys.float(), values.float(),
+                                           enable_gqa=H != Hkv).reshape(1, H * D)
+    x = bf16_gemv.linear(y, w_o, residual=x)
     return bf16_gemv.linear(bf16_gemv.linear(x, w_gate_up), w_down, residual=x)
 
 

@@ -292,6 +292,28 @@ def test_bf16_gemv_modes_equal_the_fp64_product(shape):
 
 
 @pytest.mark.skipif(not bf16_gemv.available(), reason="no avx512_bf16 CPU or no C compiler")
+@pytest.mark.parametrize("heads", [(4, 2, 16), (3, 3, 20)], ids=["gqa", "mha-odd-dim"])
+def test_bf16_gemv_attend_writes_the_cache_and_equals_sdpa(heads):
+    """attend(): the new key and value land at `position` of slot 0 (nothing else in the cache moves), and the
+    output equals SDPA over keys 0..position (GQA, a head_dim not a multiple of 16 included)."""
+    H, Hkv, D = heads
+    g = torch.Generator().manual_seed(D)
+    k_cache, v_cache = torch.randn(2, Hkv, 40, D, generator=g), torch.randn(2, Hkv, 40, D, generator=g)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    qkv = torch.randn(1, (H + 2 * Hkv) * D, generator=g)
+    y = bf16_gemv.attend(qkv, k_cache, v_cache, H, 29)
+    k_new, v_new = qkv[0, H * D:(H + Hkv) * D].view(Hkv, D), qkv[0, (H + Hkv) * D:].view(Hkv, D)
+    assert torch.equal(k_cache[0, :, 29], k_new) and torch.equal(v_cache[0, :, 29], v_new)
+    before_k[0, :, 29], before_v[0, :, 29] = k_new, v_new
+    assert torch.equal(k_cache, before_k) and torch.equal(v_cache, before_v)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        qkv[:, :H * D].view(1, H, 1, D), k_cache[:1, :, :30], v_cache[:1, :, :30], enable_gqa=H != Hkv)
+    torch.testing.assert_close(y, want.reshape(1, H * D), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="position"):
+        bf16_gemv.attend(qkv, k_cache, v_cache, H, 40)
+
+
+@pytest.mark.skipif(not bf16_gemv.available(), reason="no avx512_bf16 CPU or no C compiler")
 def test_bf16_decode_at_batch_1_runs_the_gemv_kernel_and_above_it_onednn():
     """Where the kernel runs, batch 1 uses it (the fast path must not fall away unnoticed); larger batches keep
     oneDNN's packed weights (faster there); both give the module path's logits within bf16 noise."""
