@@ -657,7 +657,9 @@ class Transformer(nn.Module):
             weights = [(Packed(torch.cat(ws[:3]), ws[7], eps, rope_rows=rope_rows, head_dim=cfg.head_dim), Packed(ws[3]),
                         Packed(torch.cat(ws[4:6]), ws[8], eps, swiglu=True), Packed(ws[6])) if ws else None
                        for ws in sources]
-            return weights, Packed(head, final_norm, eps, bf16_out=True), bf16_gemv.linear
+            head = Packed(head, final_norm, eps, bf16_out=True)
+            bf16_gemv.lay_out_in_order([w for ws in weights for w in ws] + [head])
+            return weights, head, bf16_gemv.linear
         prep = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1)) if kind == "onednn" else (lambda w: w)
         weights = [tuple(prep(w) for w in (torch.cat(ws[:3]), ws[3], torch.cat(ws[4:6]), ws[6])) if ws else None
                    for ws in sources]
