@@ -138,11 +138,32 @@ void attend_one(const float *qkv, float *k_cache, float *v_cache, float *y, int6
         }
     }
 }
+
+/* A whole decode step of a dense model at batch 1, up to the final norm: x fp32 [dim] (the token's embedding in,
+   the last layer's output out). Per layer l, weights[4 l ..] = packed q/k/v (input norm folded, rows for rotary),
+   o, gate/up (post-attention norm folded, interleaved), down, and caches[2 l ..] = its fp32 key and value cache
+   layers [n_kv_heads, capacity, head_dim] (slot 0): the products, attention and adds of model.decode_layer over
+   one row, with no interpreter in between. */
+void decode_one(const int64_t *weights, const int64_t *caches, int64_t n_layers, float *x, const float *cos,
+                const float *sin, int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn,
+                int64_t capacity, int64_t pos, float eps) {
+    const int64_t D = head_dim, n_qkv = (n_heads + 2 * n_kv_heads) * D;
+    float qkv[n_qkv], y[n_heads * D], h[ffn];
+    for (int64_t l = 0; l < n_layers; l++) {
+        const uint16_t *const *w = (const uint16_t *const *)(weights + 4 * l);
+        gemv_bf16(w[0], x, qkv, NULL, n_qkv, dim, eps, 3, cos, sin, (n_heads + n_kv_heads) * D, D);
+        attend_one(qkv, (float *)caches[2 * l], (float *)caches[2 * l + 1], y, n_heads, n_kv_heads, D, capacity, pos);
+        gemv_bf16(w[1], y, x, x, dim, n_heads * D, -1.0f, 0, NULL, NULL, 0, 0);
+        gemv_bf16(w[2], x, h, NULL, 2 * ffn, dim, eps, 2, NULL, NULL, 0, 0);
+        gemv_bf16(w[3], h, x, x, dim, ffn, -1.0f, 0, NULL, NULL, 0, 0);
+    }
+}
 """
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-shared", "-fPIC"]
 LIBS = ["-lm"]
 _kernel = None   # the loaded gemv_bf16; False once loading failed
 _attend = None   # attend_one from the same library
+_step = None     # decode_one from the same library
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -171,7 +192,7 @@ def _build() -> Path:
 
 
 def _load():
-    global _kernel, _attend
+    global _kernel, _attend, _step
     if _kernel is None:
         _kernel = False
         if cpu_has_avx512_bf16():
@@ -182,6 +203,10 @@ def _load():
             _attend = lib.attend_one
             _attend.restype = None
             _attend.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+            _step = lib.decode_one
+            _step.restype = None
+            _step.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7
+                              + [ctypes.c_float])
             fn = lib.gemv_bf16
             fn.restype = None
             fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
@@ -280,3 +305,39 @@ def attend(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_he
     _attend(qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), y.data_ptr(), n_heads, n_kv_heads, head_dim,
             capacity, position)
     return y
+
+
+class Step:
+    """The pointer table decode() walks: per layer the four packed weights (Packed): q/k/v (input norm folded,
+    rotary rows), o, gate/up (post-attention norm folded, SwiGLU), down."""
+    __slots__ = ("layers", "table", "dims", "eps")
+
+    def __init__(self, layers: list[tuple[Packed, Packed, Packed, Packed]], n_heads: int, n_kv_heads: int,
+                 head_dim: int, eps: float):
+        self.layers = layers   # held: the table points into them
+        self.table = torch.tensor([w.data.data_ptr() for ws in layers for w in ws], dtype=torch.int64)
+        qkv, o, gate_up, down = layers[0]
+        self.dims = (o.n_out, n_heads, n_kv_heads, head_dim, down.n_in)
+        if qkv.n_out != (n_heads + 2 * n_kv_heads) * head_dim or qkv.mode != 3 or gate_up.mode != 2:
+            raise ValueError("bf16_gemv.Step needs q/k/v packed with rotary rows and gate/up for SwiGLU")
+        self.eps = eps
+
+
+def decode(step: Step, x: torch.Tensor, k_caches: list, v_caches: list, cos: torch.Tensor, sin: torch.Tensor,
+           position: int) -> torch.Tensor:
+    """Every layer of one batch-1 decode step in one call (decode_one): x [1, dim] fp32 (the embedding) -> the
+    last layer's output [1, dim] fp32, each layer's key and value written at `position` of slot 0 of its fp32
+    cache layer [n_slots, Hkv, capacity, D]."""
+    dim, n_heads, n_kv_heads, head_dim, ffn = step.dims
+    capacity = k_caches[0].shape[2]
+    if not (x.dtype == torch.float32 and x.shape == (1, dim) and 0 <= position < capacity
+            and all(c.dtype == torch.float32 and c.is_contiguous() and c.shape[1:] == (n_kv_heads, capacity, head_dim)
+                    for c in (*k_caches, *v_caches))
+            and cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape == (head_dim,)):
+        raise ValueError("bf16_gemv.decode needs fp32 x [1, dim], cos/sin [head_dim], contiguous fp32 cache layers "
+                         "and a position inside them")
+    x = x.clone()
+    caches = torch.tensor([t.data_ptr() for pair in zip(k_caches, v_caches) for t in pair], dtype=torch.int64)
+    _step(step.table.data_ptr(), caches.data_ptr(), len(step.layers), x.data_ptr(), cos.contiguous().data_ptr(),
+          sin.contiguous().data_ptr(), dim, n_heads, n_kv_heads, head_dim, ffn, capacity, position, step.eps)
+    return x

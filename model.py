@@ -453,27 +453,6 @@ def decode_layer(block: "Block", weights: tuple, linear, x, cos, sin, cache: Slo
     return x + linear(F.silu(gate_up[:, :F_]) * gate_up[:, F_:], w_down)
 
 
-def decode_layer_gemv(block: "Block", weights: tuple, x, cos, sin, cache: SlotCache, layer: int, rows: Rows):
-    """decode_layer at batch 1 through bf16_gemv (bf16 weights): x [1, C] fp32 -> [1, C] fp32. The kernel does the
-    RMSNorms (their weights folded into q/k/v and gate/up), rotary on q and k, the residual adds and SwiGLU around
-    its products, and (an fp32 cache) the cache write and attention: 5 calls instead of ~35 PyTorch operations
-    (each costs ~5-20 us once the weight stream has evicted the caches). Activations stay fp32 between products, as llama.cpp keeps them; the products read
-    them rounded to bf16. cos, sin: fp32 [D] of this position (rope_cos/rope_sin rows)."""
-    w_qkv, w_o, w_gate_up, w_down = weights
-    attn = block.self_attn
-    H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    qkv = bf16_gemv.linear(x, w_qkv, cos=cos, sin=sin)
-    if cache.dtype == torch.float32:   # the cache write and attention in one call
-        y = bf16_gemv.attend(qkv, cache.k[layer], cache.v[layer], H, rows.length - 1)
-    else:
-        keys, values = cache.update_rows(layer, qkv[:, H * D:(H + Hkv) * D].view(1, Hkv, 1, D),
-                                         qkv[:, (H + Hkv) * D:].view(1, Hkv, 1, D), rows)
-        y = F.scaled_dot_product_attention(qkv[:, :H * D].view(1, H, 1, D), keys.float(), values.float(),
-                                           enable_gqa=H != Hkv).reshape(1, H * D)
-    x = bf16_gemv.linear(y, w_o, residual=x)
-    return bf16_gemv.linear(bf16_gemv.linear(x, w_gate_up), w_down, residual=x)
-
-
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -562,10 +541,10 @@ class Transformer(nn.Module):
         device = self.lm_head.weight.device
         lean = (lean and device.type == "cpu" and not torch.is_autocast_enabled("cpu")
                 and not (self.training and self.config.dropout))   # dropout active: the modules apply it
-        if lean and len(positions) == 1:
-            weights, head, linear = self._decode_weights(1)
+        if lean and len(positions) == 1 and cache.dtype == torch.float32:
+            step, head, linear = self._decode_weights(1)
             if linear is bf16_gemv.linear:
-                return self._decode_one(int(tokens[0]), int(positions[0]), cache, weights, head)
+                return self._decode_one(int(tokens[0]), int(positions[0]), cache, step, head)
         positions = torch.as_tensor(positions, dtype=torch.long, device=device)
         length = int(positions.max()) + 1
         if length > cache.capacity:
@@ -587,29 +566,31 @@ class Transformer(nn.Module):
             return linear(decode_norm(self.model.norm, x), head)
         return self.lm_head(self.model.norm(x))
 
-    def _decode_one(self, token: int, position: int, cache: SlotCache, weights: list, head) -> torch.Tensor:
-        """decode_step of one row through bf16_gemv (decode_layer_gemv), without the batch's position tensors,
-        mask or index: at batch 1 they are each an operation for nothing. -> logits [1, V] bf16."""
+    def _decode_one(self, token: int, position: int, cache: SlotCache, step, head) -> torch.Tensor:
+        """decode_step of one row of a dense bf16 model over an fp32 cache, through bf16_gemv: all layers in one
+        compiled call (bf16_gemv.decode: per layer the q/k/v product with the input RMSNorm folded in and rotary
+        applied, the cache write and attention, o plus the residual, SwiGLU with the second norm folded in, down
+        plus the residual; activations in fp32 between products, as llama.cpp keeps them), then the lm_head with
+        the final norm folded in. No position tensors, mask or per-layer PyTorch operations: at batch 1 each costs
+        ~5-20 us once the weight stream has evicted the caches. -> logits [1, V] bf16."""
         if position + 1 > cache.capacity:
             raise ValueError(f"KV cache overflow: position {position} >= capacity {cache.capacity}")
         if not 0 <= token < self.config.vocab_size:
             raise IndexError(f"token id {token} outside the vocabulary of {self.config.vocab_size}")
-        rows = Rows(None, None, position + 1)
-        x = self.model.embed_tokens.weight[token].float()[None]
         tables = self.__dict__.get("_rope_fp32")
         if tables is None:   # rope_cos/rope_sin follow the model's dtype (bf16 here): the kernel turns in fp32
             cfg = self.config
             tables = self.__dict__["_rope_fp32"] = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        cos, sin = tables[0][position], tables[1][position]
-        for i, layer in enumerate(self.model.layers):
-            x = decode_layer_gemv(layer, weights[i], x, cos, sin, cache, i, rows)
+        x = self.model.embed_tokens.weight[token].float()[None]
+        x = bf16_gemv.decode(step, x, cache.k, cache.v, tables[0][position], tables[1][position], position)
         return bf16_gemv.linear(x, head)
 
     def _decode_weights(self, batch: int) -> tuple[list, object, object]:
         """-> (per layer (q/k/v stacked [(H + 2 Hkv) * D, C], o, gate/up stacked [2 * F, C], down), or None for an
         MoE layer; the lm_head weight; the linear that applies them) for decode_layer at `batch` rows. bf16
-        weights: at batch 1 of a dense model packed for bf16_gemv.linear where this CPU runs it (the fastest
-        matrix-vector product here; the RMSNorm weights folded in, for decode_layer_gemv), otherwise for oneDNN's
+        weights: at batch 1 of a dense model packed for bf16_gemv where this CPU runs it (the fastest
+        matrix-vector product here; the RMSNorm weights folded in; the layers as one bf16_gemv.Step, for
+        _decode_one, and linear = bf16_gemv.linear), otherwise for oneDNN's
         packed_linear; each packing is a second copy of every projection and the lm_head (+1x the weight memory,
         +2x when both batch 1 and larger batches are decoded). fp32 weights use decode_linear (copies of q/k/v and
         gate/up only). Built on first use and rebuilt whenever a source weight (norms included) is replaced or
@@ -659,7 +640,7 @@ class Transformer(nn.Module):
                        for ws in sources]
             head = Packed(head, final_norm, eps, bf16_out=True)
             bf16_gemv.lay_out_in_order([w for ws in weights for w in ws] + [head])
-            return weights, head, bf16_gemv.linear
+            return bf16_gemv.Step(weights, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, eps), head, bf16_gemv.linear
         prep = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1)) if kind == "onednn" else (lambda w: w)
         weights = [tuple(prep(w) for w in (torch.cat(ws[:3]), ws[3], torch.cat(ws[4:6]), ws[6])) if ws else None
                    for ws in sources]
