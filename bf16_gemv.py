@@ -310,7 +310,7 @@ def attend(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_he
 class Step:
     """The pointer table decode() walks: per layer the four packed weights (Packed): q/k/v (input norm folded,
     rotary rows), o, gate/up (post-attention norm folded, SwiGLU), down."""
-    __slots__ = ("layers", "table", "dims", "eps")
+    __slots__ = ("layers", "table", "dims", "eps", "caches")
 
     def __init__(self, layers: list[tuple[Packed, Packed, Packed, Packed]], n_heads: int, n_kv_heads: int,
                  head_dim: int, eps: float):
@@ -321,6 +321,7 @@ class Step:
         if qkv.n_out != (n_heads + 2 * n_kv_heads) * head_dim or qkv.mode != 3 or gate_up.mode != 2:
             raise ValueError("bf16_gemv.Step needs q/k/v packed with rotary rows and gate/up for SwiGLU")
         self.eps = eps
+        self.caches = (None, None)   # (the cache layers' data pointers, their pointer table) last checked
 
 
 def decode(step: Step, x: torch.Tensor, k_caches: list, v_caches: list, cos: torch.Tensor, sin: torch.Tensor,
@@ -331,13 +332,19 @@ def decode(step: Step, x: torch.Tensor, k_caches: list, v_caches: list, cos: tor
     dim, n_heads, n_kv_heads, head_dim, ffn = step.dims
     capacity = k_caches[0].shape[2]
     if not (x.dtype == torch.float32 and x.shape == (1, dim) and 0 <= position < capacity
-            and all(c.dtype == torch.float32 and c.is_contiguous() and c.shape[1:] == (n_kv_heads, capacity, head_dim)
-                    for c in (*k_caches, *v_caches))
             and cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape == (head_dim,)):
-        raise ValueError("bf16_gemv.decode needs fp32 x [1, dim], cos/sin [head_dim], contiguous fp32 cache layers "
-                         "and a position inside them")
+        raise ValueError("bf16_gemv.decode needs fp32 x [1, dim], cos/sin [head_dim] and a position inside the cache")
+    layers = [t for pair in zip(k_caches, v_caches) for t in pair]
+    pointers = [t.data_ptr() for t in layers]
+    if pointers + [capacity] != step.caches[0]:   # a new or grown cache: check its layers once, not every step
+        if len(layers) != 2 * len(step.layers) or not all(
+                c.dtype == torch.float32 and c.is_contiguous() and c.shape[1:] == (n_kv_heads, capacity, head_dim)
+                for c in layers):
+            raise ValueError("bf16_gemv.decode needs a contiguous fp32 cache layer [n_slots, Hkv, capacity, D] "
+                             "for every layer")
+        step.caches = (pointers + [capacity], torch.tensor(pointers, dtype=torch.int64))
+    caches = step.caches[1]
     x = x.clone()
-    caches = torch.tensor([t.data_ptr() for pair in zip(k_caches, v_caches) for t in pair], dtype=torch.int64)
     _step(step.table.data_ptr(), caches.data_ptr(), len(step.layers), x.data_ptr(), cos.contiguous().data_ptr(),
           sin.contiguous().data_ptr(), dim, n_heads, n_kv_heads, head_dim, ffn, capacity, position, step.eps)
     return x

@@ -316,13 +316,15 @@ def test_bf16_gemv_attend_writes_the_cache_and_equals_sdpa(heads):
 @pytest.mark.skipif(not bf16_gemv.available(), reason="no avx512_bf16 CPU or no C compiler")
 def test_bf16_decode_at_batch_1_runs_the_gemv_kernel_and_above_it_onednn():
     """Where the kernel runs, batch 1 uses it (the fast path must not fall away unnoticed); larger batches keep
-    oneDNN's packed weights (faster there); both give the module path's logits within bf16 noise."""
+    oneDNN's packed weights (faster there), and so does batch 1 over a cache not in fp32 (SlotCache's default on a
+    CPU); all give the module path's logits within bf16 noise."""
     model = wandering(**DENSE_GQA).to(torch.bfloat16)
     assert model._decode_weights(1)[2] is bf16_gemv.linear
     assert model._decode_weights(2)[2] is not bf16_gemv.linear
     with torch.inference_mode():
-        for rows in (1, 2):
-            slots = model.new_slot_cache(rows)
+        for rows, cache_dtype in ((1, None), (2, None), (1, torch.bfloat16)):   # a bf16 cache: oneDNN's path
+            slots = model.new_slot_cache(rows, dtype=cache_dtype)
+            assert slots.dtype == (cache_dtype or torch.float32)
             slots.reserve(16)
             for i in range(rows):
                 model.forward_with_cache(torch.tensor([[1, 2, 3 + i]]), slots.slot(i), 0)
