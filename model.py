@@ -554,7 +554,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(torch.as_tensor(tokens, dtype=torch.long, device=positions.device))
         cos, sin = self.rope_cos[positions][:, None, :], self.rope_sin[positions][:, None, :]   # [B, 1, D]
         if lean:
-            weights, head, linear = self._decode_weights(len(positions))
+            weights, head, linear = self._decode_weights(len(positions), gemv=False)   # batch 1's is above
             half = cos.shape[-1] // 2
             rope = cos.to(x.dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(x.dtype)
         for i, layer in enumerate(self.model.layers):
@@ -585,10 +585,10 @@ class Transformer(nn.Module):
         x = bf16_gemv.decode(step, x, cache.k, cache.v, tables[0][position], tables[1][position], position)
         return bf16_gemv.linear(x, head)
 
-    def _decode_weights(self, batch: int) -> tuple[list, object, object]:
+    def _decode_weights(self, batch: int, gemv: bool = True) -> tuple[list, object, object]:
         """-> (per layer (q/k/v stacked [(H + 2 Hkv) * D, C], o, gate/up stacked [2 * F, C], down), or None for an
         MoE layer; the lm_head weight; the linear that applies them) for decode_layer at `batch` rows. bf16
-        weights: at batch 1 of a dense model packed for bf16_gemv where this CPU runs it (the fastest
+        weights: at batch 1 of a dense model (and `gemv`) packed for bf16_gemv where this CPU runs it (the fastest
         matrix-vector product here; the RMSNorm weights folded in; the layers as one bf16_gemv.Step, for
         _decode_one, and linear = bf16_gemv.linear), otherwise for oneDNN's
         packed_linear; each packing is a second copy of every projection and the lm_head (+1x the weight memory,
@@ -619,7 +619,7 @@ class Transformer(nn.Module):
             self.__dict__["_decode_cache"] = cached   # a plain attribute: not a parameter, not in the state dict
         if not cached[3]:
             kind = "plain"
-        elif batch == 1 and all(sources) and bf16_gemv.available():   # MoE layers: decode_layer's modules
+        elif batch == 1 and gemv and all(sources) and bf16_gemv.available():   # MoE layers: decode_layer's modules
             kind = "gemv"
         else:
             kind = "onednn"
