@@ -428,8 +428,8 @@ def decode_layer(block: "Block", weights: tuple, linear, x, cos, sin, cache: Slo
     """One dense Block on one new token per row: x [B, C] -> [B, C], the same operations as Block.forward over
     [B, 1, C] (RMSNorm, rotary, GQA attention over slot b's keys 0..positions[b], SwiGLU) without the T axis, the
     dropout modules or F.linear: `weights` = (q/k/v stacked, o, gate/up stacked, down) from
-    Transformer._decode_weights, each applied by `linear` (bf16_gemv.linear, packed_linear or decode_linear);
-    rotary on q and k at once; bf16 attention computed in fp32 (as llama.cpp does). cos [B, 1, D] and sin [B, 1, D]
+    Transformer._decode_weights, each applied by `linear` (packed_linear or decode_linear); rotary on q and k at
+    once; bf16 attention computed in fp32 (as llama.cpp does). cos [B, 1, D] and sin [B, 1, D]
     with its first half negated, in x's dtype, so x * cos + roll(x) * sin is apply_rope's x * cos + rotate_half(x)
     * sin to the bit."""
     w_qkv, w_o, w_gate_up, w_down = weights
@@ -534,9 +534,10 @@ class Transformer(nn.Module):
         rows: on a CPU, 8 rows cost about 1.5x one row, so concurrent requests are served ~5x faster than one
         after another. Row b's result equals forward_with_cache on that sequence alone (up to float rounding).
         On a CPU, dense layers take a lean path (decode_layer: [B, C] activations, q/k/v and gate/up stacked into
-        one matmul each, bf16 weights packed once for bf16_gemv at batch 1 or oneDNN above, bf16 attention in
-        fp32; the module path's operations otherwise: its logits to the bit in fp32 on this CPU, within bf16
-        rounding in bf16); MoE layers, autocast (GRPO's bf16 rollouts), active dropout and
+        one matmul each, bf16 weights packed once for oneDNN, bf16 attention in fp32; the module path's operations
+        otherwise: its logits to the bit in fp32 on this CPU, within bf16 noise in bf16); a dense bf16 model at
+        batch 1 over an fp32 cache runs its whole step in bf16_gemv's compiled code instead (_decode_one); MoE
+        layers, autocast (GRPO's bf16 rollouts), active dropout and
         other devices run the modules as training does, and so does lean=False (the reference: tests, bench)."""
         device = self.lm_head.weight.device
         lean = (lean and device.type == "cpu" and not torch.is_autocast_enabled("cpu")
