@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bf16_gemv
+
 
 @dataclass
 class ModelConfig:
@@ -205,7 +207,8 @@ class SlotCache:
         cfg = model.config
         self.n_slots, self.max_len, self.capacity = n_slots, cfg.max_seq_len, 0
         self.shape = (n_slots, cfg.n_kv_heads, cfg.head_dim)
-        self.dtype = dtype or model.lm_head.weight.dtype
+        # on a CPU in fp32 whatever the weights (as llama.cpp's default): CPU attention in bf16 is 2-5x slower
+        self.dtype = dtype or (torch.float32 if model.lm_head.weight.device.type == "cpu" else model.lm_head.weight.dtype)
         self.device = model.lm_head.weight.device
         self.k = [self._empty(0) for _ in range(cfg.n_layers)]
         self.v = [self._empty(0) for _ in range(cfg.n_layers)]
@@ -245,9 +248,13 @@ class SlotCache:
         """Write row b's new key/value (k, v [B, H, 1, D]) at rows.positions[b] of slot b; -> the keys and
         values of slots 0..B-1 up to rows.length (views)."""
         B = k.shape[0]
-        index = torch.arange(B, device=k.device) if rows.index is None else rows.index
-        self.k[layer][index, :, rows.positions] = k[:, :, 0]
-        self.v[layer][index, :, rows.positions] = v[:, :, 0]
+        if B == 1:   # one row at position length - 1: a plain copy (index_put costs ~2x more)
+            self.k[layer][0, :, rows.length - 1] = k[0, :, 0]
+            self.v[layer][0, :, rows.length - 1] = v[0, :, 0]
+        else:
+            index = torch.arange(B, device=k.device) if rows.index is None else rows.index
+            self.k[layer][index, :, rows.positions] = k[:, :, 0].to(self.dtype)
+            self.v[layer][index, :, rows.positions] = v[:, :, 0].to(self.dtype)
         return self.k[layer][:B, :, :rows.length], self.v[layer][:B, :, :rows.length]
 
 
@@ -279,6 +286,8 @@ class Attention(nn.Module):
                 S = start_pos + T
                 mask = torch.arange(S, device=x.device)[None, :] <= (start_pos + torch.arange(T, device=x.device))[:, None]
                 causal = False
+        if k.dtype != q.dtype:   # a SlotCache kept in fp32 under bf16 weights: attend in the weights' dtype
+            k, v = k.to(q.dtype), v.to(q.dtype)
         # GQA: kv head j serves query heads j*rep..(j+1)*rep-1 (HF repeat_kv). SDPA's enable_gqa does that without
         # copies in the CPU kernel and CUDA flash (bf16/fp16, no mask); elsewhere it would fall back to the slow
         # math kernel, so expand there.
@@ -420,8 +429,9 @@ def decode_layer(block: "Block", weights: tuple, linear, x, cos, sin, cache: Slo
     [B, 1, C] (RMSNorm, rotary, GQA attention over slot b's keys 0..positions[b], SwiGLU) without the T axis, the
     dropout modules or F.linear: `weights` = (q/k/v stacked, o, gate/up stacked, down) from
     Transformer._decode_weights, each applied by `linear` (packed_linear or decode_linear); rotary on q and k at
-    once. cos [B, 1, D] and sin [B, 1, D] with its first half negated, in x's dtype, so x * cos + roll(x) * sin is
-    apply_rope's x * cos + rotate_half(x) * sin to the bit."""
+    once; bf16 attention computed in fp32 (as llama.cpp does). cos [B, 1, D] and sin [B, 1, D]
+    with its first half negated, in x's dtype, so x * cos + roll(x) * sin is apply_rope's x * cos + rotate_half(x)
+    * sin to the bit."""
     w_qkv, w_o, w_gate_up, w_down = weights
     attn = block.self_attn
     B, H, Hkv, D = x.shape[0], attn.n_heads, attn.n_kv_heads, attn.head_dim
@@ -431,7 +441,12 @@ def decode_layer(block: "Block", weights: tuple, linear, x, cos, sin, cache: Slo
     v = qkv[:, (H + Hkv) * D:].reshape(B, Hkv, 1, D)
     keys, values = cache.update_rows(layer, qk[:, H:, None], v, rows)
     mask = rows.mask if B > 1 else None   # one row sees all `length` keys: its mask is all True
-    y = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=mask, enable_gqa=H != Hkv)
+    q = qk[:, :H, None]
+    if q.dtype == torch.float32:
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != Hkv)
+    else:   # CPU SDPA in bf16 is 2-5x slower than in fp32 at one query (more so the longer the context), upcast
+        y = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
+                                           enable_gqa=H != Hkv).to(x.dtype)
     x = x + linear(y.reshape(B, H * D), w_o)
     gate_up = linear(decode_norm(block.post_attention_layernorm, x), w_gate_up)
     F_ = gate_up.shape[1] // 2
@@ -519,10 +534,19 @@ class Transformer(nn.Module):
         rows: on a CPU, 8 rows cost about 1.5x one row, so concurrent requests are served ~5x faster than one
         after another. Row b's result equals forward_with_cache on that sequence alone (up to float rounding).
         On a CPU, dense layers take a lean path (decode_layer: [B, C] activations, q/k/v and gate/up stacked into
-        one matmul each, bf16 weights packed once for oneDNN; the module path's operations otherwise, and on this
-        CPU its logits to the bit in fp32 and bf16); MoE layers, autocast (GRPO's bf16 rollouts), active dropout and
+        one matmul each, bf16 weights packed once for oneDNN, bf16 attention in fp32; the module path's operations
+        otherwise: its logits to the bit in fp32 on this CPU, within bf16 noise in bf16); a dense bf16 model at
+        batch 1 over an fp32 cache runs its whole step in bf16_gemv's compiled code instead (_decode_one); MoE
+        layers, autocast (GRPO's bf16 rollouts), active dropout and
         other devices run the modules as training does, and so does lean=False (the reference: tests, bench)."""
-        positions = torch.as_tensor(positions, dtype=torch.long, device=self.lm_head.weight.device)
+        device = self.lm_head.weight.device
+        lean = (lean and device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and not (self.training and self.config.dropout))   # dropout active: the modules apply it
+        if lean and len(positions) == 1 and cache.dtype == torch.float32:
+            step, head, linear = self._decode_weights(1)
+            if linear is bf16_gemv.linear:
+                return self._decode_one(int(tokens[0]), int(positions[0]), cache, step, head)
+        positions = torch.as_tensor(positions, dtype=torch.long, device=device)
         length = int(positions.max()) + 1
         if length > cache.capacity:
             raise ValueError(f"KV cache overflow: position {length - 1} >= capacity {cache.capacity}")
@@ -530,10 +554,8 @@ class Transformer(nn.Module):
         rows = Rows(positions, mask, length, torch.arange(len(positions), device=positions.device))
         x = self.model.embed_tokens(torch.as_tensor(tokens, dtype=torch.long, device=positions.device))
         cos, sin = self.rope_cos[positions][:, None, :], self.rope_sin[positions][:, None, :]   # [B, 1, D]
-        lean = (lean and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-                and not (self.training and self.config.dropout))   # dropout active: the modules apply it
         if lean:
-            weights, head, linear = self._decode_weights()
+            weights, head, linear = self._decode_weights(len(positions), gemv=False)   # batch 1's is above
             half = cos.shape[-1] // 2
             rope = cos.to(x.dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(x.dtype)
         for i, layer in enumerate(self.model.layers):
@@ -545,35 +567,85 @@ class Transformer(nn.Module):
             return linear(decode_norm(self.model.norm, x), head)
         return self.lm_head(self.model.norm(x))
 
-    def _decode_weights(self) -> tuple[list, torch.Tensor, object]:
+    def _decode_one(self, token: int, position: int, cache: SlotCache, step, head) -> torch.Tensor:
+        """decode_step of one row of a dense bf16 model over an fp32 cache, through bf16_gemv: all layers in one
+        compiled call (bf16_gemv.decode: per layer the q/k/v product with the input RMSNorm folded in and rotary
+        applied, the cache write and attention, o plus the residual, SwiGLU with the second norm folded in, down
+        plus the residual; activations in fp32 between products, as llama.cpp keeps them), then the lm_head with
+        the final norm folded in. No position tensors, mask or per-layer PyTorch operations: at batch 1 each costs
+        ~5-20 us once the weight stream has evicted the caches. -> logits [1, V] bf16."""
+        if position + 1 > cache.capacity:
+            raise ValueError(f"KV cache overflow: position {position} >= capacity {cache.capacity}")
+        if not 0 <= token < self.config.vocab_size:
+            raise IndexError(f"token id {token} outside the vocabulary of {self.config.vocab_size}")
+        tables = self.__dict__.get("_rope_fp32")
+        if tables is None:   # rope_cos/rope_sin follow the model's dtype (bf16 here): the kernel turns in fp32
+            cfg = self.config
+            tables = self.__dict__["_rope_fp32"] = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        x = self.model.embed_tokens.weight[token].float()[None]
+        x = bf16_gemv.decode(step, x, cache.k, cache.v, tables[0][position], tables[1][position], position)
+        return bf16_gemv.linear(x, head)
+
+    def _decode_weights(self, batch: int, gemv: bool = True) -> tuple[list, object, object]:
         """-> (per layer (q/k/v stacked [(H + 2 Hkv) * D, C], o, gate/up stacked [2 * F, C], down), or None for an
-        MoE layer; the lm_head weight; the linear that applies them) for decode_layer. bf16 weights are packed
-        for packed_linear (a second copy of every projection and the lm_head: +1x the weight memory); others use
-        decode_linear (copies of q/k/v and gate/up only). Built on first use and rebuilt whenever a source weight
-        is replaced or changed in place (its data pointer or version counter moves: .to(), load_state_dict, an
-        optimizer step), so GRPO's rollouts always decode the policy it trains. The check costs ~30 us a step."""
-        def weight(module, *path):   # module.a.b.weight without nn.Module.__getattr__ (this runs every step)
-            for name in path:
-                module = module._modules[name]
-            return module._parameters["weight"]
-        sources = [tuple(weight(l, *p) for p in (("self_attn", "q_proj"), ("self_attn", "k_proj"),
-                                                  ("self_attn", "v_proj"), ("self_attn", "o_proj"), ("mlp", "gate_proj"),
-                                                  ("mlp", "up_proj"), ("mlp", "down_proj")))
-                   if "mlp" in l._modules else () for l in self.model._modules["layers"]._modules.values()]
-        head = weight(self, "lm_head")
-        key = tuple((w.data_ptr(), w._version) for ws in sources for w in ws) + ((head.data_ptr(), head._version),)
+        MoE layer; the lm_head weight; the linear that applies them) for decode_layer at `batch` rows. bf16
+        weights: at batch 1 of a dense model (and `gemv`) packed for bf16_gemv where this CPU runs it (the fastest
+        matrix-vector product here; the RMSNorm weights folded in; the layers as one bf16_gemv.Step, for
+        _decode_one, and linear = bf16_gemv.linear), otherwise for oneDNN's
+        packed_linear; each packing is a second copy of every projection and the lm_head (+1x the weight memory,
+        +2x when both batch 1 and larger batches are decoded). fp32 weights use decode_linear (copies of q/k/v and
+        gate/up only). Built on first use and rebuilt whenever a source weight (norms included) is replaced or
+        changed in place (its data pointer or version counter moves: .to(), load_state_dict, an optimizer step),
+        so GRPO's rollouts always decode the policy it trains. The check costs ~30 us a step."""
+        # the modules' own dicts, not nn.Module.__getattr__: this runs every step
+        sources, model = [], self._modules["model"]
+        for layer in model._modules["layers"]._modules.values():
+            m = layer._modules
+            if "mlp" not in m:   # MoE
+                sources.append(())
+                continue
+            attn, mlp = m["self_attn"]._modules, m["mlp"]._modules
+            sources.append(tuple(module._parameters["weight"] for module in (
+                attn["q_proj"], attn["k_proj"], attn["v_proj"], attn["o_proj"], mlp["gate_proj"], mlp["up_proj"],
+                mlp["down_proj"], m["input_layernorm"], m["post_attention_layernorm"])))
+        head = self._modules["lm_head"]._parameters["weight"]
+        final_norm = model._modules["norm"]._parameters["weight"]
+        key = [(w.data_ptr(), w._version) for ws in sources for w in ws]
+        key += [(head.data_ptr(), head._version), (final_norm.data_ptr(), final_norm._version)]
         cached = self.__dict__.get("_decode_cache")
         if cached is None or cached[0] != key:
-            pack = can_pack(head)
-            prep = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1)) if pack else (lambda w: w)
-            with torch.no_grad():
-                weights = [tuple(prep(w) for w in (torch.cat(ws[:3]), ws[3], torch.cat(ws[4:6]), ws[6])) if ws else None
-                           for ws in sources]
-                # the sources' storages are held too, so no new weight can be allocated at a cached address
-                cached = (key, (weights, prep(head), packed_linear if pack else decode_linear),
-                          [w.detach() for ws in sources for w in ws] + [head.detach()])
+            # the sources' storages are held too, so no new weight can be allocated at a cached address
+            cached = (key, {}, [w.detach() for ws in sources for w in ws] + [head.detach(), final_norm.detach()],
+                      can_pack(head))
             self.__dict__["_decode_cache"] = cached   # a plain attribute: not a parameter, not in the state dict
-        return cached[1]
+        if not cached[3]:
+            kind = "plain"
+        elif batch == 1 and gemv and all(sources) and bf16_gemv.available():   # MoE layers: decode_layer's modules
+            kind = "gemv"
+        else:
+            kind = "onednn"
+        if kind not in cached[1]:
+            with torch.no_grad():
+                cached[1][kind] = self._pack_decode_weights(kind, sources, head, final_norm)
+        return cached[1][kind]
+
+    def _pack_decode_weights(self, kind: str, sources: list, head, final_norm) -> tuple[list, object, object]:
+        """_decode_weights' build of one kind: "gemv" (bf16_gemv.Packed), "onednn" or "plain" (decode_linear)."""
+        if kind == "gemv":
+            eps = self.config.norm_eps
+            Packed = bf16_gemv.Packed
+            cfg = self.config
+            rope_rows = (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim
+            weights = [(Packed(torch.cat(ws[:3]), ws[7], eps, rope_rows=rope_rows, head_dim=cfg.head_dim), Packed(ws[3]),
+                        Packed(torch.cat(ws[4:6]), ws[8], eps, swiglu=True), Packed(ws[6])) if ws else None
+                       for ws in sources]
+            head = Packed(head, final_norm, eps, bf16_out=True)
+            bf16_gemv.lay_out_in_order([w for ws in weights for w in ws] + [head])
+            return bf16_gemv.Step(weights, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, eps), head, bf16_gemv.linear
+        prep = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1)) if kind == "onednn" else (lambda w: w)
+        weights = [tuple(prep(w) for w in (torch.cat(ws[:3]), ws[3], torch.cat(ws[4:6]), ws[6])) if ws else None
+                   for ws in sources]
+        return weights, prep(head), packed_linear if kind == "onednn" else decode_linear
 
     def check_generation(self, prompt_ids: list[int], temperature: float, top_k: int, top_p: float,
                          repetition_penalty: float) -> None:
@@ -676,7 +748,9 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, repetition
     if repetition_penalty != 1.0:
         penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, penalized, logits)
-    if temperature == 0:
+    if temperature == 0:   # numpy's argmax on a CPU: ~10x faster than torch's over a 65K vocabulary, same index
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+            return int(logits.numpy().argmax())
         return int(logits.argmax())
     logits = logits / temperature
     if top_k > 0 and top_k < logits.numel():
