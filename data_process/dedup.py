@@ -70,7 +70,7 @@ import xxhash
 
 from data_process import evalsets, minhash
 from data_process.executor import Executor
-from data_process.records import ZSTD_LEVEL, iter_records, list_parts
+from data_process.records import ZSTD_LEVEL, iter_record_lines, iter_records, list_parts
 from fileio import AtomicWriter, DirLock, atomic_file, atomic_write_bytes, check_files, file_sha256
 
 log = logging.getLogger(__name__)
@@ -333,9 +333,13 @@ def hash_batch(texts: list[str], dtexts: list[str], cfg: dict, index: dict) -> d
 def _unit_batches(part: Path, ids: list):
     texts, dtexts, chars = [], [], 0
     for record in iter_records(part):
-        text = dedup_text(record)
+        if record.get("kind") == "doc":              # nearly every record: its text is checked whole
+            text = dtext = record.get("text") or ""
+        else:
+            text = dedup_text(record)
+            dtext = decontam_text(record, text)      # the same object unless a preference pair
         texts.append(text)
-        dtexts.append(decontam_text(record, text))   # the same object unless a preference pair
+        dtexts.append(dtext)
         ids.append(str(record.get("id")))
         chars += len(text)
         if chars >= BATCH_CHARS:
@@ -358,6 +362,14 @@ def _sign_done(unit: dict) -> dict | None:
         return {"index": k, **{key: int(v) for key, v in meta.items()}} if ok else None
     except (OSError, ValueError, KeyError, EOFError):
         return None
+
+
+def _preload_pyarrow() -> None:
+    """Import pyarrow in the driver before a pool forks, with the pandas module it loads on its first table
+    (its pandas shim): every signature unit writes a parquet file, and each forked worker would otherwise
+    pay ~0.5 s of CPU for these imports (measured), which the driver pays anyway for the audit file."""
+    import pyarrow as pa
+    pa.table({"id": pa.array([""], pa.string())})
 
 
 def sign_unit(unit: dict) -> dict:
@@ -429,7 +441,7 @@ def exact_partition(task: dict) -> dict:
     except (OSError, ValueError):
         pass
     h, d = _rows(task, "exact.npy")
-    order = np.lexsort((d, h))
+    order = _order_by_hash(h, d, runs=True)
     h, d = h[order], d[order]
     start = np.r_[True, h[1:] != h[:-1]] if len(h) else np.empty(0, bool)
     first = d[np.maximum.accumulate(np.where(start, np.arange(len(h)), 0))] if len(h) else d
@@ -442,11 +454,19 @@ def exact_partition(task: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------
 # Stage 3: LSH buckets -> verified edges, one unit per band-hash range
-def bucket_pairs(h: np.ndarray, d: np.ndarray, cap: int = BUCKET_PAIR_CAP):
+def _order_by_hash(h: np.ndarray, d: np.ndarray, runs: bool) -> np.ndarray:
+    """The order that sorts rows by (h, d). `runs`: the rows are runs, each sorted by (h, d) and each with
+    all its d below the next run's (what _rows returns: one run per signature unit); a stable sort on h alone
+    then gives the same order, ~15x faster than lexsort (timsort merges the runs; measured)."""
+    return np.argsort(h, kind="stable") if runs else np.lexsort((d, h))
+
+
+def bucket_pairs(h: np.ndarray, d: np.ndarray, cap: int = BUCKET_PAIR_CAP, runs: bool = False):
     """Candidate pairs (u, v), u < v, of records sharing a band hash, in blocks (one per pairing rank, so
     memory stays linear in the rows): each bucket member with the bucket's first `cap` members and with its
-    predecessor. Pairs may repeat across blocks (and across bands); the caller makes them unique."""
-    order = np.lexsort((d, h))
+    predecessor. Pairs may repeat across blocks (and across bands); the caller makes them unique. `runs`: as
+    in _order_by_hash."""
+    order = _order_by_hash(h, d, runs)
     h, d = h[order], d[order]
     if len(h) < 2:
         return
@@ -516,7 +536,7 @@ def bucket_partition(task: dict) -> dict:
     keep = ~_excluded(bits, d) if len(d) else np.empty(0, bool)
     h, d = h[keep], d[keep]
     edges, candidates = [], 0
-    for u, v in bucket_pairs(h, d, task.get("cap", BUCKET_PAIR_CAP)):
+    for u, v in bucket_pairs(h, d, task.get("cap", BUCKET_PAIR_CAP), runs=True):
         for s in range(0, len(u), VERIFY_PAIRS):
             uu, vv = u[s:s + VERIFY_PAIRS], v[s:s + VERIFY_PAIRS]
             key = np.unique(np.stack([uu, vv], axis=1), axis=0)
@@ -847,17 +867,20 @@ def write_unit(task: dict) -> dict:
     writer = compressor = None
     j, kept = -1, 0
     try:
-        for j, record in enumerate(iter_records(Path(task["part"]))):
+        # lines are copied as stored: the clean parts are orjson's output (records.write_parts), and
+        # orjson.dumps(orjson.loads(line)) is that same line, so this writes the bytes a parse and re-serialize
+        # would, at a fraction of the cost
+        for j, line in enumerate(iter_record_lines(Path(task["part"]))):
             if j >= n:
                 raise RuntimeError(f"dedup: {task['part']} changed between stages (more records than counted)")
             if offset + j in wanted:
-                seen[offset + j] = record
+                seen[offset + j] = orjson.loads(line)
             if keep[j]:
                 if writer is None:
                     writer = AtomicWriter(out)
                     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).stream_writer(
                         writer.f, closefd=False)
-                compressor.write(orjson.dumps(record) + b"\n")
+                compressor.write(line if line.endswith(b"\n") else line + b"\n")
                 kept += 1
         if j + 1 != n:
             raise RuntimeError(f"dedup: {task['part']} changed between stages (fewer records than counted)")
@@ -917,6 +940,7 @@ def _run(recipe, clean_root: Path, out_root: Path, workers, mapper) -> dict:
     questions = [(s, q) for s, qs in enumerate(question_sets) for q in qs]
     set_names = [e.name for e in recipe.eval_sets]
     minhash._tables()   # built once here, inherited by forked workers
+    _preload_pyarrow()
     bands_n, rows_n = minhash.lsh_params(cfg.threshold, cfg.num_perm)
     sign_cfg = {"num_perm": cfg.num_perm, "ngram": cfg.ngram, "bands": bands_n, "rows": rows_n,
                 "decontam_ngram": cfg.decontam_ngram, "decontam_min_share": cfg.decontam_min_share}
