@@ -310,7 +310,8 @@ def _index(path: str, mtime_ns: int) -> dict:
 
 def hash_batch(texts: list[str], dtexts: list[str], cfg: dict, index: dict) -> dict:
     """Exact hashes, sketches, band hashes and eval hits of one batch of (dedup texts, decontam texts)."""
-    cps, lengths = minhash.fold_batch(*minhash.encode_batch(texts))
+    raw_cps, raw_lengths = minhash.encode_batch(texts)
+    cps, lengths = minhash.fold_batch(raw_cps, raw_lengths)
     starts = np.cumsum(lengths) - lengths
     buf = cps.tobytes()
     exact = np.fromiter((xxhash.xxh3_64_intdigest(buf[4 * s:4 * (s + k)]) for s, k in zip(starts, lengths)),
@@ -327,7 +328,7 @@ def hash_batch(texts: list[str], dtexts: list[str], cfg: dict, index: dict) -> d
         contam[own], score[own] = find_contamination(dcps, dlengths, index, n, share)
     return {"exact": exact, "bands": minhash.band_hashes(sigs, cfg["bands"], cfg["rows"]),
             "sketch": minhash.sketch(sigs), "contam": contam, "score": score, "has_shingles": lengths > 0,
-            "chars": sum(len(t) for t in texts)}
+            "chars": int(raw_lengths.sum())}
 
 
 def _unit_batches(part: Path, ids: list):
@@ -405,7 +406,7 @@ def sign_unit(unit: dict) -> dict:
     band_rows = np.empty(int(valid.sum()) * cfg["bands"], ROW)
     band_rows["h"] = a["bands"][valid].ravel()
     band_rows["i"] = np.repeat(local[valid], cfg["bands"])
-    band_rows = band_rows[np.lexsort((band_rows["i"], band_rows["h"]))]
+    band_rows = band_rows[np.argsort(band_rows["h"], kind="stable")]   # i is ascending already: (h, i) order
     _save(_unit_file(work, k, "sketch.npy"), a["sketch"])
     _save(_unit_file(work, k, "bands.npy"), band_rows)
     _save(_unit_file(work, k, "exact.npy"), exact_rows)
@@ -723,19 +724,25 @@ def _edges_in(files: list[Path], lo: int, hi: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------------
 # Stage 5: the audit file, the report, the survivors
-def _ids_of(work: Path, offsets: np.ndarray, docs: np.ndarray) -> list:
-    """Record ids of records (keep-order numbers), read unit by unit from the signature stage's id files."""
+def _ids_of(work: Path, offsets: np.ndarray, docs: np.ndarray):
+    """Record ids of records (keep-order numbers) as a pyarrow string array, read unit by unit from the
+    signature stage's id files (no Python string per record: the audit file takes the array as it is)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    out = np.empty(len(docs), object)
     order = np.argsort(docs, kind="stable")
     sd = docs[order]
     unit = np.searchsorted(offsets, sd, "right") - 1
     cut = np.flatnonzero(np.r_[True, unit[1:] != unit[:-1], True]) if len(sd) else []
+    chunks = []
     for a, b in zip(cut[:-1], cut[1:]):
         k = int(unit[a])
         col = pq.read_table(_unit_file(work, k, "ids.parquet"), columns=["id"]).column("id")
-        out[order[a:b]] = col.take(sd[a:b] - offsets[k]).to_pylist()
-    return out.tolist()
+        chunks += col.take(pa.array(sd[a:b] - offsets[k])).chunks
+    if not chunks:
+        return pa.array([], pa.string())
+    back = np.empty(len(order), np.int64)
+    back[order] = np.arange(len(order))
+    return pa.chunked_array(chunks, pa.string()).take(pa.array(back))
 
 
 def _audit_schema():
@@ -791,6 +798,7 @@ def _write_audit(path: Path, work: Path, units, offsets, corpus_of_unit: list[st
     seen = {CONTAMINATED: 0, EXACT: 0, NEAR: 0}
     picks = []
     unit_of = lambda docs: np.searchsorted(offsets, docs, "right") - 1
+    corpus_names = pa.array(corpus_of_unit, pa.string())
     with atomic_file(path) as f, pq.ParquetWriter(f, _audit_schema()) as writer:
         for reason, e in _removed_rows(work, units, offsets, exact_files, near_files):
             v, u, s = e["v"], e["u"].copy(), e["s"].copy()
@@ -799,12 +807,13 @@ def _write_audit(path: Path, work: Path, units, offsets, corpus_of_unit: list[st
                 if gone.any():
                     m = _near_match(near_files, near_starts, u[gone])
                     u[gone], s[gone] = m["u"], m["s"]
-            cv = [corpus_of_unit[k] for k in unit_of(v)]
-            ids = _ids_of(work, offsets, v)
+            uv = unit_of(v)
             n = len(v)
-            cols = {"corpus": cv, "id": ids, "reason": [REASONS[reason]] * n, "similarity": s,
-                    **{k: [None] * n for k in ("kept_corpus", "kept_id", "eval_set", "eval_subject", "eval_split",
-                                               "eval_question_id", "eval_question")}}
+            cols = {"corpus": corpus_names.take(pa.array(uv)), "id": _ids_of(work, offsets, v),
+                    "reason": pa.array([REASONS[reason]], pa.string()).take(pa.array(np.zeros(n, np.int64))),
+                    "similarity": s,
+                    **{k: pa.nulls(n, pa.string()) for k in ("kept_corpus", "kept_id", "eval_set", "eval_subject",
+                                                              "eval_split", "eval_question_id", "eval_question")}}
             if reason == CONTAMINATED:
                 qs = [questions[int(-1 - x)] for x in u]
                 cols["eval_set"] = [set_names[q_set] for q_set, _ in qs]
@@ -817,11 +826,15 @@ def _write_audit(path: Path, work: Path, units, offsets, corpus_of_unit: list[st
                     r["removed"] += 1
                     r["removed_by_subject"][q.subject] = r["removed_by_subject"].get(q.subject, 0) + 1
             else:
-                cu = [corpus_of_unit[k] for k in unit_of(u)]
-                cols["kept_corpus"], cols["kept_id"] = cu, _ids_of(work, offsets, u)
+                uu = unit_of(u)
+                cols["kept_corpus"], cols["kept_id"] = corpus_names.take(pa.array(uu)), _ids_of(work, offsets, u)
                 key = "exact_dups_of" if reason == EXACT else "near_dups_of"
-                for a, b in zip(cv, cu):
-                    counts[a][key][b] = counts[a][key].get(b, 0) + 1
+                # per (removed unit, kept unit) pair at once, added in the order the pairs first occur (the
+                # report's dict order is the rows' order, whatever the engine)
+                pairs, first, times = np.unique(uv * len(units) + uu, return_index=True, return_counts=True)
+                for j in np.argsort(first, kind="stable").tolist():
+                    a, b = corpus_of_unit[pairs[j] // len(units)], corpus_of_unit[pairs[j] % len(units)]
+                    counts[a][key][b] = counts[a][key].get(b, 0) + int(times[j])
             writer.write_table(pa.table(cols, schema=_audit_schema()))
             wanted = picks_at[reason]
             at = wanted[(wanted >= seen[reason]) & (wanted < seen[reason] + n)] - seen[reason]
