@@ -74,7 +74,10 @@ def fold_batch(cps: np.ndarray, lengths: np.ndarray, alnum: bool = False) -> tup
     """Normalize a batch of code point runs: fold every character, drop deleted ones (and, with `alnum`,
     every character that is not a letter or digit); returns the new code points and per-text lengths."""
     fold, _ = _tables()
-    out = np.where(cps < 0x10000, fold[np.minimum(cps, 0xFFFF)], cps)   # above the BMP (CJK ext. B...): kept
+    if len(cps) and cps.max() <= 0xFFFF:          # the usual batch, all in the BMP: one gather
+        out = fold[cps]
+    else:
+        out = np.where(cps < 0x10000, fold[np.minimum(cps, 0xFFFF)], cps)   # above the BMP (CJK ext. B...): kept
     cps, lengths = _keep(out, lengths, out != 0)
     return alnum_only(cps, lengths) if alnum else (cps, lengths)
 
@@ -86,8 +89,9 @@ def alnum_only(cps: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _keep(cps: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    doc = np.repeat(np.arange(len(lengths)), lengths)
-    return cps[keep], np.bincount(doc[keep], minlength=len(lengths)).astype(np.int64)
+    ends = np.cumsum(lengths)
+    kept = np.r_[0, np.cumsum(keep, dtype=np.int64)]    # kept characters before each position
+    return cps[keep], kept[ends] - kept[ends - lengths]
 
 
 def _decode(cps: np.ndarray) -> str:
@@ -111,12 +115,19 @@ def normalize_alnum(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Hashing
 def _fmix64(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finalizer (a bijection) so that the polynomial hash's bits are well mixed."""
-    h = h ^ (h >> U64(33))
-    h = h * U64(0xFF51AFD7ED558CCD)
-    h = h ^ (h >> U64(33))
-    h = h * U64(0xC4CEB9FE1A85EC53)
-    return h ^ (h >> U64(33))
+    """MurmurHash3's 64-bit finalizer (a bijection) so that the polynomial hash's bits are well mixed.
+    Returns a new array; `_fmix64_inplace` overwrites its argument (no temporaries per step on large arrays)."""
+    return _fmix64_inplace(np.array(h, dtype=np.uint64))
+
+
+def _fmix64_inplace(h: np.ndarray) -> np.ndarray:
+    t = np.empty_like(h)
+    for c in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, None):
+        np.right_shift(h, U64(33), out=t)
+        np.bitwise_xor(h, t, out=h)
+        if c is not None:
+            np.multiply(h, U64(c), out=h)
+    return h
 
 
 def _fmix32(h: np.ndarray) -> np.ndarray:
@@ -144,7 +155,7 @@ def ngram_hashes64(cps: np.ndarray, n: int) -> np.ndarray:
         for k in range(1, n):
             h *= U64(POLY)
             h += cps[k:k + m]
-        return _fmix64(h)
+        return _fmix64_inplace(h)
 
 
 def string_hash64(s: str) -> int:
