@@ -19,7 +19,7 @@ Prints:
      words) and character 5-grams, against our whole step (needs /work/bench-venvs/datatrove: see
      bench/datatrove_minhash.py)
 The corpora of [6] and [7] are generated once per size and seed into /tmp/medllm-bench-dedup (or
-$BENCH_DEDUP_CACHE): texts, planted pairs and clean parts; 10M documents take ~17 GB there and ~17 minutes.
+$BENCH_DEDUP_CACHE): texts, planted pairs and clean parts; 10M documents take ~17 GB there and ~17 minutes of CPU.
 """
 from __future__ import annotations
 
