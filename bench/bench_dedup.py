@@ -18,6 +18,8 @@ Prints:
   7. (--sections 7) datatrove's MinHash pipeline on the same generated corpus: its default for Chinese (jieba
      words) and character 5-grams, against our whole step (needs /work/bench-venvs/datatrove: see
      bench/datatrove_minhash.py)
+The corpora of [6] and [7] are generated once per size and seed into /tmp/medllm-bench-dedup (or
+$BENCH_DEDUP_CACHE): texts, planted pairs and clean parts; 10M documents take ~17 GB there and ~17 minutes of CPU.
 """
 from __future__ import annotations
 
@@ -396,43 +398,133 @@ def sentence_pool() -> list[str]:
     return sorted(pool)
 
 
-def generate_corpus(n_docs: int, seed: int = 0):
+def iter_corpus(n_docs: int, seed: int, planted: list):
     """n_docs documents in stream order: 70% new documents (8-14 random real sentences: two of them share
     almost no 5-gram), 5% exact copies with punctuation and spacing changed, 15% near copies (0.5-3% edits),
     5% heavy edits (30-50%: distinct documents), 5% links of chains (1.5% edits on the chain's last document).
-    Copies come after their originals. Returns texts and the planted (original, copy, kind) triples."""
+    Copies come after their originals. Yields the texts; appends the planted (original, copy, kind) triples.
+
+    Holds new documents as their sentence numbers and only the last text of each chain, not every text: 10M
+    documents are ~9 GB as Python strings, ~0.5 GB this way."""
+    import array
     rng = random.Random(seed)
     pool = sentence_pool()
-    texts, planted, bases, chains = [], [], [], []
+    base_doc = array.array("q")              # document number of each new document
+    base_at = array.array("q", [0])          # its sentence numbers: base_sent[base_at[k]:base_at[k + 1]]
+    base_sent = array.array("I")
+    chain_last, chain_text = [], []          # per chain: its last document and that document's text
+
+    def base_text(k: int) -> str:
+        return "".join(pool[j] for j in base_sent[base_at[k]:base_at[k + 1]])
+
+    def random_base() -> tuple[int, str]:
+        k = rng.randrange(len(base_doc))
+        return base_doc[k], base_text(k)
+
+    # every draw below is the one the in-memory version made (rng.choice(seq) is seq[rng.randrange(len(seq))]),
+    # so a seed gives the same corpus as before
     for i in range(n_docs):
         r = rng.random()
-        if r < 0.70 or len(bases) < 10:
-            texts.append("".join(rng.choice(pool) for _ in range(rng.randint(8, 14))))
-            bases.append(i)
+        if r < 0.70 or len(base_doc) < 10:
+            sents = [rng.randrange(len(pool)) for _ in range(rng.randint(8, 14))]
+            base_sent.extend(sents)
+            base_at.append(len(base_sent))
+            base_doc.append(i)
+            t = "".join(pool[j] for j in sents)
             if rng.random() < 0.05:
-                chains.append([i])
+                chain_last.append(i)
+                chain_text.append(t)
+            yield t
             continue
-        src = bases[rng.randrange(len(bases))]
+        src, src_text = random_base()
         if r < 0.75:
-            t = texts[src].replace("，", ",").replace("。", ". ")
+            t = src_text.replace("，", ",").replace("。", ". ")
             kind = "exact"
         elif r < 0.90:
-            t = edit(texts[src], rng.choice((0.005, 0.01, 0.02, 0.03)), rng, texts[bases[rng.randrange(len(bases))]])
+            rate = rng.choice((0.005, 0.01, 0.02, 0.03))
+            t = edit(src_text, rate, rng, random_base()[1])
             kind = "near"
         elif r < 0.95:
-            t = edit(texts[src], rng.choice((0.3, 0.4, 0.5)), rng, texts[bases[rng.randrange(len(bases))]])
+            rate = rng.choice((0.3, 0.4, 0.5))
+            t = edit(src_text, rate, rng, random_base()[1])
             kind = "far"
-        elif chains:
-            chain = chains[rng.randrange(len(chains))]
-            src = chain[-1]
-            t = edit(texts[src], 0.015, rng, texts[src])
-            chain.append(i)
+        elif chain_last:
+            c = rng.randrange(len(chain_last))
+            src = chain_last[c]
+            t = edit(chain_text[c], 0.015, rng, chain_text[c])
+            chain_last[c], chain_text[c] = i, t
             kind = "chain"
         else:
-            t, kind = texts[src] + "", "exact"
-        texts.append(t)
+            t, kind = src_text, "exact"
         planted.append((src, i, kind))
+        yield t
+
+
+def generate_corpus(n_docs: int, seed: int = 0):
+    """The texts of iter_corpus in a list, and the planted triples."""
+    planted: list = []
+    texts = list(iter_corpus(n_docs, seed, planted))
     return texts, planted
+
+
+CORPUS_CACHE = Path(os.environ.get("BENCH_DEDUP_CACHE", "/tmp/medllm-bench-dedup"))
+KINDS = ("exact", "near", "far", "chain")
+
+
+class CorpusTexts:
+    """The texts of a cached corpus, read on demand from one UTF-8 file through a memory map (a text per
+    index, as a list would give them), so a 10M-document corpus never sits in the benchmark's memory."""
+
+    def __init__(self, d: Path):
+        import mmap
+        self.offsets = np.load(d / "offsets.npy")
+        self._f = open(d / "texts.bin", "rb")
+        self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if self.offsets[-1] else b""
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self._mm[self.offsets[i]:self.offsets[i + 1]].decode("utf-8")
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def cached_corpus(n_docs: int, seed: int):
+    """The corpus of iter_corpus(n_docs, seed) with its clean parts, generated once into CORPUS_CACHE and
+    reused by later runs (generation is single-threaded Python: minutes per million documents). Returns
+    (directory, texts, planted, info); the clean parts are under directory / "clean"."""
+    d = CORPUS_CACHE / f"gen-n{n_docs}-s{seed}"
+    info_path = d / "info.json"
+    if not info_path.exists():
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        t0 = time.perf_counter()
+        planted: list = []
+        offsets = np.empty(n_docs + 1, np.int64)
+        offsets[0] = chars = 0
+        with open(d / "texts.bin", "wb") as f:
+            def texts():
+                nonlocal chars
+                for i, t in enumerate(iter_corpus(n_docs, seed, planted)):
+                    b = t.encode("utf-8")
+                    f.write(b)
+                    offsets[i + 1] = offsets[i] + len(b)
+                    chars += len(t)
+                    yield t
+            write_clean(texts(), d / "clean", n_docs)
+        np.save(d / "offsets.npy", offsets)
+        rows = np.array([(a, b, KINDS.index(k)) for a, b, k in planted],
+                        dtype=[("a", "<i8"), ("b", "<i8"), ("k", "u1")]).reshape(-1)
+        np.save(d / "planted.npy", rows)
+        info = {"docs": n_docs, "chars": chars, "bytes": int(offsets[-1]),
+                "generated_seconds": round(time.perf_counter() - t0, 1)}
+        info_path.write_text(json.dumps(info))     # written last: the cache's done-marker
+    info = json.loads(info_path.read_text())
+    rows = np.load(d / "planted.npy")
+    planted = list(zip(rows["a"].tolist(), rows["b"].tolist(), [KINDS[k] for k in rows["k"].tolist()]))
+    return d, CorpusTexts(d), planted, info
 
 
 class TreeRSS:
@@ -521,12 +613,14 @@ print("RESULT " + json.dumps({{"wall": time.perf_counter() - t0, "totals": repor
 """
 
 
-def write_clean(texts: list[str], clean: Path) -> None:
+def write_clean(texts, clean: Path, n_docs: int | None = None) -> None:
+    """Texts (any iterable; n_docs: how many, when it is not a list) as the clean parts of corpus "gen"."""
     from data_process.records import write_parts
+    n_docs = len(texts) if n_docs is None else n_docs
     # at least 4 clean parts (signature units), so a small run uses the pool as a large one does
     write_parts(({"id": f"gen:{i}", "corpus": "gen", "kind": "doc", "text": t} for i, t in enumerate(texts)),
-                clean / "gen", part_records=min(100_000, max(1_000, -(-len(texts) // 4))))
-    (clean / "gen" / "manifest.json").write_text(json.dumps({"records": len(texts)}))
+                clean / "gen", part_records=min(100_000, max(1_000, -(-n_docs // 4))))
+    (clean / "gen" / "manifest.json").write_text(json.dumps({"records": n_docs}))
 
 
 def run_dedup_child(tmp: Path, clean: Path, memory_gb: float, workers: int = 2) -> dict:
@@ -614,18 +708,18 @@ def bench_scale(n_docs: int, memory_gbs=(0.25, 1.0)) -> dict:
     import tempfile
     import pandas as pd
     t0 = time.perf_counter()
-    texts, planted = generate_corpus(n_docs, seed=7)
-    chars = sum(len(t) for t in texts)
+    corpus_dir, texts, planted, info = cached_corpus(n_docs, seed=7)
+    chars = info["chars"]
     tmp = Path(tempfile.mkdtemp(prefix="bench_dedup_"))
     out_figures = {}
     try:
-        write_clean(texts, tmp / "clean")
         gen_s = time.perf_counter() - t0
-        mb = sum(len(t.encode()) for t in texts) / 1e6
+        mb = info["bytes"] / 1e6
         print(f"\n[6] the whole step on {n_docs:,} generated documents ({mb:,.0f} MB of UTF-8 text, {chars / 1e6:.0f} M "
-              f"chars; {len(planted):,} planted copies; generated and written in {gen_s:.0f} s), 2 workers")
+              f"chars; {len(planted):,} planted copies; generated and written in {info['generated_seconds']:.0f} s, "
+              f"cached in {corpus_dir}; loaded in {gen_s:.0f} s), 2 workers")
         for memory_gb in memory_gbs:
-            r = run_dedup_child(tmp, tmp / "clean", memory_gb)
+            r = run_dedup_child(tmp, corpus_dir / "clean", memory_gb)
             t = r["totals"]
             audit = pd.read_parquet(r["out"] / "removed.parquet", columns=["id", "kept_id"])
             idx = lambda s: int(s.split(":")[1])
@@ -684,8 +778,8 @@ def bench_datatrove(n_docs: int) -> dict:
     if not DATATROVE_PY.exists():
         print(f"\n[7] datatrove: {DATATROVE_PY} missing; create it as bench/datatrove_minhash.py says. Skipped.")
         return {}
-    texts, planted = generate_corpus(n_docs, seed=8)
-    mb = sum(len(t.encode()) for t in texts) / 1e6
+    corpus_dir, texts, planted, info = cached_corpus(n_docs, seed=8)
+    mb = info["bytes"] / 1e6
     tmp = Path(tempfile.mkdtemp(prefix="bench_dedup_dt_"))
     try:
         (tmp / "jsonl").mkdir()
@@ -693,11 +787,10 @@ def bench_datatrove(n_docs: int) -> dict:
             with open(tmp / "jsonl" / f"part-{k}.jsonl", "w", encoding="utf-8") as f:
                 for i in range(k, len(texts), 2):
                     f.write(json.dumps({"id": f"gen:{i}", "text": texts[i]}, ensure_ascii=False) + "\n")
-        write_clean(texts, tmp / "clean")
         print(f"\n[7] datatrove {_datatrove_version()} MinHash (LocalPipelineExecutor, 2 workers: signature -> buckets -> "
               f"cluster -> filter) vs ours (the whole dedup step, 2 workers) on the same {n_docs:,} documents "
               f"({mb:.0f} MB), same machine, this run")
-        ours = run_dedup_child(tmp, tmp / "clean", 1.0)
+        ours = run_dedup_child(tmp, corpus_dir / "clean", 1.0)
         import pandas as pd
         audit = pd.read_parquet(ours["out"] / "removed.parquet", columns=["id", "kept_id"])
         kept_of = {int(a.split(":")[1]): int(b.split(":")[1]) for a, b in zip(audit["id"], audit["kept_id"])}
@@ -787,7 +880,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller benchmark (< 60 s)")
     ap.add_argument("--sections", default="12356", help="which sections to run (default 12356; 7 = datatrove)")
     ap.add_argument("--docs", type=int, default=None, help="documents for [6] (default 1,000,000; --quick 20,000)")
-    ap.add_argument("--datatrove-docs", type=int, default=None, help="documents for [7] (default 40,000)")
+    ap.add_argument("--datatrove-docs", type=int, default=None,
+                    help="documents for [7] (default 40,000; the issue's >= 500 MB is 420,000: ~15 CPU-minutes)")
     ap.add_argument("--memory-gb", type=float, action="append", default=None,
                     help="[dedup] memory_gb values for [6] (repeatable; default 0.25 and 1.0)")
     args = ap.parse_args(argv)

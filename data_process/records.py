@@ -171,6 +171,21 @@ def iter_records(dir_or_files) -> Iterator[dict]:
                                f"re-run the step that wrote it") from None
 
 
+def iter_record_lines(path) -> Iterator[bytes]:
+    """The record lines of one part file as they are stored (JSON bytes, blank lines skipped), for a step
+    that passes records through unchanged (dedup's survivors): no parse and re-serialize per record. A part
+    that is truncated or corrupt raises RecordsError, as in iter_records."""
+    line_no = 0
+    try:
+        with io.BufferedReader(ZstdReader(open(path, "rb")), 1 << 20) as reader:
+            for line_no, line in enumerate(reader, 1):
+                if line.strip():
+                    yield line
+    except (EOFError, zstandard.ZstdError) as e:
+        raise RecordsError(f"{path}: unreadable zstd ({e}) after line {line_no}; the file is damaged: "
+                           f"re-run the step that wrote it") from None
+
+
 def corpus_fingerprint(corpus_dir: Path) -> str:
     """What a record directory holds: its manifest.json without the volatile timing fields (a re-run of the read
     step that produced the same parts must not force the tokenizer and staging to be redone), else its part files'

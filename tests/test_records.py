@@ -4,7 +4,7 @@ import zstandard
 import pytest
 
 from data_process import tokenize_docs
-from data_process.records import RecordsError, iter_records, write_parts
+from data_process.records import RecordsError, iter_record_lines, iter_records, write_parts
 
 RECORDS = [{"id": f"x.jsonl:{i}", "corpus": "web", "kind": "doc", "text": f"第{i}篇：发热、咳嗽。\n" * 20}
            for i in range(3000)]
@@ -14,6 +14,19 @@ def test_parts_round_trip_in_order(tmp_path):
     paths = write_parts(RECORDS, tmp_path, part_records=1000)
     assert [p.name for p in paths] == ["part-00000.jsonl.zst", "part-00001.jsonl.zst", "part-00002.jsonl.zst"]
     assert list(iter_records(tmp_path)) == RECORDS
+
+
+def test_record_lines_are_the_stored_bytes_that_reserializing_would_give(tmp_path):
+    # dedup copies survivors' lines as stored instead of parse + orjson.dumps: the bytes must be the same
+    import orjson
+    records = RECORDS[:500] + [{"id": "f", "kind": "doc", "x": 1e16, "y": -0.1, "z": None, "t": "\u2028\"\\\x01"}]
+    (path,) = write_parts(records, tmp_path, part_records=1000)
+    lines = list(iter_record_lines(path))
+    assert lines == [orjson.dumps(orjson.loads(line)) + b"\n" for line in lines]
+    assert [orjson.loads(line) for line in lines] == records
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(RecordsError, match="part-00000.jsonl.zst"):
+        list(iter_record_lines(path))
 
 
 def test_concatenated_frames_are_all_read(tmp_path):
