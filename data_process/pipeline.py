@@ -613,7 +613,7 @@ def _run_steps(recipe: Recipe, steps: list[str], workers, force: bool, progress:
                                mapper=executor.mapper if executor is not None else None)
         elif step == "tokenizer":
             from data_process.train_tokenizer import train_tokenizer
-            result = {"tokenizer": str(train_tokenizer(recipe, docs_root, tokenizer_dir))}
+            result = {"tokenizer": str(train_tokenizer(recipe, docs_root, tokenizer_dir, executor=executor))}
         elif step == "tokenize":
             from data_process import tokenize_docs
             result = tokenize_docs.run(recipe, docs_root, tokenizer_dir, data_dir / "pretrain", executor=executor)

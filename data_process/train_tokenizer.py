@@ -100,9 +100,18 @@ def train_sentencepiece(lines: Iterable[str], vocab_size: int, num_threads: int 
 
 
 
-def train_tokenizer(recipe, docs_root, out_dir) -> Path:
+def _train_unit(unit: tuple) -> tuple[bytes, dict]:
+    """The step's one work unit: (corpus dirs, sample_chars, vocab_size) -> (model bytes, sample counts)."""
+    dirs, sample_chars, vocab_size = unit
+    counts: dict = {}
+    return train_sentencepiece(sample_lines([Path(d) for d in dirs], sample_chars, counts), vocab_size), counts
+
+
+def train_tokenizer(recipe, docs_root, out_dir, executor=None) -> Path:
     """The pipeline's tokenizer step: train on the pretraining corpora under `docs_root`, or prepare the existing
     model named by `recipe.tokenizer.model`; writes out_dir/tokenizer.model + tokenizer_meta.json, returns out_dir.
+    On a Ray `executor` the training (the sample and SentencePiece's memory) is one Ray task; SentencePiece trains
+    on one thread wherever it runs, so every machine makes the same model.
 
     Re-runnable: when out_dir already holds a tokenizer made from the same inputs and settings it is kept.
     """
@@ -138,8 +147,11 @@ def train_tokenizer(recipe, docs_root, out_dir) -> Path:
         print(f"tokenizer: prepared {source} ({tok.vocab_size} pieces; {'; '.join(tok.changes) or 'unchanged'})",
               flush=True)
     else:
-        counts: dict = {}
-        model = train_sentencepiece(sample_lines(dirs, cfg.sample_chars, counts), cfg.vocab_size)
+        unit = ([str(d) for d in dirs], cfg.sample_chars, cfg.vocab_size)
+        if executor is not None and executor.engine == "ray":
+            [(model, counts)] = executor.map(_train_unit, [unit], describe=lambda u: "tokenizer training")
+        else:
+            model, counts = _train_unit(unit)
         seconds = time.time() - t0
         tok = Tokenizer(model, {"fingerprint": fingerprint, "source": "trained",
                                 "sample": counts, "train_seconds": round(seconds, 1)})

@@ -260,6 +260,21 @@ def test_the_stage_step_runs_its_parts_as_ray_tasks(cluster, tmp_path, samples):
     assert not (recipe.data_dir / "sft" / "medical.csv").exists()
 
 
+def test_the_tokenizer_step_trains_in_a_ray_task(cluster, tmp_path, samples):
+    """The tokenizer's training (its sample of the pretraining corpora and SentencePiece) is the step's one unit:
+    a damaged part it samples fails in that Ray task, and the driver names the unit."""
+    recipe = make_recipe(tmp_path, samples)
+    pipeline.run(recipe, steps=["read", "dedup"], engine="local", progress=False, chunk_bytes=CHUNK_BYTES)
+    part = sorted((recipe.data_dir / "dedup" / "fever").glob("part-*.jsonl.zst"))[0]
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    part.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="damaged") as e:
+        pipeline.run(recipe, steps=["tokenizer"], engine="ray", ray_address=cluster, progress=False)
+    assert "in work unit tokenizer training" in getattr(e.value, "__notes__", ()), getattr(e.value, "__notes__", None)
+    assert not (recipe.data_dir / "tokenizer" / "tokenizer.model").exists()
+
+
 KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
