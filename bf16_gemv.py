@@ -345,6 +345,7 @@ def decode(step: Step, x: torch.Tensor, k_caches: list, v_caches: list, cos: tor
         step.caches = (pointers + [capacity], torch.tensor(pointers, dtype=torch.int64))
     caches = step.caches[1]
     x = x.clone()
-    _step(step.table.data_ptr(), caches.data_ptr(), len(step.layers), x.data_ptr(), cos.contiguous().data_ptr(),
-          sin.contiguous().data_ptr(), dim, n_heads, n_kv_heads, head_dim, ffn, capacity, position, step.eps)
+    cos, sin = cos.contiguous(), sin.contiguous()   # held by a name: a temporary would be freed before the call
+    _step(step.table.data_ptr(), caches.data_ptr(), len(step.layers), x.data_ptr(), cos.data_ptr(),
+          sin.data_ptr(), dim, n_heads, n_kv_heads, head_dim, ffn, capacity, position, step.eps)
     return x
