@@ -39,6 +39,7 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
@@ -320,9 +321,8 @@ def _outcomes(run_units, kind: str, docs_root: Path, corpora: list[str], max_tok
     """(corpus, outcome) for every record of `corpora`, in order; `run_units` maps units to their outcome lists."""
     units = _units(kind, docs_root, corpora, max_tokens, counts["missing_corpora"])
     for (_, corpus, _, _), outcomes in zip(units, run_units(units)):
-        if outcomes:
-            counts["seen"][corpus] += len(outcomes)
         for outcome in outcomes:
+            counts["seen"][corpus] += 1
             yield corpus, outcome
 
 
@@ -342,9 +342,8 @@ def _chunks(items, size: int = RENDER_CHUNK):
 # the local engine (SentencePiece's threads render the conversations) or as one Ray task per dedup part; the
 # driver then writes the rows in order, so the outputs are the same bytes either way.
 
-def _sft_outcomes(tok: Tokenizer, records, max_tokens: int, num_threads: int = -1) -> list[tuple]:
-    """-> (record id, reject reason or None, n_tokens, messages, turns cut at an empty turn, turns cut to fit)."""
-    out = []
+def _sft_outcomes(tok: Tokenizer, records, max_tokens: int, num_threads: int = -1) -> Iterator[tuple]:
+    """Yields (record id, reject reason or None, n_tokens, messages, turns cut at an empty turn, turns cut to fit)."""
     for chunk in _chunks(records):
         checked = []
         for record in chunk:
@@ -368,13 +367,11 @@ def _sft_outcomes(tok: Tokenizer, records, max_tokens: int, num_threads: int = -
                     messages, n_tokens = kept, kept_tokens
                 else:
                     reason = "too_long"
-            out.append((record.get("id"), reason, n_tokens, messages, cut, fit_cut))
-    return out
+            yield record.get("id"), reason, n_tokens, messages, cut, fit_cut
 
 
-def _dpo_outcomes(tok: Tokenizer, records, max_tokens: int, num_threads: int = -1) -> list[tuple]:
-    """-> (record id, reject reason or None, n_tokens, the record)."""
-    out = []
+def _dpo_outcomes(tok: Tokenizer, records, max_tokens: int, num_threads: int = -1) -> Iterator[tuple]:
+    """Yields (record id, reject reason or None, n_tokens, the record)."""
     for record in records:
         prompt, chosen, rejected = record.get("prompt"), record.get("chosen"), record.get("rejected")
         if record.get("kind") != "pref":
@@ -394,13 +391,11 @@ def _dpo_outcomes(tok: Tokenizer, records, max_tokens: int, num_threads: int = -
                            for r in (chosen, rejected))
             if n_tokens > max_tokens:
                 reason = "too_long"
-        out.append((record.get("id"), reason, n_tokens, record))
-    return out
+        yield record.get("id"), reason, n_tokens, record
 
 
-def _rl_outcomes(tok: Tokenizer, records, max_tokens: int, num_threads: int = -1) -> list[tuple]:
-    """-> (record id, reject reason or None, n_tokens of the prompt, messages)."""
-    out = []
+def _rl_outcomes(tok: Tokenizer, records, max_tokens: int, num_threads: int = -1) -> Iterator[tuple]:
+    """Yields (record id, reject reason or None, n_tokens of the prompt, messages)."""
     for record in records:
         messages = record.get("messages")
         reason = "not_a_conversation" if record.get("kind") != "conv" else check_conversation(messages)
@@ -409,15 +404,14 @@ def _rl_outcomes(tok: Tokenizer, records, max_tokens: int, num_threads: int = -1
             n_tokens = len(tok.render_chat(messages[:-1], add_generation_prompt=True).ids)
             if n_tokens > max_tokens:
                 reason = "too_long"
-        out.append((record.get("id"), reason, n_tokens, messages))
-    return out
+        yield record.get("id"), reason, n_tokens, messages
 
 
 OUTCOMES = {"sft": _sft_outcomes, "dpo": _dpo_outcomes, "rl": _rl_outcomes}
 
 
-def part_outcomes(tok: Tokenizer, unit: tuple, num_threads: int = -1) -> list[tuple]:
-    """The outcome of every record of one unit (kind, corpus, part file, max_tokens), in order."""
+def part_outcomes(tok: Tokenizer, unit: tuple, num_threads: int = -1) -> Iterator[tuple]:
+    """The outcome of every record of one unit (kind, corpus, part file, max_tokens), in order, as they come."""
     kind, _, part, max_tokens = unit
     return OUTCOMES[kind](tok, iter_records([Path(part)]), max_tokens, num_threads)
 
@@ -431,11 +425,11 @@ def _init_worker(tokenizer_dir: str) -> None:
 
 
 def _part_task(unit: tuple) -> list[tuple]:
-    return part_outcomes(_worker_tokenizer, unit, num_threads=1)   # one CPU per task: no thread pool of its own
+    return list(part_outcomes(_worker_tokenizer, unit, num_threads=1))   # one CPU per task: no thread pool of its own
 
 
 def unit_runner(tok: Tokenizer, tokenizer_dir=None, executor=None):
-    """units -> their outcome lists in order: as tasks of a Ray `executor`, else here."""
+    """units -> their outcomes in order: as tasks of a Ray `executor` (a list per part), else here, streamed."""
     if executor is not None and executor.engine == "ray":
         return lambda units: executor.map(_part_task, units, ordered=True, initializer=_init_worker,
                                           initargs=(str(tokenizer_dir),),
