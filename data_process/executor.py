@@ -218,6 +218,11 @@ class Executor:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+def on_ray(executor: "Executor | None") -> bool:
+    """Whether a step's units go to Ray tasks (else the step keeps its own in-process or local-pool path)."""
+    return executor is not None and executor.engine == "ray"
+
+
 _initialized: set = set()   # in a Ray worker process: the initializers that have run there
 
 

@@ -43,6 +43,7 @@ from typing import Iterator
 
 import pandas as pd
 
+from data_process.executor import on_ray
 from data_process.readers import is_blank, valid_prefix
 from data_process.records import checked_parts, corpus_fingerprint, iter_records
 from fileio import AtomicWriter, atomic_write_json, check_files, describe_files
@@ -430,7 +431,7 @@ def _part_task(unit: tuple) -> list[tuple]:
 
 def unit_runner(tok: Tokenizer, tokenizer_dir=None, executor=None):
     """units -> their outcomes in order: as tasks of a Ray `executor` (a list per part), else here, streamed."""
-    if executor is not None and executor.engine == "ray":
+    if on_ray(executor):
         return lambda units: executor.map(_part_task, units, ordered=True, initializer=_init_worker,
                                           initargs=(str(tokenizer_dir),),
                                           describe=lambda u: f"stage {u[0]}: {u[1]} part {Path(u[2]).name}")

@@ -44,7 +44,7 @@ import orjson
 import sentencepiece as spm
 import xxhash
 
-from data_process.executor import Executor
+from data_process.executor import Executor, on_ray
 from data_process.records import MissingInputError, checked_parts, iter_records, step_that_writes
 from fileio import atomic_write_json
 from data_process.shards import (ShardWriter, check_vocab_fits, remove_shard, remove_temporaries, verify_shard)
@@ -131,7 +131,7 @@ class Encoder:
         self.tok, self.workers, self.mode = tok, workers, mode
         self.tokenizer_dir = str(tokenizer_dir)
         self.executor, self.pool = None, None
-        if executor is not None and executor.engine == "ray":
+        if on_ray(executor):
             self.executor = executor
         elif mode == "processes" and workers > 1:
             self.executor = Executor("local", workers)

@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from data_process.executor import on_ray
 from data_process.records import corpus_fingerprint, iter_records
 from fileio import file_sha256
 from tokenizer import MAX_VOCAB, META_FILE, MODEL_FILE, SPECIAL_PIECES, Tokenizer
@@ -148,7 +149,7 @@ def train_tokenizer(recipe, docs_root, out_dir, executor=None) -> Path:
               flush=True)
     else:
         unit = ([str(d) for d in dirs], cfg.sample_chars, cfg.vocab_size)
-        if executor is not None and executor.engine == "ray":
+        if on_ray(executor):
             [(model, counts)] = executor.map(_train_unit, [unit], describe=lambda u: "tokenizer training")
         else:
             model, counts = _train_unit(unit)
