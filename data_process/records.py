@@ -157,30 +157,31 @@ def iter_records(dir_or_files) -> Iterator[dict]:
     that is truncated or corrupt, or a line that is not JSON, raises RecordsError naming the file and line:
     parts are written atomically, so that is damage to re-run the step for, never records to skip."""
     for path in list_parts(dir_or_files):
-        line_no = 0
-        try:
-            with io.BufferedReader(ZstdReader(open(path, "rb")), 1 << 20) as reader:
-                for line_no, line in enumerate(reader, 1):
-                    if line.strip():
-                        yield orjson.loads(line)
-        except orjson.JSONDecodeError as e:
-            raise RecordsError(f"{path}, line {line_no}: not a JSON record ({e}); the file is damaged: "
-                               f"re-run the step that wrote it") from None
-        except (EOFError, zstandard.ZstdError) as e:
-            raise RecordsError(f"{path}: unreadable zstd ({e}) after line {line_no}; the file is damaged: "
-                               f"re-run the step that wrote it") from None
+        for line_no, line in _numbered_lines(path):
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                raise RecordsError(f"{path}, line {line_no}: not a JSON record ({e}); the file is damaged: "
+                                   f"re-run the step that wrote it") from None
+            yield record
 
 
 def iter_record_lines(path) -> Iterator[bytes]:
     """The record lines of one part file as they are stored (JSON bytes, blank lines skipped), for a step
     that passes records through unchanged (dedup's survivors): no parse and re-serialize per record. A part
     that is truncated or corrupt raises RecordsError, as in iter_records."""
+    for _, line in _numbered_lines(path):
+        yield line
+
+
+def _numbered_lines(path) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of every non-blank line of one zstd part; unreadable zstd raises RecordsError."""
     line_no = 0
     try:
         with io.BufferedReader(ZstdReader(open(path, "rb")), 1 << 20) as reader:
             for line_no, line in enumerate(reader, 1):
                 if line.strip():
-                    yield line
+                    yield line_no, line
     except (EOFError, zstandard.ZstdError) as e:
         raise RecordsError(f"{path}: unreadable zstd ({e}) after line {line_no}; the file is damaged: "
                            f"re-run the step that wrote it") from None
