@@ -158,12 +158,17 @@ def iter_records(dir_or_files) -> Iterator[dict]:
     parts are written atomically, so that is damage to re-run the step for, never records to skip."""
     for path in list_parts(dir_or_files):
         for line_no, line in _numbered_lines(path):
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError as e:
-                raise RecordsError(f"{path}, line {line_no}: not a JSON record ({e}); the file is damaged: "
-                                   f"re-run the step that wrote it") from None
-            yield record
+            yield load_record(line, path, f"line {line_no}")
+
+
+def load_record(line: bytes, path, where: str):
+    """One stored record line as a dict (or whatever JSON it holds); a line that is not JSON raises
+    RecordsError naming the file and `where` in it (damage to re-run the step for)."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        raise RecordsError(f"{path}, {where}: not a JSON record ({e}); the file is damaged: "
+                           f"re-run the step that wrote it") from None
 
 
 def iter_record_lines(path) -> Iterator[bytes]:

@@ -16,19 +16,21 @@ conversations of the SFT corpora of that stage, rendered with the chat template,
   hash, settings, input files) means the corpus is done, once every shard it lists has the sizes and sha256 it
   recorded (a missing or damaged shard retokenizes the corpus). Input parts must be the ones their manifest
   lists, with its sizes and sha256 (records.checked_parts): a deleted part is an error, never fewer documents.
-- Speed: documents are encoded in batches, in order, by SentencePiece's own C++ threads (`mode="threads"`,
-  the GIL is released while it encodes) or by a process pool (`mode="processes"`); the output does not
-  depend on either, nor on the worker count or the batch size. Each text is encoded to UTF-8 once, for
-  its split hash, and SentencePiece gets those bytes and returns int32 arrays: no Python int per token,
-  no second UTF-8 conversion. `bench/bench_tokenize.py` measures both modes against raw SentencePiece.
-- Memory: at most a few batches of text and tokens are held at once, whatever the corpus size.
+- Speed: threads mode (the local engine's default) reads the records in the driver and encodes batches,
+  in order, on SentencePiece's own C++ threads (the GIL is released while it encodes). Processes mode (a
+  local pool) and the Ray engine hand out runs of a part's stored record lines (`line_runs`, RUN_BYTES
+  each): the worker parses, splits and encodes them and returns only tokens and counts, so the driver's
+  share is decompressing and writing, and no text travels twice. The output depends on none of this: not
+  the mode, the engine, the worker count or the batch size. Each text is encoded to UTF-8 once, for its
+  split hash, and SentencePiece gets those bytes and returns int32 arrays: no Python int per token, no
+  second UTF-8 conversion. `bench/bench_tokenize.py` measures both modes against raw SentencePiece.
+- Memory: at most a few batches (or runs) of text and tokens are held at once, whatever the corpus size.
 
 Later steps check shards against their tokenizer with `check_manifest(corpus_dir, tokenizer_sha256)`.
 """
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -45,7 +47,8 @@ import sentencepiece as spm
 import xxhash
 
 from data_process.executor import Executor, on_ray
-from data_process.records import MissingInputError, checked_parts, iter_records, step_that_writes
+from data_process.records import (MissingInputError, checked_parts, iter_record_lines, iter_records, load_record,
+                                  step_that_writes)
 from fileio import atomic_write_json
 from data_process.shards import (ShardWriter, check_vocab_fits, remove_shard, remove_temporaries, verify_shard)
 
@@ -56,6 +59,7 @@ SMALL_VAL_DOCS = 20   # below this many expected val documents, make sure there 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 BATCH_CHARS = 1_000_000   # ~650K tokens a batch: big enough to keep both cores busy, small enough for RAM
+RUN_BYTES = 8 << 20       # stored JSON per worker unit (~2.6M chars of Chinese): fewer units cost Ray less per byte
 SHARD_INFO_KEYS = ("documents", "tokens", "bin_sha256", "bin_bytes", "idx_sha256", "sample_sha256")
 
 
@@ -111,19 +115,43 @@ def encode_documents(tok, kind: str, payloads: list, dtype: str, num_threads: in
     return flat, lengths
 
 
-def _encode_in_worker(kind: str, payloads: list, dtype: str):
-    return encode_documents(_worker_tokenizer, kind, payloads, dtype, num_threads=1)
+def _tokenize_lines(job):
+    """A worker's unit (a process-pool worker or a Ray task): a run of one part's stored record lines, parsed,
+    split and encoded here -> (Batch without payloads, flat tokens, lengths). The driver only cuts the part
+    into runs of lines (decompression, no parsing) and writes shards."""
+    kind, path, part_i, first, lines, threshold, dtype = job
+    numbered = (((part_i, first + k), load_record(line, path, f"record {first + k}"))
+                for k, line in enumerate(lines, 1))
+    (batch,) = batches_of(numbered, kind, threshold, batch_chars=None)   # lines is never empty: one batch
+    flat, lengths = encode_documents(_worker_tokenizer, kind, batch.payloads, dtype, num_threads=1)
+    batch.payloads = []
+    return batch, flat, lengths
 
 
-def _encode_task(job):
-    kind, payloads, dtype = job
-    return _encode_in_worker(kind, payloads, dtype)
+def line_runs(parts: list, start, run_bytes: int = RUN_BYTES):
+    """(part index, records before the run in that part, part path, lines) of the record lines of `parts` from
+    position `start` on, in runs of about `run_bytes`: the work units the Encoder hands to workers."""
+    for part_i in range(start[0], len(parts)):
+        skip = start[1] if part_i == start[0] else 0
+        lines, size, first = [], 0, skip
+        for k, line in enumerate(iter_record_lines(parts[part_i]), 1):
+            if k <= skip:
+                continue
+            lines.append(line)
+            size += len(line)
+            if size >= run_bytes:
+                yield part_i, first, parts[part_i], lines
+                first, lines, size = k, [], 0
+        if lines:
+            yield part_i, first, parts[part_i], lines
 
 
 class Encoder:
-    """Encodes batches in order with at most `depth` batches in flight: on SentencePiece's threads here, or
-    through data_process/executor.py on a local process pool (mode "processes") or as Ray tasks (an `executor`
-    on the Ray engine; each worker loads the tokenizer from the shared data dir)."""
+    """Yields (batch, flat tokens, lengths) for a corpus's parts from a position on, in order, with at most a
+    few batches in flight. Threads mode: the driver reads the records and SentencePiece's C++ threads encode
+    them. Processes mode (a local pool) and the Ray engine: each part, from its position on, is one work unit
+    (`_tokenize_part`) that reads and encodes it in the worker, through data_process/executor.py; each worker
+    loads the tokenizer from the shared data dir."""
 
     def __init__(self, tok, tokenizer_dir, workers: int, mode: str, executor=None):
         if mode not in ("threads", "processes"):
@@ -149,22 +177,18 @@ class Encoder:
             sp_pool = self._local.sp_pool = spm.ThreadPool(self.workers)
         return encode_documents(self.tok, kind, payloads, dtype, self.workers, sp_pool)
 
-    def _submit(self, kind, batch, dtype):
-        return self.pool.submit(self._encode_here, kind, batch.payloads, dtype)
-
-    def map(self, kind: str, batches, dtype: str):
-        if self.executor is not None:   # processes or Ray; tee holds only the batches in flight
-            mine, sent = itertools.tee(batches)
-            jobs = ((kind, batch.payloads, dtype) for batch in sent)
-            results = self.executor.map(_encode_task, jobs, ordered=True, initializer=_init_worker,
-                                        initargs=(self.tokenizer_dir,), start_method="spawn",
-                                        describe=lambda job: f"tokenize batch of {len(job[1])} documents")
-            for batch, (flat, lengths) in zip(mine, results):
-                yield batch, flat, lengths
+    def encoded(self, parts: list, kind: str, threshold: int, start, dtype: str, batch_chars: int = BATCH_CHARS):
+        if self.executor is not None:
+            jobs = ((kind, path, part_i, first, lines, threshold, dtype)
+                    for part_i, first, path, lines in line_runs(parts, start))
+            yield from self.executor.map(_tokenize_lines, jobs, ordered=True, initializer=_init_worker,
+                                         initargs=(self.tokenizer_dir,), start_method="spawn",
+                                         describe=lambda job: f"tokenize {job[1]} records {job[3] + 1}-"
+                                                              f"{job[3] + len(job[4])}")
             return
         pending = deque()
-        for batch in batches:
-            pending.append((batch, self._submit(kind, batch, dtype)))
+        for batch in iter_batches(parts, kind, threshold, start, batch_chars):
+            pending.append((batch, self.pool.submit(self._encode_here, kind, batch.payloads, dtype)))
             if len(pending) >= self.depth:
                 batch, future = pending.popleft()
                 yield batch, *future.result()
@@ -237,33 +261,40 @@ def _document(record: dict, kind: str):
 def iter_batches(sources: list, kind: str, threshold: int, start=(0, 0), batch_chars=BATCH_CHARS):
     """Batches of documents from `sources` (part files in order), from position `start` on; a document
     is val when its split_hash < threshold. A position is (index into sources, records to skip in that part)."""
+    def numbered():
+        for part_i in range(start[0], len(sources)):
+            skip = start[1] if part_i == start[0] else 0
+            for line_i, record in enumerate(iter_records(sources[part_i]), 1):
+                if line_i > skip:
+                    yield (part_i, line_i), record
+    return batches_of(numbered(), kind, threshold, batch_chars)
+
+
+def batches_of(numbered, kind: str, threshold: int, batch_chars: int | None = BATCH_CHARS):
+    """Batches of the documents among (position, record) pairs, closed at `batch_chars` (None: one batch);
+    records that are not documents go to the batch's rejects with their reason."""
     batch = Batch([], [], [], [])
     size = 0
-    for part_i in range(start[0], len(sources)):
-        skip = start[1] if part_i == start[0] else 0
-        records = iter_records(sources[part_i])
-        for line_i, record in enumerate(records, 1):
-            if line_i <= skip:
+    for position, record in numbered:
+        text = record.get("text") if type(record) is dict else None
+        if kind == "doc" and type(text) is str and text and record.get("kind", "doc") == "doc" and \
+                (key := _utf8(text)) is not None:   # the common case, inline
+            payload, chars = key, len(text)
+        else:
+            doc = _document(record, kind) if isinstance(record, dict) else "record is not an object"
+            if isinstance(doc, str):
+                rid = record.get("id") if isinstance(record, dict) else None
+                batch.rejects.append((position, doc, rid))
                 continue
-            text = record.get("text") if type(record) is dict else None
-            if kind == "doc" and type(text) is str and text and record.get("kind", "doc") == "doc" and \
-                    (key := _utf8(text)) is not None:   # the common case, inline
-                payload, chars = key, len(text)
-            else:
-                doc = _document(record, kind) if isinstance(record, dict) else "record is not an object"
-                if isinstance(doc, str):
-                    rid = record.get("id") if isinstance(record, dict) else None
-                    batch.rejects.append(((part_i, line_i), doc, rid))
-                    continue
-                payload, key, chars = doc
-            batch.payloads.append(payload)
-            batch.is_val.append(xxhash.xxh3_64_intdigest(key) < threshold)
-            batch.chars.append(chars)
-            batch.positions.append((part_i, line_i))
-            size += chars
-            if size >= batch_chars:
-                yield _finish_batch(batch)
-                batch, size = Batch([], [], [], []), 0
+            payload, key, chars = doc
+        batch.payloads.append(payload)
+        batch.is_val.append(xxhash.xxh3_64_intdigest(key) < threshold)
+        batch.chars.append(chars)
+        batch.positions.append(position)
+        size += chars
+        if batch_chars is not None and size >= batch_chars:
+            yield _finish_batch(batch)
+            batch, size = Batch([], [], [], []), 0
     if batch.payloads or batch.rejects:
         yield _finish_batch(batch)
 
@@ -469,8 +500,8 @@ def tokenize_corpus(name: str, parts: list[Path], docs_root: Path, tok, tokenize
     encoder = Encoder(tok, tokenizer_dir, workers, mode, executor)
     bar = _progress_bar(name, progress)
     try:
-        batches = iter_batches(parts, settings.kind, threshold, tuple(state["position"]), batch_chars)
-        for batch, flat, lengths in encoder.map(settings.kind, batches, settings.dtype):
+        for batch, flat, lengths in encoder.encoded(parts, settings.kind, threshold, tuple(state["position"]),
+                                                    settings.dtype, batch_chars):
             writer.add(batch, flat, lengths)
             if bar is not None:
                 bar.update(int(lengths.sum()))

@@ -15,7 +15,7 @@ import xxhash
 from conftest import ROOT, SAMPLES
 from data_process import tokenize_docs
 from data_process.recipe import parse_recipe
-from data_process.records import write_parts
+from data_process.records import RecordsError, write_parts
 from data_process.shards import IndexedDataset, is_complete
 
 MODEL = SAMPLES / "chatglm2-tokenizer" / "tokenizer.model"
@@ -210,6 +210,46 @@ def test_bad_records_are_counted_and_skipped(tmp_path):
     assert m["rejects"] == {"empty text": 1, "text missing or not a string": 2,
                             "kind 'conv' in a pretrain corpus": 1}
     assert {e["id"] for e in m["reject_examples"]} == {"a", "b", "c", "d"}
+
+
+def test_worker_runs_give_the_documents_and_rejects_the_driver_batches_give(tmp_path):
+    # Processes mode and the Ray engine hand workers runs of stored lines (line_runs -> _tokenize_lines); from
+    # any resume position, with runs that split parts, they must yield what the driver's own batches yield.
+    from tokenizer import Tokenizer
+    texts = web_texts()[:12]
+    bad = [{"id": "e", "corpus": "web", "kind": "doc", "text": ""}, {"id": "n", "corpus": "web", "kind": "doc"}]
+    write_parts(docs("web", texts[:3]) + bad + docs("web", texts[3:]), tmp_path / "web", part_records=5)
+    parts = sorted((tmp_path / "web").glob("part-*"))
+    assert len(parts) == 3
+    tok = Tokenizer.load(MODEL)
+    tokenize_docs._init_worker(str(MODEL))
+    threshold = int(0.3 * 2 ** 64)
+
+    def flat(results):
+        return ([p for b, _, _ in results for p in b.positions], [r for b, _, _ in results for r in b.rejects],
+                np.concatenate([b.is_val for b, _, _ in results]).tolist(),
+                np.concatenate([b.chars for b, _, _ in results]).tolist(),
+                np.concatenate([f for _, f, _ in results]).tolist(), np.concatenate([n for _, _, n in results]).tolist())
+
+    for start in [(0, 0), (0, 2), (1, 3), (2, 0)]:
+        driver = [(b, *tokenize_docs.encode_documents(tok, "doc", b.payloads, "uint16", 1))
+                  for b in tokenize_docs.iter_batches(parts, "doc", threshold, start)]
+        runs = list(tokenize_docs.line_runs(parts, start, run_bytes=2_000))
+        assert len(runs) > len(parts) - start[0]       # some runs split a part
+        workers = [tokenize_docs._tokenize_lines(("doc", path, part_i, first, lines, threshold, "uint16"))
+                   for part_i, first, path, lines in runs]
+        assert all(b.payloads == [] for b, _, _ in workers)   # no text travels back
+        assert flat(workers) == flat(driver), start
+    _, rejects, *_ = flat([tokenize_docs._tokenize_lines(("doc", path, i, first, lines, threshold, "uint16"))
+                           for i, first, path, lines in tokenize_docs.line_runs(parts, (0, 0), 2_000)])
+    assert [(pos, rid) for pos, _, rid in rejects] == [((0, 4), "e"), ((0, 5), "n")]
+
+
+def test_a_run_line_that_is_not_json_names_its_part_and_record():
+    tokenize_docs._init_worker(str(MODEL))
+    with pytest.raises(RecordsError, match=r"part-00007.jsonl.zst, record 3: not a JSON record"):
+        tokenize_docs._tokenize_lines(("doc", "part-00007.jsonl.zst", 7, 1, [b'{"text": "a"}\n', b'{"te'],
+                                       0, "uint16"))
 
 
 def test_empty_corpus_gets_a_manifest_without_shards(tmp_path):
