@@ -111,7 +111,10 @@ class Executor:
             else:
                 os.environ["PYTHONPATH"] = pythonpath
                 os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
-                ray.init(num_cpus=self.workers, object_store_memory=self.object_store_bytes, **kwargs)
+                # "local": a new instance even where another Ray runs on this machine (ray.init() would join
+                # the last one `ray start` or a test cluster left in /tmp/ray, and then refuse num_cpus)
+                ray.init(address="local", num_cpus=self.workers, object_store_memory=self.object_store_bytes,
+                         **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EngineError(f"cannot reach a Ray cluster at {address!r}: {first}") from None

@@ -196,6 +196,20 @@ def cluster():
         cluster.shutdown()
 
 
+def test_without_an_address_a_run_starts_its_own_instance_beside_a_running_cluster(cluster):
+    """Without --ray-address the engine starts a local instance for the run, even where another Ray cluster runs
+    on this machine (ray.init() alone would join the cluster `ray start` left behind, then refuse num_cpus)."""
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "import ray\nfrom data_process.executor import Executor\n"
+              f"with Executor('ray', workers=1, object_store_bytes={OBJECT_STORE}) as ex:\n"
+              "    print(ray.get_runtime_context().gcs_address, ex.parallelism, len(ray.nodes()))\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    gcs, cpus, nodes = proc.stdout.split()
+    assert gcs != cluster and (cpus, nodes) == ("1", "1")
+
+
 @pytest.mark.slow
 def test_a_two_node_cluster_run_is_byte_identical_to_the_local_engine(cluster, reference, tmp_path, samples):
     recipe = make_recipe(tmp_path, samples)
