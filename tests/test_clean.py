@@ -40,6 +40,20 @@ def test_nfkc_keeps_units_superscripts_circled_numbers_and_ellipsis():
     assert "37°C" in out and "II型" in out and "find" in out
 
 
+def test_the_nfkc_table_is_the_per_character_scan_of_all_of_unicode():
+    # the table skips blocks NFKC leaves alone as a whole; it must hold exactly what a scan of every code
+    # point finds (an independent computation: unicodedata on each character by itself)
+    import sys
+    from data_process.clean import _keep_as_is
+    scan = {}
+    for cp in range(sys.maxunicode + 1):
+        ch = chr(cp)
+        if not 0xD800 <= cp <= 0xDFFF and (norm := unicodedata.normalize("NFKC", ch)) != ch and \
+                not _keep_as_is(ch) and unicodedata.combining(ch) == 0:
+            scan[ch] = norm
+    assert NFKC_TABLE == scan and len(scan) > 4000
+
+
 def test_nfkc_safe_equals_unicode_nfkc_outside_the_kept_characters():
     # independent reference: unicodedata's NFKC on text that has none of the deliberately kept characters
     kept = {chr(c) for c in range(0x10000) if unicodedata.normalize("NFKC", chr(c)) != chr(c)} - set(NFKC_TABLE)
