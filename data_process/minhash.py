@@ -23,8 +23,6 @@ import functools
 import unicodedata
 
 import numpy as np
-from datasketch import MinHash
-from datasketch.lsh import _optimal_param
 
 U64 = np.uint64
 MASK64 = (1 << 64) - 1
@@ -188,11 +186,21 @@ def jaccard(a: set, b: set) -> float:
 
 # ---------------------------------------------------------------------------------------------------------
 # Signatures
+def affine32_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's "affine32" permutation parameters for `seed`, drawn as it draws them (odd a, any b, from
+    RandomState(seed)); tests/test_dedup_minhash.py pins them to datasketch's own. Not imported from datasketch:
+    it pulls in scipy, ~0.3 s in every worker process."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
 class MinHasher:
     """Batch MinHash over character n-grams of normalized texts; permutations taken from datasketch."""
 
     def __init__(self, num_perm: int = 128, ngram: int = 5, seed: int = 1, block_shingles: int = 8192):
-        a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+        a, b = affine32_permutations(num_perm, seed)
         self.a = np.ascontiguousarray(a, dtype=np.uint32)
         self.b = np.ascontiguousarray(b, dtype=np.uint32)
         self.num_perm, self.ngram, self.seed = num_perm, ngram, seed
@@ -259,6 +267,7 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     banding for that threshold: 18 bands x 7 rows for 0.8 with 128 permutations) so that a pair at the real
     threshold is a candidate with probability >= 0.98; the verification step (`sketch_jaccard >= threshold`)
     then removes the extra candidates."""
+    from datasketch.lsh import _optimal_param
     return _optimal_param(max(threshold - 0.2, 0.3), num_perm, 0.5, 0.5)
 
 

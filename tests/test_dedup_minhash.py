@@ -25,6 +25,14 @@ def test_signatures_are_bit_identical_to_datasketch_minhash_with_the_same_shingl
         assert np.array_equal(ref.hashvalues, sig)
 
 
+def test_permutations_are_datasketchs_own_for_every_seed_and_size():
+    for num_perm, seed in [(128, 1), (128, 0), (64, 7), (256, 12345), (1, 2**31)]:
+        a, b = minhash.affine32_permutations(num_perm, seed)
+        ref_a, ref_b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+        assert a.dtype == b.dtype == np.uint32
+        assert np.array_equal(a, ref_a) and np.array_equal(b, ref_b), (num_perm, seed)
+
+
 def test_jaccard_estimates_agree_with_datasketch_sha1_minhash_on_the_same_shingles():
     rng = random.Random(0)
     hasher = minhash.MinHasher(num_perm=128, ngram=5)
