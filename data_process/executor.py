@@ -24,6 +24,7 @@ the corpora) must be on a filesystem every node sees at the same path; docs/scal
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing
 import os
 import socket
@@ -68,6 +69,7 @@ class Executor:
 
     def close(self) -> None:
         if self._ray is not None and self._owned:
+            _stop_autoscaler_monitor(self._ray)
             self._ray.shutdown()   # a local instance stops; a cluster we joined keeps running
         self._ray = None
 
@@ -220,6 +222,19 @@ class Executor:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+def _stop_autoscaler_monitor(ray) -> None:
+    """Stop the local instance's autoscaler monitor before ray.shutdown(). Shutdown stops the processes one type
+    at a time, SIGTERM and up to a second each; the monitor (which a fixed-size local instance has no use for)
+    sits out that whole second, and SIGTERM'd while the GCS is up it reports itself failed on the driver's
+    terminal. SIGKILL ends it at once and quietly, so every run's shutdown is ~1 s shorter. This reads Ray's
+    internal node handle: on a Ray without it, shutdown just takes the second."""
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    for info in (getattr(node, "all_processes", None) or {}).get("monitor", []):
+        with contextlib.suppress(Exception):
+            info.process.kill()
+            info.process.wait(5)
+
 
 def on_ray(executor: "Executor | None") -> bool:
     """Whether a step's units go to Ray tasks (else the step keeps its own in-process or local-pool path)."""

@@ -179,6 +179,20 @@ def test_a_local_ray_instance_runs_its_workers_at_the_drivers_priority(monkeypat
         assert list(executor.map(os.nice, [0])) == [7]
 
 
+def test_closing_a_local_instance_leaves_none_of_its_processes(monkeypatch):
+    """The engine stops the autoscaler monitor itself before ray.shutdown() (which would wait a second for it):
+    after close, no process the instance started is left, the monitor included."""
+    if ray.is_initialized():
+        ray.shutdown()
+    with Executor(engine="ray", workers=1, object_store_bytes=OBJECT_STORE) as executor:
+        assert list(executor.map(abs, [-1])) == [1]
+        node = ray._private.worker._global_node
+        started = [info.process for infos in node.all_processes.values() for info in infos]
+        assert "monitor" in node.all_processes and started
+    assert not ray.is_initialized()
+    assert all(p.poll() is not None for p in started)   # every one exited and was reaped
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A two-node Ray cluster on this machine (1 CPU each), this process connected as the driver."""
