@@ -238,6 +238,8 @@ def run_unit(unit: Unit, reader: str, lang: str, settings: CleanConfig, staging:
     if counts["read"] and reader_rejects == counts["read"]:   # the reader fits none of it: say what would
         result["all_rejected"] = readers_mod.explain_all_rejected(reader, Path(unit.path), unit.src,
                                                                   dict(counts["rejected"]), first_reject)
+    # what a resumed run checks before it trusts the unit (load_done_unit)
+    result["files"] = describe_files(staging, [out_path.name, rej_path.name, audit_path.name])
     atomic_write_bytes(staging / f"{stem}.json", orjson.dumps(result))  # written last: the unit is done
     return result
 
@@ -252,14 +254,22 @@ def _describe_task(task) -> str:
 
 
 def load_done_unit(staging: Path, index: int) -> dict | None:
+    """A unit a killed run finished: its counts, once its files have the sizes and sha256 the counts file records
+    (else None, and the unit is redone: a damaged or half-replaced unit file is never carried into the parts)."""
     stem = f"unit-{index:05d}"
     counts = staging / f"{stem}.json"
-    if counts.exists() and (staging / f"{stem}.jsonl.zst").exists() and (staging / f"{stem}.rejects.jsonl").exists():
-        try:
-            return orjson.loads(counts.read_bytes())
-        except orjson.JSONDecodeError:
-            return None
-    return None
+    if not counts.exists():
+        return None
+    try:
+        result = orjson.loads(counts.read_bytes())
+    except orjson.JSONDecodeError:
+        result = None
+    problems = check_files(staging, result["files"]) if isinstance(result, dict) and isinstance(
+        result.get("files"), dict) and result["files"] else [f"{counts}: not a finished unit's record"]
+    if problems:
+        print(f"note: redoing {stem} of {staging.parent.name}: {problems[0]}", file=sys.stderr, flush=True)
+        return None
+    return result
 
 
 # ---------------------------------------------------------------- per corpus

@@ -209,15 +209,24 @@ def test_kill_9_mid_run_then_rerun_gives_identical_output_and_no_partial_files(t
         assert sum(1 for _ in iter_records([unit])) == orjson.loads(counts.read_bytes())["kept"]
     mtimes = {p.name: p.stat().st_mtime_ns for p in staging.glob("unit-*.jsonl.zst")
               if p.with_name(p.name.replace(".jsonl.zst", ".json")).exists()}
+    # two finished units damaged while the run was down: one bit flipped in one's records (same size), a line
+    # added to the other's rejects file. The re-run must redo them, not trust their counts files.
+    flipped, appended = sorted(mtimes)[:2]
+    data = bytearray((staging / flipped).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (staging / flipped).write_bytes(bytes(data))
+    with open(staging / appended.replace(".jsonl.zst", ".rejects.jsonl"), "ab") as f:
+        f.write(b'{"reason": "not this unit\'s"}\n')
 
     recipe = load_recipe(recipe_path)
     summary = pipeline.run(recipe, steps=["read"], workers=2, progress=False, chunk_bytes=250_000)
     check_accounting(recipe.data_dir, summary["read"])
     assert not list(corpus_dir.glob(".*")) and not list((tmp_path / "data/rejects").glob(".*"))
-    # units finished before the kill were not redone (part k is unit k here: every unit keeps records)
+    # units finished before the kill were not redone (part k is unit k here: every unit keeps records), but for
+    # the two damaged ones
     for name, mtime in mtimes.items():
         part = corpus_dir / name.replace("unit-", "part-")
-        assert part.stat().st_mtime_ns == mtime
+        assert (part.stat().st_mtime_ns == mtime) == (name not in (flipped, appended)), name
 
     recipe.data_dir = tmp_path / "reference"
     pipeline.run(recipe, steps=["read"], workers=1, progress=False, chunk_bytes=250_000)
