@@ -42,10 +42,10 @@ TEXT_SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
-/* any_marked(bitmap, str): whether a code point of the str has its bit set in the bitmap (bytes, little-endian bits; code points at or
-   above its last bit count as that bit, which is 0). Reads the str's own buffer (1, 2 or 4 bytes a character):
-   nothing is encoded or copied. The bits of each block of 64 characters are or-ed, then tested: no branch per
-   character. */
+/* any_marked(bitmap, str): whether a code point of the str has its bit set in the bitmap (bytes, little-endian
+   bits; code points at or above its last bit count as that bit, which is 0). Reads the str's own buffer (1, 2 or 4
+   bytes a character): nothing is encoded or copied. The bits of each block of 64 characters are or-ed, then
+   tested: no branch per character. */
 static PyObject *any_marked(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2 || !PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) == 0 || !PyUnicode_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "any_marked(bitmap: non-empty bytes, str)");
