@@ -74,6 +74,30 @@ static PyObject *any_marked(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_FALSE;
 }
 
+/* count_marked(bitmap, str): how many code points of the str have their bit set (as any_marked reads them). */
+static PyObject *count_marked(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) == 0 || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "count_marked(bitmap: non-empty bytes, str)");
+        return NULL;
+    }
+    const uint8_t *bits = (const uint8_t *)PyBytes_AS_STRING(args[0]);
+    uint32_t last = (uint32_t)(PyBytes_GET_SIZE(args[0]) * 8 - 1);
+    PyObject *s = args[1];
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s), count = 0;
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+#define COUNT(T) { const T *p = (const T *)data;                                               \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                  \
+            uint32_t c = p[i] < last ? p[i] : last;                                           \
+            count += bits[c >> 3] >> (c & 7) & 1;                                             \
+        } }
+    if (kind == PyUnicode_1BYTE_KIND) COUNT(uint8_t)
+    else if (kind == PyUnicode_2BYTE_KIND) COUNT(uint16_t)
+    else COUNT(uint32_t)
+#undef COUNT
+    return PyLong_FromSsize_t(count);
+}
+
 #define HASH_BASE 1000003ull   /* quality.HASH_BASE: the n-gram hashes are quality._window_hashes' */
 
 typedef struct { uint64_t hash; uint32_t count, first; } entry_t;
@@ -240,6 +264,7 @@ static PyObject *dup_share(PyObject *self, PyObject *const *args, Py_ssize_t nar
 
 static PyMethodDef methods[] = {
     {"any_marked", (PyCFunction)(void (*)(void))any_marked, METH_FASTCALL, "any code point marked in a bitmap"},
+    {"count_marked", (PyCFunction)(void (*)(void))count_marked, METH_FASTCALL, "code points marked in a bitmap"},
     {"ngram_stats", ngram_stats, METH_O, "quality._ngram_stats's nine numbers"},
     {"dup_share", (PyCFunction)(void (*)(void))dup_share, METH_FASTCALL, "quality.dup_ngram_share"},
     {NULL, NULL, 0, NULL},
@@ -254,8 +279,24 @@ NGRAM_C_MAX_CHARS = 1 << 20   # longer texts: numpy's n-gram path (the C one's t
 
 @functools.lru_cache(maxsize=1)
 def _text_kernels():
-    """The compiled module (any_marked, ngram_stats, dup_share), or None."""
+    """The compiled module (any_marked, count_marked, ngram_stats, dup_share), or None."""
     return native.load_module("quality_text", TEXT_SOURCE, ["-O2"])
+
+
+def bitmap(code_points, n_bits: int = 0) -> bytes:
+    """The code points as the compiled scans' bitmap: little-endian bits, at least n_bits of them, and a last bit
+    that is 0 (the scans read every code point above it as that bit)."""
+    code_points = list(code_points)
+    bits = np.zeros(max(max(code_points, default=0) + 2, n_bits), dtype=bool)
+    bits[code_points] = True
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+@functools.lru_cache(maxsize=1)
+def space_bitmap() -> bytes:
+    """Python's whitespace (what str.split() and the regex \\s drop: str.isspace), all of it in the BMP: a bit for
+    every BMP code point (quality_model's scorer reads it so)."""
+    return bitmap((c for c in range(0x10000) if chr(c).isspace()), 0x10001)
 
 # ---------------------------------------------------------------- traditional -> simplified (OpenCC)
 
@@ -568,13 +609,20 @@ SYMBOLS = re.compile("[" + re.escape(SYMBOL_CHARS) + "]")
 DOTS = re.compile(r"\.\s*\.\s*\.")   # "..." in the text without whitespace
 
 
+SYMBOL_BITMAP = bitmap(map(ord, SYMBOL_CHARS))
+
+
 def symbol_ratio(text: str) -> float:
-    """Share of non-whitespace characters that are #, …, ★, ■... ("..." counts as one). One regex scan; the
-    dots only where there are three (str.count is a C loop, and most Chinese text has none)."""
-    n = len(SYMBOLS.findall(text))
+    """Share of non-whitespace characters that are #, …, ★, ■... ("..." counts as one). One scan (compiled, else
+    the regex); the dots only where there are three (str.count is a C loop, and most Chinese text has none)."""
+    lib = _text_kernels()
+    n = lib.count_marked(SYMBOL_BITMAP, text) if lib is not None else len(SYMBOLS.findall(text))
     if text.count(".") >= 3:
         n += len(DOTS.findall(text))
-    return n / max(1, len(SPACE.sub("", text))) if n else 0.0
+    if not n:
+        return 0.0
+    non_space = len(text) - lib.count_marked(space_bitmap(), text) if lib is not None else len(SPACE.sub("", text))
+    return n / max(1, non_space)
 
 
 def flagged_per_kchar(text: str) -> float:

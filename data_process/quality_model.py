@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 import native
+from data_process.quality import space_bitmap
 from fileio import atomic_write_bytes
 
 CLASSIFIER = "classifier.bin"
@@ -393,19 +394,9 @@ def _lm_kernels():
     lib.lm_load.restype = ctypes.c_int64
     lib.lm_load.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_uint64]
     lib.lm_score.restype = ctypes.c_double
-    lib.lm_score.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p,
+    lib.lm_score.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_int64, ctypes.c_char_p,
                              ctypes.c_void_p]
     return lib
-
-
-@functools.lru_cache(maxsize=1)
-def _space_bits() -> np.ndarray:
-    """Python's whitespace (what str.split() drops) as a bitmap of the BMP, for the compiled scorer."""
-    spaces = [c for c in range(0x110000) if chr(c).isspace()]
-    assert max(spaces) < 0x10000
-    bits = np.zeros(0x10000, dtype=bool)
-    bits[spaces] = True
-    return np.packbits(bits, bitorder="little")
 
 
 class CharLM:
@@ -425,10 +416,10 @@ class CharLM:
         if read != n_grams:
             raise ValueError(f"{path}: not a character ARPA model the compiled scorer reads ({read}, "
                              f"{n_grams} n-grams in the header)")
-        self._score, self._spaces = lib.lm_score, _space_bits()
+        self._score, self._spaces = lib.lm_score, space_bitmap()   # (bytes: its buffer is passed as it is)
         self._n = ctypes.c_int64()
         self._args = (self.table.ctypes.data, self.mask)
-        self._tail = (self._spaces.ctypes.data, ctypes.addressof(self._n))
+        self._tail = (self._spaces, ctypes.addressof(self._n))
 
     def log10(self, text: str) -> tuple[float, int]:
         """kenlm_log10 of the same model: a lone surrogate raises UnicodeEncodeError, as KenLM's encode does."""

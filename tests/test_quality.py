@@ -100,6 +100,20 @@ def test_compiled_t2s_gate_decides_as_the_python_gate_on_real_samples_and_hard_c
 
 
 @compiled
+def test_compiled_symbol_ratio_equals_the_regex_one(samples):
+    spaces = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+    docs = gate_cases(samples) + ["★★ 好评 ..  . 热卖 ###", "※❤♥♡" + spaces + "#" * 3, spaces, "…" * 5 + "😀 ☆"]
+
+    def regex_ratio(text):   # symbol_ratio as the regex path computes it
+        n = len(quality.SYMBOLS.findall(text)) + (len(quality.DOTS.findall(text)) if text.count(".") >= 3 else 0)
+        return n / max(1, len(quality.SPACE.sub("", text))) if n else 0.0
+
+    ratios = [quality.symbol_ratio(d) for d in docs]
+    assert ratios == [regex_ratio(d) for d in docs]
+    assert sum(r > 0 for r in ratios) > 10
+
+
+@compiled
 def test_compiled_ngram_statistics_are_numpys_to_the_bit(samples):
     docs = repetitive_docs(samples) + gate_cases(samples)
     docs += ["".join(chr(0x20000 + i % 7) for i in range(300)), "a" * 12, "ab" * 6, "x", "\x00" * 40,
