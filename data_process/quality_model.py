@@ -401,7 +401,8 @@ def _lm_kernels():
 
 class CharLM:
     """An ARPA character model (up to order 3, every word one character or <s>, </s>, <unk>) in the compiled
-    scorer's table: 16 bytes per n-gram, half full."""
+    scorer's table: 16 bytes per n-gram, at most half full. One per thread (as a Scorer is per work unit): the
+    character count comes back through one slot of the object."""
 
     SLOT = np.dtype([("key", "<u8"), ("prob", "<f4"), ("bow", "<f4")])
 
