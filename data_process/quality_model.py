@@ -279,7 +279,7 @@ int64_t lm_load(const char *buf, int64_t len, slot_t *t, uint64_t mask) {
         if (!eol) eol = end;
         if (*p == '\\') {
             if (eol - p >= 5 && !memcmp(p, "\\end\\", 5)) break;
-            order = (p[1] >= '1' && p[1] <= '9' && !memcmp(p + 2, "-grams:", 7)) ? p[1] - '0' : 0;
+            order = (eol - p >= 9 && p[1] >= '1' && p[1] <= '9' && !memcmp(p + 2, "-grams:", 7)) ? p[1] - '0' : 0;
             if (order > 3) return -2;
         } else if (order && p < eol && *p != '\r') {
             char *q;
