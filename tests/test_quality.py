@@ -283,6 +283,22 @@ def test_flagged_words_equal_a_plain_reference_on_real_text_and_spaced_or_cased_
     assert sum(quality.flagged_per_kchar(t) > 0 for t in spam) == len(spam)
 
 
+@compiled
+def test_compiled_flagged_word_count_equals_the_regex_findall(samples):
+    docs = (real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
+            + real_docs(samples, "text_jsonl", "llamafactory-demo/c4_demo.jsonl")[:100])
+    spam = []
+    for word in quality.FLAGGED_WORDS:   # spaced, cased, repeated, cut short, at the end, overlapping
+        spam += [" \n\u3000".join(word) + "。", word.upper() + NEWS, NEWS + word + word, word.replace("k", "\u212a"),
+                 word[:-1], word[:-1] + " ", NEWS + word, word + word[1:] + word, "\u3000".join(word) + " \t"]
+    spam += ["北京PK10开奖", "加QQ领彩金", "AV女优", "线上娱乐城真人娱乐城", "自拍偷拍偷拍", "赌博网上赌", "😀博彩𠀀赌场", ""]
+    lib = quality._text_kernels()
+    counts = [lib.count_words(quality.FLAGGED_FIRST_BITMAP, quality.FLAGGED_PROGRAM, quality.space_bitmap(), t)
+              for t in docs + spam]
+    assert counts == [len(quality.FLAGGED.findall(t)) for t in docs + spam]
+    assert sum(counts) > len(spam)
+
+
 def test_only_the_kelvin_sign_lowercases_to_an_ascii_letter():
     # what flagged_per_kchar's case handling assumes (quality._lowercasing_to)
     odd = {chr(cp) for cp in range(0x80, 0x110000)
