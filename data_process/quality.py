@@ -30,11 +30,11 @@ from data_process.recipe import RulesConfig
 
 # ---------------------------------------------------------------- compiled scans
 
-# The two operators whose cost is a fixed amount per document more than per character (the bench's mean document
-# is ~350 characters): the t2s gate (one read of every character to know there is no traditional one) and the
-# n-gram statistics (a dozen numpy calls per document). In C they read the str's own buffer, with the same
-# results as the Python and numpy code below, which runs where there is no compiler (tests/test_quality.py pins
-# the two equal).
+# The scans each document pays for whatever it holds (the bench's mean document is ~350 characters): the t2s gate
+# (one read of every character to know there is no traditional one), the n-gram statistics (a dozen numpy calls
+# per document), the symbol count and the flagged-word count (regex scans). In C they read the str's own buffer,
+# with the same results as the Python, regex and numpy code below, which runs where there is no compiler or no
+# Python headers (tests/test_quality.py pins the two equal).
 TEXT_SOURCE = r"""
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
