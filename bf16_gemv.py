@@ -7,20 +7,18 @@ one core's memory bandwidth on the 65K x 512 lm_head and spends ~15-30 us of set
 projections; this kernel reads a weight packed into one front-to-back stream (blocks of 8 rows) at ~1.5x
 oneDNN's speed, with ~1 us per call. fp32 accumulation (vdpbf16ps), one rounding to bf16 at the end, as oneDNN.
 
-The C source below is compiled once with the system C compiler into ~/.cache/medllm-zh (keyed by its hash) and
-loaded through ctypes (which releases the GIL during the call). `available()` is False, and model.py keeps
+The C source below is compiled once with the system C compiler into ~/.cache/medllm-zh (native.py, keyed by its
+hash) and loaded through ctypes (which releases the GIL during the call). `available()` is False, and model.py keeps
 oneDNN, where there is no compiler, no avx512_bf16, or no Linux /proc/cpuinfo to say so.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+import native
 
 SOURCE = r"""
 #include <immintrin.h>
@@ -159,7 +157,7 @@ void decode_one(const int64_t *weights, const int64_t *caches, int64_t n_layers,
     }
 }
 """
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 LIBS = ["-lm"]
 _kernel = None   # the loaded gemv_bf16; False once loading failed
 _attend = None   # attend_one from the same library
@@ -174,32 +172,12 @@ def cpu_has_avx512_bf16() -> bool:
     return " avx512_bf16" in flags
 
 
-def _build() -> Path:
-    """Compile SOURCE once per (source, flags, compiler); concurrent builders each write a temp file and rename."""
-    cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, *LIBS]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medllm-zh"
-    lib = cache / f"bf16_gemv-{key}.so"
-    if lib.is_file():
-        return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        src, out = Path(tmp) / "bf16_gemv.c", Path(tmp) / "bf16_gemv.so"
-        src.write_text(SOURCE)
-        subprocess.run([cc, *FLAGS, str(src), "-o", str(out), *LIBS], check=True, capture_output=True, timeout=120)
-        os.replace(out, lib)
-    return lib
-
-
 def _load():
     global _kernel, _attend, _step
     if _kernel is None:
         _kernel = False
-        if cpu_has_avx512_bf16():
-            try:
-                lib = ctypes.CDLL(str(_build()))
-            except (OSError, subprocess.SubprocessError):   # no compiler, or one without avx512bf16
-                return False
+        lib = native.load("bf16_gemv", SOURCE, FLAGS, LIBS) if cpu_has_avx512_bf16() else None
+        if lib is not None:   # None: no compiler, or one without avx512bf16
             _attend = lib.attend_one
             _attend.restype = None
             _attend.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5

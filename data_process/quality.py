@@ -25,7 +25,355 @@ import sys
 
 import numpy as np
 
+import native
 from data_process.recipe import RulesConfig
+
+# ---------------------------------------------------------------- compiled scans
+
+# The scans each document pays for whatever it holds (the bench's mean document is ~350 characters): the t2s gate
+# (one read of every character to know there is no traditional one), the n-gram statistics (a dozen numpy calls
+# per document), the symbol count and the flagged-word count (regex scans). In C they read the str's own buffer,
+# with the same results as the Python, regex and numpy code below, which runs where there is no compiler or no
+# Python headers (tests/test_quality.py pins the two equal).
+TEXT_SOURCE = r"""
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* any_marked(bitmap, str): whether a code point of the str has its bit set in the bitmap (bytes, little-endian
+   bits; code points at or above its last bit count as that bit, which is 0). Reads the str's own buffer (1, 2 or 4
+   bytes a character): nothing is encoded or copied. The bits of each block of 64 characters are or-ed, then
+   tested: no branch per character. */
+static PyObject *any_marked(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) == 0 || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "any_marked(bitmap: non-empty bytes, str)");
+        return NULL;
+    }
+    const uint8_t *bits = (const uint8_t *)PyBytes_AS_STRING(args[0]);
+    uint32_t last = (uint32_t)(PyBytes_GET_SIZE(args[0]) * 8 - 1);
+    PyObject *s = args[1];
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+#define SCAN(T) { const T *p = (const T *)data;                                                \
+        for (Py_ssize_t i = 0; i < n; i += 64) {                                              \
+            Py_ssize_t stop = i + 64 < n ? i + 64 : n;                                        \
+            unsigned hit = 0;                                                                 \
+            for (Py_ssize_t j = i; j < stop; j++) {                                           \
+                uint32_t c = p[j] < last ? p[j] : last;                                       \
+                hit |= bits[c >> 3] >> (c & 7);                                               \
+            }                                                                                 \
+            if (hit & 1) Py_RETURN_TRUE;                                                      \
+        } }
+    if (kind == PyUnicode_1BYTE_KIND) SCAN(uint8_t)
+    else if (kind == PyUnicode_2BYTE_KIND) SCAN(uint16_t)
+    else SCAN(uint32_t)
+#undef SCAN
+    Py_RETURN_FALSE;
+}
+
+/* count_marked(bitmap, str): how many code points of the str have their bit set (as any_marked reads them). */
+static PyObject *count_marked(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) == 0 || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "count_marked(bitmap: non-empty bytes, str)");
+        return NULL;
+    }
+    const uint8_t *bits = (const uint8_t *)PyBytes_AS_STRING(args[0]);
+    uint32_t last = (uint32_t)(PyBytes_GET_SIZE(args[0]) * 8 - 1);
+    PyObject *s = args[1];
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s), count = 0;
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+#define COUNT(T) { const T *p = (const T *)data;                                               \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                  \
+            uint32_t c = p[i] < last ? p[i] : last;                                           \
+            count += bits[c >> 3] >> (c & 7) & 1;                                             \
+        } }
+    if (kind == PyUnicode_1BYTE_KIND) COUNT(uint8_t)
+    else if (kind == PyUnicode_2BYTE_KIND) COUNT(uint16_t)
+    else COUNT(uint32_t)
+#undef COUNT
+    return PyLong_FromSsize_t(count);
+}
+
+/* count_words(first_bits, program, space_bits, str): what len(quality.FLAGGED.findall(str)) counts, the same
+   way: leftmost matches, not overlapping; at a position, the words of the group of its character (its first
+   character as written: quality._flagged_program) tried in the regex's order, the first that matches taken; a
+   word's later characters each after any whitespace (space_bits, the regex's \s), each one of its variants.
+   program (int32): G, then G (first code point, offset) pairs in ascending code point order, and at each offset:
+   the number of words, then per word the number of its later characters, and per character the number of its
+   variants and the variants. */
+static PyObject *count_words(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) || !PyBytes_Check(args[2])
+        || PyBytes_GET_SIZE(args[0]) == 0 || PyBytes_GET_SIZE(args[1]) < 4 || PyBytes_GET_SIZE(args[2]) < 8192
+        || !PyUnicode_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "count_words(first_bits, program, space_bits: bytes, str)");
+        return NULL;
+    }
+    const uint8_t *first = (const uint8_t *)PyBytes_AS_STRING(args[0]);
+    uint32_t last = (uint32_t)(PyBytes_GET_SIZE(args[0]) * 8 - 1);
+    const int32_t *prog = (const int32_t *)PyBytes_AS_STRING(args[1]);
+    const uint8_t *space = (const uint8_t *)PyBytes_AS_STRING(args[2]);
+    PyObject *s = args[3];
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s), hits = 0;
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    const int32_t n_groups = prog[0], *groups = prog + 1;
+    for (Py_ssize_t i = 0; i < n;) {
+        uint32_t c = PyUnicode_READ(kind, data, i), b = c < last ? c : last;
+        if (!(first[b >> 3] >> (b & 7) & 1)) {
+            i++;
+            continue;
+        }
+        int32_t lo = 0, hi = n_groups - 1, at = -1;   /* the group of c */
+        while (lo <= hi) {
+            int32_t mid = (lo + hi) / 2;
+            if ((uint32_t)groups[2 * mid] == c) {
+                at = groups[2 * mid + 1];
+                break;
+            }
+            if ((uint32_t)groups[2 * mid] < c) lo = mid + 1;
+            else hi = mid - 1;
+        }
+        Py_ssize_t end = -1;
+        if (at >= 0) {
+            const int32_t *w = prog + at + 1;
+            for (int32_t k = 0; k < prog[at] && end < 0; k++) {
+                int32_t n_chars = *w++;
+                Py_ssize_t j = i + 1;
+                int ok = 1;
+                for (int32_t ch = 0; ch < n_chars; ch++) {
+                    int32_t n_var = *w++;
+                    const int32_t *var = w;
+                    w += n_var;
+                    if (!ok) continue;   /* (walk past the rest of this word) */
+                    uint32_t x = 0;
+                    while (j < n) {
+                        x = PyUnicode_READ(kind, data, j);
+                        if (x < 0x10000 && (space[x >> 3] >> (x & 7) & 1)) j++;
+                        else break;
+                    }
+                    ok = 0;
+                    if (j < n)
+                        for (int32_t v = 0; v < n_var; v++)
+                            if ((uint32_t)var[v] == x) ok = 1;
+                    j++;
+                }
+                if (ok) end = j;
+            }
+        }
+        if (end > 0) {
+            hits++;
+            i = end;
+        } else {
+            i++;
+        }
+    }
+    return PyLong_FromSsize_t(hits);
+}
+
+#define HASH_BASE 1000003ull   /* quality.HASH_BASE: the n-gram hashes are quality._window_hashes' */
+
+typedef struct { uint64_t hash; uint32_t count, first; } entry_t;
+
+/* Count the hashes h[pos[k]] (k < m) in the table (a power of two >= 2 m, cleared here); returns the largest
+   count, and with rep != NULL sets rep[pos[k]] to whether h[pos[k]] occurs more than once among them. One pass:
+   a hash seen a second time marks its first position too. */
+static uint32_t count_hashes(const uint64_t *h, const uint32_t *pos, int64_t m, entry_t *table, uint64_t size,
+                             uint8_t *rep) {
+    memset(table, 0, size * sizeof(entry_t));
+    uint64_t mask = size - 1;
+    uint32_t top = 0;
+    for (int64_t k = 0; k < m; k++) {
+        uint64_t x = h[pos[k]], i = (x * 0x9E3779B97F4A7C15ull) >> 20 & mask;
+        while (table[i].count && table[i].hash != x) i = (i + 1) & mask;
+        entry_t *e = &table[i];
+        if (!e->count) {
+            e->hash = x;
+            e->first = pos[k];
+        }
+        uint32_t count = ++e->count;
+        top = count > top ? count : top;
+        if (rep) {
+            rep[pos[k]] = count > 1;
+            if (count == 2) rep[e->first] = 1;
+        }
+    }
+    return top;
+}
+
+static uint64_t table_size(int64_t m) {
+    uint64_t size = 16;
+    while (size < 2 * (uint64_t)m) size <<= 1;
+    return size;
+}
+
+/* quality._ngram_stats of the str s (its characters, whitespace already out), the same numbers: out[0..2] the
+   top 2..4-gram fractions, out[3..8] the duplicated 5..10-gram fractions; returns how many of the nine it set (a
+   text shorter than n has none from order n on), or -1 when out of memory. The hash of each window is the
+   polynomial one of _window_hashes (uint64, wrapping); orders from 6 look only at the windows whose window of
+   the order below repeats, as _ngram_stats does. */
+static int ngram_stats_of(PyObject *s, double *out) {
+    int64_t n = PyUnicode_GET_LENGTH(s);
+    if (n < 2) return 0;
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    uint64_t size = table_size(n);
+    char *mem = malloc(n * (4 + 8 + 4 + 1) + size * sizeof(entry_t));
+    if (!mem) return -1;
+    uint32_t *cps = (uint32_t *)mem, *pos = (uint32_t *)(mem + n * 4);
+    uint64_t *h = (uint64_t *)(mem + n * 8);
+    entry_t *table = (entry_t *)(mem + n * 16);
+    uint8_t *rep = (uint8_t *)(table + size);
+    for (int64_t i = 0; i < n; i++) {
+        cps[i] = PyUnicode_READ(kind, data, i);
+        h[i] = cps[i];
+        pos[i] = (uint32_t)i;
+    }
+    int filled = 0;
+    for (int order = 2; order <= 5; order++) {
+        if (n < order) goto done;
+        int64_t m = n - order + 1;
+        for (int64_t i = 0; i < m; i++) h[i] = h[i] * HASH_BASE + cps[i + order - 1];
+        uint32_t top = count_hashes(h, pos, m, table, table_size(m), order == 5 ? rep : NULL);
+        if (order <= 4) out[filled++] = (double)top * order / n;
+    }
+    int64_t m = 0;   /* pos[0..m): the windows of the last order that repeat, ascending */
+    for (int64_t i = 0; i < n - 4; i++)
+        if (rep[i]) pos[m++] = (uint32_t)i;
+    for (int order = 5; order <= 10; order++) {
+        if (n < order) goto done;
+        if (order > 5) {
+            int64_t kept = 0;   /* grow each repeated window by one character, where it fits */
+            for (int64_t k = 0; k < m; k++)
+                if (pos[k] + order <= n) {
+                    h[pos[k]] = h[pos[k]] * HASH_BASE + cps[pos[k] + order - 1];
+                    pos[kept++] = pos[k];
+                }
+            m = kept;
+            if (m) count_hashes(h, pos, m, table, table_size(m), rep);
+            kept = 0;
+            for (int64_t k = 0; k < m; k++)
+                if (rep[pos[k]]) pos[kept++] = pos[k];
+            m = kept;
+        }
+        int64_t covered = 0;   /* the union of the windows at pos: their gaps, each at most order */
+        for (int64_t k = 1; k < m; k++) {
+            int64_t gap = (int64_t)pos[k] - pos[k - 1];
+            covered += gap < order ? gap : order;
+        }
+        out[filled++] = m ? (double)(covered + order) / n : 0.0;
+    }
+done:
+    free(mem);
+    return filled;
+}
+
+/* quality.dup_ngram_share of the str s for one order: the share of characters inside the windows of `order`
+   characters whose hash occurs more than once; -1.0 when out of memory. */
+static double dup_share_of(PyObject *s, int64_t order) {
+    int64_t n = PyUnicode_GET_LENGTH(s);
+    if (n < order) return 0.0;
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    int64_t m = n - order + 1;
+    uint64_t size = table_size(m);
+    char *mem = malloc(n * (4 + 8 + 4 + 1) + size * sizeof(entry_t));
+    if (!mem) return -1.0;
+    uint32_t *cps = (uint32_t *)mem, *pos = (uint32_t *)(mem + n * 4);
+    uint64_t *h = (uint64_t *)(mem + n * 8);
+    entry_t *table = (entry_t *)(mem + n * 16);
+    uint8_t *rep = (uint8_t *)(table + size);
+    for (int64_t i = 0; i < n; i++) {
+        cps[i] = PyUnicode_READ(kind, data, i);
+        h[i] = cps[i];
+        pos[i] = (uint32_t)i;
+    }
+    for (int64_t k = 1; k < order; k++)   /* one pass per character of the window: no chain between windows */
+        for (int64_t i = 0; i < m; i++) h[i] = h[i] * HASH_BASE + cps[i + k];
+    count_hashes(h, pos, m, table, size, rep);
+    int64_t covered = 0, last = -1;
+    for (int64_t i = 0; i < m; i++)
+        if (rep[i]) {
+            if (last >= 0) covered += i - last < order ? i - last : order;
+            last = i;
+        }
+    free(mem);
+    return last >= 0 ? (double)(covered + order) / n : 0.0;
+}
+
+static PyObject *ngram_stats(PyObject *self, PyObject *s) {
+    if (!PyUnicode_Check(s)) {
+        PyErr_SetString(PyExc_TypeError, "ngram_stats(str)");
+        return NULL;
+    }
+    double out[9];
+    int filled = ngram_stats_of(s, out);
+    if (filled < 0) return PyErr_NoMemory();
+    PyObject *t = PyTuple_New(filled);
+    for (int i = 0; t && i < filled; i++) {
+        PyObject *x = PyFloat_FromDouble(out[i]);
+        if (!x) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, x);
+    }
+    return t;
+}
+
+static PyObject *dup_share(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "dup_share(str, order: int)");
+        return NULL;
+    }
+    long order = PyLong_AsLong(args[1]);
+    if (order < 1 || order > 64) {
+        PyErr_SetString(PyExc_ValueError, "dup_share: order from 1 to 64");
+        return NULL;
+    }
+    double share = dup_share_of(args[0], order);
+    return share < 0 ? PyErr_NoMemory() : PyFloat_FromDouble(share);
+}
+
+static PyMethodDef methods[] = {
+    {"any_marked", (PyCFunction)(void (*)(void))any_marked, METH_FASTCALL, "any code point marked in a bitmap"},
+    {"count_marked", (PyCFunction)(void (*)(void))count_marked, METH_FASTCALL, "code points marked in a bitmap"},
+    {"count_words", (PyCFunction)(void (*)(void))count_words, METH_FASTCALL, "len(quality.FLAGGED.findall(s))"},
+    {"ngram_stats", ngram_stats, METH_O, "quality._ngram_stats's nine numbers"},
+    {"dup_share", (PyCFunction)(void (*)(void))dup_share, METH_FASTCALL, "quality.dup_ngram_share"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "quality_text", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit_quality_text(void) { return PyModule_Create(&module); }
+"""
+NGRAM_C_MAX_CHARS = 1 << 20   # longer texts: numpy's n-gram path (the C one's table grows with the text)
+
+
+@functools.lru_cache(maxsize=1)
+def _text_kernels():
+    """The compiled module (any_marked, count_marked, count_words, ngram_stats, dup_share), or None."""
+    return native.load_module("quality_text", TEXT_SOURCE, ["-O2"])
+
+
+def bitmap(code_points, n_bits: int = 0) -> bytes:
+    """The code points as the compiled scans' bitmap: little-endian bits, at least n_bits of them, and a last bit
+    that is 0 (the scans read every code point above it as that bit)."""
+    code_points = list(code_points)
+    bits = np.zeros(max(max(code_points, default=0) + 2, n_bits), dtype=bool)
+    bits[code_points] = True
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+@functools.lru_cache(maxsize=1)
+def space_bitmap() -> bytes:
+    """Python's whitespace (what str.split() and the regex \\s drop: str.isspace), all of it in the BMP: a bit for
+    every BMP code point (quality_model's scorer reads it so)."""
+    return bitmap((c for c in range(0x10000) if chr(c).isspace()), 0x10001)
 
 # ---------------------------------------------------------------- traditional -> simplified (OpenCC)
 
@@ -58,7 +406,12 @@ def _t2s():
     kind[[ord(c) for c in trad]] = HAN_TRADITIONAL
     kind[0xD800:0xE000] = SURROGATE
     unit_passes = (kind[:0x10000] >= HAN_TRADITIONAL).astype(np.uint8)   # astral characters: surrogate pairs
-    return converter, gate, kind, unit_passes
+    # The compiled gate's bitmap: a bit per code point of the table (its last entry, NOT_HAN, stands for every
+    # code point above), as bytes
+    passes = np.packbits(kind >= HAN_TRADITIONAL, bitorder="little").tobytes()
+    lib = _text_kernels()
+    compiled = functools.partial(lib.any_marked, passes) if lib is not None else None
+    return converter, gate, kind, unit_passes, compiled
 
 
 # sys.getsizeof of a compact str is a fixed header plus (length + 1) * bytes per character, and CPython stores
@@ -74,10 +427,17 @@ def _kinds(text: str) -> np.ndarray:
 
 
 def _has_traditional(text: str) -> bool:
-    """Whether the text holds a character t2s converts on its own (or a lone surrogate). A long text's UTF-16
-    units through a numpy table, a short one through the regex; what those cannot settle (a surrogate unit, an
-    astral character: the O(1) test of _STR_HEADER) by code point."""
-    _, gate, _, unit_passes = _t2s()
+    """Whether the text holds a character t2s converts on its own (or a lone surrogate): the compiled scan where
+    it builds, else _has_traditional_py."""
+    compiled = _t2s()[4]
+    return compiled(text) if compiled is not None else _has_traditional_py(text)
+
+
+def _has_traditional_py(text: str) -> bool:
+    """_has_traditional without a compiler. A long text's UTF-16 units through a numpy table, a short one through
+    the regex; what those cannot settle (a surrogate unit, an astral character: the O(1) test of _STR_HEADER) by
+    code point."""
+    _, gate, _, unit_passes, _ = _t2s()
     if len(text) >= NUMPY_GATE_CHARS:
         units = np.frombuffer(codecs.utf_16_le_encode(text, "surrogatepass")[0], dtype=np.uint16)
         if not np.count_nonzero(unit_passes.take(units)):
@@ -210,6 +570,31 @@ def _flagged_regex() -> re.Pattern:
 
 
 FLAGGED = _flagged_regex()
+
+
+def _flagged_program() -> tuple[bytes, bytes]:
+    """FLAGGED as the compiled count_words reads it: the bitmap of first characters, and the groups of
+    _flagged_regex (one per first character as written, its words longest first) with each later character's
+    variants (_lowercasing_to)."""
+    groups: dict[str, list[str]] = {}
+    for word in sorted(FLAGGED_LOWER, key=len, reverse=True):
+        for first in _lowercasing_to(word[0]):
+            groups.setdefault(first, []).append(word[1:])
+    firsts = sorted(groups)
+    body, offsets = [], []
+    for first in firsts:
+        offsets.append(1 + 2 * len(firsts) + len(body))
+        body.append(len(groups[first]))
+        for rest in groups[first]:
+            body.append(len(rest))
+            for c in rest:
+                variants = _lowercasing_to(c)
+                body += [len(variants), *map(ord, variants)]
+    head = [len(firsts)] + [x for first, at in zip(firsts, offsets) for x in (ord(first), at)]
+    return bitmap(map(ord, firsts)), np.array(head + body, dtype=np.int32).tobytes()
+
+
+FLAGGED_FIRST_BITMAP, FLAGGED_PROGRAM = _flagged_program()
 SPACE = re.compile(r"\s+")
 HASH_BASE = 1_000_003
 # HASH_BASE ** k as uint64 and uint32 arithmetic wraps: the uint32 hash is the low half of the uint64 one
@@ -280,6 +665,18 @@ def _covered(starts: np.ndarray, n: int, n_chars: int) -> float:
     return float(np.minimum(starts[1:] - starts[:-1], n).sum() + n) / n_chars
 
 
+NGRAM_STATS = ("top_2gram", "top_3gram", "top_4gram") + tuple(f"dup_{n}gram" for n in range(5, 11))
+
+
+def _ngram_stats_compiled(chars: str, stats: dict) -> bool:
+    """_ngram_stats in C over the str itself; False where it does not run (no compiler, a very long text)."""
+    lib = _text_kernels()
+    if lib is None or len(chars) > NGRAM_C_MAX_CHARS:
+        return False
+    stats.update(zip(NGRAM_STATS, lib.ngram_stats(chars)))
+    return True
+
+
 def _ngram_stats(cps: np.ndarray, stats: dict) -> None:
     """top_2gram..top_4gram over every window, and dup_5gram..dup_10gram. A repeated n-gram's two (n-1)-gram
     prefixes repeat too, so each order from 6 looks only at the windows that start where a repeated window of
@@ -314,24 +711,43 @@ SYMBOLS = re.compile("[" + re.escape(SYMBOL_CHARS) + "]")
 DOTS = re.compile(r"\.\s*\.\s*\.")   # "..." in the text without whitespace
 
 
+SYMBOL_BITMAP = bitmap(map(ord, SYMBOL_CHARS))
+
+
 def symbol_ratio(text: str) -> float:
-    """Share of non-whitespace characters that are #, …, ★, ■... ("..." counts as one). One regex scan; the
-    dots only where there are three (str.count is a C loop, and most Chinese text has none)."""
-    n = len(SYMBOLS.findall(text))
+    """Share of non-whitespace characters that are #, …, ★, ■... ("..." counts as one). One scan (compiled, else
+    the regex); the dots only where there are three (str.count is a C loop, and most Chinese text has none)."""
+    lib = _text_kernels()
+    n = lib.count_marked(SYMBOL_BITMAP, text) if lib is not None else len(SYMBOLS.findall(text))
     if text.count(".") >= 3:
         n += len(DOTS.findall(text))
-    return n / max(1, len(SPACE.sub("", text))) if n else 0.0
+    if not n:
+        return 0.0
+    non_space = len(text) - lib.count_marked(space_bitmap(), text) if lib is not None else len(SPACE.sub("", text))
+    return n / max(1, non_space)
 
 
 def flagged_per_kchar(text: str) -> float:
     """Flagged words per 1000 non-whitespace characters (lowercased, whitespace inside a word ignored), a text
     under 1000 counting as 1000 (one news story about a 赌场 case is not spam)."""
-    hits = len(FLAGGED.findall(text))
+    lib = _text_kernels()
+    if lib is not None:
+        hits = lib.count_words(FLAGGED_FIRST_BITMAP, FLAGGED_PROGRAM, space_bitmap(), text)
+    else:
+        hits = len(FLAGGED.findall(text))
     return hits * 1000 / max(len(SPACE.sub("", text)), 1000) if hits else 0.0
 
 
 def dup_ngram_share(chars: str, n: int) -> float:
     """The duplicated n-gram fraction of one order alone (what rule_stats computes for n = 5..10)."""
+    lib = _text_kernels()
+    if lib is not None and len(chars) <= NGRAM_C_MAX_CHARS:
+        return lib.dup_share(chars, n)
+    return dup_ngram_share_numpy(chars, n)
+
+
+def dup_ngram_share_numpy(chars: str, n: int) -> float:
+    """dup_ngram_share without a compiler, or for a very long text."""
     cps = np.frombuffer(codecs.utf_32_le_encode(chars, "surrogatepass")[0], dtype=np.uint32)
     if len(cps) < n:
         return 0.0
@@ -374,7 +790,7 @@ def rule_stats(text: str, rules: RulesConfig) -> dict:
     stats["ellipsis_lines"] = sum(ln.endswith(("…", "...")) for ln in lines) / len(lines)
     stats["symbol_ratio"] = symbol_ratio(chars)
     stats["flagged_per_kchar"] = flagged_per_kchar(chars)
-    if n >= rules.min_ngram_chars:   # the n-gram rules judge only documents this long
+    if n >= rules.min_ngram_chars and not _ngram_stats_compiled(chars, stats):   # n-gram rules: long documents
         _ngram_stats(np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32), stats)
     return stats
 

@@ -14,7 +14,9 @@ on this project's own cleaned text by `python data_process.py train-quality`, an
 - Perplexity (CCNet, arXiv 1911.00359): an interpolated Kneser-Ney character n-gram model of the curated text,
   estimated here and written as an ARPA file, which KenLM loads and scores. KenLM's Python package has no
   estimator (lmplz is a C++ tool it does not ship), so estimation is the one piece written by hand; KenLM's
-  scores of it are checked against the formula in tests/test_quality_model.py. Per-corpus percentile cutoffs
+  scores of it are checked against the formula in tests/test_quality_model.py. The scorer the cleaner uses is a
+  small compiled one (CharLM, below) that reads the same file and gives KenLM's scores at ~4x its speed through
+  Python; KenLM scores where there is no C compiler. Per-corpus percentile cutoffs
   (CCNet's head / middle / tail at the 30th and 60th percentiles) are measured on each pretraining corpus.
 Every kept document gets `record["scores"] = {"quality": p_hq, "ppl": perplexity, "ppl_bucket": "head"|...}`.
 Keeping by score (the recipe's `quality_keep`): "all" (record only), "threshold" (p_hq >= quality_threshold),
@@ -24,6 +26,9 @@ and any worker count keep the same documents); `ppl_keep` keeps only the named b
 from __future__ import annotations
 
 import argparse
+import codecs
+import ctypes
+import functools
 import hashlib
 import json
 import math
@@ -35,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+import native
+from data_process.quality import space_bitmap
 from fileio import atomic_write_bytes
 
 CLASSIFIER = "classifier.bin"
@@ -169,7 +176,7 @@ def write_arpa(prob, bow, path: Path, unk_prob: float = 1e-7) -> None:
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
-def load_lm(path: Path):
+def load_kenlm(path: Path):
     import kenlm
 
     config = kenlm.Config()
@@ -177,8 +184,19 @@ def load_lm(path: Path):
     return kenlm.Model(str(path), config)
 
 
-def doc_perplexity(lm, text: str) -> float:
-    """KenLM perplexity of a document: log10 probabilities summed over its lines (each with <s> and </s>)."""
+def load_lm(path: Path):
+    """The model doc_perplexity scores with: the compiled scorer (CharLM) where it builds and reads the file, else
+    KenLM's model of the same file (the same numbers, tests/test_quality_model.py)."""
+    if _lm_kernels() is not None:
+        try:
+            return CharLM(path)
+        except ValueError:     # an ARPA file with words the compiled table does not hold (not one we write)
+            pass
+    return load_kenlm(path)
+
+
+def kenlm_log10(lm, text: str) -> tuple[float, int]:
+    """(log10 probability, tokens scored) of a document by KenLM: its lines, each with <s> and </s>."""
     log10, n = 0.0, 0
     for line in text.split("\n"):
         toks = chars_of(line)
@@ -186,7 +204,229 @@ def doc_perplexity(lm, text: str) -> float:
             continue
         log10 += lm.score(toks, bos=True, eos=True)
         n += toks.count(" ") + 2          # characters + </s>
+    return log10, n
+
+
+def doc_perplexity(lm, text: str) -> float:
+    """Perplexity of a document: log10 probabilities summed over its lines (each with <s> and </s>)."""
+    log10, n = lm.log10(text) if isinstance(lm, CharLM) else kenlm_log10(lm, text)
     return 10.0 ** (-log10 / n) if n else float("inf")
+
+
+# The compiled scorer. Per character KenLM's Python call costs more than its scoring: the space-joined string
+# built for it, its split into words and a vocabulary hash of each; both sides of the bench's comparison spent
+# most of their time there. This one reads the document's code points as they are and looks n-grams up by code
+# point in one open-addressing table, with KenLM's backoff arithmetic, so its scores are KenLM's (float sums in
+# its order: equal to the last bit on the samples, tests/test_quality_model.py).
+LM_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Tokens are code points; the three ARPA words that are not one character sit above Unicode. A key packs up to
+   three tokens (21 bits each), NONE filling the fields a unigram or bigram leaves empty. */
+#define BOS 0x110000u
+#define EOS 0x110001u
+#define UNK 0x110002u
+#define NONE 0x1FFFFFu
+#define EMPTY UINT64_MAX            /* a free slot: no key sets the top bit */
+
+typedef struct { uint64_t key; float prob, bow; } slot_t;
+
+static inline uint64_t key_of(uint32_t a, uint32_t b, uint32_t c) {
+    return (uint64_t)a << 42 | (uint64_t)b << 21 | c;
+}
+
+static inline uint64_t home(uint64_t key, uint64_t mask) {
+    uint64_t h = key * 0x9E3779B97F4A7C15ull;
+    return (h ^ h >> 29) & mask;
+}
+
+static inline const slot_t *find(const slot_t *t, uint64_t mask, uint64_t key) {
+    for (uint64_t i = home(key, mask);; i = (i + 1) & mask) {
+        if (t[i].key == key) return &t[i];
+        if (t[i].key == EMPTY) return 0;
+    }
+}
+
+/* One ARPA word -> token: <s>, </s>, <unk>, or exactly one UTF-8 character; -1 for anything else. */
+static int64_t word_token(const unsigned char *p, int64_t n) {
+    if (n == 3 && !memcmp(p, "<s>", 3)) return BOS;
+    if (n == 4 && !memcmp(p, "</s>", 4)) return EOS;
+    if (n == 5 && !memcmp(p, "<unk>", 5)) return UNK;
+    if (n == 1 && p[0] < 0x80) return p[0];
+    int len = (p[0] & 0xE0) == 0xC0 ? 2 : (p[0] & 0xF0) == 0xE0 ? 3 : (p[0] & 0xF8) == 0xF0 ? 4 : 0;
+    if (!len || n != len) return -1;
+    uint32_t cp = p[0] & (0x7F >> len);
+    for (int i = 1; i < len; i++) {
+        if ((p[i] & 0xC0) != 0x80) return -1;
+        cp = cp << 6 | (p[i] & 0x3F);
+    }
+    return cp;
+}
+
+static inline int is_blank(unsigned char c) { return c == ' ' || c == '\t'; }
+
+/* Read the n-gram sections of an ARPA file (buf, NUL-terminated) into the table (mask + 1 slots, a power of two,
+   all EMPTY). Returns the number of n-grams read, or -1 a word that is not a token above, -2 a malformed line or
+   an order above 3, -3 a full table, -4 no <s> or no <unk> unigram. */
+int64_t lm_load(const char *buf, int64_t len, slot_t *t, uint64_t mask) {
+    const char *p = buf, *end = buf + len;
+    int order = 0;
+    int64_t n_read = 0;
+    while (p < end) {
+        const char *eol = memchr(p, '\n', end - p);
+        if (!eol) eol = end;
+        if (*p == '\\') {
+            if (eol - p >= 5 && !memcmp(p, "\\end\\", 5)) break;
+            order = (eol - p >= 9 && p[1] >= '1' && p[1] <= '9' && !memcmp(p + 2, "-grams:", 7)) ? p[1] - '0' : 0;
+            if (order > 3) return -2;
+        } else if (order && p < eol && *p != '\r') {
+            char *q;
+            float prob = strtof(p, &q);
+            if (q == p) return -2;
+            uint32_t tok[3] = {NONE, NONE, NONE};
+            for (int k = 0; k < order; k++) {
+                while (q < eol && is_blank(*q)) q++;
+                const char *w = q;
+                while (q < eol && !is_blank(*q) && *q != '\r') q++;
+                int64_t token = word_token((const unsigned char *)w, q - w);
+                if (token < 0) return -1;
+                tok[3 - order + k] = (uint32_t)token;
+            }
+            while (q < eol && is_blank(*q)) q++;
+            float bow = 0.0f;
+            if (q < eol && *q != '\r') {
+                char *r;
+                bow = strtof(q, &r);
+                if (r == q) return -2;
+            }
+            uint64_t key = key_of(tok[0], tok[1], tok[2]);
+            uint64_t i = home(key, mask), probes = 0;
+            while (t[i].key != EMPTY && t[i].key != key) {
+                i = (i + 1) & mask;
+                if (++probes > mask) return -3;
+            }
+            t[i].key = key;
+            t[i].prob = prob;
+            t[i].bow = bow;
+            n_read++;
+        }
+        p = eol + 1;
+    }
+    if (!find(t, mask, key_of(NONE, NONE, BOS)) || !find(t, mask, key_of(NONE, NONE, UNK))) return -4;
+    return n_read;
+}
+
+/* The log10 probability of token w after the context (h2, h1), as KenLM's Model::FullScore computes it from an
+   ARPA model (float arithmetic, in its order): the probability of the longest n-gram ending in w that the model
+   has, plus the backoff weights of the contexts longer than that n-gram's, shortest first. b1, b2: the backoffs
+   of (h1) and (h2 h1), 0 where the model has no such n-gram (KenLM's state, which carries them from the previous
+   word). Advances the context to (h1, w). A character the model does not have is <unk>, as in KenLM. */
+static inline float score_word(const slot_t *t, uint64_t mask, const slot_t *unk, uint32_t *h2, uint32_t *h1,
+                               float *b2, float *b1, uint32_t w) {
+    const slot_t *s = find(t, mask, key_of(NONE, NONE, w));
+    if (!s) {
+        s = unk;
+        w = UNK;
+    }
+    float prob = s->prob, bow1 = s->bow, bow2 = 0.0f;
+    int length = 1;
+    const slot_t *bigram = find(t, mask, key_of(NONE, *h1, w));
+    if (bigram) {
+        prob = bigram->prob;
+        bow2 = bigram->bow;
+        length = 2;
+        if (*h2 != NONE) {
+            const slot_t *trigram = find(t, mask, key_of(*h2, *h1, w));
+            if (trigram) {
+                prob = trigram->prob;
+                length = 3;
+            }
+        }
+    }
+    if (length == 1) prob += *b1;
+    if (length <= 2) prob += *b2;
+    *h2 = *h1;
+    *h1 = w;
+    *b1 = bow1;
+    *b2 = bow2;
+    return prob;
+}
+
+/* A document's log10 probability as quality_model.kenlm_log10 sums it: per line (split at '\n'), its characters
+   other than whitespace (space_bits: a bitmap of the BMP, Python's str.isspace; none lies above it) between <s>
+   and </s>, each line's sum in float (as kenlm's Model.score returns it), the lines' sums in double; lines with
+   no character skipped. *n_scored: characters + one </s> per line scored. The table holds <s> and <unk>
+   (lm_load says so). */
+double lm_score(const slot_t *t, uint64_t mask, const uint32_t *cps, int64_t n, const uint8_t *space_bits,
+                int64_t *n_scored) {
+    const slot_t *bos = find(t, mask, key_of(NONE, NONE, BOS)), *unk = find(t, mask, key_of(NONE, NONE, UNK));
+    double total = 0.0;
+    int64_t count = 0;
+    for (int64_t i = 0; i <= n; i++) {        /* one line per pass: i ends on its '\n' (or n) */
+        uint32_t h2 = NONE, h1 = BOS;
+        float b2 = 0.0f, b1 = bos->bow, line = 0.0f;
+        int64_t chars = 0;
+        for (; i < n && cps[i] != '\n'; i++) {
+            uint32_t c = cps[i];
+            if (c < 0x10000 && (space_bits[c >> 3] >> (c & 7) & 1)) continue;
+            line += score_word(t, mask, unk, &h2, &h1, &b2, &b1, c);
+            chars++;
+        }
+        if (chars) {
+            line += score_word(t, mask, unk, &h2, &h1, &b2, &b1, EOS);
+            total += (double)line;
+            count += chars + 1;
+        }
+    }
+    *n_scored = count;
+    return total;
+}
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _lm_kernels():
+    lib = native.load("char_lm", LM_SOURCE, ["-O2"], keep_gil=True)
+    if lib is None:
+        return None
+    lib.lm_load.restype = ctypes.c_int64
+    lib.lm_load.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_uint64]
+    lib.lm_score.restype = ctypes.c_double
+    lib.lm_score.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_int64, ctypes.c_char_p,
+                             ctypes.c_void_p]
+    return lib
+
+
+class CharLM:
+    """An ARPA character model (up to order 3, every word one character or <s>, </s>, <unk>) in the compiled
+    scorer's table: 16 bytes per n-gram, at most half full. One per thread (as a Scorer is per work unit): the
+    character count comes back through one slot of the object."""
+
+    SLOT = np.dtype([("key", "<u8"), ("prob", "<f4"), ("bow", "<f4")])
+
+    def __init__(self, path: Path):
+        lib = _lm_kernels()
+        data = Path(path).read_bytes()
+        head = data[:data.find(b"-grams:")].decode("utf-8", "replace")
+        n_grams = sum(int(line.split("=")[1]) for line in head.splitlines() if line.startswith("ngram "))
+        self.table = np.full(1 << max(4, (2 * n_grams).bit_length()), np.iinfo(np.uint64).max, dtype=self.SLOT)
+        self.mask = len(self.table) - 1
+        read = lib.lm_load(data, len(data), self.table.ctypes.data, self.mask)
+        if read != n_grams:
+            raise ValueError(f"{path}: not a character ARPA model the compiled scorer reads ({read}, "
+                             f"{n_grams} n-grams in the header)")
+        self._score, self._spaces = lib.lm_score, space_bitmap()   # (bytes: its buffer is passed as it is)
+        self._n = ctypes.c_int64()
+        self._args = (self.table.ctypes.data, self.mask)
+        self._tail = (self._spaces, ctypes.addressof(self._n))
+
+    def log10(self, text: str) -> tuple[float, int]:
+        """kenlm_log10 of the same model: a lone surrogate raises UnicodeEncodeError, as KenLM's encode does."""
+        cps = codecs.utf_32_le_encode(text)[0]
+        log10 = self._score(*self._args, cps, len(cps) // 4, *self._tail)
+        return log10, self._n.value
 
 
 # ---------------------------------------------------------------- the scorer the cleaner uses
@@ -202,7 +442,6 @@ class Scorer:
     def __init__(self, model_dir: Path, corpus: str, keep: str = "all", threshold: float = 0.5,
                  pareto_alpha: float = 9.0, ppl_keep: list[str] | None = None):
         import fasttext
-        import kenlm
 
         model_dir = Path(model_dir)
         missing = [n for n in (CLASSIFIER, LM, CUTOFFS) if not (model_dir / n).exists()]

@@ -70,6 +70,71 @@ def test_t2s_gate_decides_as_opencc_on_everything_would(samples):
             assert quality.to_simplified(doc, min_share) == reference_to_simplified(doc, min_share, converter)
 
 
+compiled = pytest.mark.skipif(quality._text_kernels() is None, reason="no C compiler or Python headers")
+
+
+def gate_cases(samples) -> list[str]:
+    """Real documents in both scripts and of every storage width, and the edges of the compiled scan: the
+    traditional character alone, at either end, on either side of its 64-character blocks; astral Han (the
+    table's last entry and past it), lone surrogates, Latin-1 text."""
+    s2t = opencc.OpenCC("s2t")
+    web = real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
+    path = samples / "toyhom-medical-dialogue/样例_内科5000-6000.csv"
+    dialogues = ["\n".join(m["content"] for m in r["messages"])
+                 for r in READERS["medical_dialogue_csv"](path, path.name, None) if isinstance(r, dict)][:200]
+    english = real_docs(samples, "text_jsonl", "llamafactory-demo/c4_demo.jsonl")[:50]
+    edges = ["", "國", "国", "é" * 70, "國" + "国" * 200, "国" * 200 + "國", "\ud800", "国" * 63 + "\udfff"]
+    edges += ["国" * k + "國" + "国" * 3 for k in (62, 63, 64, 65, 127, 128)]
+    edges += [chr(cp) + "中文" for cp in (0x20000, 0x2A6DF, 0x2A6E0, 0x2A6E1, 0x2B740, 0x10FFFF, 0xFFFF, 0xF900)]
+    return web + [s2t.convert(d) for d in web[:40]] + dialogues + english + edges
+
+
+@compiled
+def test_compiled_t2s_gate_decides_as_the_python_gate_on_real_samples_and_hard_cases(samples):
+    docs = gate_cases(samples)
+    compiled_gate = quality._t2s()[4]
+    decided = [compiled_gate(d) for d in docs]
+    assert decided == [quality._has_traditional_py(d) for d in docs]
+    assert decided == [bool(np.count_nonzero(quality._kinds(d) >= quality.HAN_TRADITIONAL)) for d in docs]
+    assert 40 < sum(decided) < len(docs) - 100
+
+
+@compiled
+def test_compiled_symbol_ratio_equals_the_regex_one(samples):
+    spaces = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+    docs = gate_cases(samples) + ["★★ 好评 ..  . 热卖 ###", "※❤♥♡" + spaces + "#" * 3, spaces, "…" * 5 + "😀 ☆"]
+
+    def regex_ratio(text):   # symbol_ratio as the regex path computes it
+        n = len(quality.SYMBOLS.findall(text)) + (len(quality.DOTS.findall(text)) if text.count(".") >= 3 else 0)
+        return n / max(1, len(quality.SPACE.sub("", text))) if n else 0.0
+
+    ratios = [quality.symbol_ratio(d) for d in docs]
+    assert ratios == [regex_ratio(d) for d in docs]
+    assert sum(r > 0 for r in ratios) > 10
+
+
+@compiled
+def test_compiled_ngram_statistics_are_numpys_to_the_bit(samples):
+    docs = repetitive_docs(samples) + gate_cases(samples)
+    docs += ["".join(chr(0x20000 + i % 7) for i in range(300)), "a" * 12, "ab" * 6, "x", "\x00" * 40,
+             "这是一段重复的文字。" * 30_000]
+    lib = quality._text_kernels()
+    for doc in docs:
+        chars = "".join(doc.split())
+        expected = {}
+        if chars:
+            quality._ngram_stats(np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32), expected)
+        got = {}
+        assert quality._ngram_stats_compiled(chars, got)
+        assert got == expected, doc[:40]
+        for n in range(1, 11):
+            assert lib.dup_share(chars, n) == quality.dup_ngram_share_numpy(chars, n), (doc[:40], n)
+    too_long = "这是一段重复的文字。" * (quality.NGRAM_C_MAX_CHARS // 10 + 1)   # rule_stats takes numpy's path
+    assert not quality._ngram_stats_compiled(too_long, {})
+    assert dict(zip(quality.NGRAM_STATS, lib.ngram_stats(too_long))) == {
+        k: v for k, v in quality.rule_stats(too_long, RULES).items() if k in quality.NGRAM_STATS}
+
+
 def test_t2s_still_refuses_a_lone_surrogate_for_the_cleaner_to_count():
     for text in ("正常的文字\ud800", "正常的文字" * 200 + "\udc00"):
         with pytest.raises(UnicodeEncodeError):
@@ -216,6 +281,22 @@ def test_flagged_words_equal_a_plain_reference_on_real_text_and_spaced_or_cased_
     for text in docs + spam:
         assert quality.flagged_per_kchar(text) == pytest.approx(reference_flagged_per_kchar(text)), text
     assert sum(quality.flagged_per_kchar(t) > 0 for t in spam) == len(spam)
+
+
+@compiled
+def test_compiled_flagged_word_count_equals_the_regex_findall(samples):
+    docs = (real_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
+            + real_docs(samples, "text_jsonl", "llamafactory-demo/c4_demo.jsonl")[:100])
+    spam = []
+    for word in quality.FLAGGED_WORDS:   # spaced, cased, repeated, cut short, at the end, overlapping
+        spam += [" \n\u3000".join(word) + "。", word.upper() + NEWS, NEWS + word + word, word.replace("k", "\u212a"),
+                 word[:-1], word[:-1] + " ", NEWS + word, word + word[1:] + word, "\u3000".join(word) + " \t"]
+    spam += ["北京PK10开奖", "加QQ领彩金", "AV女优", "线上娱乐城真人娱乐城", "自拍偷拍偷拍", "赌博网上赌", "😀博彩𠀀赌场", ""]
+    lib = quality._text_kernels()
+    counts = [lib.count_words(quality.FLAGGED_FIRST_BITMAP, quality.FLAGGED_PROGRAM, quality.space_bitmap(), t)
+              for t in docs + spam]
+    assert counts == [len(quality.FLAGGED.findall(t)) for t in docs + spam]
+    assert sum(counts) > len(spam)
 
 
 def test_only_the_kelvin_sign_lowercases_to_an_ascii_letter():

@@ -15,7 +15,8 @@ from data_process.recipe import parse_recipe
 
 def sample_docs(samples, reader, rel, n=None):
     path = samples / rel
-    docs = [r["text"] for r in READERS[reader](path, path.name, None) if isinstance(r, dict)]
+    docs = [r["text"] if r["kind"] == "doc" else "\n".join(m["content"] for m in r["messages"])
+            for r in READERS[reader](path, path.name, None) if isinstance(r, dict)]
     return docs[:n] if n else docs
 
 
@@ -26,7 +27,7 @@ def lm_and_model(samples, tmp_path_factory):
     prob, bow = qm.kn_model(counts)
     path = tmp_path_factory.mktemp("lm") / "lm.arpa"
     qm.write_arpa(prob, bow, path)
-    return qm.load_lm(path), prob, bow, docs
+    return qm.load_kenlm(path), prob, bow, docs
 
 
 def test_kenlm_scores_of_our_arpa_equal_the_kneser_ney_formula(lm_and_model, samples):
@@ -40,6 +41,61 @@ def test_kenlm_scores_of_our_arpa_equal_the_kneser_ney_formula(lm_and_model, sam
         assert "<unk>" in toks or sentence != held_out
         ours = sum(math.log10(qm.lower_prob(prob, bow, tuple(toks[max(0, i - 2):i + 1]))) for i in range(1, len(toks)))
         assert lm.score(" ".join(chars), bos=True, eos=True) == pytest.approx(ours, abs=1e-4)
+
+
+# Text the scorer must read as KenLM does: whitespace of every kind dropped (str.split's, not only ASCII), empty and
+# blank lines skipped, characters the model lacks as <unk> (astral ones, emoji, controls), ARPA's own words as
+# text. Not NUL: kenlm's binding passes a C string, so it stops reading the line there (the cleaner removes
+# control characters before any score; the compiled scorer reads NUL as <unk>).
+HARD_CASES = ["", "\n", "\n\n \t\n", "发热", "发\n\n热\n", "\u3000发 热\xa0。\r\n咳嗽\u2028\u200b",
+              "𠀀𠀁发热𪚥😀", "\x01发\x1f热\x85\x7f", "<s></s><unk> s", "abc DEF 123", "发" * 5000, "。\n" * 300]
+
+
+def test_compiled_scorer_gives_kenlms_scores_on_real_samples_and_hard_cases(lm_and_model, samples, tmp_path):
+    kenlm_model, prob, bow, _ = lm_and_model
+    path = tmp_path / "lm.arpa"
+    qm.write_arpa(prob, bow, path)
+    compiled = qm.load_lm(path)
+    if not isinstance(compiled, qm.CharLM):
+        pytest.skip("no C compiler: doc_perplexity scores with KenLM")
+    docs = (sample_docs(samples, "plain_text", "medicalgpt/pretrain/fever.txt")
+            + sample_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
+            + sample_docs(samples, "medical_dialogue_csv", "toyhom-medical-dialogue/样例_内科5000-6000.csv", 200)
+            + sample_docs(samples, "text_jsonl", "llamafactory-demo/c4_demo.jsonl", 100) + HARD_CASES)
+    for doc in docs:
+        ours, theirs = compiled.log10(doc), qm.kenlm_log10(kenlm_model, doc)
+        assert ours[1] == theirs[1]
+        assert ours[0] == theirs[0], doc[:40]    # the same float sums in the same order: the same bits
+        assert qm.doc_perplexity(compiled, doc) == qm.doc_perplexity(kenlm_model, doc)
+    with pytest.raises(UnicodeEncodeError):      # a lone surrogate: refused by both
+        qm.kenlm_log10(kenlm_model, "发\ud800热")
+    with pytest.raises(UnicodeEncodeError):
+        compiled.log10("发\ud800热")
+
+
+@pytest.mark.slow
+def test_compiled_scorer_equals_kenlm_on_a_50_mb_record(lm_and_model, samples, tmp_path):
+    kenlm_model, prob, bow, _ = lm_and_model
+    path = tmp_path / "lm.arpa"
+    qm.write_arpa(prob, bow, path)
+    compiled = qm.load_lm(path)
+    if not isinstance(compiled, qm.CharLM):
+        pytest.skip("no C compiler: doc_perplexity scores with KenLM")
+    page = "\n".join(sample_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl", 50))
+    record = (page * (50_000_000 // len(page.encode()) + 1))[:18_000_000]
+    assert len(record.encode()) > 50_000_000
+    ours, theirs = compiled.log10(record), qm.kenlm_log10(kenlm_model, record)
+    assert ours == theirs
+
+
+def test_an_arpa_the_compiled_scorer_cannot_hold_is_scored_by_kenlm(tmp_path):
+    """Word-level ARPA files (multi-character words) are KenLM's to score: load_lm falls back."""
+    path = tmp_path / "words.arpa"
+    path.write_text("\\data\\\nngram 1=4\nngram 2=1\n\n\\1-grams:\n-1.0\t<unk>\n-99\t<s>\t-0.3\n-0.5\t</s>\n"
+                    "-0.4\thello\t-0.1\n\n\\2-grams:\n-0.2\t<s> hello\n\n\\end\\\n")
+    lm = qm.load_lm(path)
+    assert not isinstance(lm, qm.CharLM)
+    assert qm.doc_perplexity(lm, "hello") == qm.doc_perplexity(qm.load_kenlm(path), "hello")
 
 
 def test_lm_estimation_is_deterministic(lm_and_model, tmp_path):
