@@ -1,12 +1,16 @@
 """native.py: C kernels are built once into the cache, keyed by their source; a source that does not compile (or
 no compiler) gives None, for the caller's Python path."""
 import shutil
+import sysconfig
+from pathlib import Path
 
 import pytest
 
 import native
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+needs_headers = pytest.mark.skipif(not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file(),
+                                   reason="no Python headers (python3-dev) for extension modules")
 
 ADD = "#include <stdint.h>\nint64_t add(int64_t a, int64_t b) { return a + b; }\n"
 MODULE = r"""
@@ -30,6 +34,7 @@ def test_a_kernel_is_built_once_per_source_into_the_cache(tmp_path, monkeypatch)
 
 
 @needs_cc
+@needs_headers
 def test_an_extension_module_loads_and_a_broken_source_gives_none(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert native.load_module("tiny_module", MODULE, ["-O2"]).twice("ab") == "abab"
