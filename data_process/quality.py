@@ -210,6 +210,24 @@ static uint64_t table_size(int64_t m) {
     return size;
 }
 
+/* The work memory of the n-gram scans of the str s (n characters, a hash table of `size` slots): code points
+   (cps, n x 4 bytes), window positions (pos, n x 4), window hashes (h, n x 8), the table, a repeat flag per
+   window (rep, n x 1). cps and h hold the code points, pos 0..n-1. NULL when out of memory; the caller frees it. */
+static char *work_of(PyObject *s, int64_t n, uint64_t size) {
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    char *mem = malloc(n * (4 + 8 + 4 + 1) + size * sizeof(entry_t));
+    if (!mem) return NULL;
+    uint32_t *cps = (uint32_t *)mem, *pos = (uint32_t *)(mem + n * 4);
+    uint64_t *h = (uint64_t *)(mem + n * 8);
+    for (int64_t i = 0; i < n; i++) {
+        cps[i] = PyUnicode_READ(kind, data, i);
+        h[i] = cps[i];
+        pos[i] = (uint32_t)i;
+    }
+    return mem;
+}
+
 /* quality._ngram_stats of the str s (its characters, whitespace already out), the same numbers: out[0..2] the
    top 2..4-gram fractions, out[3..8] the duplicated 5..10-gram fractions; returns how many of the nine it set (a
    text shorter than n has none from order n on), or -1 when out of memory. The hash of each window is the
@@ -218,20 +236,13 @@ static uint64_t table_size(int64_t m) {
 static int ngram_stats_of(PyObject *s, double *out) {
     int64_t n = PyUnicode_GET_LENGTH(s);
     if (n < 2) return 0;
-    int kind = PyUnicode_KIND(s);
-    const void *data = PyUnicode_DATA(s);
     uint64_t size = table_size(n);
-    char *mem = malloc(n * (4 + 8 + 4 + 1) + size * sizeof(entry_t));
+    char *mem = work_of(s, n, size);
     if (!mem) return -1;
     uint32_t *cps = (uint32_t *)mem, *pos = (uint32_t *)(mem + n * 4);
     uint64_t *h = (uint64_t *)(mem + n * 8);
     entry_t *table = (entry_t *)(mem + n * 16);
     uint8_t *rep = (uint8_t *)(table + size);
-    for (int64_t i = 0; i < n; i++) {
-        cps[i] = PyUnicode_READ(kind, data, i);
-        h[i] = cps[i];
-        pos[i] = (uint32_t)i;
-    }
     int filled = 0;
     for (int order = 2; order <= 5; order++) {
         if (n < order) goto done;
@@ -276,21 +287,14 @@ done:
 static double dup_share_of(PyObject *s, int64_t order) {
     int64_t n = PyUnicode_GET_LENGTH(s);
     if (n < order) return 0.0;
-    int kind = PyUnicode_KIND(s);
-    const void *data = PyUnicode_DATA(s);
     int64_t m = n - order + 1;
     uint64_t size = table_size(m);
-    char *mem = malloc(n * (4 + 8 + 4 + 1) + size * sizeof(entry_t));
+    char *mem = work_of(s, n, size);
     if (!mem) return -1.0;
     uint32_t *cps = (uint32_t *)mem, *pos = (uint32_t *)(mem + n * 4);
     uint64_t *h = (uint64_t *)(mem + n * 8);
     entry_t *table = (entry_t *)(mem + n * 16);
     uint8_t *rep = (uint8_t *)(table + size);
-    for (int64_t i = 0; i < n; i++) {
-        cps[i] = PyUnicode_READ(kind, data, i);
-        h[i] = cps[i];
-        pos[i] = (uint32_t)i;
-    }
     for (int64_t k = 1; k < order; k++)   /* one pass per character of the window: no chain between windows */
         for (int64_t i = 0; i < m; i++) h[i] = h[i] * HASH_BASE + cps[i + k];
     count_hashes(h, pos, m, table, size, rep);

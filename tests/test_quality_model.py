@@ -51,13 +51,20 @@ HARD_CASES = ["", "\n", "\n\n \t\n", "发热", "发\n\n热\n", "\u3000发 热\xa
               "𠀀𠀁发热𪚥😀", "\x01发\x1f热\x85\x7f", "<s></s><unk> s", "abc DEF 123", "发" * 5000, "。\n" * 300]
 
 
-def test_compiled_scorer_gives_kenlms_scores_on_real_samples_and_hard_cases(lm_and_model, samples, tmp_path):
+@pytest.fixture
+def kenlm_and_compiled(lm_and_model, tmp_path):
+    """The reference LM as KenLM loads it and as the compiled scorer reads the same ARPA file."""
     kenlm_model, prob, bow, _ = lm_and_model
     path = tmp_path / "lm.arpa"
     qm.write_arpa(prob, bow, path)
     compiled = qm.load_lm(path)
     if not isinstance(compiled, qm.CharLM):
         pytest.skip("no C compiler: doc_perplexity scores with KenLM")
+    return kenlm_model, compiled
+
+
+def test_compiled_scorer_gives_kenlms_scores_on_real_samples_and_hard_cases(kenlm_and_compiled, samples):
+    kenlm_model, compiled = kenlm_and_compiled
     docs = (sample_docs(samples, "plain_text", "medicalgpt/pretrain/fever.txt")
             + sample_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl")
             + sample_docs(samples, "medical_dialogue_csv", "toyhom-medical-dialogue/样例_内科5000-6000.csv", 200)
@@ -74,13 +81,8 @@ def test_compiled_scorer_gives_kenlms_scores_on_real_samples_and_hard_cases(lm_a
 
 
 @pytest.mark.slow
-def test_compiled_scorer_equals_kenlm_on_a_50_mb_record(lm_and_model, samples, tmp_path):
-    kenlm_model, prob, bow, _ = lm_and_model
-    path = tmp_path / "lm.arpa"
-    qm.write_arpa(prob, bow, path)
-    compiled = qm.load_lm(path)
-    if not isinstance(compiled, qm.CharLM):
-        pytest.skip("no C compiler: doc_perplexity scores with KenLM")
+def test_compiled_scorer_equals_kenlm_on_a_50_mb_record(kenlm_and_compiled, samples):
+    kenlm_model, compiled = kenlm_and_compiled
     page = "\n".join(sample_docs(samples, "text_jsonl", "skywork-zh-web/zh_general.jsonl", 50))
     record = (page * (50_000_000 // len(page.encode()) + 1))[:18_000_000]
     assert len(record.encode()) > 50_000_000
