@@ -42,7 +42,8 @@ MIX = [
 ]
 
 RUN_SCRIPT = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
+import psutil
 sys.path.insert(0, {root!r})
 from data_process import pipeline
 from data_process.recipe import load_recipe
@@ -50,6 +51,23 @@ from data_process.recipe import load_recipe
 def cpu():
     return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
                for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+# CPU-seconds of the whole process tree (driver, pool workers or Ray's daemons and workers: Ray's are not reaped
+# into RUSAGE_CHILDREN), sampled every 0.1 s per process; a process's last 0.1 s before it exits can be missed
+seen, done = {{}}, threading.Event()
+def sample():
+    me = psutil.Process()
+    while True:
+        for p in [me] + me.children(recursive=True):
+            try:
+                t = p.cpu_times()
+                seen[p.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        if done.wait(0.1):
+            return
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
 
 recipe = load_recipe({recipe!r})
 t0 = time.perf_counter()
@@ -63,8 +81,10 @@ else:                        # one call: one Ray instance for the run, its start
     summary = pipeline.run(recipe, steps={steps!r}, workers={workers}, progress=False, engine="ray")
     cpu_s = {{}}
 seconds = time.perf_counter() - t0
+done.set()
+sampler.join()
 print("RESULT", json.dumps({{"seconds": seconds, "steps": {{s: summary[s]["seconds"] for s in summary}},
-                             "cpu_seconds": cpu_s, "read_mb": summary["read"]["totals"]["bytes"] / 1e6,
+                             "cpu_seconds": cpu_s, "tree_cpu_seconds": sum(seen.values()), "read_mb": summary["read"]["totals"]["bytes"] / 1e6,
                              "tokens": summary["tokenize"]["tokens"]}}))
 """
 
@@ -146,6 +166,10 @@ def run(quick: bool = False, size_mb: int | None = None, repeat: int | None = No
           f"stop around them {ray['seconds'] - steps_ray:.1f} s (a fixed cost, whatever the input size)")
     print(f"  all runs, seconds: local {[round(r['seconds'], 1) for r in runs['local']]}, "
           f"ray {[round(r['seconds'], 1) for r in runs['ray']]}")
+    cpu_local = min(r["tree_cpu_seconds"] for r in runs["local"])
+    cpu_ray = min(r["tree_cpu_seconds"] for r in runs["ray"])
+    print(f"  CPU-seconds of the whole process tree (least of the runs): local {cpu_local:.1f}, ray {cpu_ray:.1f}: "
+          f"ratio {cpu_ray / cpu_local:.2f} (what Ray adds in work, whatever else loads the machine)")
     identical = len({r["digest"] for r in runs["local"] + runs["ray"]}) == 1
     print(f"  shards byte-identical across every run: {identical}")
     figures.update({"total_local_s": round(local["seconds"], 1), "total_ray_s": round(ray["seconds"], 1),
@@ -153,6 +177,8 @@ def run(quick: bool = False, size_mb: int | None = None, repeat: int | None = No
                     "steps_ratio_ray_vs_local": round(steps_ray / steps_local, 3),
                     "ray_start_stop_s": round(ray["seconds"] - steps_ray, 1),
                     "tokens_per_cpu_s_tokenize": round(local["tokens"] / local["cpu_seconds"]["tokenize"]),
+                    "cpu_local_s": round(cpu_local, 1), "cpu_ray_s": round(cpu_ray, 1),
+                    "cpu_ratio_ray_vs_local": round(cpu_ray / cpu_local, 3),
                     "shards_identical": identical, "load_average": round(os.getloadavg()[0], 1)})
     return figures
 
