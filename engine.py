@@ -201,7 +201,7 @@ class Engine:
         """One token for every active run, in one forward."""
         if len(active) == 1 and self._one is not None:   # one compiled call, no tensors made (token_decoder)
             logits, argmax = self._one(active[0].token, active[0].position)
-            logits = logits[None]
+            logits = (logits,)
         else:
             logits = self.model.decode_step([r.token for r in active], [r.position for r in active], self.cache)
             logits, argmax = logits.float(), None
