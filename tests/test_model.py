@@ -309,6 +309,12 @@ def test_bf16_gemv_attend_writes_the_cache_and_equals_sdpa(heads):
     want = torch.nn.functional.scaled_dot_product_attention(
         qkv[:, :H * D].view(1, H, 1, D), k_cache[:1, :, :30], v_cache[:1, :, :30], enable_gqa=H != Hkv)
     torch.testing.assert_close(y, want.reshape(1, H * D), rtol=1e-5, atol=1e-5)
+    sharp = qkv.clone()   # scores hundreds apart: most softmax weights underflow (the kernel's own exp)
+    sharp[:, :H * D] *= 40
+    y = bf16_gemv.attend(sharp, k_cache, v_cache, H, 30)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        sharp[:, :H * D].view(1, H, 1, D), k_cache[:1, :, :31], v_cache[:1, :, :31], enable_gqa=H != Hkv)
+    torch.testing.assert_close(y, want.reshape(1, H * D), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="position"):
         bf16_gemv.attend(qkv, k_cache, v_cache, H, 40)
 
