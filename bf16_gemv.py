@@ -100,10 +100,6 @@ void gemv_bf16(const uint16_t *w, const float *x, void *y, const float *residual
     }
 }
 
-static inline __mmask16 lanes(int64_t n) {   /* the first min(n, 16) of 16 lanes, none if n <= 0 */
-    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
-}
-
 static inline float dot(const float *a, const float *b, int64_t n) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
@@ -113,30 +109,10 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return _mm512_reduce_add_ps(acc);
 }
 
-/* e^x, 16 lanes at a time, for softmax (x <= 0): 2^n 2^f with n = round(x log2 e), |f| <= 1/2, 2^f by its Taylor
-   series to degree 6 (relative error ~1e-7, about libm's expf), 2^n applied by scalef. x is first raised to -104
-   (where expf is ~1e-45 already), so -inf gives ~0 as expf's 0; max_ps(c, x) passes a NaN x through. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* One query's attention for a decode step at batch 1, after writing its key and value at position pos of an fp32
    cache layer k_cache/v_cache [n_kv_heads, capacity, head_dim] (a SlotCache's slot 0): qkv fp32 [(H + 2 Hkv) D]
    (q heads, k heads, v heads, rotary already applied), y fp32 [H D]. Query head h reads kv head h / (H / Hkv)
-   (GQA); softmax(q k / sqrt(D)) over positions 0..pos in fp32, its maximum subtracted; the values' weighted sum
-   is kept in registers (an output row summed in memory waits on its own store at every position: ~1.4x slower)
-   and divided by the softmax's total once. */
+   (GQA); softmax(q k / sqrt(D)) over positions 0..pos in fp32, its maximum subtracted. */
 void attend_one(const float *qkv, float *k_cache, float *v_cache, float *y, int64_t n_heads, int64_t n_kv_heads,
                 int64_t head_dim, int64_t capacity, int64_t pos) {
     const int64_t D = head_dim, rep = n_heads / n_kv_heads;
@@ -155,32 +131,12 @@ void attend_one(const float *qkv, float *k_cache, float *v_cache, float *y, int6
             p[t] = dot(q + h * D, keys + t * D, D) * scale;
             top = p[t] > top ? p[t] : top;
         }
-        const __m512 top16 = _mm512_set1_ps(top);
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t <= pos; t += 16) {   /* a libm call per score was a third of the attention */
-            const __mmask16 m = lanes(pos + 1 - t);
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + t), top16));
-            _mm512_mask_storeu_ps(p + t, m, e);
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
-        }
-        total = _mm512_reduce_add_ps(sum);
-        const __m512 norm = _mm512_set1_ps(1.0f / total);
-        for (int64_t i = 0; i < D; i += 64) {   /* 64 lanes at a time in registers: 4 chains over the positions */
-            const __mmask16 m0 = lanes(D - i), m1 = lanes(D - i - 16), m2 = lanes(D - i - 32), m3 = lanes(D - i - 48);
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            const float *vt = values + i;
-            for (int64_t t = 0; t <= pos; t++, vt += D) {
-                const __m512 w = _mm512_set1_ps(p[t]);
-                a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m0, vt), a0);
-                a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m1, vt + 16), a1);
-                a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m2, vt + 32), a2);
-                a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m3, vt + 48), a3);
-            }
-            float *out = y + h * D + i;
-            _mm512_mask_storeu_ps(out, m0, _mm512_mul_ps(a0, norm));
-            _mm512_mask_storeu_ps(out + 16, m1, _mm512_mul_ps(a1, norm));
-            _mm512_mask_storeu_ps(out + 32, m2, _mm512_mul_ps(a2, norm));
-            _mm512_mask_storeu_ps(out + 48, m3, _mm512_mul_ps(a3, norm));
+        for (int64_t t = 0; t <= pos; t++) total += (p[t] = expf(p[t] - top));
+        float *out = y + h * D;
+        for (int64_t i = 0; i < D; i++) out[i] = 0;
+        for (int64_t t = 0; t <= pos; t++) {
+            const float w = p[t] / total;
+            for (int64_t i = 0; i < D; i++) out[i] += w * values[t * D + i];
         }
     }
 }
