@@ -4,7 +4,7 @@ batch 1).
 Written by hand because no library here does this well: at batch 1 a decode step is a chain of matrix-vector
 products that stream every weight from memory once, and oneDNN's bf16 kernel (torch's fastest) reaches ~60% of
 one core's memory bandwidth on the 65K x 512 lm_head and spends ~15-30 us of set-up per call on the small
-projections; this kernel reads a weight packed into one front-to-back stream (blocks of 8 rows) at ~1.5x
+projections; this kernel reads a row-major weight as 4 sequential streams at once (4 row groups) at ~1.5-2x
 oneDNN's speed, with ~1 us per call. fp32 accumulation (vdpbf16ps), one rounding to bf16 at the end, as oneDNN.
 
 The C source below is compiled once with the system C compiler into ~/.cache/medllm-zh (native.py, keyed by its
@@ -35,64 +35,66 @@ static inline uint16_t to_bf16(float f) {   /* round to nearest even, as torch's
 
 /* One matrix-vector product y = W x' for a decode step, fp32 accumulation of bf16 products (vdpbf16ps).
    x: fp32 [n_in]; x' = bf16(x), or with norm_eps >= 0 bf16(x * rsqrt(mean(x^2) + norm_eps)) (RMSNorm; its weight
-   is folded into W by pack()). W as pack() lays it out: blocks of 8 rows; within a block, for each 32-column
-   chunk, the 8 rows' 32 values (512 bytes) one after another, zero-padded to whole blocks and chunks, so the
-   weight streams front to back. mode 0: y fp32 [n_out] = Wx' (+ residual[o] if residual is not NULL); 1: y
-   bf16 [n_out]; 2 (SwiGLU, rows interleaved gate, up): y fp32 [n_out / 2], y[j] = silu(row 2j) * row 2j+1;
-   3 (rotary on the first rope_rows rows, heads of head_dim rows, each head's rows j and j + head_dim / 2
-   interleaved): y fp32 [n_out] = Wx' with rows j, j + d/2 of each head turned by cos[j], sin[j] (HF's
-   rotate_half convention: y_j = a cos - b sin, y_{j+d/2} = b cos + a sin), the rows after rope_rows as mode 0. */
+   is folded into W by pack()). W as pack() lays it out: row-major, n_in zero-padded to whole 32-column chunks,
+   rows zero-padded to STREAMS groups of G = ceil(n_out / STREAMS) rows. Row i of every group is read at once:
+   STREAMS sequential streams through memory keep more reads in flight than one (one core's prefetchers follow
+   each; ~1.3x the bandwidth of one stream on the 65K x 512 lm_head). mode 0: y fp32 [n_out] = Wx' (+ residual[o]
+   if residual is not NULL; residual may be y); 1: y bf16 [n_out]; 4: y fp32 [n_out], each rounded to bf16; 2 (SwiGLU, gate rows then up rows): y fp32
+   [n_out / 2], y[j] = silu(row j) * row n_out / 2 + j; 3 (rotary on the first rope_rows rows, heads of head_dim
+   rows): y fp32 [n_out] = Wx' with rows j, j + d/2 of each head turned by cos[j], sin[j] (HF's rotate_half
+   convention: y_j = a cos - b sin, y_{j+d/2} = b cos + a sin), the rows after rope_rows as mode 0. */
+#define STREAMS 4
 void gemv_bf16(const uint16_t *w, const float *x, void *y, const float *residual, int64_t n_out, int64_t n_in,
                float norm_eps, int mode, const float *cos, const float *sin, int64_t rope_rows, int64_t head_dim) {
-    const int64_t chunks = (n_in + 31) / 32;
-    uint16_t xb[chunks * 32] __attribute__((aligned(64)));
+    const int64_t chunks = (n_in + 31) / 32, cols = chunks * 32, G = (n_out + STREAMS - 1) / STREAMS;
+    uint16_t xb[cols] __attribute__((aligned(64)));
     float scale = 1.0f;
     if (norm_eps >= 0) {
         float ss = 0;
         for (int64_t i = 0; i < n_in; i++) ss += x[i] * x[i];
         scale = 1.0f / sqrtf(ss / (float)n_in + norm_eps);
     }
-    for (int64_t i = 0; i < chunks * 32; i++) xb[i] = i < n_in ? to_bf16(x[i] * scale) : 0;
-    for (int64_t o = 0; o < n_out; o += 8) {
-        const uint16_t *p = w + o * chunks * 32;
+    for (int64_t i = 0; i < cols; i++) xb[i] = i < n_in ? to_bf16(x[i] * scale) : 0;
+    /* SwiGLU and rotary combine two rows that sit in different streams: the products go to raw first */
+    float raw[mode == 2 || mode == 3 ? n_out : 1];
+    for (int64_t i = 0; i < G; i++) {
+        const uint16_t *p = w + i * cols;
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-        __m512 a4 = _mm512_setzero_ps(), a5 = _mm512_setzero_ps(), a6 = _mm512_setzero_ps(), a7 = _mm512_setzero_ps();
-        for (int64_t c = 0; c < chunks; c++, p += 256) {
-            __m512bh xv = (__m512bh)_mm512_load_si512(xb + c * 32);
-            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(p), xv);
-            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(p + 32), xv);
-            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(p + 64), xv);
-            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(p + 96), xv);
-            a4 = _mm512_dpbf16_ps(a4, (__m512bh)_mm512_loadu_si512(p + 128), xv);
-            a5 = _mm512_dpbf16_ps(a5, (__m512bh)_mm512_loadu_si512(p + 160), xv);
-            a6 = _mm512_dpbf16_ps(a6, (__m512bh)_mm512_loadu_si512(p + 192), xv);
-            a7 = _mm512_dpbf16_ps(a7, (__m512bh)_mm512_loadu_si512(p + 224), xv);
+        for (int64_t c = 0; c < cols; c += 32) {
+            __m512bh xv = (__m512bh)_mm512_load_si512(xb + c);
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(p + c), xv);
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(p + G * cols + c), xv);
+            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(p + 2 * G * cols + c), xv);
+            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(p + 3 * G * cols + c), xv);
         }
-        float s[8] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                      _mm512_reduce_add_ps(a3), _mm512_reduce_add_ps(a4), _mm512_reduce_add_ps(a5),
-                      _mm512_reduce_add_ps(a6), _mm512_reduce_add_ps(a7)};
-        int64_t rows = n_out - o < 8 ? n_out - o : 8;
-        if (mode == 3 && o < rope_rows) {   /* pairs start at even rows (head_dim and rope_rows are even) */
-            float *out = (float *)y;
-            for (int64_t r = 0; r < rows; r += 2) {
-                if (o + r >= rope_rows) {
-                    for (int64_t k = r; k < rows; k++) out[o + k] = s[k];
-                    break;
-                }
-                int64_t head = (o + r) / head_dim, j = (o + r) % head_dim / 2, base = head * head_dim;
-                out[base + j] = s[r] * cos[j] - s[r + 1] * sin[j];
-                out[base + j + head_dim / 2] = s[r + 1] * cos[j + head_dim / 2] + s[r] * sin[j + head_dim / 2];
+        float s[STREAMS] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                            _mm512_reduce_add_ps(a3)};
+        for (int64_t k = 0; k < STREAMS; k++) {
+            int64_t o = k * G + i;
+            if (o >= n_out) break;
+            if (mode == 2 || mode == 3) raw[o] = s[k];
+            else if (mode == 1) ((uint16_t *)y)[o] = to_bf16(s[k]);
+            else if (mode == 4) {
+                uint32_t u = (uint32_t)to_bf16(s[k]) << 16;
+                __builtin_memcpy((float *)y + o, &u, 4);
             }
-        } else if (mode == 0 || mode == 3) {
-            float *out = (float *)y + o;
-            for (int64_t r = 0; r < rows; r++) out[r] = residual ? residual[o + r] + s[r] : s[r];
-        } else if (mode == 1) {
-            uint16_t *out = (uint16_t *)y + o;
-            for (int64_t r = 0; r < rows; r++) out[r] = to_bf16(s[r]);
-        } else {
-            float *out = (float *)y + o / 2;
-            for (int64_t r = 0; r + 1 < rows; r += 2) out[r / 2] = s[r] / (1.0f + expf(-s[r])) * s[r + 1];
+            else ((float *)y)[o] = residual ? residual[o] + s[k] : s[k];
         }
+    }
+    if (mode == 2) {
+        float *out = (float *)y;
+        const int64_t F = n_out / 2;
+        for (int64_t j = 0; j < F; j++) out[j] = raw[j] / (1.0f + expf(-raw[j])) * raw[F + j];
+    } else if (mode == 3) {
+        float *out = (float *)y;
+        const int64_t half = head_dim / 2;
+        for (int64_t base = 0; base < rope_rows; base += head_dim)
+            for (int64_t j = 0; j < half; j++) {
+                const float a = raw[base + j], b = raw[base + j + half];
+                out[base + j] = a * cos[j] - b * sin[j];
+                out[base + j + half] = b * cos[j + half] + a * sin[j + half];
+            }
+        for (int64_t o = rope_rows; o < n_out; o++) out[o] = residual ? residual[o] + raw[o] : raw[o];
     }
 }
 
@@ -137,16 +139,47 @@ void attend_one(const float *qkv, float *k_cache, float *v_cache, float *y, int6
     }
 }
 
-/* A whole decode step of a dense model at batch 1, up to the final norm: x fp32 [dim] (the token's embedding in,
-   the last layer's output out). Per layer l, weights[4 l ..] = packed q/k/v (input norm folded, rows for rotary),
-   o, gate/up (post-attention norm folded, interleaved), down, and caches[2 l ..] = its fp32 key and value cache
-   layers [n_kv_heads, capacity, head_dim] (slot 0): the products, attention and adds of model.decode_layer over
-   one row, with no interpreter in between. */
-void decode_one(const int64_t *weights, const int64_t *caches, int64_t n_layers, float *x, const float *cos,
-                const float *sin, int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn,
-                int64_t capacity, int64_t pos, float eps) {
-    const int64_t D = head_dim, n_qkv = (n_heads + 2 * n_kv_heads) * D;
-    float qkv[n_qkv], y[n_heads * D], h[ffn];
+/* The first index of the largest of n fp32 values, as numpy's argmax (the first NaN if there is one). */
+static int64_t argmax(const float *v, int64_t n) {
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 a = _mm512_loadu_ps(v + i);
+        if (_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q)) break;   /* a NaN: the scalar scan below finds the first */
+        top = _mm512_max_ps(top, a);
+    }
+    float best = _mm512_reduce_max_ps(top);
+    for (int64_t j = i; j < n; j++) {
+        if (v[j] != v[j]) return j;
+        best = v[j] > best ? v[j] : best;
+    }
+    for (int64_t j = 0; j < n; j++)
+        if (v[j] == best) return j;
+    return 0;
+}
+
+/* A whole decode step of a dense model at batch 1: token -> logits fp32 [vocab] (each rounded to bf16, as the
+   module path's bf16 lm_head gives them) and their argmax (the return value). plan (int64, filled by
+   Decoder): [0] per layer l, weights[4 l ..] = packed q/k/v (input norm folded, rotary rows), o, gate/up
+   (post-attention norm folded), down; [1] caches[2 l ..] = layer l's fp32 key and value cache layers [n_kv_heads,
+   capacity, head_dim] (slot 0); [2] n_layers; [3] the embedding bf16 [vocab, dim]; [4] the packed lm_head (final
+   norm folded); [5] vocab; [6], [7] the rotary cos and sin tables fp32 [positions, head_dim]; [8] dim; [9]
+   n_heads; [10] n_kv_heads; [11] head_dim; [12] ffn; [13] capacity; [14] the norms' eps (float bits). The
+   products, attention and adds of model.decode_layer over one row, with no interpreter in between. */
+int64_t decode_token(const int64_t *plan, int64_t token, int64_t pos, float *logits) {
+    const int64_t *weights = (const int64_t *)plan[0], *caches = (const int64_t *)plan[1];
+    const int64_t n_layers = plan[2], vocab = plan[5], dim = plan[8], n_heads = plan[9], n_kv_heads = plan[10];
+    const int64_t D = plan[11], ffn = plan[12], capacity = plan[13], n_qkv = (n_heads + 2 * n_kv_heads) * D;
+    const uint32_t eps_bits = (uint32_t)plan[14];
+    float eps;
+    __builtin_memcpy(&eps, &eps_bits, 4);
+    const float *cos = (const float *)plan[6] + pos * D, *sin = (const float *)plan[7] + pos * D;
+    const uint16_t *e = (const uint16_t *)plan[3] + token * dim;
+    float x[dim], qkv[n_qkv], y[n_heads * D], h[ffn];
+    for (int64_t i = 0; i < dim; i++) {   /* bf16 -> fp32 is exact: the upper half of the float */
+        uint32_t u = (uint32_t)e[i] << 16;
+        __builtin_memcpy(x + i, &u, 4);
+    }
     for (int64_t l = 0; l < n_layers; l++) {
         const uint16_t *const *w = (const uint16_t *const *)(weights + 4 * l);
         gemv_bf16(w[0], x, qkv, NULL, n_qkv, dim, eps, 3, cos, sin, (n_heads + n_kv_heads) * D, D);
@@ -155,13 +188,15 @@ void decode_one(const int64_t *weights, const int64_t *caches, int64_t n_layers,
         gemv_bf16(w[2], x, h, NULL, 2 * ffn, dim, eps, 2, NULL, NULL, 0, 0);
         gemv_bf16(w[3], h, x, x, dim, ffn, -1.0f, 0, NULL, NULL, 0, 0);
     }
+    gemv_bf16((const uint16_t *)plan[4], x, logits, NULL, vocab, dim, eps, 4, NULL, NULL, 0, 0);
+    return argmax(logits, vocab);
 }
 """
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 LIBS = ["-lm"]
 _kernel = None   # the loaded gemv_bf16; False once loading failed
 _attend = None   # attend_one from the same library
-_step = None     # decode_one from the same library
+_step = None     # decode_token from the same library
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -181,10 +216,9 @@ def _load():
             _attend = lib.attend_one
             _attend.restype = None
             _attend.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
-            _step = lib.decode_one
-            _step.restype = None
-            _step.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7
-                              + [ctypes.c_float])
+            _step = lib.decode_token
+            _step.restype = ctypes.c_int64
+            _step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
             fn = lib.gemv_bf16
             fn.restype = None
             fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
@@ -198,19 +232,23 @@ def available() -> bool:
     return bool(_load())
 
 
+STREAMS = 4   # the C source's STREAMS: row groups read at once
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """weight [out, in] bf16 -> the kernel's layout: [ceil(out/8), ceil(in/32), 8, 32], zero-padded."""
+    """weight [out, in] bf16 -> the kernel's layout: row-major [STREAMS * ceil(out / STREAMS), ceil(in / 32) * 32],
+    zero-padded."""
     n_out, n_in = weight.shape
-    rows, cols = -(-n_out // 8) * 8, -(-n_in // 32) * 32
+    rows, cols = -(-n_out // STREAMS) * STREAMS, -(-n_in // 32) * 32
     padded = weight.new_zeros(rows, cols)
     padded[:n_out, :n_in] = weight
-    return padded.view(rows // 8, 8, cols // 32, 32).transpose(1, 2).contiguous()
+    return padded
 
 
 class Packed:
     """A weight [out, in] packed for linear(), with what linear() applies around the product: `norm` (an RMSNorm's
     weight [in], folded into the columns: linear() normalizes x first), `swiglu` (weight = gate and up stacked
-    [2F, in], interleaved row by row: linear() returns silu(gate x) * up x, [F]), `bf16_out` (the result in bf16,
+    [2F, in]: linear() returns silu(gate x) * up x, [F]), `bf16_out` (the result in bf16,
     not fp32), `rope_rows`/`head_dim` (rotary embeddings on the first rope_rows output rows, heads of head_dim:
     linear() takes that position's cos and sin)."""
     __slots__ = ("data", "n_out", "n_in", "eps", "mode", "rope_rows", "head_dim")
@@ -220,12 +258,6 @@ class Packed:
         weight = weight.detach()
         if norm is not None:   # W diag(g) x == W (g * x): the norm's scale rides on the weight
             weight = (weight.float() * norm.detach().float()).to(weight.dtype)
-        if swiglu:
-            half = weight.shape[0] // 2
-            weight = torch.stack((weight[:half], weight[half:]), 1).reshape(weight.shape)
-        if rope_rows:   # each head's rows j and j + head_dim / 2 side by side, so one 8-row block turns whole pairs
-            heads = weight[:rope_rows].view(rope_rows // head_dim, 2, head_dim // 2, -1).transpose(1, 2)
-            weight = torch.cat((heads.reshape(rope_rows, -1), weight[rope_rows:]))
         self.data, (self.n_out, self.n_in) = pack(weight), weight.shape
         self.eps = float(eps) if norm is not None else -1.0   # < 0: no norm
         self.mode = 2 if swiglu else 1 if bf16_out else 3 if rope_rows else 0
@@ -286,44 +318,60 @@ def attend(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_he
 
 
 class Step:
-    """The pointer table decode() walks: per layer the four packed weights (Packed): q/k/v (input norm folded,
-    rotary rows), o, gate/up (post-attention norm folded, SwiGLU), down."""
-    __slots__ = ("layers", "table", "dims", "eps", "caches")
+    """The weights decode_token walks: per layer the four packed weights (Packed): q/k/v (input norm folded,
+    rotary rows), o, gate/up (post-attention norm folded, SwiGLU), down; then the lm_head (final norm folded)."""
+    __slots__ = ("layers", "head", "table", "dims", "eps")
 
-    def __init__(self, layers: list[tuple[Packed, Packed, Packed, Packed]], n_heads: int, n_kv_heads: int,
-                 head_dim: int, eps: float):
-        self.layers = layers   # held: the table points into them
+    def __init__(self, layers: list[tuple[Packed, Packed, Packed, Packed]], head: Packed, n_heads: int,
+                 n_kv_heads: int, head_dim: int, eps: float):
+        self.layers, self.head = layers, head   # held: the table and Decoder's plan point into them
         self.table = torch.tensor([w.data.data_ptr() for ws in layers for w in ws], dtype=torch.int64)
         qkv, o, gate_up, down = layers[0]
         self.dims = (o.n_out, n_heads, n_kv_heads, head_dim, down.n_in)
         if qkv.n_out != (n_heads + 2 * n_kv_heads) * head_dim or qkv.mode != 3 or gate_up.mode != 2:
             raise ValueError("bf16_gemv.Step needs q/k/v packed with rotary rows and gate/up for SwiGLU")
+        if head.n_in != o.n_out or head.eps != eps:
+            raise ValueError("bf16_gemv.Step needs the lm_head packed with the final norm (the layers' eps) folded")
         self.eps = eps
-        self.caches = (None, None)   # (the cache layers' data pointers, their pointer table) last checked
 
 
-def decode(step: Step, x: torch.Tensor, k_caches: list, v_caches: list, cos: torch.Tensor, sin: torch.Tensor,
-           position: int) -> torch.Tensor:
-    """Every layer of one batch-1 decode step in one call (decode_one): x [1, dim] fp32 (the embedding) -> the
-    last layer's output [1, dim] fp32, each layer's key and value written at `position` of slot 0 of its fp32
-    cache layer [n_slots, Hkv, capacity, D]."""
-    dim, n_heads, n_kv_heads, head_dim, ffn = step.dims
-    capacity = k_caches[0].shape[2]
-    if not (x.dtype == torch.float32 and x.shape == (1, dim) and 0 <= position < capacity
-            and cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape == (head_dim,)):
-        raise ValueError("bf16_gemv.decode needs fp32 x [1, dim], cos/sin [head_dim] and a position inside the cache")
-    layers = [t for pair in zip(k_caches, v_caches) for t in pair]
-    pointers = [t.data_ptr() for t in layers]
-    if pointers + [capacity] != step.caches[0]:   # a new or grown cache: check its layers once, not every step
+class Decoder:
+    """A batch-1 decode step of a dense model in one C call (decode_token): the token's embedding row, every layer
+    (each writing its key and value at `position` of slot 0 of its fp32 cache layer), the lm_head and the argmax.
+    Bound once to a Step, the model's bf16 embedding [vocab, dim], its fp32 rotary tables [positions, head_dim] and
+    one cache's layers [n_slots, Hkv, capacity, D] fp32 (it holds every tensor its plan points at, so none is freed
+    under it). decoder(token, position) -> (logits fp32 [vocab], each a bf16 value, overwritten by the next call;
+    the index of the largest, first of ties, as numpy's argmax)."""
+    __slots__ = ("step", "held", "plan", "logits", "vocab", "capacity", "_plan", "_logits")
+
+    def __init__(self, step: Step, embedding: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_caches: list,
+                 v_caches: list):
+        dim, n_heads, n_kv_heads, head_dim, ffn = step.dims
+        vocab, capacity = step.head.n_out, k_caches[0].shape[2]
+        layers = [t for pair in zip(k_caches, v_caches) for t in pair]
         if len(layers) != 2 * len(step.layers) or not all(
                 c.dtype == torch.float32 and c.is_contiguous() and c.shape[1:] == (n_kv_heads, capacity, head_dim)
                 for c in layers):
-            raise ValueError("bf16_gemv.decode needs a contiguous fp32 cache layer [n_slots, Hkv, capacity, D] "
+            raise ValueError("bf16_gemv.Decoder needs a contiguous fp32 cache layer [n_slots, Hkv, capacity, D] "
                              "for every layer")
-        step.caches = (pointers + [capacity], torch.tensor(pointers, dtype=torch.int64))
-    caches = step.caches[1]
-    x = x.clone()
-    cos, sin = cos.contiguous(), sin.contiguous()   # held by a name: a temporary would be freed before the call
-    _step(step.table.data_ptr(), caches.data_ptr(), len(step.layers), x.data_ptr(), cos.data_ptr(),
-          sin.data_ptr(), dim, n_heads, n_kv_heads, head_dim, ffn, capacity, position, step.eps)
-    return x
+        if not (embedding.dtype == torch.bfloat16 and embedding.is_contiguous() and embedding.shape == (vocab, dim)
+                and all(t.dtype == torch.float32 and t.is_contiguous() and t.shape[1] == head_dim
+                        and t.shape[0] >= capacity for t in (cos, sin))):
+            raise ValueError("bf16_gemv.Decoder needs a contiguous bf16 embedding [vocab, dim] and fp32 rotary "
+                             "tables [positions >= capacity, head_dim]")
+        caches = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64)
+        self.step, self.held = step, (embedding, cos, sin, layers, caches)
+        eps_bits = int(torch.tensor([step.eps], dtype=torch.float32).view(torch.int32))
+        self.plan = torch.tensor([step.table.data_ptr(), caches.data_ptr(), len(step.layers), embedding.data_ptr(),
+                                  step.head.data.data_ptr(), vocab, cos.data_ptr(), sin.data_ptr(), dim, n_heads,
+                                  n_kv_heads, head_dim, ffn, capacity, eps_bits & 0xFFFFFFFF], dtype=torch.int64)
+        self.logits = torch.empty(vocab)
+        self.vocab, self.capacity = vocab, capacity
+        self._plan, self._logits = self.plan.data_ptr(), self.logits.data_ptr()
+
+    def __call__(self, token: int, position: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= token < self.vocab:
+            raise IndexError(f"token id {token} outside the vocabulary of {self.vocab}")
+        if not 0 <= position < self.capacity:
+            raise ValueError(f"KV cache overflow: position {position} >= capacity {self.capacity}")
+        return self.logits, _step(self._plan, token, position, self._logits)

@@ -106,6 +106,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_active = max_active
         self.cache = model.new_slot_cache(max_active)
+        self._one = None   # the model's batch-1 decoder over self.cache (token_decoder), got at each prefill
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.stats = {"tokens_generated": 0, "requests_finished": 0, "requests_cancelled": 0,
                       "requests_failed": 0, "active": 0}
@@ -134,24 +135,32 @@ class Engine:
         self.cache.reserve(len(prompt) + run.limit - 1)   # the last new token is never fed back
         ids = torch.tensor([prompt], dtype=torch.long, device=device)
         logits = model.forward_with_cache(ids, self.cache.slot(slot), 0, last_only=True)[0, -1].float()
+        # the weights can only have changed between batches (GRPO's updates between rollouts), and a prefill comes
+        # first in every batch: check them here, not at every step
+        self._one = model.token_decoder(self.cache)
         return run, self._accept(run, logits)
 
-    def _accept(self, run: Running, logits) -> str | None:
-        """Sample the run's next token from fp32 logits [V] and emit its text; -> why it finished, or None."""
+    def _accept(self, run: Running, logits, argmax: int | None = None) -> str | None:
+        """Sample the run's next token from fp32 logits [V] and emit its text; -> why it finished, or None.
+        argmax: the logits' argmax if known (sample_next's pick when greedy without a repetition penalty)."""
         job, s = run.job, run.job.sampling
-        try:
-            token = sample_next(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty, run.seen,
-                                run.generator)
-        except RuntimeError as e:   # torch's "probability tensor contains either inf, nan or element < 0"
-            raise SamplingError(f"sampling failed with temperature={s.temperature}, top_p={s.top_p}, "
-                                f"top_k={s.top_k}, repetition_penalty={s.repetition_penalty}: {e}") from None
+        if argmax is not None and s.temperature == 0 and s.repetition_penalty == 1.0:
+            token = argmax
+        else:
+            try:
+                token = sample_next(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty, run.seen,
+                                    run.generator)
+            except RuntimeError as e:   # torch's "probability tensor contains either inf, nan or element < 0"
+                raise SamplingError(f"sampling failed with temperature={s.temperature}, top_p={s.top_p}, "
+                                    f"top_k={s.top_k}, repetition_penalty={s.repetition_penalty}: {e}") from None
         if token in run.stop_ids:
             job.stop_token = token
             return "stop"
         job.completion_tokens += 1
         job.tokens.append(token)
         self.stats["tokens_generated"] += 1
-        run.seen[token] = True
+        if s.repetition_penalty != 1.0:   # only the penalty reads it
+            run.seen[token] = True
         text, stopped = run.stops.push(run.decoder.push(token))
         if text:
             job.emit("text", text)
@@ -190,12 +199,17 @@ class Engine:
 
     def _step(self, active: list[Running]) -> None:
         """One token for every active run, in one forward."""
-        logits = self.model.decode_step([r.token for r in active], [r.position for r in active], self.cache).float()
+        if len(active) == 1 and self._one is not None:   # one compiled call, no tensors made (token_decoder)
+            logits, argmax = self._one(active[0].token, active[0].position)
+            logits = (logits,)
+        else:
+            logits = self.model.decode_step([r.token for r in active], [r.position for r in active], self.cache)
+            logits, argmax = logits.float(), None
         finished = []
         for i, run in enumerate(active):
             run.position += 1
             try:
-                reason, error = self._accept(run, logits[i]), None
+                reason, error = self._accept(run, logits[i], argmax), None
             except SamplingError as e:   # this request alone fails
                 reason, error = "error", str(e)
             if reason is not None:

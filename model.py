@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -212,6 +213,7 @@ class SlotCache:
         self.device = model.lm_head.weight.device
         self.k = [self._empty(0) for _ in range(cfg.n_layers)]
         self.v = [self._empty(0) for _ in range(cfg.n_layers)]
+        self.decoder = None   # the batch-1 TokenDecoder over slot 0 (Transformer._bound_decoder), made on first use
 
     def _empty(self, length: int) -> torch.Tensor:
         n, h, d = self.shape
@@ -453,6 +455,24 @@ def decode_layer(block: "Block", weights: tuple, linear, x, cos, sin, cache: Slo
     return x + linear(F.silu(gate_up[:, :F_]) * gate_up[:, F_:], w_down)
 
 
+class TokenDecoder:
+    """bf16_gemv.Decoder over slot 0 of a SlotCache, bound again when the cache grows (SlotCache.reserve replaces
+    its layers and raises its capacity). decoder(token, position) -> (logits fp32 [V], their argmax)."""
+    __slots__ = ("step", "embedding", "tables", "cache", "capacity", "decoder")
+
+    def __init__(self, step, embedding: torch.Tensor, tables: tuple, cache: SlotCache):
+        self.step, self.embedding, self.tables = step, embedding, tables
+        self.cache = weakref.ref(cache)   # the cache keeps its decoder (SlotCache.decoder), not the other way round
+        self.capacity, self.decoder = -1, None
+
+    def __call__(self, token: int, position: int) -> tuple[torch.Tensor, int]:
+        cache = self.cache()
+        if cache.capacity != self.capacity:
+            self.decoder = bf16_gemv.Decoder(self.step, self.embedding, *self.tables, cache.k, cache.v)
+            self.capacity = cache.capacity
+        return self.decoder(token, position)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -536,16 +556,18 @@ class Transformer(nn.Module):
         On a CPU, dense layers take a lean path (decode_layer: [B, C] activations, q/k/v and gate/up stacked into
         one matmul each, bf16 weights packed once for oneDNN, bf16 attention in fp32; the module path's operations
         otherwise: its logits to the bit in fp32 on this CPU, within bf16 noise in bf16); a dense bf16 model at
-        batch 1 over an fp32 cache runs its whole step in bf16_gemv's compiled code instead (_decode_one); MoE
-        layers, autocast (GRPO's bf16 rollouts), active dropout and
+        batch 1 over an fp32 cache runs its whole step, embedding to logits, in one call of bf16_gemv's compiled
+        code instead (TokenDecoder; the per-layer products with the norms folded in, rotary, the cache write and
+        attention, SwiGLU and the residual adds in the kernel, activations in fp32 between products as llama.cpp
+        keeps them); MoE layers, autocast (GRPO's bf16 rollouts), active dropout and
         other devices run the modules as training does, and so does lean=False (the reference: tests, bench)."""
         device = self.lm_head.weight.device
-        lean = (lean and device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-                and not (self.training and self.config.dropout))   # dropout active: the modules apply it
+        lean = lean and self._can_decode_lean()
         if lean and len(positions) == 1 and cache.dtype == torch.float32:
-            step, head, linear = self._decode_weights(1)
+            step, _, linear = self._decode_weights(1)
             if linear is bf16_gemv.linear:
-                return self._decode_one(int(tokens[0]), int(positions[0]), cache, step, head)
+                logits, _ = self._bound_decoder(step, cache)(int(tokens[0]), int(positions[0]))
+                return logits.to(torch.bfloat16)[None]   # a copy: the decoder's buffer is overwritten next step
         positions = torch.as_tensor(positions, dtype=torch.long, device=device)
         length = int(positions.max()) + 1
         if length > cache.capacity:
@@ -567,36 +589,48 @@ class Transformer(nn.Module):
             return linear(decode_norm(self.model.norm, x), head)
         return self.lm_head(self.model.norm(x))
 
-    def _decode_one(self, token: int, position: int, cache: SlotCache, step, head) -> torch.Tensor:
-        """decode_step of one row of a dense bf16 model over an fp32 cache, through bf16_gemv: all layers in one
-        compiled call (bf16_gemv.decode: per layer the q/k/v product with the input RMSNorm folded in and rotary
-        applied, the cache write and attention, o plus the residual, SwiGLU with the second norm folded in, down
-        plus the residual; activations in fp32 between products, as llama.cpp keeps them), then the lm_head with
-        the final norm folded in. No position tensors, mask or per-layer PyTorch operations: at batch 1 each costs
-        ~5-20 us once the weight stream has evicted the caches. -> logits [1, V] bf16."""
-        if position + 1 > cache.capacity:
-            raise ValueError(f"KV cache overflow: position {position} >= capacity {cache.capacity}")
-        if not 0 <= token < self.config.vocab_size:
-            raise IndexError(f"token id {token} outside the vocabulary of {self.config.vocab_size}")
-        tables = self.__dict__.get("_rope_fp32")
-        if tables is None:   # rope_cos/rope_sin follow the model's dtype (bf16 here): the kernel turns in fp32
-            cfg = self.config
-            tables = self.__dict__["_rope_fp32"] = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        x = self.model.embed_tokens.weight[token].float()[None]
-        x = bf16_gemv.decode(step, x, cache.k, cache.v, tables[0][position], tables[1][position], position)
-        return bf16_gemv.linear(x, head)
+    def _can_decode_lean(self) -> bool:
+        """Whether decode_step's lean paths apply now: a CPU, no autocast (GRPO's bf16 rollouts), no active dropout
+        (the modules apply it)."""
+        return (self.lm_head.weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and not (self.training and self.config.dropout))
+
+    def token_decoder(self, cache: SlotCache):
+        """Batch-1 decode for a caller that owns the model while it decodes (the engine, between its requests'
+        prefills): -> decoder(token, position) -> (logits fp32 [V] (bf16 values, decode_step's batch-1 logits;
+        overwritten by the next call), their argmax), over slot 0 of `cache`, or None where decode_step's batch 1
+        does not run bf16_gemv's compiled step. Without decode_step's per-step work: the check that the packed
+        weights are current happens here only (~0.15 ms a step), so get a new decoder after the weights change
+        (an optimizer step, load_state_dict, a cast); no tensors are made per step."""
+        if not self._can_decode_lean() or cache.dtype != torch.float32:
+            return None
+        step, _, linear = self._decode_weights(1)
+        return self._bound_decoder(step, cache) if linear is bf16_gemv.linear else None
+
+    def _bound_decoder(self, step, cache: SlotCache) -> "TokenDecoder":
+        """The TokenDecoder of (step, cache), kept on the cache (it goes with the cache, and the model holds no
+        cache alive) until the packed weights change."""
+        kept = cache.decoder
+        if kept is None or kept.step is not step:
+            tables = self.__dict__.get("_rope_fp32")
+            if tables is None:   # rope_cos/rope_sin follow the model's dtype (bf16 here): the kernel turns in fp32
+                cfg = self.config
+                tables = self.__dict__["_rope_fp32"] = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            kept = cache.decoder = TokenDecoder(step, self.model.embed_tokens.weight.detach(), tables, cache)
+        return kept
 
     def _decode_weights(self, batch: int, gemv: bool = True) -> tuple[list, object, object]:
         """-> (per layer (q/k/v stacked [(H + 2 Hkv) * D, C], o, gate/up stacked [2 * F, C], down), or None for an
         MoE layer; the lm_head weight; the linear that applies them) for decode_layer at `batch` rows. bf16
         weights: at batch 1 of a dense model (and `gemv`) packed for bf16_gemv where this CPU runs it (the fastest
         matrix-vector product here; the RMSNorm weights folded in; the layers as one bf16_gemv.Step, for
-        _decode_one, and linear = bf16_gemv.linear), otherwise for oneDNN's
+        TokenDecoder, and linear = bf16_gemv.linear), otherwise for oneDNN's
         packed_linear; each packing is a second copy of every projection and the lm_head (+1x the weight memory,
         +2x when both batch 1 and larger batches are decoded). fp32 weights use decode_linear (copies of q/k/v and
         gate/up only). Built on first use and rebuilt whenever a source weight (norms included) is replaced or
         changed in place (its data pointer or version counter moves: .to(), load_state_dict, an optimizer step),
-        so GRPO's rollouts always decode the policy it trains. The check costs ~30 us a step."""
+        so GRPO's rollouts always decode the policy it trains. The check costs ~0.15 ms a step at batch 1 (the weight
+        stream has evicted what it touches); the engine's batch 1 makes it once per request (token_decoder)."""
         # the modules' own dicts, not nn.Module.__getattr__: this runs every step
         sources, model = [], self._modules["model"]
         for layer in model._modules["layers"]._modules.values():
@@ -610,12 +644,14 @@ class Transformer(nn.Module):
                 mlp["down_proj"], m["input_layernorm"], m["post_attention_layernorm"])))
         head = self._modules["lm_head"]._parameters["weight"]
         final_norm = model._modules["norm"]._parameters["weight"]
+        embedding = model._modules["embed_tokens"]._parameters["weight"]   # batch 1 reads it in bf16_gemv
         key = [(w.data_ptr(), w._version) for ws in sources for w in ws]
-        key += [(head.data_ptr(), head._version), (final_norm.data_ptr(), final_norm._version)]
+        key += [(w.data_ptr(), w._version) for w in (head, final_norm, embedding)]
         cached = self.__dict__.get("_decode_cache")
         if cached is None or cached[0] != key:
             # the sources' storages are held too, so no new weight can be allocated at a cached address
-            cached = (key, {}, [w.detach() for ws in sources for w in ws] + [head.detach(), final_norm.detach()],
+            cached = (key, {}, [w.detach() for ws in sources for w in ws] + [w.detach() for w in (head, final_norm,
+                                                                                                  embedding)],
                       can_pack(head))
             self.__dict__["_decode_cache"] = cached   # a plain attribute: not a parameter, not in the state dict
         if not cached[3]:
@@ -641,7 +677,8 @@ class Transformer(nn.Module):
                        for ws in sources]
             head = Packed(head, final_norm, eps, bf16_out=True)
             bf16_gemv.lay_out_in_order([w for ws in weights for w in ws] + [head])
-            return bf16_gemv.Step(weights, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, eps), head, bf16_gemv.linear
+            step = bf16_gemv.Step(weights, head, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, eps)
+            return step, head, bf16_gemv.linear
         prep = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1)) if kind == "onednn" else (lambda w: w)
         weights = [tuple(prep(w) for w in (torch.cat(ws[:3]), ws[3], torch.cat(ws[4:6]), ws[6])) if ws else None
                    for ws in sources]

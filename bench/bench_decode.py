@@ -1,23 +1,29 @@
 """Benchmark CPU decode: the server's batched decode (engine.Engine) against llama.cpp on the same weights.
 
-    python bench/bench_decode.py [--preset 26m] [--threads 1] [--new-tokens 48] [--batches 1 4 8] [--rounds 2]
+    python bench/bench_decode.py [--preset 26m] [--threads 1] [--new-tokens 48] [--batches 1 4 8] [--rounds 5]
 
 Needs llama-cpp-python (`bash script/setup.sh --with-llama-cpp`). The model: the given preset with the real
 ChatGLM2 tokenizer (65K vocabulary, as the issue measured), random init scaled up so greedy decoding wanders.
 export.py --gguf writes the same weights as f32 and bf16 GGUFs. For each batch size B, B sequences of the same
 prompt decode `--new-tokens` greedy tokens together:
 - ours: engine.Engine (what serve.py runs), max_active=B, fp32 and bf16 weights (bf16 at batch 1 through
-  bf16_gemv's compiled step where the CPU has avx512_bf16 and a C compiler, else oneDNN); tokens/s = B x new
-  tokens / wall time from the first token of the batch to the last (the prefill excluded);
+  bf16_gemv's compiled step where the CPU has avx512_bf16 and a C compiler, else oneDNN); tokens/s = tokens
+  made / wall time from the first text after every sequence's prefill to the last token (the prefills excluded;
+  detokenizing, stop matching and the events included);
 - llama.cpp: one llama_context with B sequences (n_seq_max = B), one llama_decode per step of B tokens, greedy
   argmax in numpy, f32 and bf16 GGUF, the same thread count, the KV cache in f32 (as ours); timed the same way.
-Rounds alternate ours / llama.cpp; the best of each is kept (the machine is shared). Prints one line per case and
-the ratio ours / llama.cpp bf16 (the issue's target: >= 0.8), then one decode_step alone, the module path
-(lean=False, what decode ran before its lean path) against the lean path, ms per step and the speedup.
+Each round runs every pair back to back (ours fp32 / llama.cpp f32, ours bf16 / llama.cpp bf16, which one first
+alternating by round), since other jobs share the machine: the ratio printed is the median over rounds of each
+pair's ratio (with its range), the rates the best of each (and the load average before and after). Prints one
+line per case and the ratio ours / llama.cpp bf16 (the issue's target: >= 0.8), then one decode_step alone, the
+module path (lean=False, what decode ran before its lean path) against the lean path, ms per step and the
+speedup.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -48,22 +54,28 @@ def make_checkpoint(out_dir: Path, preset: str) -> Path:
 
 
 def ours(model, tok, batch: int, n_new: int) -> tuple[float, list[int]]:
-    """-> (tokens/s of engine.Engine decoding `batch` greedy sequences together (first token to last), the reply)."""
+    """-> (tokens/s of engine.Engine decoding `batch` greedy sequences together, the reply): from the first text
+    event after every sequence's prefill to the last token, over the tokens generated in between (the prefills
+    excluded, as llama.cpp's below; detokenizing, stop matching and events included, which llama.cpp's loop
+    does not do)."""
     from engine import Engine, Job
     from inference import Sampling
     engine = Engine(model, tok, max_active=batch)
     prompt = tok.encode(PROMPT)
     lock, first, done = threading.Lock(), [], threading.Semaphore(0)
+    jobs = []
 
     def on_event(kind, value):
         if kind == "text":
-            with lock:
-                first.append(time.perf_counter()) if not first else None
+            with lock:   # the time and the tokens made by then (a token may hold no text: counted, not assumed)
+                counts = [job.completion_tokens for job in jobs] if not first else None
+                if counts and min(counts) >= 1:
+                    first.extend([time.perf_counter(), sum(counts)])
         else:
             done.release()
     # plain greedy, as llama.cpp's argmax below (Sampling's default repetition_penalty 1.1 costs a pass over V)
-    jobs = [Job(prompt, Sampling(max_new_tokens=n_new, temperature=0, repetition_penalty=1.0, ignore_eos=True),
-                on_event) for _ in range(batch)]
+    jobs.extend(Job(prompt, Sampling(max_new_tokens=n_new, temperature=0, repetition_penalty=1.0, ignore_eos=True),
+                    on_event) for _ in range(batch))
     for job in jobs:
         engine.submit(job)
     for _ in jobs:
@@ -71,8 +83,7 @@ def ours(model, tok, batch: int, n_new: int) -> tuple[float, list[int]]:
     end = time.perf_counter()
     assert all(job.completion_tokens == n_new for job in jobs)
     assert all(job.tokens == jobs[0].tokens for job in jobs)   # B copies of one prompt: one reply
-    # the first token of the batch comes from the prefills; the rest are the decode steps timed
-    return batch * (n_new - 1) / (end - first[0]), jobs[0].tokens
+    return (batch * n_new - first[1]) / (end - first[0]), jobs[0].tokens
 
 
 def step_ms(model, batch: int, lean: bool, steps: int = 12) -> float:
@@ -140,7 +151,7 @@ class LlamaBatched:
         return self.batch * (n_new - 1) / (time.perf_counter() - start), tokens[0]
 
 
-def measure(preset: str = "26m", threads: int = 1, new_tokens: int = 64, batches=(1, 4, 8), rounds: int = 2) -> dict:
+def measure(preset: str = "26m", threads: int = 1, new_tokens: int = 48, batches=(1, 4, 8), rounds: int = 5) -> dict:
     """Prints one line per batch size; -> the figures by name (bench/run_all.py's format)."""
     from types import SimpleNamespace
     from export import export_gguf
@@ -162,33 +173,46 @@ def measure(preset: str = "26m", threads: int = 1, new_tokens: int = 64, batches
               f"through {'bf16_gemv' if bf16_gemv.available() else 'oneDNN (no bf16_gemv kernel here)'}")
         figures["bf16_batch1_kernel"] = "bf16_gemv" if bf16_gemv.available() else "onednn"
         expected = list(models["fp32"][0].generate(prompt, max_new_tokens=args.new_tokens, temperature=0))
-        results = {}
         for batch in args.batches:
             llamas = {t: LlamaBatched(path, batch, args.threads, n_ctx) for t, path in ggufs.items()}
-            best: dict[str, float] = {}
+            rates: dict[str, list[float]] = {}
             same = None
             for model, _, _ in models.values():   # the first step at a batch size packs its weights: not timed
                 ours(model, tok, batch, 2)
-            for _ in range(args.rounds):
-                for dtype, (model, _, _) in models.items():
-                    rate, tokens = ours(model, tok, batch, args.new_tokens)
-                    best[f"ours_{dtype}"] = max(best.get(f"ours_{dtype}", 0), rate)
-                    if dtype == "fp32" and tokens != expected:   # the engine's lean decode vs model.generate
-                        raise AssertionError(f"engine fp32 greedy tokens differ from model.generate at batch {batch}")
-                for t, llm in llamas.items():
-                    rate, tokens = llm.run(prompt, args.new_tokens)
-                    best[f"llama_{t}"] = max(best.get(f"llama_{t}", 0), rate)
-                    if t == "f32":
-                        same = tokens == expected
-            ratio = best["ours_bf16"] / best["llama_bf16"]
+            load = [os.getloadavg()[0]]
+            for r in range(args.rounds):
+                # each pair back to back (ours fp32 / llama.cpp f32, ours bf16 / llama.cpp bf16), which one first
+                # alternating by round: the other jobs on the machine change the pair's conditions less than the run's
+                for dtype, t in (("fp32", "f32"), ("bf16", "bf16")):
+                    model = models[dtype][0]
+                    for side in (("ours", "llama") if r % 2 == 0 else ("llama", "ours")):
+                        if side == "ours":
+                            rate, tokens = ours(model, tok, batch, args.new_tokens)
+                            if dtype == "fp32" and tokens != expected:   # the engine's lean decode vs model.generate
+                                raise AssertionError(f"engine fp32 greedy tokens differ from model.generate at "
+                                                     f"batch {batch}")
+                            rates.setdefault(f"ours_{dtype}", []).append(rate)
+                        else:
+                            rate, tokens = llamas[t].run(prompt, args.new_tokens)
+                            if t == "f32":
+                                same = tokens == expected if same is None else same and tokens == expected
+                            rates.setdefault(f"llama_{t}", []).append(rate)
+            load.append(os.getloadavg()[0])
+            best = {k: max(v) for k, v in rates.items()}
+            pairs = {d: sorted(a / b for a, b in zip(rates[f"ours_{d}"], rates[f"llama_{t}"]))
+                     for d, t in (("fp32", "f32"), ("bf16", "bf16"))}
+            ratio = {d: statistics.median(v) for d, v in pairs.items()}
             print(f"batch {batch}: ours fp32 {best['ours_fp32']:7.1f} tok/s  bf16 {best['ours_bf16']:7.1f} tok/s | "
-                  f"llama.cpp f32 {best['llama_f32']:7.1f} tok/s  bf16 {best['llama_bf16']:7.1f} tok/s | "
-                  f"ours bf16 / llama.cpp bf16 {ratio:.2f}  fp32 / f32 {best['ours_fp32'] / best['llama_f32']:.2f}"
-                  f" | llama.cpp f32 greedy tokens == ours: {same}")
-            results[batch] = best
+                  f"llama.cpp f32 {best['llama_f32']:7.1f} tok/s  bf16 {best['llama_bf16']:7.1f} tok/s (best of "
+                  f"{args.rounds}) | ours bf16 / llama.cpp bf16, median of {args.rounds} pairs {ratio['bf16']:.2f} "
+                  f"({pairs['bf16'][0]:.2f}-{pairs['bf16'][-1]:.2f})  fp32 / f32 {ratio['fp32']:.2f} | load "
+                  f"{load[0]:.1f} -> {load[1]:.1f} | llama.cpp f32 greedy tokens == ours: {same}")
             figures |= {f"b{batch}_{k}_tok_s": round(v, 1) for k, v in best.items()}
-            figures[f"b{batch}_ratio_ours_bf16_vs_llama_bf16"] = round(ratio, 2)
-            figures[f"b{batch}_ratio_ours_fp32_vs_llama_f32"] = round(best["ours_fp32"] / best["llama_f32"], 2)
+            figures[f"b{batch}_ratio_ours_bf16_vs_llama_bf16"] = round(ratio["bf16"], 2)
+            figures[f"b{batch}_ratio_ours_bf16_vs_llama_bf16_range"] = [round(pairs["bf16"][0], 2),
+                                                                       round(pairs["bf16"][-1], 2)]
+            figures[f"b{batch}_ratio_ours_fp32_vs_llama_f32"] = round(ratio["fp32"], 2)
+            figures[f"b{batch}_load_average"] = [round(x, 1) for x in load]
             figures[f"b{batch}_llama_f32_same_greedy_tokens"] = same
             for llm in llamas.values():
                 llm.lib.llama_batch_free(llm.b)
@@ -206,7 +230,7 @@ def measure(preset: str = "26m", threads: int = 1, new_tokens: int = 64, batches
 
 def run(quick: bool = False) -> dict:
     """bench/run_all.py's entry: the 26m preset (tiny when quick), 1 thread, batch 1, 4, 8."""
-    return measure("tiny" if quick else "26m", 1, 16 if quick else 48, (1, 4, 8), 1 if quick else 2)
+    return measure("tiny" if quick else "26m", 1, 16 if quick else 48, (1, 4, 8), 1 if quick else 5)
 
 
 def main(argv=None) -> int:
@@ -215,7 +239,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
     try:
         import llama_cpp  # noqa: F401  (only: is it installed?)

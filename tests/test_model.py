@@ -309,6 +309,12 @@ def test_bf16_gemv_attend_writes_the_cache_and_equals_sdpa(heads):
     want = torch.nn.functional.scaled_dot_product_attention(
         qkv[:, :H * D].view(1, H, 1, D), k_cache[:1, :, :30], v_cache[:1, :, :30], enable_gqa=H != Hkv)
     torch.testing.assert_close(y, want.reshape(1, H * D), rtol=1e-5, atol=1e-5)
+    sharp = qkv.clone()   # scores hundreds apart: most softmax weights underflow (the kernel's own exp)
+    sharp[:, :H * D] *= 40
+    y = bf16_gemv.attend(sharp, k_cache, v_cache, H, 30)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        sharp[:, :H * D].view(1, H, 1, D), k_cache[:1, :, :31], v_cache[:1, :, :31], enable_gqa=H != Hkv)
+    torch.testing.assert_close(y, want.reshape(1, H * D), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="position"):
         bf16_gemv.attend(qkv, k_cache, v_cache, H, 40)
 
@@ -331,6 +337,70 @@ def test_bf16_decode_at_batch_1_runs_the_gemv_kernel_and_above_it_onednn():
             lean = model.decode_step([4] * rows, [3] * rows, slots)
             module = model.decode_step([4] * rows, [3] * rows, slots, lean=False)
             torch.testing.assert_close(lean.float(), module.float(), rtol=0, atol=0.04 * float(module.abs().max()))
+
+
+@pytest.mark.skipif(not bf16_gemv.available(), reason="no avx512_bf16 CPU or no C compiler")
+def test_token_decoder_gives_decode_steps_logits_and_their_argmax():
+    """The engine's batch-1 decoder (one compiled call from the token to the logits and their argmax) against
+    decode_step on a second cache with the same prefill: the same logits to the bit, over steps and a cache that
+    grows between them (it binds to the new layers); the argmax is numpy's. After the weights change in place,
+    a new decoder reads the new weights (the old one is bound to the weights as they were)."""
+    model = wandering(**DENSE_GQA).to(torch.bfloat16)
+    prompt = torch.randint(0, V, (5,), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ours, ref = model.new_slot_cache(2), model.new_slot_cache(2)
+        for cache in (ours, ref):
+            cache.reserve(8)
+            model.forward_with_cache(prompt[None], cache.slot(0), 0)
+        decoder = model.token_decoder(ours)
+        assert decoder is not None and model.token_decoder(model.new_slot_cache(1, dtype=torch.bfloat16)) is None
+        token, tokens = 11, []
+        for position in range(5, 40):
+            if position == 8:   # past the first capacity: SlotCache.reserve replaces every layer
+                ours.reserve(64)
+                ref.reserve(64)
+            logits, best = decoder(token, position)
+            want = model.decode_step([token], [position], ref)[0].float()
+            assert logits.dtype == torch.float32 and torch.equal(logits, want)
+            assert best == int(logits.numpy().argmax())
+            token = best
+            tokens.append(token)
+        assert len(set(tokens)) > 4   # it wanders: the steps are not one repeated token
+        with pytest.raises(ValueError, match="overflow"):
+            decoder(1, 64)
+        with pytest.raises(IndexError, match="vocabulary"):
+            decoder(V, 40)
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+        fresh = model.token_decoder(ours)
+        logits = fresh(token, 40)[0].clone()
+        assert torch.equal(logits, model.decode_step([token], [40], ref)[0].float())
+
+
+@pytest.mark.skipif(not bf16_gemv.available(), reason="no avx512_bf16 CPU or no C compiler")
+def test_token_decoder_argmax_takes_the_first_of_ties_and_of_nans_as_numpy():
+    """The argmax inside the compiled step breaks ties to the first index and returns the first NaN, as numpy's
+    argmax over the same logits does (the engine takes it as the greedy token without looking at the logits)."""
+    model = wandering(**DENSE_GQA, tie_embeddings=False).to(torch.bfloat16)
+    head = model.lm_head.weight
+    with torch.inference_mode():
+        cache = model.new_slot_cache(1)
+        cache.reserve(8)
+        model.forward_with_cache(torch.tensor([[1, 2, 3]]), cache.slot(0), 0)
+        with torch.no_grad():
+            head.copy_(head[4].expand_as(head))   # every logit the same: the first index
+        logits, best = model.token_decoder(cache)(5, 3)
+        assert best == 0 == int(logits.numpy().argmax()) and bool((logits == logits[0]).all())
+        with torch.no_grad():
+            head[200:300] *= 2   # a tie of 100 at the top (or at the bottom, with row 0 first at the top)
+            head[37] = float("nan")
+            head[250] = float("nan")
+        logits, best = model.token_decoder(cache)(5, 3)
+        assert best == 37 == int(logits.numpy().argmax())
+        with torch.no_grad():
+            head[37] = head[250] = head[0]
+        logits, best = model.token_decoder(cache)(5, 3)
+        assert best == int(logits.numpy().argmax()) in (0, 200)
 
 
 def test_generation_stops_at_stop_id_without_yielding_it_and_at_max_seq_len():

@@ -772,6 +772,36 @@ def test_batched_engine_gives_each_request_the_reply_it_gets_alone(ckpt, referen
     assert engine.stats["requests_finished"] == 5 and engine.stats["active"] == 0
 
 
+@pytest.mark.skipif(not __import__("bf16_gemv").available(), reason="no avx512_bf16 CPU or no C compiler")
+def test_engine_batch_1_fast_path_gives_the_replies_of_decode_step(ckpt, monkeypatch):
+    """bf16 weights at batch 1: the engine's one-call step (model.token_decoder; the greedy token from the
+    compiled argmax) against the same engine stepping through decode_step (token_decoder turned off), greedy and
+    seeded sampling, each with and without a repetition penalty: the same tokens and text, request after request."""
+    from engine import Engine, Job, run_jobs
+    from inference import Sampling, load_model
+    model, tok, _ = load_model(ckpt, dtype="bf16")
+    prompt = tok.encode("感冒了怎么办？")
+    settings = [dict(temperature=0.0, repetition_penalty=1.0), dict(temperature=0.0, repetition_penalty=3.0),
+                dict(temperature=0.9, top_p=0.9, seed=4, repetition_penalty=1.0),
+                dict(temperature=0.9, top_p=0.9, seed=4, repetition_penalty=3.0)]
+
+    def replies(engine):
+        texts = []
+        jobs = [Job(prompt, Sampling(max_new_tokens=60, ignore_eos=True, **s),
+                    lambda kind, value, texts=texts, i=i: texts.append((i, value)) if kind == "text" else None)
+                for i, s in enumerate(settings)]
+        run_jobs(engine, jobs)
+        return [job.tokens for job in jobs], ["".join(v for i, v in texts if i == k) for k in range(len(jobs))]
+    fast = Engine(model, tok, max_active=1)
+    got = replies(fast)
+    assert fast._one is not None
+    monkeypatch.setattr(model, "token_decoder", lambda cache: None)   # every step through decode_step
+    slow = Engine(model, tok, max_active=1)
+    want = replies(slow)
+    assert slow._one is None
+    assert got == want and all(len(t) == 60 for t in got[0]) and got[0][0] != got[0][2]
+
+
 def test_a_request_whose_sampling_fails_ends_alone_and_the_batch_goes_on(ckpt, reference):
     """In one batch of four: one job's temperature turns denormal after its third token (its fp32 sampling then
     overflows to nan mid-batch), another has one from the start (fails at its first token). Each of those ends
