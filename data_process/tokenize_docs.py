@@ -130,28 +130,35 @@ def _tokenize_lines(job):
 
 def line_runs(parts: list, start, run_bytes: int = RUN_BYTES):
     """(part index, records before the run in that part, part path, lines) of the record lines of `parts` from
-    position `start` on, in runs of about `run_bytes`: the work units the Encoder hands to workers."""
+    position `start` on, in runs of about `run_bytes` within a part: the work units the Encoder hands to workers."""
+    run_part, first, lines, size = None, 0, [], 0
+    for part_i, k, line in _past(parts, start, iter_record_lines):
+        if part_i != run_part or size >= run_bytes:
+            if lines:
+                yield run_part, first, parts[run_part], lines
+            run_part, first, lines, size = part_i, k - 1, [], 0
+        lines.append(line)
+        size += len(line)
+    if lines:
+        yield run_part, first, parts[run_part], lines
+
+
+def _past(parts: list, start, read):
+    """(part index, record number in its part from 1, item) of `read(part)` for the parts from position `start`
+    on: (index into parts, records of that part already done)."""
     for part_i in range(start[0], len(parts)):
         skip = start[1] if part_i == start[0] else 0
-        lines, size, first = [], 0, skip
-        for k, line in enumerate(iter_record_lines(parts[part_i]), 1):
-            if k <= skip:
-                continue
-            lines.append(line)
-            size += len(line)
-            if size >= run_bytes:
-                yield part_i, first, parts[part_i], lines
-                first, lines, size = k, [], 0
-        if lines:
-            yield part_i, first, parts[part_i], lines
+        for k, item in enumerate(read(parts[part_i]), 1):
+            if k > skip:
+                yield part_i, k, item
 
 
 class Encoder:
     """Yields (batch, flat tokens, lengths) for a corpus's parts from a position on, in order, with at most a
     few batches in flight. Threads mode: the driver reads the records and SentencePiece's C++ threads encode
-    them. Processes mode (a local pool) and the Ray engine: each part, from its position on, is one work unit
-    (`_tokenize_part`) that reads and encodes it in the worker, through data_process/executor.py; each worker
-    loads the tokenizer from the shared data dir."""
+    them. Processes mode (a local pool) and the Ray engine: runs of a part's stored record lines (`line_runs`)
+    are the work units (`_tokenize_lines`), parsed and encoded in the worker, through data_process/executor.py;
+    each worker loads the tokenizer from the shared data dir."""
 
     def __init__(self, tok, tokenizer_dir, workers: int, mode: str, executor=None):
         if mode not in ("threads", "processes"):
@@ -261,13 +268,8 @@ def _document(record: dict, kind: str):
 def iter_batches(sources: list, kind: str, threshold: int, start=(0, 0), batch_chars=BATCH_CHARS):
     """Batches of documents from `sources` (part files in order), from position `start` on; a document
     is val when its split_hash < threshold. A position is (index into sources, records to skip in that part)."""
-    def numbered():
-        for part_i in range(start[0], len(sources)):
-            skip = start[1] if part_i == start[0] else 0
-            for line_i, record in enumerate(iter_records(sources[part_i]), 1):
-                if line_i > skip:
-                    yield (part_i, line_i), record
-    return batches_of(numbered(), kind, threshold, batch_chars)
+    numbered = (((part_i, k), record) for part_i, k, record in _past(sources, start, iter_records))
+    return batches_of(numbered, kind, threshold, batch_chars)
 
 
 def batches_of(numbered, kind: str, threshold: int, batch_chars: int | None = BATCH_CHARS):
