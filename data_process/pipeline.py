@@ -264,8 +264,9 @@ def load_done_unit(staging: Path, index: int) -> dict | None:
         result = orjson.loads(counts.read_bytes())
     except orjson.JSONDecodeError:
         result = None
-    problems = check_files(staging, result["files"]) if isinstance(result, dict) and isinstance(
-        result.get("files"), dict) and result["files"] else [f"{counts}: not a finished unit's record"]
+    files = result.get("files") if isinstance(result, dict) else None
+    problems = check_files(staging, files) if isinstance(files, dict) and files else \
+        [f"{counts}: not a finished unit's record"]
     if problems:
         print(f"note: redoing {stem} of {staging.parent.name}: {problems[0]}", file=sys.stderr, flush=True)
         return None
