@@ -42,17 +42,27 @@ TEXT_SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
+/* The (bitmap, str) arguments of any_marked and count_marked: the bitmap's bits and its last bit's code point;
+   0 (a TypeError set) when they are not a non-empty bytes and a str. */
+static int bitmap_args(PyObject *const *args, Py_ssize_t nargs, const char *name, const uint8_t **bits,
+                       uint32_t *last) {
+    if (nargs != 2 || !PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) == 0 || !PyUnicode_Check(args[1])) {
+        PyErr_Format(PyExc_TypeError, "%s(bitmap: non-empty bytes, str)", name);
+        return 0;
+    }
+    *bits = (const uint8_t *)PyBytes_AS_STRING(args[0]);
+    *last = (uint32_t)(PyBytes_GET_SIZE(args[0]) * 8 - 1);
+    return 1;
+}
+
 /* any_marked(bitmap, str): whether a code point of the str has its bit set in the bitmap (bytes, little-endian
    bits; code points at or above its last bit count as that bit, which is 0). Reads the str's own buffer (1, 2 or 4
    bytes a character): nothing is encoded or copied. The bits of each block of 64 characters are or-ed, then
    tested: no branch per character. */
 static PyObject *any_marked(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) == 0 || !PyUnicode_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "any_marked(bitmap: non-empty bytes, str)");
-        return NULL;
-    }
-    const uint8_t *bits = (const uint8_t *)PyBytes_AS_STRING(args[0]);
-    uint32_t last = (uint32_t)(PyBytes_GET_SIZE(args[0]) * 8 - 1);
+    const uint8_t *bits;
+    uint32_t last;
+    if (!bitmap_args(args, nargs, "any_marked", &bits, &last)) return NULL;
     PyObject *s = args[1];
     Py_ssize_t n = PyUnicode_GET_LENGTH(s);
     int kind = PyUnicode_KIND(s);
@@ -76,12 +86,9 @@ static PyObject *any_marked(PyObject *self, PyObject *const *args, Py_ssize_t na
 
 /* count_marked(bitmap, str): how many code points of the str have their bit set (as any_marked reads them). */
 static PyObject *count_marked(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) == 0 || !PyUnicode_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "count_marked(bitmap: non-empty bytes, str)");
-        return NULL;
-    }
-    const uint8_t *bits = (const uint8_t *)PyBytes_AS_STRING(args[0]);
-    uint32_t last = (uint32_t)(PyBytes_GET_SIZE(args[0]) * 8 - 1);
+    const uint8_t *bits;
+    uint32_t last;
+    if (!bitmap_args(args, nargs, "count_marked", &bits, &last)) return NULL;
     PyObject *s = args[1];
     Py_ssize_t n = PyUnicode_GET_LENGTH(s), count = 0;
     int kind = PyUnicode_KIND(s);
